@@ -1,0 +1,65 @@
+"""Read and write TFLite flatbuffers through LiteRT's own schema module (no hand-rolled parsing)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import flatbuffers
+from ai_edge_litert import schema_py_generated as schema
+
+from sparselite.errors import SparseliteError
+
+_FILE_IDENTIFIER = b"TFL3"
+
+
+def read_model(source: bytes | str | Path) -> schema.ModelT:
+    """Unpack a .tflite file (path or bytes) into the mutable object API, or raise a clear error."""
+    data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
+    name = str(source) if isinstance(source, (str, Path)) else "the model bytes"
+    if len(data) < 8 or data[4:8] != _FILE_IDENTIFIER:
+        raise SparseliteError(f"{name} is not a TFLite flatbuffer (no 'TFL3' identifier); re-export it")
+    try:
+        model = schema.ModelT.InitFromPackedBuf(data, 0)
+    except Exception as err:  # the generated code raises whatever the corrupt offsets lead to
+        raise SparseliteError(f"{name} is a corrupt TFLite flatbuffer ({type(err).__name__}); re-export it") from None
+    if not model.subgraphs:
+        raise SparseliteError(f"{name} has no subgraphs; re-export it")
+    return model
+
+
+def write_model(model: schema.ModelT) -> bytes:
+    """Pack the object API back into .tflite bytes."""
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=_FILE_IDENTIFIER)
+    return bytes(builder.Output())
+
+
+def builtin_code(model: schema.ModelT, op: schema.OperatorT) -> int:
+    """The BuiltinOperator of an op (newer files carry it in builtinCode, older ones in the deprecated byte)."""
+    code = model.operatorCodes[op.opcodeIndex]
+    return max(code.builtinCode, code.deprecatedBuiltinCode)
+
+
+def builtin_name(code: int) -> str:
+    return _BUILTIN_NAMES.get(code, f"OP_{code}")
+
+
+_BUILTIN_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+
+def write_atomically(path: str | Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, then rename: an old file is never half overwritten."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
