@@ -1,0 +1,100 @@
+"""Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package (no downloads at run time)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from sparselite.errors import SparseliteError
+
+DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
+INSTALL_HINT = "apt-get install dataset-fashion-mnist (or: apt-get download dataset-fashion-mnist && dpkg-deb -x dataset-fashion-mnist_*.deb <dir>, then set SPARSELITE_DATA=<dir>/usr/share/datasets/fashion-mnist)"
+# Per-pixel statistics of the training set, so inputs are roughly zero-mean, unit-variance.
+MEAN, STD = 0.2860, 0.3530
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def resolve_root(root: str | None = None) -> Path:
+    path = Path(root or os.environ.get("SPARSELITE_DATA") or DEFAULT_ROOT)
+    missing = [f for pair in _FILES.values() for f in pair if not (path / f).is_file()]
+    if missing:
+        raise SparseliteError(f"Fashion-MNIST not found in {path} (missing {missing[0]}); fix: {INSTALL_HINT}")
+    return path
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_split(split: str, root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images [N,1,28,28] float32 normalized, labels [N] int64) of 'train' or 'test'."""
+    path = resolve_root(root)
+    images_file, labels_file = _FILES[split]
+    images = torch.from_numpy(_read_idx(path / images_file).copy()).float().div_(255.0).sub_(MEAN).div_(STD)
+    labels = torch.from_numpy(_read_idx(path / labels_file).astype(np.int64))
+    return images.unsqueeze(1), labels
+
+
+class FashionMNISTDataModule(pl.LightningDataModule):
+    """60k train (the last ``val_size`` held out for validation) and the 10k test set.
+
+    Args:
+        root: folder with the four ``*-ubyte.gz`` files; default ``$SPARSELITE_DATA`` or the Debian path.
+        batch_size: training and evaluation batch size.
+        val_size: training images held out for validation (and export calibration/verification).
+        train_subset: use only the first N training images (quick runs and tests); None = all.
+    """
+
+    def __init__(self, root: str | None = None, batch_size: int = 128, val_size: int = 5000,
+                 train_subset: int | None = None, num_workers: int = 0) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise SparseliteError(f"batch_size={batch_size} must be >= 1")
+        if not 0 < val_size < 60000:
+            raise SparseliteError(f"val_size={val_size} must be in (0, 60000)")
+        self.save_hyperparameters()
+        resolve_root(root)  # fail at construction, before a Trainer starts, with the fix in the message
+        self.root, self.batch_size, self.val_size = root, batch_size, val_size
+        self.train_subset, self.num_workers = train_subset, num_workers
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        images, labels = load_split("train", self.root)
+        train_x, train_y = images[: -self.val_size], labels[: -self.val_size]
+        if self.train_subset:
+            train_x, train_y = train_x[: self.train_subset], train_y[: self.train_subset]
+        self.train_set = TensorDataset(train_x, train_y)
+        self.val_set = TensorDataset(images[-self.val_size :], labels[-self.val_size :])
+        self.test_set = TensorDataset(*load_split("test", self.root))
+
+    def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(0) if shuffle else None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        return torch.zeros(batch, 1, 28, 28)

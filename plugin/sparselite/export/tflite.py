@@ -1,0 +1,258 @@
+"""``export_tflite``: a (pruned, QAT-trained) torch model -> a fully int8, verified ``.tflite``.
+
+fold BN -> torch.export -> pt2e prepare (litert quantizer) -> learned ranges in -> convert_pt2e
+-> litert-torch convert -> int8 check -> float I/O -> sparse encoding -> verify on XNNPACK -> write.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import lzma
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparselite.errors import SparseliteError
+from sparselite.export import flatbuffer
+from sparselite.export.io import use_float_io
+from sparselite.export.ranges import quantize_pt2e
+from sparselite.export.report import ExportReport, LayerSparsity, Parity
+from sparselite.pruning.pruner import MASK_BUFFER
+from sparselite.quantization.fusion import find_fused_chains, fold_batchnorm
+from sparselite.quantization.qat import learned_ranges, strip_fake_quant
+from sparselite.quantization.spec import quantize_weight
+
+log = logging.getLogger("sparselite")
+
+# Ops allowed to carry float tensors in an int8 model: the I/O conversions we add ourselves.
+_IO_OPS = {"QUANTIZE", "DEQUANTIZE"}
+
+
+def _detached_copy(module: nn.Module) -> nn.Module:
+    """Deep copy without dragging along a Lightning trainer the module may be attached to."""
+    memo = {}
+    for attr in ("_trainer", "_fabric"):
+        if getattr(module, attr, None) is not None:
+            memo[id(getattr(module, attr))] = None
+    return copy.deepcopy(module, memo)
+
+
+def float_model_for_export(module: nn.Module) -> tuple[nn.Module, list]:
+    """A float copy: fake-quant and masks stripped, BN folded into convs, eval mode."""
+    model = _detached_copy(module).eval()
+    strip_fake_quant(model)
+    for sub in model.modules():
+        if MASK_BUFFER in sub._buffers:
+            sub.weight.data.mul_(sub._buffers.pop(MASK_BUFFER))
+    chains = find_fused_chains(model)
+    fold_batchnorm(model, chains)
+    return model, chains
+
+
+def fake_quant_reference(module: nn.Module) -> tuple[nn.Module, str]:
+    """The torch model the file must agree with: the fake-quant model if QAT ran, else the float model."""
+    model = _detached_copy(module).eval()
+    if learned_ranges(model):
+        return model, "fake-quant"
+    strip_fake_quant(model)
+    return model, "float"
+
+
+def _non_int8_ops(model_t, graph_types: dict[str, list[str]]) -> list[str]:
+    """Ops with float activations, named with the torch module type they came from."""
+    subgraph = model_t.subgraphs[0]
+    problems = []
+    for op in subgraph.operators:
+        name = flatbuffer.builtin_name(flatbuffer.builtin_code(model_t, op))
+        if name in _IO_OPS:
+            continue
+        tensors = [subgraph.tensors[i] for i in list(op.inputs) + list(op.outputs) if i >= 0]
+        if any(t.type in (0, 1) and model_t.buffers[t.buffer].data is None for t in tensors):  # FLOAT32/FLOAT16 activations
+            out = subgraph.tensors[op.outputs[0]].name.decode(errors="replace") if op.outputs else "?"
+            type_token = out.split(";")[0].split("/")[-1].rsplit("_", 1)[0].split(".")[-1]
+            where = ", ".join(graph_types.get(type_token, [])) or out
+            problems.append(f"{name} (torch module {where}, {type_token})")
+    return problems
+
+
+def _module_types(model: nn.Module) -> dict[str, list[str]]:
+    types: dict[str, list[str]] = {}
+    for name, sub in model.named_modules():
+        types.setdefault(type(sub).__name__, []).append(f"'{name}'")
+    return types
+
+
+def _output_scale(model_t) -> float:
+    subgraph = model_t.subgraphs[0]
+    quant = subgraph.tensors[subgraph.outputs[0]].quantization
+    return float(quant.scale[0]) if quant is not None and quant.scale is not None and len(quant.scale) else 1.0
+
+
+def _match_layers(model_t, float_model: nn.Module, pruned: Sequence[str]) -> dict[str, str]:
+    """Pruned torch layer -> the TFLite weight tensor holding exactly its int8 values."""
+    subgraph = model_t.subgraphs[0]
+    candidates = {}
+    for tensor in subgraph.tensors:
+        data = model_t.buffers[tensor.buffer].data
+        if tensor.type == 9 and data is not None and len(tensor.shape) in (2, 4):  # INT8 constants
+            candidates[tensor.name.decode()] = np.asarray(data, dtype=np.uint8).view(np.int8).reshape(tensor.shape)
+    matches = {}
+    for layer in pruned:
+        weight = float_model.get_submodule(layer).weight.detach()
+        expected = quantize_weight(weight).numpy()
+        if expected.ndim == 4:
+            # TFLite conv weights are OHWI; depthwise are [1, H, W, C].
+            ohwi = expected.transpose(0, 2, 3, 1)
+            forms = [ohwi, ohwi.transpose(3, 1, 2, 0)]
+        else:
+            forms = [expected]
+        for name, values in candidates.items():
+            if any(values.shape == f.shape and np.array_equal(values, f) for f in forms):
+                matches[layer] = name
+                break
+    return matches
+
+
+def export_tflite(
+    module: nn.Module,
+    example_inputs: torch.Tensor | tuple,
+    path: str | Path,
+    *,
+    io_dtype: str = "float32",
+    calibration: Iterable[torch.Tensor] | None = None,
+    verify_batches: Iterable[torch.Tensor] | None = None,
+    min_agreement: float = 0.98,
+    sparse: bool = True,
+    gpu_check: bool = False,
+    require_gpu: bool = False,
+) -> ExportReport:
+    """Export ``module`` (a LightningModule or a plain nn.Module) to a fully int8 ``.tflite`` at ``path``.
+
+    Args:
+        example_inputs: one input batch (its batch size is the model's); only shape and dtype matter.
+        io_dtype: 'float32' (QUANTIZE/DEQUANTIZE inside the model) or 'int8'.
+        calibration: input batches for post-training calibration of ranges QAT did not learn
+            (all of them for a model trained without QAT).
+        verify_batches: held-out input batches; the file is run on XNNPACK and compared with the
+            torch model; below ``min_agreement`` top-1 agreement the export fails and writes nothing.
+        sparse: store pruned weights in TFLite's sparse format where that saves bytes.
+        gpu_check / require_gpu: compile GPU-only and report unsupported ops; fail if not delegable.
+    """
+    if io_dtype not in ("float32", "int8"):
+        raise SparseliteError(f"io_dtype='{io_dtype}' must be 'float32' or 'int8'")
+    if not 0.0 <= min_agreement <= 1.0:
+        raise SparseliteError(f"min_agreement={min_agreement} must be in [0, 1]")
+    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    path = Path(path)
+    ranges = learned_ranges(module)
+    pruned = [name for name, sub in module.named_modules() if MASK_BUFFER in sub._buffers]
+    train_sparsity = {name: float((module.get_submodule(name).weight == 0).float().mean()) for name in pruned}
+
+    float_model, _ = float_model_for_export(module)
+    calibration = list(calibration or [])
+    if not ranges and not calibration:
+        raise SparseliteError("the model has no QAT ranges and no calibration batches were given; pass calibration=[...] (a few batches)")
+    log.info("quantizing with %d learned ranges, %d calibration batches", len(ranges), len(calibration))
+    try:
+        converted, quantizer, injection = quantize_pt2e(float_model, example_inputs, ranges, calibration)
+    except Exception as err:
+        raise SparseliteError(f"torch.export/pt2e failed on this model: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+    import litert_torch
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    try:
+        edge = litert_torch.convert(converted, example_inputs, quant_config=QuantConfig(pt2e_quantizer=quantizer))
+        data = edge.model_content()
+    except Exception as err:
+        raise SparseliteError(f"litert-torch could not convert the quantized model: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+    model_t = flatbuffer.read_model(data)
+    problems = _non_int8_ops(model_t, _module_types(float_model))
+    if problems:
+        raise SparseliteError(
+            f"{len(problems)} op(s) cannot run in int8: {'; '.join(problems[:5])}; replace those modules "
+            "(e.g. SiLU -> Hardswish, LayerNorm -> BatchNorm) or exclude them from the model"
+        )
+    output_scale = _output_scale(model_t)
+    layer_tensors = _match_layers(model_t, float_model, pruned)
+    if io_dtype == "float32":
+        use_float_io(model_t)
+    dense = flatbuffer.write_model(model_t)
+
+    report = ExportReport(path=str(path), file_bytes=0, io_dtype=io_dtype,
+                          ranges_learned=len(injection.learned), ranges_calibrated=len(injection.calibrated),
+                          dense_int8_bytes=len(dense))
+    final = dense
+    if sparse and pruned:
+        from sparselite.export.sparse import encode_sparse
+
+        final, encodings = encode_sparse(dense)
+        report.sparse_encoding = [e.to_dict() for e in encodings]
+    report.file_bytes = len(final)
+    report.xz_bytes = len(lzma.compress(final, preset=9))
+    _report_sparsity(report, final, layer_tensors, train_sparsity)
+
+    # Verify on the runtime before the file replaces anything at ``path``.
+    with tempfile.TemporaryDirectory() as tmp:
+        candidate = Path(tmp) / path.name
+        candidate.write_bytes(final)
+        if verify_batches is not None:
+            report.parity = verify(module, candidate, verify_batches, output_scale)
+            if report.parity.top1_agreement < min_agreement:
+                raise SparseliteError(
+                    f"the int8 file agrees with the torch model on only {report.parity.top1_agreement:.2%} of "
+                    f"top-1 predictions (< {min_agreement:.0%}); nothing was written. Train with QAT longer, or "
+                    "calibrate on more batches"
+                )
+        if gpu_check or require_gpu:
+            from sparselite.runtime.gpu import gpu_compatibility
+
+            report.gpu = gpu_compatibility(candidate)
+            if require_gpu and not report.gpu.get("fully_delegated"):
+                raise SparseliteError(f"--require-gpu: the model does not run fully on the GPU: {report.gpu.get('summary')}")
+    flatbuffer.write_atomically(path, final)
+    return report
+
+
+def _report_sparsity(report: ExportReport, data: bytes, layer_tensors: dict[str, str], train_sparsity: dict[str, float]) -> None:
+    if not layer_tensors:
+        return
+    from sparselite.export.sparse import weight_sparsity
+
+    in_file = weight_sparsity(data)
+    zeros = total = 0
+    for layer, tensor in layer_tensors.items():
+        sparsity, count = in_file[tensor]
+        report.layers.append(LayerSparsity(layer, tensor, sparsity, train_sparsity.get(layer)))
+        zeros, total = zeros + sparsity * count, total + count
+    report.overall_sparsity_in_file = zeros / max(total, 1)
+    missing = sorted(set(train_sparsity) - set(layer_tensors))
+    if missing:
+        report.notes.append(f"no int8 weight in the file matched pruned layers {missing}")
+
+
+@torch.no_grad()
+def verify(module: nn.Module, path: Path, batches: Iterable[torch.Tensor], output_scale: float) -> Parity:
+    """Top-1 agreement and max |logit diff| (output LSBs) of the file on XNNPACK vs the torch model."""
+    from sparselite.runtime.litert import LiteRTModel
+
+    reference, kind = fake_quant_reference(module)
+    runtime = LiteRTModel(path, accelerator="xnnpack", threads=min(2, os.cpu_count() or 1))
+    agree = total = 0
+    max_diff = 0.0
+    for batch in batches:
+        expected = reference(batch).float().numpy()
+        got = runtime(batch.numpy())
+        agree += int((expected.argmax(1) == got.argmax(1)).sum())
+        total += len(batch)
+        max_diff = max(max_diff, float(np.abs(expected - got).max()))
+    if total == 0:
+        raise SparseliteError("verify_batches was empty; pass at least one held-out batch")
+    return Parity(total, agree / total, max_diff / output_scale, output_scale, kind)

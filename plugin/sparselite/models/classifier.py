@@ -1,0 +1,56 @@
+"""``ImageClassifier``: the LightningModule the recipes train (cross-entropy, SGD/AdamW, cosine LR)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparselite.errors import SparseliteError
+
+
+class ImageClassifier(pl.LightningModule):
+    """Wraps any image classifier ``nn.Module``.
+
+    Args:
+        model: the network (``class_path``/``init_args`` in YAML).
+        lr: peak learning rate; cosine-decayed to 0 over ``trainer.max_steps``.
+        weight_decay: decoupled weight decay (AdamW).
+        input_shape: [C, H, W] of one example, used for export.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 3e-3, weight_decay: float = 1e-4,
+                 input_shape: tuple[int, int, int] = (1, 28, 28)) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise SparseliteError(f"lr={lr} must be > 0")
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.example_input_array = torch.zeros(1, *input_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        acc = (logits.argmax(1) == labels).float().mean()
+        self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc}, prog_bar=stage != "train", on_epoch=stage != "train", on_step=stage == "train")
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.hparams.lr, total_steps=int(total) + 1, pct_start=0.15)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

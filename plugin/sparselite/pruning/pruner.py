@@ -1,0 +1,166 @@
+"""Gradual magnitude pruning without Lightning: prepare, step, apply, report, strip.
+
+Masks are buffers (``<layer>.sparselite_mask``), so they travel in every state_dict and checkpoint.
+The schedule is a pure function of the optimizer step, so a resumed run recomputes the same targets;
+masks are recomputed from weight magnitudes only on schedule beats, and pruned weights are exactly
+zero, so a resumed run ends with the same masks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from sparselite.errors import SparseliteError
+from sparselite.pruning.masks import Pattern, global_masks, layer_mask
+from sparselite.pruning.schedule import PolynomialDecay
+from sparselite.pruning.selection import DEFAULT_TYPES, select_layers
+
+MASK_BUFFER = "sparselite_mask"
+
+
+@dataclasses.dataclass
+class PrunedLayer:
+    name: str
+    module: nn.Module
+    pattern: Pattern
+    schedule: PolynomialDecay
+    in_global_pool: bool
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return getattr(self.module, MASK_BUFFER)
+
+
+class MagnitudePruner:
+    def __init__(
+        self,
+        schedule: PolynomialDecay,
+        pattern: str = "unstructured",
+        scope: str = "layer",
+        module_types: Sequence[type[nn.Module]] = DEFAULT_TYPES,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        skip_depthwise: bool = True,
+        min_params: int = 1024,
+        policy: str = "all",
+        overrides: Mapping[str, Mapping[str, object]] | None = None,
+    ) -> None:
+        if scope not in ("layer", "global"):
+            raise SparseliteError(f"scope='{scope}' is not one of 'layer' (per-layer threshold) or 'global'")
+        self.schedule = schedule
+        self.pattern = Pattern.parse(pattern)
+        self.scope = scope
+        self.selection = dict(
+            module_types=tuple(module_types), include=include, exclude=exclude,
+            skip_depthwise=skip_depthwise, min_params=min_params, policy=policy,
+        )
+        self.overrides = {key: self._check_override(key, dict(value)) for key, value in (overrides or {}).items()}
+        self.layers: dict[str, PrunedLayer] = {}
+        self.last_update_step: int | None = None
+
+    @staticmethod
+    def _check_override(key: str, value: dict) -> dict:
+        unknown = set(value) - {"final_sparsity", "pattern"}
+        if unknown:
+            raise SparseliteError(f"override '{key}' has unknown keys {sorted(unknown)}; use final_sparsity and/or pattern")
+        try:
+            re.compile(key)
+        except re.error as err:
+            raise SparseliteError(f"override pattern '{key}' is not a valid regular expression: {err}") from None
+        if "pattern" in value:
+            Pattern.parse(value["pattern"])
+        return value
+
+    def prepare(self, model: nn.Module) -> dict[str, PrunedLayer]:
+        """Pick the layers, check each pattern fits, and give each a mask buffer (all ones)."""
+        selected = select_layers(model, **self.selection)
+        for key in self.overrides:
+            if not any(re.fullmatch(key, name) for name in selected):
+                raise SparseliteError(f"override '{key}' matches no pruned layer; pruned layers: {', '.join(selected)}")
+        self.layers = {}
+        for name, module in selected.items():
+            override = next((v for k, v in self.overrides.items() if re.fullmatch(k, name)), {})
+            pattern = Pattern.parse(override.get("pattern", str(self.pattern)))
+            schedule = self.schedule
+            if "final_sparsity" in override:
+                final = float(override["final_sparsity"])
+                schedule = dataclasses.replace(
+                    schedule, final_sparsity=final, initial_sparsity=min(schedule.initial_sparsity, final)
+                )
+            pattern.check_fits(module.weight.shape, name)
+            if pattern.kind == "n:m" and abs(schedule.final_sparsity - pattern.max_sparsity) > 1e-9:
+                raise SparseliteError(
+                    f"pattern {pattern} means final_sparsity {pattern.max_sparsity:g} for layer '{name}', "
+                    f"not {schedule.final_sparsity:g}; set final_sparsity to {pattern.max_sparsity:g}"
+                )
+            if not hasattr(module, MASK_BUFFER):
+                module.register_buffer(MASK_BUFFER, torch.ones_like(module.weight, dtype=torch.bool))
+            self.layers[name] = PrunedLayer(name, module, pattern, schedule, in_global_pool=not override)
+        return self.layers
+
+    def _require_prepared(self) -> None:
+        if not self.layers:
+            raise RuntimeError("MagnitudePruner.prepare(model) must run before step()")
+
+    @torch.no_grad()
+    def step(self, step: int) -> bool:
+        """Update the masks if ``step`` is on the schedule; returns whether they changed."""
+        self._require_prepared()
+        updates = {name: layer.schedule(step) for name, layer in self.layers.items()}
+        if not any(update for update, _ in updates.values()):
+            return False
+        pooled = [n for n, l in self.layers.items() if l.in_global_pool and updates[n][0]]
+        if self.scope == "global" and pooled:
+            new = global_masks({n: self.layers[n].module.weight for n in pooled}, updates[pooled[0]][1], self.pattern)
+        else:
+            new = {}
+        for name, layer in self.layers.items():
+            update, sparsity = updates[name]
+            if not update:
+                continue
+            mask = new.get(name)
+            if mask is None:
+                mask = layer_mask(layer.module.weight, sparsity, layer.pattern)
+            # A weight pruned once stays pruned: the schedule only ever grows sparsity.
+            layer.mask.copy_(layer.mask & mask.bool())
+        self.last_update_step = step
+        self.apply_masks()
+        return True
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero the pruned weights; call after every optimizer step (momentum and decay revive them)."""
+        for layer in self.layers.values():
+            layer.module.weight.mul_(layer.mask)
+
+    def target_sparsity(self, step: int) -> float:
+        return self.schedule.sparsity_at(step)
+
+    def sparsity(self) -> dict[str, float]:
+        """Measured sparsity (fraction of exact zeros) of every pruned weight, plus 'overall'."""
+        report, zeros, total = {}, 0, 0
+        for name, layer in self.layers.items():
+            weight = layer.module.weight.detach()
+            n_zero = int((weight == 0).sum())
+            report[name] = n_zero / weight.numel()
+            zeros, total = zeros + n_zero, total + weight.numel()
+        report["overall"] = zeros / max(total, 1)
+        return report
+
+    def state_dict(self) -> dict:
+        return {"last_update_step": self.last_update_step, "layers": list(self.layers)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.last_update_step = state.get("last_update_step")
+
+    def strip(self) -> None:
+        """Drop the mask buffers; the zeros stay in the weights."""
+        self.apply_masks()
+        for layer in self.layers.values():
+            delattr(layer.module, MASK_BUFFER)
+        self.layers = {}

@@ -1,0 +1,121 @@
+"""Which layers get pruned: module types, name patterns, and the latency-aware XNNPACK policy.
+
+Skipped by default, and why:
+  - depthwise convolutions: a 3x3 depthwise kernel has 9 weights per channel; removing them costs much
+    accuracy and saves few bytes;
+  - layers with fewer than ``min_params`` weights (the stem conv, tiny heads): the same trade.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+from sparselite.errors import SparseliteError
+
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
+def is_pointwise(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (1, 1)
+        and module.stride == (1, 1)
+        and module.groups == 1
+    )
+
+
+def _compile(patterns: Iterable[str] | None, what: str) -> list[re.Pattern]:
+    compiled = []
+    for text in patterns or ():
+        try:
+            compiled.append(re.compile(text))
+        except re.error as err:
+            raise SparseliteError(f"{what} pattern '{text}' is not a valid regular expression: {err}") from None
+    return compiled
+
+
+def match_names(patterns: Sequence[re.Pattern], names: Iterable[str]) -> dict[str, list[str]]:
+    names = list(names)
+    return {p.pattern: [n for n in names if p.fullmatch(n)] for p in patterns}
+
+
+def select_layers(
+    model: nn.Module,
+    module_types: Sequence[type[nn.Module]] = DEFAULT_TYPES,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    skip_depthwise: bool = True,
+    min_params: int = 1024,
+    policy: str = "all",
+) -> dict[str, nn.Module]:
+    """Layers to prune, by name. ``include``/``exclude`` are regular expressions matched against whole
+    module names (``re.fullmatch``); a pattern that matches no module is an error, since it is almost
+    always a typo that would silently leave a layer dense."""
+    if policy not in ("all", "xnnpack_latency"):
+        raise SparseliteError(f"unknown layer policy '{policy}'; use 'all' or 'xnnpack_latency'")
+    named = {name: m for name, m in model.named_modules() if name}
+    includes, excludes = _compile(include, "include"), _compile(exclude, "exclude")
+    for kind, hits in (("include", match_names(includes, named)), ("exclude", match_names(excludes, named))):
+        for pattern, matched in hits.items():
+            if not matched:
+                raise SparseliteError(
+                    f"{kind} pattern '{pattern}' matches no module; names look like: {', '.join(list(named)[:6])}"
+                )
+
+    if policy == "xnnpack_latency":
+        check_xnnpack_sparse_graph(model)
+
+    selected = {}
+    for name, module in named.items():
+        explicitly_included = any(p.fullmatch(name) for p in includes)
+        if includes and not explicitly_included:
+            continue
+        if any(p.fullmatch(name) for p in excludes):
+            continue
+        if not isinstance(module, tuple(module_types)) or getattr(module, "weight", None) is None:
+            continue
+        if policy == "xnnpack_latency" and not is_pointwise(module):
+            continue  # XNNPACK's sparse kernels (SpMM) only exist for 1x1 convolutions
+        if not explicitly_included and (
+            (skip_depthwise and is_depthwise(module)) or module.weight.numel() < min_params
+        ):
+            continue
+        selected[name] = module
+    if not selected:
+        raise SparseliteError(
+            "no layer was selected for pruning; check module_types, include/exclude and min_params"
+        )
+    return selected
+
+
+def check_xnnpack_sparse_graph(model: nn.Module) -> None:
+    """The graph shape XNNPACK's sparse (NCHW) path needs, as tfmot's PruneForLatencyOnXNNPack checks it:
+    a 3x3 stride-2 stem conv over 3 channels (its HWC->CHW kernel exists only for that), then only
+    1x1 convs, depthwise convs and element-wise ops, ending in global average pooling."""
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise SparseliteError("policy 'xnnpack_latency' needs a convolutional model; it found no Conv2d")
+    stem_name, stem = convs[0]
+    if stem.kernel_size != (3, 3) or stem.stride != (2, 2) or stem.in_channels != 3 or stem.groups != 1:
+        raise SparseliteError(
+            f"policy 'xnnpack_latency': the first conv '{stem_name}' must be 3x3, stride 2, over 3 input "
+            f"channels for XNNPACK's sparse path (it is {stem.kernel_size}, stride {stem.stride}, "
+            f"{stem.in_channels} channels); use policy 'all'"
+        )
+    for name, conv in convs[1:]:
+        if not (is_pointwise(conv) or is_depthwise(conv)):
+            raise SparseliteError(
+                f"policy 'xnnpack_latency': conv '{name}' is neither 1x1 nor depthwise, so XNNPACK would leave "
+                "the sparse NCHW path there; use policy 'all'"
+            )
+    if not any(isinstance(m, (nn.AdaptiveAvgPool2d)) for m in model.modules()):
+        raise SparseliteError(
+            "policy 'xnnpack_latency': the conv trunk must end in global average pooling (nn.AdaptiveAvgPool2d)"
+        )

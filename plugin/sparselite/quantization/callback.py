@@ -1,0 +1,38 @@
+"""``QuantizationAwareTraining``: the Lightning adapter over ``QuantizationSimulator``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+
+from sparselite.quantization.qat import QuantizationSimulator
+
+
+class QuantizationAwareTraining(pl.Callback):
+    """Fake-quant that simulates TFLite int8 (per-channel symmetric weights, per-tensor affine activations).
+
+    Args:
+        start_step: optimizer step at which fake-quant and range observation begin (let pruning settle first).
+        freeze_step: step after which activation ranges and BatchNorm statistics stop updating; None = never.
+        averaging_constant: weight of each batch in the moving-average activation ranges.
+    """
+
+    def __init__(self, start_step: int = 0, freeze_step: int | None = None, averaging_constant: float = 0.01) -> None:
+        self.config = dict(start_step=start_step, freeze_step=freeze_step, averaging_constant=averaging_constant)
+        self.simulator = QuantizationSimulator(**self.config)  # validates now, before any training
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before checkpoint restore, so the range buffers exist when the state_dict is loaded.
+        chains = self.simulator.prepare(pl_module)
+        rank_zero_info(f"[sparselite] QAT on {len(chains)} layers from step {self.config['start_step']}")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.simulator.step(trainer.global_step)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.simulator.step(trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config}

@@ -1,0 +1,65 @@
+"""Fake-quant modules: float in, float out, rounded to the int8 grid TFLite will use (straight-through gradients)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparselite.quantization.spec import (
+    ACT_QMAX, ACT_QMIN, WEIGHT_QMAX, WEIGHT_QMIN, activation_qparams, weight_scales,
+)
+
+
+class WeightFakeQuant(nn.Module):
+    """Per-channel symmetric fake-quant of a weight; no state, since the scale follows the current weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        scale = weight_scales(weight).to(weight.dtype)
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        return torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX)
+
+
+class ActivationFakeQuant(nn.Module):
+    """Per-tensor affine fake-quant with a moving-average [min, max] (a buffer, so checkpoints keep it).
+
+    ``observing``: update the range from each training batch; ``enabled``: round to the int8 grid.
+    """
+
+    def __init__(self, averaging_constant: float = 0.01) -> None:
+        super().__init__()
+        self.averaging_constant = averaging_constant
+        self.register_buffer("min_max", torch.tensor([float("inf"), float("-inf")]))
+        self.observing = True
+        self.enabled = True
+
+    @property
+    def initialized(self) -> bool:
+        return bool(torch.isfinite(self.min_max).all())
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        batch = torch.stack([x.detach().min(), x.detach().max()]).float()
+        if not self.initialized:
+            self.min_max.copy_(batch)
+        else:
+            self.min_max.lerp_(batch, self.averaging_constant)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return activation_qparams(self.min_max[0], self.min_max[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing and self.training:
+            self.observe(x)
+        if not self.enabled or not self.initialized:
+            return x
+        scale, zero_point = self.qparams()
+        return torch.fake_quantize_per_tensor_affine(x, scale.to(x.dtype), zero_point, ACT_QMIN, ACT_QMAX)
+
+    def extra_repr(self) -> str:
+        return f"min_max={self.min_max.tolist()}, observing={self.observing}, enabled={self.enabled}"

@@ -1,0 +1,79 @@
+"""Find what TFLite fuses: conv/linear -> [BatchNorm] -> [activation], and fold BN for export.
+
+TFLite quantizes the output of the fused op, i.e. after the activation. Training must put its
+activation fake-quant in the same place, or its ranges span values the int8 model never holds.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+PRODUCER_TYPES = (nn.Conv2d, nn.Linear)
+ACTIVATION_TYPES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+
+
+@dataclass(frozen=True)
+class FusedChain:
+    producer: str  # the conv or linear whose (post-BN, post-activation) output is one int8 tensor
+    batchnorm: str | None
+    activation: str | None
+
+    @property
+    def output_module(self) -> str:
+        return self.activation or self.batchnorm or self.producer
+
+
+def find_fused_chains(model: nn.Module) -> list[FusedChain]:
+    """Every conv/linear with the BN and activation modules that follow it alone.
+
+    Uses torch.fx symbolic tracing; a model it cannot trace gets chains of one module each, which
+    is still correct, just with ranges taken before the activation.
+    """
+    modules = dict(model.named_modules())
+    producers = [name for name, m in modules.items() if type(m) in PRODUCER_TYPES or isinstance(m, PRODUCER_TYPES)]
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:
+        return [FusedChain(name, None, None) for name in producers]
+
+    def sole_module_user(node: torch.fx.Node, types: tuple[type, ...]) -> torch.fx.Node | None:
+        users = [u for u in node.users if not (u.op == "call_function" and u.target is operator.getitem)]
+        if len(node.users) != 1 or len(users) != 1:
+            return None
+        user = users[0]
+        if user.op == "call_module" and isinstance(modules.get(user.target), types):
+            return user
+        return None
+
+    chains = []
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in producers:
+            continue
+        batchnorm = activation = None
+        tail = node
+        if isinstance(modules[node.target], nn.Conv2d) and (bn := sole_module_user(tail, (nn.BatchNorm2d,))):
+            batchnorm, tail = bn.target, bn
+        if act := sole_module_user(tail, ACTIVATION_TYPES):
+            activation = act.target
+        chains.append(FusedChain(node.target, batchnorm, activation))
+    return chains
+
+
+def fold_batchnorm(model: nn.Module, chains: list[FusedChain]) -> nn.Module:
+    """Fold each chain's BN into its conv, in place, and replace the BN with Identity. Model must be in eval()."""
+    for chain in chains:
+        if chain.batchnorm is None:
+            continue
+        conv = model.get_submodule(chain.producer)
+        bn = model.get_submodule(chain.batchnorm)
+        fused = fuse_conv_bn_eval(conv, bn)
+        conv.weight, conv.bias = fused.weight, fused.bias
+        parent_name, _, child = chain.batchnorm.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+    return model

@@ -1,0 +1,149 @@
+"""Quantization-aware training without Lightning: prepare, step, strip.
+
+Eager fake-quant (not a pt2e GraphModule): the model stays a normal nn.Module, so train()/eval(),
+checkpoints and DDP behave as usual. State lives in submodules named ``sparselite_*``:
+  - ``<conv|linear>.sparselite_weight_quant``: per-channel fake-quant of the (unfolded) weight;
+  - ``<conv|linear>.sparselite_output_quant``: the range of the fused op's output, observed after BN
+    and activation (a forward hook on the chain's last module applies it);
+  - ``<root>.sparselite_input_quant``: the range of the model input.
+Per-channel symmetric weight quantization is invariant to BN's per-channel scale, so fake-quant of
+the unfolded weight gives the same int8 values as the folded weight exported later.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparselite.errors import SparseliteError
+from sparselite.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
+from sparselite.quantization.fusion import FusedChain, find_fused_chains
+
+WEIGHT_QUANT = "sparselite_weight_quant"
+OUTPUT_QUANT = "sparselite_output_quant"
+INPUT_QUANT = "sparselite_input_quant"
+
+
+class _QATConv2d(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, getattr(self, WEIGHT_QUANT)(self.weight), self.bias)
+
+
+class _QATLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, getattr(self, WEIGHT_QUANT)(self.weight), self.bias)
+
+
+_QAT_CLASSES = {nn.Conv2d: _QATConv2d, nn.Linear: _QATLinear}
+_FLOAT_CLASSES = {v: k for k, v in _QAT_CLASSES.items()}
+
+
+def _quantize_output(quant: ActivationFakeQuant, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    return quant(output)
+
+
+def _quantize_input(quant: ActivationFakeQuant, module: nn.Module, args: tuple) -> tuple | None:
+    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+        return (quant(args[0]), *args[1:])
+    return None
+
+
+class QuantizationSimulator:
+    """Inserts TFLite-int8 fake-quant into a float model and drives its phases."""
+
+    def __init__(self, start_step: int = 0, freeze_step: int | None = None, averaging_constant: float = 0.01) -> None:
+        if start_step < 0:
+            raise SparseliteError(f"start_step={start_step} must be >= 0")
+        if freeze_step is not None and freeze_step <= start_step:
+            raise SparseliteError(
+                f"freeze_step={freeze_step} must be after start_step={start_step}; ranges need steps to settle"
+            )
+        if not 0.0 < averaging_constant <= 1.0:
+            raise SparseliteError(f"averaging_constant={averaging_constant} must be in (0, 1]")
+        self.start_step = start_step
+        self.freeze_step = freeze_step
+        self.averaging_constant = averaging_constant
+        self.chains: list[FusedChain] = []
+        self.model: nn.Module | None = None
+        self._hooks: list[Any] = []
+
+    def prepare(self, model: nn.Module) -> list[FusedChain]:
+        """Attach fake-quant to every conv/linear (exact nn.Conv2d / nn.Linear) and the model input."""
+        if self.model is not None:
+            return self.chains
+        chains = [c for c in find_fused_chains(model) if type(model.get_submodule(c.producer)) in _QAT_CLASSES]
+        if not chains:
+            raise SparseliteError("QAT found no nn.Conv2d or nn.Linear to quantize in the model")
+        for chain in chains:
+            producer = model.get_submodule(chain.producer)
+            producer.add_module(WEIGHT_QUANT, WeightFakeQuant())
+            producer.add_module(OUTPUT_QUANT, ActivationFakeQuant(self.averaging_constant))
+            producer.__class__ = _QAT_CLASSES[type(producer)]
+            tail = model.get_submodule(chain.output_module)
+            self._hooks.append(tail.register_forward_hook(functools.partial(_quantize_output, getattr(producer, OUTPUT_QUANT))))
+        model.add_module(INPUT_QUANT, ActivationFakeQuant(self.averaging_constant))
+        self._hooks.append(model.register_forward_pre_hook(functools.partial(_quantize_input, getattr(model, INPUT_QUANT))))
+        self.model, self.chains = model, chains
+        self.step(0)
+        return chains
+
+    def _modules(self, kind: type[nn.Module]) -> list[nn.Module]:
+        return [m for m in self.model.modules() if isinstance(m, kind)]
+
+    def step(self, step: int) -> None:
+        """Phases: float before ``start_step``; observe + fake-quant; after ``freeze_step`` ranges and BN freeze."""
+        active = step >= self.start_step
+        frozen = self.freeze_step is not None and step >= self.freeze_step
+        for quant in self._modules(WeightFakeQuant):
+            quant.enabled = active
+        for quant in self._modules(ActivationFakeQuant):
+            quant.enabled = active
+            quant.observing = active and not frozen
+        if frozen:
+            # Lightning calls model.train() every epoch, so this is re-applied on every step.
+            for bn in self._modules(nn.modules.batchnorm._BatchNorm):
+                bn.eval()
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        """Learned [min, max] per quantization point: producer module names, plus '' for the model input."""
+        points = {"": getattr(self.model, INPUT_QUANT)}
+        points.update({c.producer: getattr(self.model.get_submodule(c.producer), OUTPUT_QUANT) for c in self.chains})
+        return {name: tuple(q.min_max.tolist()) for name, q in points.items()}
+
+    def strip(self) -> None:
+        """Back to the float model: remove hooks, fake-quant modules, and restore the classes."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        strip_fake_quant(self.model)
+        self.model = None
+
+
+def strip_fake_quant(model: nn.Module) -> None:
+    """Remove every sparselite fake-quant submodule and hook from a model (also on a deep copy)."""
+    for module in model.modules():
+        if type(module) in _FLOAT_CLASSES:
+            module.__class__ = _FLOAT_CLASSES[type(module)]
+        for name in (WEIGHT_QUANT, OUTPUT_QUANT, INPUT_QUANT):
+            if name in module._modules:
+                del module._modules[name]
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key, hook in list(hooks.items()):
+                if isinstance(hook, functools.partial) and hook.func in (_quantize_output, _quantize_input):
+                    del hooks[key]
+
+
+def learned_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
+    """The ranges a prepared model holds, read from its modules (works on a deep copy too)."""
+    ranges = {}
+    for name, module in model.named_modules():
+        # Output ranges are keyed by their producer's name, the input range by the root's name, ''.
+        for attr in (OUTPUT_QUANT, INPUT_QUANT):
+            quant = module._modules.get(attr)
+            if isinstance(quant, ActivationFakeQuant) and quant.initialized:
+                ranges[name] = tuple(quant.min_max.tolist())
+    return ranges

@@ -1,0 +1,36 @@
+"""TFLite's int8 scheme, with the exact formulas torchao's observers use at export.
+
+Training and export must agree bit for bit on scales and zero points, so both sides compute them here.
+  - weights: per output channel, symmetric, int8 in [-127, 127], scale from the current weights;
+  - activations: per tensor, affine, int8 in [-128, 127].
+"""
+
+from __future__ import annotations
+
+import torch
+
+WEIGHT_QMIN, WEIGHT_QMAX = -127, 127
+ACT_QMIN, ACT_QMAX = -128, 127
+# litert's quantizer builds its observers with eps=2**-12: the smallest scale it will emit.
+SCALE_EPS = 2.0**-12
+
+
+def weight_scales(weight: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel symmetric scale (a fully pruned channel gets the eps scale, and stays 0)."""
+    amax = weight.detach().abs().reshape(weight.shape[0], -1).amax(dim=1)
+    return torch.clamp(amax / ((WEIGHT_QMAX - WEIGHT_QMIN) / 2), min=SCALE_EPS)
+
+
+def activation_qparams(min_val: torch.Tensor, max_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) of an observed [min, max], widened to contain 0 so that 0 is exact."""
+    min_neg = torch.clamp(min_val, max=0.0)
+    max_pos = torch.clamp(max_val, min=0.0)
+    scale = torch.clamp((max_pos - min_neg) / float(ACT_QMAX - ACT_QMIN), min=SCALE_EPS)
+    zero_point = torch.clamp(ACT_QMIN - torch.round(min_neg / scale), ACT_QMIN, ACT_QMAX).to(torch.int32)
+    return scale.reshape(()), zero_point.reshape(())
+
+
+def quantize_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The int8 values TFLite stores for a weight (used by tests and reports)."""
+    scales = weight_scales(weight).reshape(-1, *([1] * (weight.dim() - 1)))
+    return torch.clamp(torch.round(weight / scales), WEIGHT_QMIN, WEIGHT_QMAX).to(torch.int8)

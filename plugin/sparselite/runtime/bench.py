@@ -1,0 +1,75 @@
+"""Latency of a LiteRT model: warm-up, then median and p90 over timed runs.
+
+Numbers from one run on a shared machine are noisy; compare models timed in the same process, as
+ratios, and quote medians.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from sparselite.runtime.litert import LiteRTModel
+
+
+@dataclass
+class Latency:
+    accelerator: str
+    threads: int
+    runs: int
+    median_ms: float
+    p90_ms: float
+    load_ms: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def benchmark(path: str, accelerator: str = "xnnpack", threads: int = 1, warmup: int = 20, runs: int = 200,
+              **model_kwargs) -> Latency:
+    """Time single invocations of one model batch (write + run + read)."""
+    start = time.perf_counter()
+    model = LiteRTModel(path, accelerator=accelerator, threads=threads, **model_kwargs)
+    load_ms = (time.perf_counter() - start) * 1e3
+    x = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
+    if model.input_dtype == np.int8:
+        x = np.random.default_rng(0).integers(-128, 128, model.input_shape).astype(np.int8)
+    for _ in range(warmup):
+        model.run_raw(x)
+    times = np.empty(runs)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        model.run_raw(x)
+        times[i] = time.perf_counter() - t0
+    return Latency(accelerator, threads, runs, float(np.median(times) * 1e3), float(np.percentile(times, 90) * 1e3), load_ms)
+
+
+def interleaved_benchmark(paths: dict[str, str], accelerator: str = "xnnpack", threads: int = 1,
+                          warmup: int = 20, rounds: int = 10, runs_per_round: int = 30) -> dict[str, Latency]:
+    """Time several models in alternating rounds, so machine noise hits them alike (for ratios)."""
+    models, load_ms = {}, {}
+    for name, path in paths.items():
+        start = time.perf_counter()
+        models[name] = LiteRTModel(path, accelerator=accelerator, threads=threads)
+        load_ms[name] = (time.perf_counter() - start) * 1e3
+    inputs = {}
+    for name, model in models.items():
+        rng = np.random.default_rng(0)
+        inputs[name] = (rng.integers(-128, 128, model.input_shape).astype(np.int8) if model.input_dtype == np.int8
+                        else rng.standard_normal(model.input_shape).astype(np.float32))
+        for _ in range(warmup):
+            model.run_raw(inputs[name])
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            for _ in range(runs_per_round):
+                t0 = time.perf_counter()
+                model.run_raw(inputs[name])
+                samples[name].append(time.perf_counter() - t0)
+    return {
+        name: Latency(accelerator, threads, len(times), float(np.median(times) * 1e3),
+                      float(np.percentile(times, 90) * 1e3), load_ms[name])
+        for name, times in samples.items()
+    }
