@@ -25,8 +25,15 @@ _FILES = {
 }
 
 
+def _user_cache() -> Path:
+    # Where scripts/setup.sh unpacks the Debian package on machines without root.
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparselite" / "fashion-mnist"
+
+
 def resolve_root(root: str | None = None) -> Path:
     path = Path(root or os.environ.get("SPARSELITE_DATA") or DEFAULT_ROOT)
+    if root is None and "SPARSELITE_DATA" not in os.environ and not path.is_dir() and _user_cache().is_dir():
+        path = _user_cache()
     missing = [f for pair in _FILES.values() for f in pair if not (path / f).is_file()]
     if missing:
         raise SparseliteError(f"Fashion-MNIST not found in {path} (missing {missing[0]}); fix: {INSTALL_HINT}")

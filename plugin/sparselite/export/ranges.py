@@ -80,8 +80,11 @@ def quantize_pt2e(float_model: torch.nn.Module, example_inputs: tuple, ranges: M
         # Weight observers only see the weights during a forward pass: skip it and every weight
         # scale stays 1.0, the model converts silently and scores at chance.
         prepared(*example_inputs)
+        # The exported graph has the example's batch size, so calibration runs in slices of it.
+        step = example_inputs[0].shape[0]
         for batch in calibration:
-            prepared(batch)
+            for start in range(0, len(batch) - step + 1, step):
+                prepared(batch[start : start + step])
     # Not named_children(): it de-duplicates, and pt2e registers one observer under several names
     # where ops share quantization (conv -> in-place relu). Every alias must get the learned range.
     observers = {name: m for name, m in prepared._modules.items() if isinstance(m, ObserverBase)}

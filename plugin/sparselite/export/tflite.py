@@ -30,6 +30,9 @@ from sparselite.quantization.spec import quantize_weight
 
 log = logging.getLogger("sparselite")
 
+# Post-training calibration runs the batch-1 graph once per example; this many give stable ranges.
+MAX_CALIBRATION_EXAMPLES = 512
+
 # Ops allowed to carry float tensors in an int8 model: the I/O conversions we add ourselves.
 _IO_OPS = {"QUANTIZE", "DEQUANTIZE"}
 
@@ -62,6 +65,16 @@ def fake_quant_reference(module: nn.Module) -> tuple[nn.Module, str]:
         return model, "fake-quant"
     strip_fake_quant(model)
     return model, "float"
+
+
+def _cap_examples(batches: Iterable[torch.Tensor], limit: int) -> list[torch.Tensor]:
+    kept, count = [], 0
+    for batch in batches:
+        if count >= limit:
+            break
+        kept.append(batch[: limit - count])
+        count += len(kept[-1])
+    return kept
 
 
 def _non_int8_ops(model_t, graph_types: dict[str, list[str]]) -> list[str]:
@@ -155,7 +168,7 @@ def export_tflite(
     train_sparsity = {name: float((module.get_submodule(name).weight == 0).float().mean()) for name in pruned}
 
     float_model, _ = float_model_for_export(module)
-    calibration = list(calibration or [])
+    calibration = _cap_examples(calibration or [], MAX_CALIBRATION_EXAMPLES)
     if not ranges and not calibration:
         raise SparseliteError("the model has no QAT ranges and no calibration batches were given; pass calibration=[...] (a few batches)")
     log.info("quantizing with %d learned ranges, %d calibration batches", len(ranges), len(calibration))
@@ -197,7 +210,7 @@ def export_tflite(
         report.sparse_encoding = [e.to_dict() for e in encodings]
     report.file_bytes = len(final)
     report.xz_bytes = len(lzma.compress(final, preset=9))
-    _report_sparsity(report, final, layer_tensors, train_sparsity)
+    _report_sparsity(report, final, layer_tensors, train_sparsity, float_model)
 
     # Verify on the runtime before the file replaces anything at ``path``.
     with tempfile.TemporaryDirectory() as tmp:
@@ -215,13 +228,15 @@ def export_tflite(
             from sparselite.runtime.gpu import gpu_compatibility
 
             report.gpu = gpu_compatibility(candidate)
-            if require_gpu and not report.gpu.get("fully_delegated"):
-                raise SparseliteError(f"--require-gpu: the model does not run fully on the GPU: {report.gpu.get('summary')}")
+            if require_gpu and not report.gpu.get("fully_accelerated"):
+                raise SparseliteError(f"--require-gpu: the model does not run fully on the GPU: {report.gpu.get('error') or report.gpu.get('unsupported_ops')}")
     flatbuffer.write_atomically(path, final)
     return report
 
 
-def _report_sparsity(report: ExportReport, data: bytes, layer_tensors: dict[str, str], train_sparsity: dict[str, float]) -> None:
+def _report_sparsity(report: ExportReport, data: bytes, layer_tensors: dict[str, str],
+                     train_sparsity: dict[str, float], float_model: nn.Module) -> None:
+    """Per-layer sparsity decoded from the final file's weights (sparse-encoded or dense)."""
     if not layer_tensors:
         return
     from sparselite.export.sparse import weight_sparsity
@@ -229,7 +244,7 @@ def _report_sparsity(report: ExportReport, data: bytes, layer_tensors: dict[str,
     in_file = weight_sparsity(data)
     zeros = total = 0
     for layer, tensor in layer_tensors.items():
-        sparsity, count = in_file[tensor]
+        sparsity, count = in_file[tensor], float_model.get_submodule(layer).weight.numel()
         report.layers.append(LayerSparsity(layer, tensor, sparsity, train_sparsity.get(layer)))
         zeros, total = zeros + sparsity * count, total + count
     report.overall_sparsity_in_file = zeros / max(total, 1)

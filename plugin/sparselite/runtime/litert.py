@@ -42,10 +42,11 @@ class LiteRTModel:
             from sparselite.runtime.gpu import GpuModel
 
             self._gpu = GpuModel(self.path, precision=gpu_precision, allow_cpu_fallback=allow_cpu_fallback)
-            self.input_shape, self.input_dtype = self._gpu.input_shape, self._gpu.input_dtype
-            self.output_shape, self.output_dtype = self._gpu.output_shape, self._gpu.output_dtype
-            self.input_quantization = self._gpu.input_quantization
-            self.output_quantization = self._gpu.output_quantization
+            given, produced = self._gpu.input, self._gpu.output
+            self.input_shape, self.input_dtype = tuple(given.shape), np.dtype(given.dtype).type
+            self.output_shape, self.output_dtype = tuple(produced.shape), np.dtype(produced.dtype).type
+            self.input_quantization = (given.scale or 0.0, given.zero_point or 0)
+            self.output_quantization = (produced.scale or 0.0, produced.zero_point or 0)
             return
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
@@ -71,7 +72,7 @@ class LiteRTModel:
 
     def _invoke(self, x: np.ndarray) -> np.ndarray:
         if self.accelerator == "gpu":
-            return self._gpu(x)
+            return self._gpu(x, raw=True)
         self._interpreter.set_tensor(self._input["index"], x)
         self._interpreter.invoke()
         return self._interpreter.get_tensor(self._output["index"]).copy()

@@ -1,0 +1,220 @@
+"""``sparselite fit|validate|test|export|eval|bench|inspect|demo``.
+
+fit/validate/test are LightningCLI: ``sparselite fit -c configs/<model+data>.yaml -c recipes/<compression>.yaml``.
+Bad input of any kind ends in one line on stderr and exit code 2, before training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sparselite.errors import SparseliteError
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
+def _fail(message: str) -> None:
+    print(f"sparselite: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def build_lightning_cli(args: list[str], run: bool = True):
+    """LightningCLI whose config errors raise instead of printing a usage screen."""
+    from lightning.pytorch.cli import LightningCLI
+
+    return LightningCLI(
+        args=args, run=run, subclass_mode_model=True, subclass_mode_data=True,
+        parser_kwargs={"exit_on_error": False} if run else {"exit_on_error": False},
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def _lightning(args: list[str]) -> None:
+    from jsonargparse import ArgumentError
+
+    try:
+        build_lightning_cli(args)
+    except ArgumentError as err:
+        _fail(_first_line(err))
+
+
+def _first_line(err: BaseException) -> str:
+    """jsonargparse nests the real cause under a multi-line preamble; keep the most specific line."""
+    lines = [line.strip(" -") for line in str(err).splitlines() if line.strip(" -")]
+    specific = [line for line in lines if any(k in line for k in ("SparseliteError", "not expected", "Key ", "does not", "must", "is not", "unrecognized"))]
+    return (specific[-1] if specific else lines[0] if lines else type(err).__name__)[:400]
+
+
+def _find_run_config(ckpt: Path) -> Path | None:
+    for folder in (ckpt.parent, ckpt.parent.parent, ckpt.parent.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    return None
+
+
+def export_command(ns: argparse.Namespace) -> None:
+    """Rebuild the run from its config, restore the checkpoint (masks, ranges), export."""
+    import itertools
+
+    import torch
+
+    from sparselite.export.tflite import export_tflite
+    from sparselite.pruning.callback import GradualPruning
+    from sparselite.quantization.callback import QuantizationAwareTraining
+
+    ckpt = Path(ns.checkpoint)
+    if not ckpt.is_file():
+        raise SparseliteError(f"checkpoint {ckpt} does not exist")
+    configs = ns.config or ([str(c)] if (c := _find_run_config(ckpt)) else [])
+    if not configs:
+        raise SparseliteError(f"no config.yaml found next to {ckpt}; pass the run's configs with -c")
+    cli = build_lightning_cli([arg for c in configs for arg in ("-c", c)], run=False)
+    module, datamodule = cli.model, cli.datamodule
+    for callback in cli.trainer.callbacks:
+        if isinstance(callback, GradualPruning):
+            callback.pruner.prepare(module)
+        elif isinstance(callback, QuantizationAwareTraining):
+            callback.simulator.prepare(module)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError) as err:
+        raise SparseliteError(f"{ckpt} does not match the configured model: {str(err).splitlines()[0]}") from None
+    datamodule.setup("validate")
+    batches = [x for x, _ in itertools.islice(datamodule.val_dataloader(), ns.verify_batches + ns.calibration_batches)]
+    example = getattr(module, "example_input_array", None)
+    example = example if isinstance(example, torch.Tensor) else batches[0][:1]
+    report = export_tflite(module, example[:1], ns.output, io_dtype=ns.io_dtype, sparse=not ns.no_sparse,
+                           calibration=batches[ns.verify_batches:], verify_batches=batches[: ns.verify_batches],
+                           gpu_check=ns.gpu_check, require_gpu=ns.require_gpu)
+    report.save(Path(ns.output).with_suffix(".json"))
+    print(report.summary())
+
+
+def eval_command(ns: argparse.Namespace) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from sparselite.data.fashion_mnist import load_split
+    from sparselite.runtime.litert import LiteRTModel
+
+    model = LiteRTModel(ns.model, accelerator=ns.accelerator, threads=ns.threads, gpu_precision=ns.gpu_precision)
+    images, labels = load_split(ns.split, ns.data)
+    if ns.limit:
+        images, labels = images[: ns.limit], labels[: ns.limit]
+    result = model.evaluate(DataLoader(TensorDataset(images, labels), batch_size=256))
+    result.update(model=str(ns.model), accelerator=ns.accelerator, split=ns.split)
+    print(json.dumps(result) if ns.json else f"{ns.model} on {ns.accelerator}: top-1 {result['accuracy']:.2%} over {result['examples']} {ns.split} images")
+
+
+def bench_command(ns: argparse.Namespace) -> None:
+    from sparselite.runtime.bench import interleaved_benchmark
+
+    results = interleaved_benchmark({m: m for m in ns.models}, accelerator=ns.accelerator, threads=ns.threads,
+                                    rounds=ns.rounds, runs_per_round=ns.runs)
+    if ns.json:
+        print(json.dumps({m: r.to_dict() for m, r in results.items()}, indent=2))
+        return
+    first = results[ns.models[0]].median_ms
+    print(f"{'model':<40} {'median ms':>10} {'p90 ms':>8} {'load ms':>8} {'vs first':>9}")
+    for name, r in results.items():
+        print(f"{name[-40:]:<40} {r.median_ms:>10.3f} {r.p90_ms:>8.3f} {r.load_ms:>8.1f} {r.median_ms / first:>8.2f}x")
+    print(f"({ns.accelerator}, {ns.threads} thread(s), {results[ns.models[0]].runs} runs each, interleaved; "
+          "quote ratios from one run, not absolute times)")
+    if ns.accelerator == "gpu":
+        print("GPU timings on a software Vulkan adapter (lavapipe) are not performance claims.")
+
+
+def inspect_command(ns: argparse.Namespace) -> None:
+    from sparselite.inspect import inspect_tflite
+
+    report = inspect_tflite(ns.model)
+    gpu = None
+    if ns.gpu:
+        from sparselite.runtime.gpu import gpu_compatibility
+
+        gpu = gpu_compatibility(ns.model)
+    if ns.json:
+        data = report.to_dict()
+        if gpu is not None:
+            data["gpu"] = gpu
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(report.format_table())
+        if gpu is not None:
+            print(f"GPU (LiteRT accelerator, adapter {gpu.get('adapter')}): "
+                  + ("fully accelerated" if gpu.get("fully_accelerated") else
+                     f"NOT fully accelerated: {[o.get('op') for o in gpu.get('unsupported_ops', [])]}"))
+
+
+def demo_command(ns: argparse.Namespace) -> None:
+    from sparselite.demo import run_demo
+
+    run_demo(out_dir=Path(ns.out), retrain_baseline=ns.retrain_baseline)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparselite", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in LIGHTNING_COMMANDS:
+        sub.add_parser(name, help=f"LightningCLI {name}: -c configs/X.yaml -c recipes/Y.yaml", add_help=False)
+
+    p = sub.add_parser("export", help="export a checkpoint to a fully int8 .tflite")
+    p.add_argument("checkpoint")
+    p.add_argument("-c", "--config", action="append", help="run config(s); default: the config.yaml LightningCLI saved next to the checkpoint")
+    p.add_argument("-o", "--output", default="model.tflite")
+    p.add_argument("--io-dtype", choices=("float32", "int8"), default="float32")
+    p.add_argument("--no-sparse", action="store_true", help="keep pruned weights in dense storage")
+    p.add_argument("--verify-batches", type=int, default=8)
+    p.add_argument("--calibration-batches", type=int, default=8)
+    p.add_argument("--gpu-check", action="store_true", help="add a GPU compatibility report")
+    p.add_argument("--require-gpu", action="store_true", help="fail unless every op runs on the GPU accelerator")
+    p.set_defaults(func=export_command)
+
+    for name, func, help_text in (("eval", eval_command, "top-1 accuracy of a .tflite on Fashion-MNIST"),
+                                  ("bench", bench_command, "latency of one or more .tflite files, interleaved")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("model" if name == "eval" else "models", nargs=None if name == "eval" else "+")
+        p.add_argument("--accelerator", choices=("xnnpack", "reference", "gpu"), default="xnnpack")
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+        if name == "eval":
+            p.add_argument("--split", choices=("test", "train"), default="test")
+            p.add_argument("--data", default=None, help="Fashion-MNIST folder (default: $SPARSELITE_DATA or the Debian path)")
+            p.add_argument("--limit", type=int, default=0)
+            p.add_argument("--gpu-precision", choices=("fp16", "fp32"), default="fp16")
+        else:
+            p.add_argument("--rounds", type=int, default=10)
+            p.add_argument("--runs", type=int, default=30, help="timed runs per model per round")
+
+    p = sub.add_parser("inspect", help="per-tensor sparsity, encoding and bytes of a .tflite")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--gpu", action="store_true", help="also compile GPU-only and list unsupported ops")
+    p.set_defaults(func=inspect_command)
+
+    p = sub.add_parser("demo", help="the default demo: dense baseline vs 80%% GMP + QAT, exported and measured")
+    p.add_argument("--out", default="artifacts/demo")
+    p.add_argument("--retrain-baseline", action="store_true")
+    p.set_defaults(func=demo_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in LIGHTNING_COMMANDS:
+            _lightning(argv)
+            return
+        ns = _parser().parse_args(argv)
+        ns.func(ns)
+    except SparseliteError as err:
+        _fail(str(err))
+
+
+if __name__ == "__main__":
+    main()

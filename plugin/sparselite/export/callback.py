@@ -1,0 +1,61 @@
+"""``TFLiteExport``: export, verify and report at the end of ``trainer.fit``."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from sparselite.errors import SparseliteError
+from sparselite.export.tflite import export_tflite
+
+
+class TFLiteExport(pl.Callback):
+    """Write a fully int8 ``.tflite`` (and ``<path>.json``, the export report) when fit ends.
+
+    Args:
+        path: output file.
+        io_dtype: 'float32' or 'int8' model inputs/outputs.
+        sparse: sparse-encode pruned weights where that saves bytes.
+        verify_batches: validation batches the file is checked on (XNNPACK vs the torch model).
+        calibration_batches: validation batches used to calibrate ranges QAT did not learn.
+        min_agreement: top-1 agreement below which the export fails.
+        gpu_check / require_gpu: add a GPU compatibility report / fail if not fully delegated.
+    """
+
+    def __init__(self, path: str = "model.tflite", io_dtype: str = "float32", sparse: bool = True,
+                 verify_batches: int = 8, calibration_batches: int = 8, min_agreement: float = 0.98,
+                 gpu_check: bool = False, require_gpu: bool = False) -> None:
+        if io_dtype not in ("float32", "int8"):
+            raise SparseliteError(f"io_dtype='{io_dtype}' must be 'float32' or 'int8'")
+        if verify_batches < 1 or calibration_batches < 0:
+            raise SparseliteError("verify_batches must be >= 1 and calibration_batches >= 0")
+        if not Path(path).suffix == ".tflite":
+            raise SparseliteError(f"path='{path}' should end in .tflite")
+        self.path, self.io_dtype, self.sparse = Path(path), io_dtype, sparse
+        self.verify_batches, self.calibration_batches = verify_batches, calibration_batches
+        self.min_agreement, self.gpu_check, self.require_gpu = min_agreement, gpu_check, require_gpu
+        self.report = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        loader = trainer.datamodule.val_dataloader() if trainer.datamodule else trainer.val_dataloaders
+        if loader is None:
+            raise SparseliteError("TFLiteExport needs validation data to verify the export; give the Trainer a val dataloader")
+        inputs = [batch[0] if isinstance(batch, (tuple, list)) else batch
+                  for batch in itertools.islice(loader, self.verify_batches + self.calibration_batches)]
+        example = pl_module.example_input_array
+        if not isinstance(example, torch.Tensor):
+            example = inputs[0][:1]
+        rank_zero_info(f"[sparselite] exporting int8 TFLite to {self.path}")
+        self.report = export_tflite(
+            pl_module, example[:1], self.path, io_dtype=self.io_dtype, sparse=self.sparse,
+            calibration=inputs[self.verify_batches:], verify_batches=inputs[: self.verify_batches],
+            min_agreement=self.min_agreement, gpu_check=self.gpu_check, require_gpu=self.require_gpu,
+        )
+        self.report.save(self.path.with_suffix(".json"))
+        rank_zero_info("[sparselite] " + self.report.summary())
