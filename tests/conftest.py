@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny MobileNetLite, a few hundred real Fashion-MNIST images, quiet logs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+# Before TF / litert import: keep their C++ logging off the test output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("GLOG_minloglevel", "3")
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+# The test machine is shared and small: one intra-op thread avoids oversubscription (and is faster here).
+torch.set_num_threads(1)
+
+TINY_BLOCKS = ((16, 1), (32, 2))
+
+
+def tiny_mobilenet(**kwargs) -> torch.nn.Module:
+    """MobileNetLite small enough to train and export in seconds (stem 8, two separable blocks)."""
+    from sparselite.models.mobilenet import MobileNetLite
+
+    return MobileNetLite(stem_channels=8, blocks=TINY_BLOCKS, **kwargs)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet():
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "litert_torch", "absl", "tensorflow", "torch._export"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    yield
+
+
+@pytest.fixture
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return tiny_mobilenet()
+
+
+@pytest.fixture(scope="session")
+def fmnist_train() -> tuple[torch.Tensor, torch.Tensor]:
+    """The first 2048 real training images (normalized) and labels."""
+    from sparselite.data.fashion_mnist import load_split
+
+    images, labels = load_split("train")
+    return images[:2048].clone(), labels[:2048].clone()
+
+
+@pytest.fixture(scope="session")
+def fmnist_heldout() -> tuple[torch.Tensor, torch.Tensor]:
+    """512 real images the training fixtures never see (the end of the train split)."""
+    from sparselite.data.fashion_mnist import load_split
+
+    images, labels = load_split("train")
+    return images[-512:].clone(), labels[-512:].clone()
+
+
+def make_loader(data: tuple[torch.Tensor, torch.Tensor], n: int, batch_size: int = 32) -> DataLoader:
+    """A deterministic (unshuffled) loader over the first ``n`` examples."""
+    images, labels = data
+    return DataLoader(TensorDataset(images[:n], labels[:n]), batch_size=batch_size, shuffle=False)
+
+
+@pytest.fixture
+def train_loader(fmnist_train) -> DataLoader:
+    return make_loader(fmnist_train, 512)

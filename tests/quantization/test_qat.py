@@ -1,0 +1,225 @@
+"""QuantizationSimulator without Lightning: where ranges are taken, phases, strip, and BN folding vs int8 weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import tiny_mobilenet
+from sparselite.errors import SparseliteError
+from sparselite.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
+from sparselite.quantization.fusion import FusedChain, find_fused_chains, fold_batchnorm
+from sparselite.quantization.qat import QuantizationSimulator, learned_ranges, strip_fake_quant
+from sparselite.quantization.spec import SCALE_EPS, quantize_weight, weight_scales
+
+RELU6_CHAINS = ["features.0.0", "features.1.0", "features.2.0", "features.3.0", "features.4.0"]
+
+
+def train(model, simulator, data, steps, start=0, lr=0.05):
+    images, labels = data
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for step in range(start, start + steps):
+        model.train()
+        if simulator is not None:
+            simulator.step(step)
+        i = step % 16
+        loss = F.cross_entropy(model(images[i * 64 : (i + 1) * 64]), labels[i * 64 : (i + 1) * 64])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_fused_chains_of_mobilenet(tiny_model):
+    chains = find_fused_chains(tiny_model)
+    assert chains[0] == FusedChain("features.0.0", "features.0.1", "features.0.2")
+    assert [c.producer for c in chains] == RELU6_CHAINS + ["classifier"]
+    assert chains[-1] == FusedChain("classifier", None, None)
+    assert chains[0].output_module == "features.0.2" and chains[-1].output_module == "classifier"
+
+
+def test_prepare_attaches_fake_quant(tiny_model):
+    simulator = QuantizationSimulator()
+    chains = simulator.prepare(tiny_model)
+    assert len(chains) == 6
+    for chain in chains:
+        producer = tiny_model.get_submodule(chain.producer)
+        assert isinstance(producer, (nn.Conv2d, nn.Linear)) and type(producer) not in (nn.Conv2d, nn.Linear)
+        assert isinstance(producer.sparselite_weight_quant, WeightFakeQuant)
+        assert isinstance(producer.sparselite_output_quant, ActivationFakeQuant)
+    assert isinstance(tiny_model.sparselite_input_quant, ActivationFakeQuant)
+    assert learned_ranges(tiny_model) == {}  # nothing observed yet
+    assert simulator.prepare(tiny_model) is chains  # idempotent
+
+
+def test_ranges_are_observed_after_the_fused_activation(tiny_model, fmnist_train):
+    simulator = QuantizationSimulator(averaging_constant=0.2)
+    simulator.prepare(tiny_model)
+    # What a pre-activation range would see: BN outputs are negative as well.
+    bn_min = {}
+    hooks = [tiny_model.get_submodule(f"features.{i}.1").register_forward_hook(
+        lambda m, a, out, i=i: bn_min.__setitem__(i, min(bn_min.get(i, 0.0), float(out.min())))) for i in range(5)]
+    train(tiny_model, simulator, fmnist_train, steps=6)
+    for hook in hooks:
+        hook.remove()
+    assert all(value < 0 for value in bn_min.values())
+    ranges = learned_ranges(tiny_model)
+    assert set(ranges) == {""} | set(RELU6_CHAINS) | {"classifier"}
+    assert ranges == simulator.ranges()
+    for name in RELU6_CHAINS:
+        lo, hi = ranges[name]
+        assert lo == 0.0 and 0.0 < hi <= 6.0, (name, lo, hi)
+    lo, hi = ranges["classifier"]  # logits: no activation, both signs
+    assert lo < 0.0 < hi
+    lo, hi = ranges[""]  # the normalized input
+    assert lo == pytest.approx(-0.2860 / 0.3530, abs=1e-4) and hi > 2.0
+
+
+def test_before_start_step_the_model_is_float(tiny_model, fmnist_train):
+    reference = copy.deepcopy(tiny_model).eval()
+    simulator = QuantizationSimulator(start_step=10)
+    simulator.prepare(tiny_model)
+    train(tiny_model, simulator, fmnist_train, steps=0)
+    simulator.step(9)
+    tiny_model.train()
+    tiny_model(fmnist_train[0][:32])
+    assert learned_ranges(tiny_model) == {}
+    x = fmnist_train[0][:16]
+    tiny_model.eval()
+    reference.load_state_dict({k: v for k, v in tiny_model.state_dict().items() if "sparselite" not in k})
+    assert torch.equal(tiny_model(x), reference(x))
+    simulator.step(10)
+    tiny_model.train()
+    tiny_model(x)
+    tiny_model.eval()
+    assert len(learned_ranges(tiny_model)) == 7
+    assert not torch.equal(tiny_model(x), reference(x))
+
+
+def test_freeze_step_stops_range_updates_and_puts_bn_in_eval(tiny_model, fmnist_train):
+    simulator = QuantizationSimulator(start_step=0, freeze_step=4, averaging_constant=0.5)
+    simulator.prepare(tiny_model)
+    train(tiny_model, simulator, fmnist_train, steps=4)
+    ranges_before = learned_ranges(tiny_model)
+    bn = tiny_model.get_submodule("features.2.1")
+    stats_before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    weight_before = tiny_model.get_submodule("features.2.0").weight.detach().clone()
+    train(tiny_model, simulator, fmnist_train, steps=4, start=4)  # calls model.train() before each step
+    assert not bn.training
+    assert learned_ranges(tiny_model) == ranges_before
+    assert torch.equal(bn.running_mean, stats_before[0]) and torch.equal(bn.running_var, stats_before[1])
+    assert int(bn.num_batches_tracked) == stats_before[2]
+    assert not torch.equal(tiny_model.get_submodule("features.2.0").weight, weight_before)  # still training
+    assert all(q.enabled and not q.observing for q in tiny_model.modules() if isinstance(q, ActivationFakeQuant))
+
+
+def test_ranges_keep_moving_without_freeze(tiny_model, fmnist_train):
+    simulator = QuantizationSimulator(start_step=0, averaging_constant=0.5)
+    simulator.prepare(tiny_model)
+    train(tiny_model, simulator, fmnist_train, steps=3)
+    before = learned_ranges(tiny_model)
+    train(tiny_model, simulator, fmnist_train, steps=2, start=3)
+    assert learned_ranges(tiny_model) != before
+
+
+def test_strip_restores_plain_classes_and_removes_hooks(tiny_model, fmnist_train):
+    float_keys = set(tiny_model.state_dict())
+    simulator = QuantizationSimulator()
+    simulator.prepare(tiny_model)
+    train(tiny_model, simulator, fmnist_train, steps=2)
+    assert any(len(m._forward_hooks) for m in tiny_model.modules())
+    simulator.strip()
+    for name, module in tiny_model.named_modules():
+        assert not name.endswith(("sparselite_weight_quant", "sparselite_output_quant", "sparselite_input_quant"))
+        assert not module._forward_hooks and not module._forward_pre_hooks, name
+    assert type(tiny_model.features[0][0]) is nn.Conv2d and type(tiny_model.classifier) is nn.Linear
+    assert set(tiny_model.state_dict()) == float_keys
+    fresh = tiny_mobilenet()
+    fresh.load_state_dict(tiny_model.state_dict())
+    x = fmnist_train[0][:8]
+    assert torch.equal(tiny_model.eval()(x), fresh.eval()(x))
+
+
+def test_strip_fake_quant_works_on_a_deep_copy(tiny_model, fmnist_train):
+    simulator = QuantizationSimulator()
+    simulator.prepare(tiny_model)
+    train(tiny_model, simulator, fmnist_train, steps=1)
+    clone = copy.deepcopy(tiny_model)
+    assert learned_ranges(clone) == learned_ranges(tiny_model)
+    strip_fake_quant(clone)
+    assert learned_ranges(clone) == {}
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in clone.modules())
+    assert type(clone.classifier) is nn.Linear
+    assert len(learned_ranges(tiny_model)) == 7  # the original keeps its fake-quant
+
+
+def test_invalid_arguments_and_models():
+    with pytest.raises(SparseliteError, match="start_step=-1"):
+        QuantizationSimulator(start_step=-1)
+    with pytest.raises(SparseliteError, match="freeze_step=5 must be after start_step=5"):
+        QuantizationSimulator(start_step=5, freeze_step=5)
+    with pytest.raises(SparseliteError, match="averaging_constant=0"):
+        QuantizationSimulator(averaging_constant=0)
+    with pytest.raises(SparseliteError, match="no nn.Conv2d or nn.Linear"):
+        QuantizationSimulator().prepare(nn.Sequential(nn.ReLU(), nn.Flatten()))
+
+
+def folded_int8_matches(model: nn.Module) -> tuple[int, int, int]:
+    """(mismatched int8 weights, weights compared, channels whose folded scale sits on the eps floor)."""
+    model = copy.deepcopy(model).eval()
+    strip_fake_quant(model)  # as export does: fold the float model
+    chains = [c for c in find_fused_chains(model) if c.batchnorm]
+    unfolded = {c.producer: model.get_submodule(c.producer).weight.detach().clone() for c in chains}
+    signs = {c.producer: torch.sign(model.get_submodule(c.batchnorm).weight.detach()) for c in chains}
+    fold_batchnorm(model, chains)
+    mismatches = total = floored = 0
+    for chain in chains:
+        folded = model.get_submodule(chain.producer).weight.detach()
+        q_train = quantize_weight(unfolded[chain.producer]).int() * signs[chain.producer].reshape(-1, 1, 1, 1).int()
+        q_export = quantize_weight(folded).int()
+        mismatches += int((q_train != q_export).sum())
+        total += q_train.numel()
+        floored += int((weight_scales(folded) <= SCALE_EPS).sum())
+    return mismatches, total, floored
+
+
+def test_bn_folding_changes_no_int8_weight(fmnist_train):
+    """Per-channel symmetric int8 is invariant to BN's per-channel factor gamma / sqrt(var + eps): the
+    weights exported after folding are the ones QAT trained with (a negative gamma flips their sign)."""
+    torch.manual_seed(0)
+    model = tiny_mobilenet()
+    simulator = QuantizationSimulator(averaging_constant=0.1)
+    simulator.prepare(model)
+    train(model, simulator, fmnist_train, steps=12)
+    with torch.no_grad():
+        bn = model.get_submodule("features.2.1")
+        bn.weight[3] = -abs(float(bn.weight[3])) - 0.5
+        model.get_submodule("features.0.1").weight[1] *= -1.0
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(int(b.num_batches_tracked) == 12 for b in bns)
+    assert any(float((b.running_var - 1).abs().max()) > 0.1 for b in bns)  # non-trivial statistics
+    assert any(float((b.weight - 1).abs().max()) > 0.01 for b in bns)
+    assert sum(int((b.weight < 0).sum()) for b in bns) >= 2
+    mismatches, total, floored = folded_int8_matches(model)
+    assert floored == 0, "a folded channel reached the 2**-12 scale floor; see the xfail test below"
+    assert total == 72 + 72 + 128 + 144 + 512
+    assert mismatches == 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known limitation: when a BN factor |gamma|/sqrt(var+eps) makes a folded channel's max |w| fall below "
+    "127 * 2**-12 (~0.031), export's scale is clamped to the eps floor and its int8 values differ from "
+    "the ones QAT simulated on the unfolded weight"))
+def test_bn_folding_with_a_tiny_bn_factor_changes_no_int8_weight():
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8)
+    with torch.no_grad():
+        conv.weight.mul_(0.5)
+        bn.running_var.fill_(400.0)  # a large-variance output: factor 1/20
+    model = nn.Sequential(conv, bn, nn.ReLU6()).eval()
+    mismatches, total, floored = folded_int8_matches(model)
+    assert floored > 0
+    assert mismatches == 0
