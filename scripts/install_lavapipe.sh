@@ -18,8 +18,18 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEST="${SPARSELITE_LAVAPIPE_DIR:-$REPO/.cache/lavapipe}"
-MIRROR="${SPARSELITE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-SECURITY_MIRROR="${SPARSELITE_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
+# Mirrors come from the machine's own apt configuration (deb822 .sources or one-line sources.list),
+# so this script names no host of its own; override with the two variables.
+system_uri() {  # $1: a suite the URI must serve, e.g. bookworm or bookworm-security
+  cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk -v suite="$1" '
+    /^URIs:/ {uri=$2} /^Suites:/ {for (i = 2; i <= NF; i++) if ($i == suite) {print uri; exit}}'
+  grep -hsE "^deb[[:space:]]" /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
+    sed -E 's/\[[^]]*\]//' | awk -v suite="$1" '$3 == suite {print $2; exit}'
+}
+MIRROR="${SPARSELITE_DEBIAN_MIRROR:-$(system_uri bookworm | head -n 1)}"
+SECURITY_MIRROR="${SPARSELITE_DEBIAN_SECURITY_MIRROR:-$(system_uri bookworm-security | head -n 1)}"
+[ -n "$MIRROR" ] || { echo "[install_lavapipe] ERROR: no bookworm apt source found; set SPARSELITE_DEBIAN_MIRROR" >&2; exit 1; }
+[ -n "$SECURITY_MIRROR" ] || SECURITY_MIRROR="$MIRROR-security"
 export DEBIAN_FRONTEND=noninteractive
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 FORCE=0

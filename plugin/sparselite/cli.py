@@ -25,20 +25,56 @@ def build_lightning_cli(args: list[str], run: bool = True):
     """LightningCLI whose config errors raise instead of printing a usage screen."""
     from lightning.pytorch.cli import LightningCLI
 
+    from sparselite.progress import default_callbacks
+
     return LightningCLI(
         args=args, run=run, subclass_mode_model=True, subclass_mode_data=True,
-        parser_kwargs={"exit_on_error": False} if run else {"exit_on_error": False},
-        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False}, save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": default_callbacks()},
     )
 
 
 def _lightning(args: list[str]) -> None:
+    import warnings
+
     from jsonargparse import ArgumentError
 
+    # main() passes sys.argv[1:] on as ``args``; LightningCLI warns about that on every run.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     try:
         build_lightning_cli(args)
     except ArgumentError as err:
-        _fail(_first_line(err))
+        _fail(_explain(err))
+    except ValueError as err:
+        # jsonargparse wraps a SparseliteError raised in a class's __init__ (instantiation) in a ValueError.
+        if _sparselite_cause(err) is None:
+            raise
+        _fail(_explain(err))
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def _sparselite_cause(err: BaseException) -> SparseliteError | None:
+    return next((e for e in _causes(err) if isinstance(e, SparseliteError)), None)
+
+
+def _explain(err: BaseException) -> str:
+    """One line that says what is wrong: our own message if a SparseliteError is behind ``err``, else the
+    innermost jsonargparse message that still names the key or class (e.g. 'Parser key "final_sparsity":
+    Expected a <class 'float'>. Got value: abc'), joined onto one line."""
+    if (cause := _sparselite_cause(err)) is not None:
+        return str(cause)
+    for inner in reversed(_causes(err)):
+        text = str(inner)
+        if text.startswith(("Problem with given class_path", "Parser key")) and "Does not validate against any" not in text:
+            return " ".join(line.strip() for line in text.splitlines() if line.strip())[:400]
+    return _first_line(err)
 
 
 def _first_line(err: BaseException) -> str:
@@ -198,7 +234,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=inspect_command)
 
     p = sub.add_parser("demo", help="the default demo: dense baseline vs 80%% GMP + QAT, exported and measured")
-    p.add_argument("--out", default="artifacts/demo")
+    p.add_argument("--out", default="runs/demo")
     p.add_argument("--retrain-baseline", action="store_true")
     p.set_defaults(func=demo_command)
     return parser

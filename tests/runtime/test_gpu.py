@@ -288,3 +288,80 @@ def test_upstream_fc_with_runtime_weights_keeps_bias(tmp_path, calib):
     model = gpu.GpuModel(path, precision="fp32", allow_cpu_fallback=True)
     x = calib.numpy()
     assert np.abs(model(x) - _xnnpack(path, x, model)).max() < 1e-3
+
+
+# --- sparselite's own exports on the GPU accelerator -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported_int8(tmp_path_factory) -> dict:
+    """A tiny MobileNetLite trained a few real steps with 80% pruning + QAT, exported twice:
+    with --require-gpu (dense storage) and with the default sparse storage plus a GPU check."""
+    from sparselite import export_tflite
+    from sparselite.data.fashion_mnist import load_split
+    from sparselite.models.mobilenet import MobileNetLite
+    from sparselite.pruning.pruner import MagnitudePruner
+    from sparselite.pruning.schedule import PolynomialDecay
+    from sparselite.quantization.qat import QuantizationSimulator
+
+    torch.manual_seed(0)
+    images, labels = load_split("train")
+    model = MobileNetLite(stem_channels=8, blocks=((32, 1), (64, 2)))
+    pruner = MagnitudePruner(PolynomialDecay(0.0, 0.8, 0, 20, 5))
+    pruner.prepare(model)
+    qat = QuantizationSimulator(start_step=10)
+    qat.prepare(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for step in range(30):
+        pruner.step(step)
+        qat.step(step)
+        batch = slice(step * 64, (step + 1) * 64)
+        loss = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        pruner.apply_masks()
+    test_x, _ = load_split("test")
+    out = tmp_path_factory.mktemp("gpu_export")
+    verify = [test_x[:256]]
+    dense = export_tflite(model, test_x[:1], out / "gpu.tflite", verify_batches=verify, require_gpu=True,
+                          min_agreement=0.9)  # 30 steps leave near-tied logits; parity itself is tested in tests/export
+    sparse = export_tflite(model, test_x[:1], out / "sparse.tflite", verify_batches=verify, gpu_check=True, min_agreement=0.9)
+    return {"dense": dense, "sparse": sparse, "test_x": test_x[:1000].numpy()}
+
+
+def test_require_gpu_export_is_fully_accelerated(exported_int8):
+    report = exported_int8["dense"]
+    assert report.gpu["fully_accelerated"], report.gpu
+    assert not report.sparse_encoding
+    assert any("DENSIFY" in note for note in report.notes)
+
+
+def test_sparse_export_gpu_report_names_densify(exported_int8):
+    report = exported_int8["sparse"]
+    assert not report.gpu["fully_accelerated"]
+    assert "DENSIFY" in {op["op"] for op in report.gpu["unsupported_ops"]}
+    assert any("--no-sparse" in note for note in report.notes)
+
+
+def test_int8_export_same_top1_on_gpu_as_xnnpack(exported_int8):
+    from sparselite import LiteRTModel
+
+    path, x = exported_int8["dense"].path, exported_int8["test_x"]
+    cpu = LiteRTModel(path, accelerator="xnnpack")(x)
+    gpu32 = LiteRTModel(path, accelerator="gpu", gpu_precision="fp32")(x)
+    # fp32 on the GPU runs the same int8 graph, but its requantization can round a logit to the
+    # neighbouring int8 step (seen: 2 of 10,000 logits on lavapipe), so allow 1 LSB, not 0.
+    scale = exported_int8["dense"].parity.output_scale
+    assert np.abs(gpu32 - cpu).max() <= scale * 1.001
+    agreement32 = float((gpu32.argmax(1) == cpu.argmax(1)).mean())
+    print(f"fp32 GPU vs XNNPACK top-1 agreement on {len(x)} test images: {agreement32:.2%}")
+    assert agreement32 >= 0.995
+    gpu16 = LiteRTModel(path, accelerator="gpu", gpu_precision="fp16")(x)
+    agreement = float((gpu16.argmax(1) == cpu.argmax(1)).mean())
+    print(f"fp16 GPU vs XNNPACK top-1 agreement on {len(x)} test images: {agreement:.2%}")
+    # fp16 accumulation moves logits by a few LSB; a 30-step model has near-tied logits, so a few
+    # argmax flips are expected here (the demo model's full-test-set rate is in benchmarks/).
+    assert agreement >= 0.97
+    assert np.abs(gpu16 - cpu).max() <= 8 * scale

@@ -203,6 +203,10 @@ def export_tflite(
                           ranges_learned=len(injection.learned), ranges_calibrated=len(injection.calibrated),
                           dense_int8_bytes=len(dense))
     final = dense
+    if sparse and pruned and require_gpu:
+        sparse = False
+        report.notes.append("sparse encoding skipped for --require-gpu: LiteRT's GPU accelerator has no DENSIFY op, "
+                            "so a sparse file runs only with CPU fallback")
     if sparse and pruned:
         from sparselite.export.sparse import encode_sparse
 
@@ -228,6 +232,8 @@ def export_tflite(
             from sparselite.runtime.gpu import gpu_compatibility
 
             report.gpu = gpu_compatibility(candidate)
+            if not report.gpu.get("fully_accelerated") and any(o.get("op") == "DENSIFY" for o in report.gpu.get("unsupported_ops", [])):
+                report.notes.append("the GPU accelerator cannot run DENSIFY: export with sparse=False (--no-sparse) for GPU deployment")
             if require_gpu and not report.gpu.get("fully_accelerated"):
                 raise SparseliteError(f"--require-gpu: the model does not run fully on the GPU: {report.gpu.get('error') or report.gpu.get('unsupported_ops')}")
     flatbuffer.write_atomically(path, final)
@@ -271,3 +277,17 @@ def verify(module: nn.Module, path: Path, batches: Iterable[torch.Tensor], outpu
     if total == 0:
         raise SparseliteError("verify_batches was empty; pass at least one held-out batch")
     return Parity(total, agree / total, max_diff / output_scale, output_scale, kind)
+
+
+def export_float_tflite(module: nn.Module, example_inputs: torch.Tensor | tuple, path: str | Path) -> int:
+    """The fp32 baseline file (BN folded, no quantization), for size and latency comparisons. Returns bytes."""
+    import litert_torch
+
+    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    float_model, _ = float_model_for_export(module)
+    try:
+        data = litert_torch.convert(float_model, example_inputs).model_content()
+    except Exception as err:
+        raise SparseliteError(f"litert-torch could not convert the float model: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    flatbuffer.write_atomically(path, data)
+    return len(data)

@@ -1,0 +1,220 @@
+"""Shared helpers for the benchmark scripts: data, a plain-PyTorch GMP + QAT training loop, tables, JSON.
+
+Not a benchmark itself. The training loop uses the framework-free cores (``MagnitudePruner`` +
+``PolynomialDecay``, ``QuantizationSimulator``) the Lightning callbacks wrap, with the optimizer and
+LR schedule of ``sparselite.models.classifier.ImageClassifier`` (AdamW + one-cycle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparselite.data.fashion_mnist import load_split
+from sparselite.pruning.pruner import MagnitudePruner
+from sparselite.pruning.schedule import PolynomialDecay
+from sparselite.quantization.qat import QuantizationSimulator
+
+VAL_SIZE = 5000  # as FashionMNISTDataModule: the last 5000 training images are held out
+
+
+@dataclass
+class Data:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def load_data() -> Data:
+    images, labels = load_split("train")
+    test_x, test_y = load_split("test")
+    return Data(images[:-VAL_SIZE], labels[:-VAL_SIZE], images[-VAL_SIZE:], labels[-VAL_SIZE:], test_x, test_y)
+
+
+class BatchStream:
+    """Endless shuffled mini-batches (a new permutation each epoch, seeded)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self._order, self._pos = torch.randperm(len(x), generator=self.generator), 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pos + self.batch_size > len(self._order):
+            self._order, self._pos = torch.randperm(len(self.x), generator=self.generator), 0
+        idx = self._order[self._pos : self._pos + self.batch_size]
+        self._pos += self.batch_size
+        return self.x[idx], self.y[idx]
+
+
+def make_optimizer(model: nn.Module, steps: int, lr: float = 5e-3, weight_decay: float = 1e-4):
+    """AdamW + one-cycle, as ImageClassifier.configure_optimizers (lr 5e-3 as configs/fmnist_mobilenet.yaml)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps + 1, pct_start=0.15)
+    return optimizer, scheduler
+
+
+@dataclass
+class Compression:
+    """Where pruning and QAT sit in a run of ``steps`` steps (fractions, as recipes/gmp80_qat_export.yaml:
+    prune over steps 100..700, QAT from 800, freeze at 1100, of 1200)."""
+
+    pattern: str | None = "unstructured"  # None: no pruning
+    sparsity: float = 0.8
+    qat: bool = True
+    prune_begin: float = 100 / 1200
+    prune_end: float = 700 / 1200
+    prune_updates: int = 12  # mask updates over the ramp
+    qat_start: float = 800 / 1200
+    qat_freeze: float = 1100 / 1200
+
+    def build(self, model: nn.Module, steps: int) -> tuple[MagnitudePruner | None, QuantizationSimulator | None]:
+        pruner = simulator = None
+        if self.pattern is not None:
+            begin, end = int(self.prune_begin * steps), max(int(self.prune_end * steps), int(self.prune_begin * steps) + 1)
+            schedule = PolynomialDecay(final_sparsity=self.sparsity, begin_step=begin, end_step=end,
+                                       frequency=max(1, (end - begin) // self.prune_updates))
+            pruner = MagnitudePruner(schedule, pattern=self.pattern)
+            pruner.prepare(model)
+        if self.qat:
+            start = int(self.qat_start * steps)
+            freeze = max(int(self.qat_freeze * steps), start + 1)
+            simulator = QuantizationSimulator(start_step=start, freeze_step=freeze)
+            simulator.prepare(model)
+        return pruner, simulator
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    final_loss: float
+    step_ms: list[float] = field(default_factory=list)
+
+
+def train(model: nn.Module, data: Data, steps: int, pruner: MagnitudePruner | None = None,
+          simulator: QuantizationSimulator | None = None, batch_size: int = 128, seed: int = 0,
+          log_every: int = 0, label: str = "") -> TrainResult:
+    """Plain PyTorch loop; the per-step order is the Lightning callbacks' order (step hooks, then
+    forward/backward/optimizer, then apply_masks)."""
+    torch.manual_seed(seed)
+    stream = BatchStream(data.train_x, data.train_y, batch_size, seed)
+    optimizer, scheduler = make_optimizer(model, steps)
+    model.train()
+    losses, times = [], []
+    start = time.perf_counter()
+    for step in range(steps):
+        t0 = time.perf_counter()
+        if simulator is not None:
+            simulator.step(step)
+        if pruner is not None:
+            pruner.step(step)
+        x, y = stream.next()
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if pruner is not None:
+            pruner.apply_masks()
+        times.append((time.perf_counter() - t0) * 1e3)
+        losses.append(float(loss))
+        if log_every and (step + 1) % log_every == 0:
+            print(f"  [{label}] step {step + 1}/{steps} loss {statistics.fmean(losses[-log_every:]):.3f} "
+                  f"({statistics.median(times[-log_every:]):.0f} ms/step)", file=sys.stderr, flush=True)
+    if simulator is not None:
+        simulator.step(steps)  # leave it in the phase the last step ended in (frozen ranges + BN)
+    return TrainResult(steps, time.perf_counter() - start, statistics.fmean(losses[-20:]), times)
+
+
+@torch.no_grad()
+def torch_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
+    was_training = model.training
+    model.eval()
+    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
+    model.train(was_training)
+    return correct / len(x)
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def fmt(value, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    return format(value, spec) if spec else str(value)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table with right-aligned columns (the first left-aligned)."""
+    cells = [list(map(str, headers))] + [list(map(str, row)) for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for dist in ("torch", "lightning", "litert-torch", "ai-edge-litert", "torchao"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=False).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {
+        "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "load_avg_at_start": os.getloadavg(),
+        "git_commit": commit, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **versions,
+    }
+
+
+def environment_line(env: dict) -> str:
+    return (f"# {env['time_utc']}  commit {env['git_commit']}  {env['machine']} {env['cpus']} cpus "
+            f"(torch threads {env['torch_threads']}, load avg {env['load_avg_at_start'][0]:.2f})  "
+            f"torch {env['torch']}  litert-torch {env['litert-torch']}  ai-edge-litert {env['ai-edge-litert']}")
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2, default=str))
+    print(f"\nJSON written to {path}")
+
+
+def quiet_logs() -> None:
+    """Keep absl/TF/litert chatter off the tables."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    warnings.filterwarnings("ignore")
+    for name in ("torch", "torchao", "litert_torch", "absl", "tensorflow", "lightning", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)

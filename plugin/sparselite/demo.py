@@ -1,0 +1,140 @@
+"""The default demo: a dense fp32 baseline vs 80% GMP + QAT, both exported and measured on LiteRT.
+
+Runs the same configs and recipes a user would (``configs/fmnist_mobilenet.yaml`` with
+``recipes/dense.yaml`` and ``recipes/gmp80_qat_export.yaml``), then prints one table. The baseline
+is trained once and cached under ``<out>/dense``.
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from sparselite.cli import build_lightning_cli
+from sparselite.data.fashion_mnist import load_split
+from sparselite.errors import SparseliteError
+from sparselite.export.callback import TFLiteExport
+from sparselite.export.tflite import export_float_tflite, fake_quant_reference, verify
+from sparselite.runtime.bench import interleaved_benchmark
+from sparselite.runtime.litert import LiteRTModel
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _fit(recipe: str, root: Path, extra: list[str] = ()):
+    config = REPO / "configs" / "fmnist_mobilenet.yaml"
+    if not config.is_file():
+        raise SparseliteError(f"{config} not found; run the demo from a checkout of the sparselite repo")
+    args = ["fit", "-c", str(config), "-c", str(REPO / "recipes" / recipe), "--trainer.default_root_dir", str(root), *extra]
+    return build_lightning_cli(args)
+
+
+@torch.no_grad()
+def _torch_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    model.eval()
+    correct = sum(int((model(images[i : i + 500]).argmax(1) == labels[i : i + 500]).sum()) for i in range(0, len(images), 500))
+    return correct / len(images)
+
+
+def run_demo(out_dir: Path = Path("runs/demo"), retrain_baseline: bool = False) -> dict:
+    started = time.time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images, labels = load_split("test")
+    test_loader = DataLoader(TensorDataset(images, labels), batch_size=500)
+
+    # 1. Dense fp32 baseline (cached).
+    baseline_state = out_dir / "dense" / "baseline_state.pt"
+    print("[demo] 1/4 dense fp32 baseline" + (" (cached)" if baseline_state.is_file() and not retrain_baseline else ""))
+    if baseline_state.is_file() and not retrain_baseline:
+        cli = build_lightning_cli(["-c", str(REPO / "configs" / "fmnist_mobilenet.yaml"), "-c", str(REPO / "recipes" / "dense.yaml")], run=False)
+        baseline = cli.model
+        baseline.load_state_dict(torch.load(baseline_state, map_location="cpu"))
+    else:
+        baseline = _fit("dense.yaml", out_dir / "dense").model
+        torch.save(baseline.state_dict(), baseline_state)
+    example = baseline.example_input_array
+    fp32_path = out_dir / "fp32.tflite"
+    export_float_tflite(baseline, example, fp32_path)
+
+    # 2. 80% GMP + QAT, exported by the recipe's TFLiteExport callback.
+    print("[demo] 2/4 80% gradual pruning + QAT + int8 export")
+    int8_path = out_dir / "int8.tflite"
+    cli = _fit("gmp80_qat_export.yaml", out_dir / "gmp80_qat")
+    compressed = cli.model
+    exporter = next(cb for cb in cli.trainer.callbacks if isinstance(cb, TFLiteExport))
+    int8_path.write_bytes(exporter.path.read_bytes())
+    report = exporter.report
+
+    # 3. Accuracy and parity over the whole test set.
+    print("[demo] 3/4 accuracy and parity on the 10k test images")
+    fp32_torch = _torch_accuracy(baseline, images, labels)
+    fake_quant_model, _ = fake_quant_reference(compressed)
+    fake_quant = _torch_accuracy(fake_quant_model, images, labels)
+    fp32_tflite = LiteRTModel(fp32_path).evaluate(test_loader)["accuracy"]
+    int8_tflite = LiteRTModel(int8_path).evaluate(test_loader)["accuracy"]
+    parity = verify(compressed, int8_path, [images[i : i + 500] for i in range(0, len(images), 500)], report.parity.output_scale)
+
+    # 4. Latency, both files timed in one run, interleaved.
+    print("[demo] 4/4 latency on XNNPACK, 1 thread")
+    latency = interleaved_benchmark({"fp32": str(fp32_path), "int8": str(int8_path)}, threads=1)
+
+    fp32_bytes, int8_bytes = fp32_path.stat().st_size, int8_path.stat().st_size
+    summary = {
+        "accuracy": {"fp32_dense_torch": fp32_torch, "fp32_dense_tflite_xnnpack": fp32_tflite,
+                     "fake_quant_torch": fake_quant, "int8_sparse_tflite_xnnpack": int8_tflite},
+        "parity_test_set": vars(parity),
+        "sparsity_in_file": {l.layer: l.sparsity_in_file for l in report.layers},
+        "sparsity_in_training": {l.layer: l.sparsity_in_training for l in report.layers},
+        "overall_sparsity_in_file": report.overall_sparsity_in_file,
+        "bytes": {"fp32_tflite": fp32_bytes, "int8_dense_tflite": report.dense_int8_bytes, "int8_sparse_tflite": int8_bytes,
+                  "fp32_tflite_xz": len(lzma.compress(fp32_path.read_bytes(), preset=9)), "int8_sparse_tflite_xz": report.xz_bytes},
+        "latency_ms": {name: r.to_dict() for name, r in latency.items()},
+        "int8_vs_fp32_latency": latency["int8"].median_ms / latency["fp32"].median_ms,
+        "wall_seconds": time.time() - started,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(format_table(summary))
+    return summary
+
+
+def format_table(s: dict) -> str:
+    a, b, lat = s["accuracy"], s["bytes"], s["latency_ms"]
+    p = s["parity_test_set"]
+    rows = [
+        "sparselite demo: MobileNetLite on Fashion-MNIST (10k test images)",
+        "-" * 72,
+        f"{'accuracy':<44}{'top-1':>12}",
+        f"{'  fp32 dense (torch)':<44}{a['fp32_dense_torch']:>12.2%}",
+        f"{'  fp32 dense (.tflite, XNNPACK)':<44}{a['fp32_dense_tflite_xnnpack']:>12.2%}",
+        f"{'  80% sparse, fake-quant (torch)':<44}{a['fake_quant_torch']:>12.2%}",
+        f"{'  80% sparse, int8 (.tflite, XNNPACK)':<44}{a['int8_sparse_tflite_xnnpack']:>12.2%}",
+        f"{'  int8 file vs fake-quant: top-1 agreement':<44}{p['top1_agreement']:>12.2%}",
+        f"{'  int8 file vs fake-quant: max |logit diff|':<44}{p['max_logit_diff_lsb']:>8.1f} LSB",
+        "-" * 72,
+        f"{'sparsity read from the .tflite':<44}{'file':>12}{'training':>12}",
+    ]
+    for layer, value in s["sparsity_in_file"].items():
+        rows.append(f"  {layer:<42}{value:>12.2%}{s['sparsity_in_training'][layer]:>12.2%}")
+    rows.append(f"{'  overall (pruned layers)':<44}{s['overall_sparsity_in_file']:>12.2%}")
+    rows += [
+        "-" * 72,
+        f"{'file size':<44}{'bytes':>12}{'xz -9':>12}",
+        f"{'  fp32 .tflite':<44}{b['fp32_tflite']:>12,}{b['fp32_tflite_xz']:>12,}",
+        f"{'  int8 .tflite, dense storage':<44}{b['int8_dense_tflite']:>12,}",
+        f"{'  int8 .tflite, sparse storage':<44}{b['int8_sparse_tflite']:>12,}{b['int8_sparse_tflite_xz']:>12,}",
+        "-" * 72,
+        f"{'latency, XNNPACK, 1 thread, batch 1':<44}{'median ms':>12}{'p90 ms':>12}",
+        f"{'  fp32':<44}{lat['fp32']['median_ms']:>12.3f}{lat['fp32']['p90_ms']:>12.3f}",
+        f"{'  int8 (sparse file)':<44}{lat['int8']['median_ms']:>12.3f}{lat['int8']['p90_ms']:>12.3f}",
+        f"{'  int8 / fp32':<44}{s['int8_vs_fp32_latency']:>11.2f}x",
+        "-" * 72,
+        "On x86, XNNPACK densifies sparse weights at load and runs dense int8 kernels: the int8 speed-up",
+        "comes from quantization; sparsity buys file size here, not CPU latency.",
+        f"demo wall time: {s['wall_seconds'] / 60:.1f} min",
+    ]
+    return "\n".join(rows)
