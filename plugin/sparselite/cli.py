@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from sparselite.errors import SparseliteError
@@ -23,7 +24,12 @@ def _fail(message: str) -> None:
 
 def build_lightning_cli(args: list[str], run: bool = True):
     """LightningCLI whose config errors raise instead of printing a usage screen."""
+    import warnings
+
     from lightning.pytorch.cli import LightningCLI
+
+    # We always pass ``args`` (sys.argv[1:] or a rebuilt list); LightningCLI warns about that on every run.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
 
     from sparselite.progress import default_callbacks
 
@@ -35,12 +41,8 @@ def build_lightning_cli(args: list[str], run: bool = True):
 
 
 def _lightning(args: list[str]) -> None:
-    import warnings
-
     from jsonargparse import ArgumentError
 
-    # main() passes sys.argv[1:] on as ``args``; LightningCLI warns about that on every run.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     try:
         build_lightning_cli(args)
     except ArgumentError as err:
@@ -91,6 +93,30 @@ def _find_run_config(ckpt: Path) -> Path | None:
     return None
 
 
+def _without_subcommand_keys(configs: list[str], folder: Path) -> list[str]:
+    """Copies of ``configs`` without the fit/validate/test arguments (ckpt_path, weights_only, verbose) that
+    LightningCLI saves in a run's config.yaml: the subcommand-less parser that export rebuilds the run with
+    rejects them ("Option 'ckpt_path' is not accepted")."""
+    import inspect
+
+    import yaml
+    from lightning.pytorch import Trainer
+
+    data_args = {"self", "model", "train_dataloaders", "val_dataloaders", "dataloaders", "datamodule"}
+    subcommand_keys = {name for method in (Trainer.fit, Trainer.validate, Trainer.test)
+                       for name in inspect.signature(method).parameters if name not in data_args}
+    cleaned = []
+    for index, config in enumerate(configs):
+        data = yaml.safe_load(Path(config).read_text())
+        if isinstance(data, dict) and subcommand_keys & set(data):
+            for key in subcommand_keys:
+                data.pop(key, None)
+            config = str(folder / f"{index}_{Path(config).name}")
+            Path(config).write_text(yaml.safe_dump(data))
+        cleaned.append(config)
+    return cleaned
+
+
 def export_command(ns: argparse.Namespace) -> None:
     """Rebuild the run from its config, restore the checkpoint (masks, ranges), export."""
     import itertools
@@ -107,7 +133,9 @@ def export_command(ns: argparse.Namespace) -> None:
     configs = ns.config or ([str(c)] if (c := _find_run_config(ckpt)) else [])
     if not configs:
         raise SparseliteError(f"no config.yaml found next to {ckpt}; pass the run's configs with -c")
-    cli = build_lightning_cli([arg for c in configs for arg in ("-c", c)], run=False)
+    with tempfile.TemporaryDirectory() as folder:
+        configs = _without_subcommand_keys(configs, Path(folder))
+        cli = build_lightning_cli([arg for c in configs for arg in ("-c", c)], run=False)
     module, datamodule = cli.model, cli.datamodule
     for callback in cli.trainer.callbacks:
         if isinstance(callback, GradualPruning):

@@ -109,7 +109,7 @@ def inspect_tflite(path: str | Path) -> InspectReport:
     if not path.is_file():
         raise SparseliteError(f"{path} does not exist or is not a file")
     data = path.read_bytes()
-    model = read_model(data)
+    model = read_model(path)  # the path, not the bytes, so a corrupt file is named in the error
     report = InspectReport(path=str(path), file_bytes=len(data), xz_bytes=len(lzma.compress(data, preset=9)),
                            zstd_bytes=_zstd_size(data))
     graph = model.subgraphs[0]

@@ -24,7 +24,8 @@ class LogProgress(pl.Callback):
         step = trainer.global_step
         if step % self.every or step == self._last[0]:
             return
-        loss = outputs["loss"].item() if isinstance(outputs, dict) and "loss" in outputs else float("nan")
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        loss = float(loss) if loss is not None else float("nan")
         seconds = (time.perf_counter() - self._last[1]) / max(step - self._last[0], 1)
         total = trainer.max_steps if trainer.max_steps > 0 else "?"
         rank_zero_info(f"[sparselite] step {step}/{total}  loss {loss:.4f}  {seconds * 1e3:.0f} ms/step")

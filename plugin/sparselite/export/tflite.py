@@ -203,15 +203,21 @@ def export_tflite(
                           ranges_learned=len(injection.learned), ranges_calibrated=len(injection.calibrated),
                           dense_int8_bytes=len(dense))
     final = dense
-    if sparse and pruned and require_gpu:
+    if sparse and require_gpu:
         sparse = False
         report.notes.append("sparse encoding skipped for --require-gpu: LiteRT's GPU accelerator has no DENSIFY op, "
                             "so a sparse file runs only with CPU fallback")
-    if sparse and pruned:
+    if sparse:
+        # Also for models whose masks were stripped: the pass keeps every tensor that would not shrink dense.
         from sparselite.export.sparse import encode_sparse
 
         final, encodings = encode_sparse(dense)
         report.sparse_encoding = [e.to_dict() for e in encodings]
+    if any(e["encoding"] != "dense" for e in report.sparse_encoding):
+        report.notes.append(
+            "sparse storage shrinks the file; it does not speed up XNNPACK on x86, which densifies weights at "
+            "load and runs dense int8 kernels (XNNPACK's sparse kernels are fp32/fp16, ARM only)"
+        )
     report.file_bytes = len(final)
     report.xz_bytes = len(lzma.compress(final, preset=9))
     _report_sparsity(report, final, layer_tensors, train_sparsity, float_model)

@@ -36,7 +36,7 @@ class LiteRTModel:
         self.path = Path(path)
         if not self.path.is_file():
             raise SparseliteError(f"{self.path} does not exist; export a model first (sparselite export)")
-        read_model(self.path.read_bytes())  # a corrupt file gets a clear error here, not a crash in C++
+        read_model(self.path)  # a corrupt file gets a clear error naming it here, not a crash in C++
         self.accelerator, self.threads = accelerator, threads
         if accelerator == "gpu":
             from sparselite.runtime.gpu import GpuModel
