@@ -84,8 +84,9 @@ def test_int8_io_quantizes_inputs_and_dequantizes_outputs(files, images):
 def test_corrupt_or_non_tflite_file_is_a_sparselite_error(tmp_path, content):
     path = tmp_path / "bad.tflite"
     path.write_bytes(content)
-    with pytest.raises(SparseliteError):
+    with pytest.raises(SparseliteError, match="re-export it") as info:
         LiteRTModel(path)
+    assert str(path) in str(info.value)  # names the file
 
 
 def test_truncated_file_is_a_sparselite_error(tmp_path, files):

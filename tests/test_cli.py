@@ -1,0 +1,149 @@
+"""The `sparselite` command: bad input ends in exit code 2 and one error line, before training starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "fmnist_mobilenet.yaml")
+# A bad input must fail fast: before any training step (imports alone take ~10 s on the CI box).
+FAST_S = 120
+
+# stderr lines that are not sparselite's: import-time logging of TF/absl/torchao/torch (printed by
+# `import sparselite`, before the CLI runs) and Lightning's own start-up logging and warnings.
+FOREIGN = [
+    r"^WARNING: All log messages before absl::InitializeLog\(\)",
+    r"^[IWE]\d{4} [\d:. ]+\s*\d+ \S+\.(cc|py):\d+\]",
+    r"^Failed to load .*torchao",
+    r"^Seed set to \d+$",
+    r"^(GPU|TPU|HPU) available:",
+    r"^💡 Tip:",
+    r"^\S+\.py:\d+: ",  # Python warnings (Lightning's rank_zero_warn format)
+]
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = FAST_S) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "sparselite.cli", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd or ROOT, timeout=timeout)
+
+
+def own_stderr_lines(result: subprocess.CompletedProcess) -> list[str]:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    return [line for line in lines if not any(re.search(p, line) for p in FOREIGN)]
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = own_stderr_lines(result)
+    assert len(lines) == 1, lines
+    (line,) = lines
+    assert line.startswith("sparselite: error: "), line
+    assert line == result.stderr.rstrip("\n").splitlines()[-1]  # the error is the last thing printed
+    for fragment in fragments:
+        assert fragment in line, line
+    assert "Epoch" not in result.stdout + result.stderr  # no training started
+    return line
+
+
+def recipe(tmp_path: Path, name: str, init_args: str) -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        "trainer:\n  callbacks:\n    - class_path: sparselite.GradualPruning\n      init_args:\n"
+        + textwrap.indent(textwrap.dedent(init_args).strip() + "\n", " " * 8)
+    )
+    return str(path)
+
+
+# `sparselite fit` cases: name -> (recipe init_args or None, extra args, extra env, fragments of the error line)
+FIT_CASES = {
+    "unknown_key": ("final_sparsty: 0.8", [], {}, ["final_sparsty", "not accepted", "GradualPruning"]),
+    "wrong_type": ("final_sparsity: abc", [], {}, ['"final_sparsity"', "float", "abc"]),
+    "sparsity_out_of_range": ("final_sparsity: 1.5", [], {}, ["final_sparsity=1.5 is outside [0, 1)"]),
+    "begin_after_end": ("begin_step: 500\nend_step: 100", [], {}, ["begin_step=500 must be below end_step=100"]),
+    "include_matches_nothing": ('include: ["model\\\\.nothing.*"]', [], {}, ["include pattern 'model\\.nothing.*' matches no module"]),
+    "missing_dataset_arg": (None, ["--data.init_args.root", "/nonexistent"], {},
+                            ["Fashion-MNIST not found in /nonexistent", "apt-get install dataset-fashion-mnist"]),
+    "missing_dataset_env": (None, [], {"SPARSELITE_DATA": "/nonexistent"},
+                            ["Fashion-MNIST not found in /nonexistent", "apt-get install dataset-fashion-mnist"]),
+}
+
+
+@pytest.fixture(scope="module")
+def failures(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, list[str]]]:
+    """Every bad command once, two at a time (each run is mostly single-threaded imports):
+    name -> (result, fragments its error line must contain)."""
+    tmp_path = tmp_path_factory.mktemp("cli_failures")
+    corrupt = tmp_path / "corrupt.tflite"
+    corrupt.write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\xff" * 100)
+    missing = tmp_path / "missing.tflite"
+    commands = {"inspect_corrupt_file": (["inspect", str(corrupt)], {}, [str(corrupt), "corrupt"]),
+                "eval_missing_file": (["eval", str(missing)], {}, [str(missing), "does not exist"])}
+    for name, (init_args, extra, env, fragments) in FIT_CASES.items():
+        args = ["fit", "-c", CONFIG]
+        if init_args is not None:
+            args += ["-c", recipe(tmp_path, name, init_args)]
+        commands[name] = ([*args, "--trainer.default_root_dir", str(tmp_path / name), *extra], env, fragments)
+
+    def run(name: str) -> subprocess.CompletedProcess:
+        args, env, _ = commands[name]
+        return run_cli(*args, env=env)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return {name: (result, commands[name][2]) for name, result in zip(commands, pool.map(run, commands))}
+
+
+@pytest.mark.parametrize("name", [*FIT_CASES, "inspect_corrupt_file", "eval_missing_file"])
+def test_bad_input_is_one_line_on_stderr_and_exit_2(failures, name):
+    result, fragments = failures[name]
+    assert_one_line_error(result, *fragments)
+
+
+@pytest.mark.slow
+def test_fit_then_export_round_trip(tmp_path):
+    compression = tmp_path / "compression.yaml"
+    compression.write_text(textwrap.dedent("""
+        trainer:
+          callbacks:
+            - class_path: sparselite.GradualPruning
+              init_args:
+                final_sparsity: 0.5
+                begin_step: 0
+                end_step: 10
+                frequency: 5
+            - class_path: sparselite.QuantizationAwareTraining
+              init_args:
+                start_step: 6
+                freeze_step: 18
+    """))
+    root = tmp_path / "run"
+    fit = run_cli("fit", "-c", CONFIG, "-c", str(compression), "--trainer.default_root_dir", str(root),
+                  "--trainer.max_steps", "20", "--trainer.val_check_interval", "20", "--trainer.limit_val_batches", "2",
+                  "--data.init_args.train_subset", "1280", "--data.init_args.batch_size", "64", timeout=400)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (ckpt,) = root.glob("lightning_logs/version_*/checkpoints/*.ckpt")
+    assert (ckpt.parents[1] / "config.yaml").is_file()
+
+    out = tmp_path / "model.tflite"
+    export = run_cli("export", str(ckpt), "-o", str(out), "--verify-batches", "2", "--calibration-batches", "1", timeout=400)
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert out.is_file() and "parity vs fake-quant torch" in export.stdout
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["io_dtype"] == "float32" and report["ranges_learned"] > 0
+    assert report["parity"]["examples"] == 128 and report["parity"]["top1_agreement"] >= 0.98
+    assert report["layers"] and all(abs(l["sparsity_in_file"] - 0.5) < 0.01 for l in report["layers"])
+
+    evaluated = run_cli("eval", str(out), "--limit", "256", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert result["examples"] == 256 and 0.0 <= result["accuracy"] <= 1.0
