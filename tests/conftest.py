@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 
 # Before TF / litert import: keep their C++ logging off the test output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -27,14 +26,23 @@ def tiny_mobilenet(**kwargs) -> torch.nn.Module:
     return MobileNetLite(stem_channels=8, blocks=TINY_BLOCKS, **kwargs)
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _quiet():
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "litert_torch", "absl", "tensorflow", "torch._export"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    yield
+# Lightning's advice for real runs, which the tiny test runs trigger on purpose.
+QUIET_WARNINGS = [
+    "ignore:.*does not have many workers:UserWarning",
+    "ignore:.*but have no `val_dataloader`:UserWarning",
+    "ignore:.*has `shuffle=True`:UserWarning",
+    "ignore:.*Checkpoint directory .* exists and is not empty:UserWarning",
+    "ignore:.*callbacks used to create the checkpoint need to be provided:UserWarning",
+    "ignore:.*number of training batches .* is smaller than the logging interval:UserWarning",
+    "ignore:.*isinstance\\(treespec, LeafSpec\\). is deprecated",
+]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for line in QUIET_WARNINGS:
+        config.addinivalue_line("filterwarnings", line)
+    for name in ("lightning.pytorch", "lightning.fabric", "litert_torch", "absl"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @pytest.fixture

@@ -61,7 +61,7 @@ def test_ranges_are_observed_after_the_fused_activation(tiny_model, fmnist_train
     # What a pre-activation range would see: BN outputs are negative as well.
     bn_min = {}
     hooks = [tiny_model.get_submodule(f"features.{i}.1").register_forward_hook(
-        lambda m, a, out, i=i: bn_min.__setitem__(i, min(bn_min.get(i, 0.0), float(out.min())))) for i in range(5)]
+        lambda m, a, out, i=i: bn_min.__setitem__(i, min(bn_min.get(i, 0.0), float(out.detach().min())))) for i in range(5)]
     train(tiny_model, simulator, fmnist_train, steps=6)
     for hook in hooks:
         hook.remove()
@@ -82,7 +82,6 @@ def test_before_start_step_the_model_is_float(tiny_model, fmnist_train):
     reference = copy.deepcopy(tiny_model).eval()
     simulator = QuantizationSimulator(start_step=10)
     simulator.prepare(tiny_model)
-    train(tiny_model, simulator, fmnist_train, steps=0)
     simulator.step(9)
     tiny_model.train()
     tiny_model(fmnist_train[0][:32])

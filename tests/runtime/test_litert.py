@@ -40,7 +40,7 @@ def test_any_batch_size_on_a_batch_1_model(files, images, accelerator):
         out = model(images[:batch])
         assert out.shape == (batch, 10) and out.dtype == np.float32
         assert np.array_equal(out[: min(batch, 7)], one_by_one[: min(batch, 7)])
-    assert len(np.unique(one_by_one.argmax(1))) >= 1 and not np.array_equal(one_by_one[0], one_by_one[1])
+    assert not np.array_equal(one_by_one[0], one_by_one[1])  # really different images, not a repeated slice
 
 
 def test_batch_4_model_loops_over_multiples_and_rejects_the_rest(files, images):
