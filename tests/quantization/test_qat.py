@@ -14,7 +14,7 @@ from sparselite.errors import SparseliteError
 from sparselite.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from sparselite.quantization.fusion import FusedChain, find_fused_chains, fold_batchnorm
 from sparselite.quantization.qat import QuantizationSimulator, learned_ranges, strip_fake_quant
-from sparselite.quantization.spec import SCALE_EPS, quantize_weight, weight_scales
+from sparselite.quantization.spec import SCALE_EPS, batchnorm_fold_factor, quantize_weight, weight_scales
 
 RELU6_CHAINS = ["features.0.0", "features.1.0", "features.2.0", "features.3.0", "features.4.0"]
 
@@ -173,11 +173,12 @@ def folded_int8_matches(model: nn.Module) -> tuple[int, int, int]:
     chains = [c for c in find_fused_chains(model) if c.batchnorm]
     unfolded = {c.producer: model.get_submodule(c.producer).weight.detach().clone() for c in chains}
     signs = {c.producer: torch.sign(model.get_submodule(c.batchnorm).weight.detach()) for c in chains}
+    factors = {c.producer: batchnorm_fold_factor(model.get_submodule(c.batchnorm)) for c in chains}
     fold_batchnorm(model, chains)
     mismatches = total = floored = 0
     for chain in chains:
         folded = model.get_submodule(chain.producer).weight.detach()
-        q_train = quantize_weight(unfolded[chain.producer]).int() * signs[chain.producer].reshape(-1, 1, 1, 1).int()
+        q_train = quantize_weight(unfolded[chain.producer], factors[chain.producer]).int() * signs[chain.producer].reshape(-1, 1, 1, 1).int()
         q_export = quantize_weight(folded).int()
         mismatches += int((q_train != q_export).sum())
         total += q_train.numel()
@@ -203,15 +204,11 @@ def test_bn_folding_changes_no_int8_weight(fmnist_train):
     assert any(float((b.weight - 1).abs().max()) > 0.01 for b in bns)
     assert sum(int((b.weight < 0).sum()) for b in bns) >= 2
     mismatches, total, floored = folded_int8_matches(model)
-    assert floored == 0, "a folded channel reached the 2**-12 scale floor; see the xfail test below"
+    assert floored == 0, "a folded channel reached the 2**-12 scale floor; that case has its own test below"
     assert total == 72 + 72 + 128 + 144 + 512
     assert mismatches == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known limitation: when a BN factor |gamma|/sqrt(var+eps) makes a folded channel's max |w| fall below "
-    "127 * 2**-12 (~0.031), export's scale is clamped to the eps floor and its int8 values differ from "
-    "the ones QAT simulated on the unfolded weight"))
 def test_bn_folding_with_a_tiny_bn_factor_changes_no_int8_weight():
     torch.manual_seed(0)
     conv, bn = nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8)
@@ -222,3 +219,12 @@ def test_bn_folding_with_a_tiny_bn_factor_changes_no_int8_weight():
     mismatches, total, floored = folded_int8_matches(model)
     assert floored > 0
     assert mismatches == 0
+    # ...and QAT's weight fake-quant simulates exactly those values: it rounds on the scale that
+    # export will use for the folded weight, mapped back through the BN factor.
+    QuantizationSimulator().prepare(model)
+    quant = model[0].sparselite_weight_quant
+    assert quant.batchnorm is model[1]
+    scales = weight_scales(model[0].weight, batchnorm_fold_factor(model[1])).reshape(-1, 1, 1, 1)
+    simulated = torch.round(quant(model[0].weight) / scales).to(torch.int8)
+    assert torch.equal(simulated, quantize_weight(model[0].weight, batchnorm_fold_factor(model[1])))
+    assert not torch.equal(simulated, quantize_weight(model[0].weight))  # the eps floor matters here

@@ -10,7 +10,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparselite.errors import SparseliteError
-from sparselite.export.tflite import export_tflite
 
 
 class TFLiteExport(pl.Callback):
@@ -43,6 +42,8 @@ class TFLiteExport(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        from sparselite.export.tflite import export_tflite  # litert-torch loads only when exporting
+
         loader = trainer.datamodule.val_dataloader() if trainer.datamodule else trainer.val_dataloaders
         if loader is None:
             raise SparseliteError("TFLiteExport needs validation data to verify the export; give the Trainer a val dataloader")

@@ -6,21 +6,29 @@ import torch
 from torch import nn
 
 from sparselite.quantization.spec import (
-    ACT_QMAX, ACT_QMIN, WEIGHT_QMAX, WEIGHT_QMIN, activation_qparams, weight_scales,
+    ACT_QMAX, ACT_QMIN, WEIGHT_QMAX, WEIGHT_QMIN, activation_qparams, batchnorm_fold_factor, weight_scales,
 )
 
 
 class WeightFakeQuant(nn.Module):
-    """Per-channel symmetric fake-quant of a weight; no state, since the scale follows the current weights."""
+    """Per-channel symmetric fake-quant of a weight; no state, since the scale follows the current weights.
 
-    def __init__(self) -> None:
+    ``batchnorm``: the BN that export will fold into this weight, so the simulated scale is the one
+    export computes on the folded weight (see ``spec.weight_scales``).
+    """
+
+    def __init__(self, batchnorm: nn.modules.batchnorm._BatchNorm | None = None) -> None:
         super().__init__()
         self.enabled = True
+        # Kept out of nn.Module's registry: the BN belongs to the model, not to this quantizer
+        # (registering it would duplicate it in state_dict). Deep copies still remap it.
+        self.__dict__["batchnorm"] = batchnorm
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
-        scale = weight_scales(weight).to(weight.dtype)
+        fold_factor = batchnorm_fold_factor(self.batchnorm) if self.batchnorm is not None else None
+        scale = weight_scales(weight, fold_factor).to(weight.dtype)
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
         return torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX)
 

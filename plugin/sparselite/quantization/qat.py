@@ -80,7 +80,8 @@ class QuantizationSimulator:
             raise SparseliteError("QAT found no nn.Conv2d or nn.Linear to quantize in the model")
         for chain in chains:
             producer = model.get_submodule(chain.producer)
-            producer.add_module(WEIGHT_QUANT, WeightFakeQuant())
+            batchnorm = model.get_submodule(chain.batchnorm) if chain.batchnorm else None
+            producer.add_module(WEIGHT_QUANT, WeightFakeQuant(batchnorm))
             producer.add_module(OUTPUT_QUANT, ActivationFakeQuant(self.averaging_constant))
             producer.__class__ = _QAT_CLASSES[type(producer)]
             tail = model.get_submodule(chain.output_module)

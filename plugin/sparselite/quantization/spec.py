@@ -15,10 +15,20 @@ ACT_QMIN, ACT_QMAX = -128, 127
 SCALE_EPS = 2.0**-12
 
 
-def weight_scales(weight: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric scale (a fully pruned channel gets the eps scale, and stays 0)."""
+def weight_scales(weight: torch.Tensor, fold_factor: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-output-channel symmetric scale (a fully pruned channel gets the eps scale, and stays 0).
+
+    ``fold_factor``: the per-channel |gamma| / sqrt(var + eps) of a BatchNorm that export folds into
+    this weight. Export takes the scale of the *folded* weight, clamped at eps; mapping that scale
+    back through the factor gives the unfolded weight exactly the int8 values the file will hold,
+    including channels whose folded scale sits on the eps floor.
+    """
     amax = weight.detach().abs().reshape(weight.shape[0], -1).amax(dim=1)
-    return torch.clamp(amax / ((WEIGHT_QMAX - WEIGHT_QMIN) / 2), min=SCALE_EPS)
+    half_range = (WEIGHT_QMAX - WEIGHT_QMIN) / 2
+    if fold_factor is None:
+        return torch.clamp(amax / half_range, min=SCALE_EPS)
+    factor = fold_factor.detach().clamp(min=1e-12)
+    return torch.clamp(amax * factor / half_range, min=SCALE_EPS) / factor
 
 
 def activation_qparams(min_val: torch.Tensor, max_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +40,13 @@ def activation_qparams(min_val: torch.Tensor, max_val: torch.Tensor) -> tuple[to
     return scale.reshape(()), zero_point.reshape(())
 
 
-def quantize_weight(weight: torch.Tensor) -> torch.Tensor:
+def quantize_weight(weight: torch.Tensor, fold_factor: torch.Tensor | None = None) -> torch.Tensor:
     """The int8 values TFLite stores for a weight (used by tests and reports)."""
-    scales = weight_scales(weight).reshape(-1, *([1] * (weight.dim() - 1)))
+    scales = weight_scales(weight, fold_factor).reshape(-1, *([1] * (weight.dim() - 1)))
     return torch.clamp(torch.round(weight / scales), WEIGHT_QMIN, WEIGHT_QMAX).to(torch.int8)
+
+
+def batchnorm_fold_factor(bn: torch.nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """|gamma| / sqrt(running_var + eps): how folding scales each output channel's weights (sign aside)."""
+    gamma = bn.weight.detach().abs() if bn.affine else torch.ones_like(bn.running_var)
+    return gamma / torch.sqrt(bn.running_var + bn.eps)
