@@ -21,6 +21,7 @@ from torch import nn
 from sparselite.errors import SparseliteError
 from sparselite.export import flatbuffer
 from sparselite.export.io import use_float_io
+from sparselite.export.names import use_module_names
 from sparselite.export.ranges import quantize_pt2e
 from sparselite.export.report import ExportReport, LayerSparsity, Parity
 from sparselite.pruning.pruner import MASK_BUFFER
@@ -195,6 +196,8 @@ def export_tflite(
         )
     output_scale = _output_scale(model_t)
     layer_tensors = _match_layers(model_t, float_model, pruned)
+    renamed = use_module_names(model_t)
+    layer_tensors = {layer: renamed.get(tensor, tensor) for layer, tensor in layer_tensors.items()}
     if io_dtype == "float32":
         use_float_io(model_t)
     dense = flatbuffer.write_model(model_t)
