@@ -21,7 +21,8 @@ the larger of the two as its peak.
 
 Run (from the repo root):
     .venv/bin/python benchmarks/memory.py                       # ~2 min on 2 busy cores
-    .venv/bin/python benchmarks/memory.py --repeats 3 --fit-steps 50 --demo --json out.json
+    .venv/bin/python benchmarks/memory.py --repeats 3 --fit-steps 50 --json out.json
+    .venv/bin/python benchmarks/memory.py --only import --demo    # the whole demo: trains 2 x 1200 steps (long)
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ On x86 XNNPACK densifies sparse weights at load and runs its dense int8 kernels 
 path), so no latency gain is expected: the latency ratio should be ~1.0, and load may cost a little more.
 
 Run (from the repo root):
-    .venv/bin/python benchmarks/sparse_patterns.py --quick                  # ~4 min on 2 busy cores, smoke run
-    .venv/bin/python benchmarks/sparse_patterns.py                          # default budget, ~15-20 min
+    .venv/bin/python benchmarks/sparse_patterns.py --quick                  # ~5 min on 2 busy cores, smoke run
+    .venv/bin/python benchmarks/sparse_patterns.py                          # default budget (150 steps): ~23 min on 2 cores at load avg 6-7
     .venv/bin/python benchmarks/sparse_patterns.py --steps 1200 --json out.json --out-dir artifacts/patterns
 Numbers at the default budget are for comparing patterns with each other, not for the best accuracy
 the model can reach (use ``--steps 1200`` for the demo recipe's budget).
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import lzma
 import os
 import sys
@@ -232,12 +233,17 @@ def print_tables(results: list[dict], baseline: dict, args, env: dict) -> None:
     rows = []
     for r in ok:
         b = r["bound"]
-        rows.append([r["pattern"], b["encoded_tensors"], b["within_bound"], "yes" if b["ok"] else "NO",
-                     C.fmt(b["worst_ratio"], ".4f"), C.fmt(b["worst_tensor"]), ", ".join(b["encodings"]),
-                     "; ".join(f"{n} ({op}, {s:.0%} zeros): {why}" for n, op, s, why in b["dense_with_zeros"]) or "-"])
+        rows.append([r["pattern"], b["encoded_tensors"], b["within_bound"], "-" if not b["encoded_tensors"] else ("yes" if b["ok"] else "NO"),
+                     C.fmt(b["worst_ratio"], ".4f"), C.fmt(b["worst_tensor"]), ", ".join(b["encodings"]) or "-",
+                     len(b["dense_with_zeros"])])
     print(C.table(["pattern", "encoded", "within 3%", "ok", "worst stored/min", "worst tensor", "layouts",
-                   "left dense with >= 5% zeros"], rows))
-
+                   "left dense with >= 5% zeros"], rows, left=(0, 5, 6)))
+    for r in ok:
+        by_reason: dict[str, list[str]] = {}
+        for name, op, zeros, why in r["bound"]["dense_with_zeros"]:
+            by_reason.setdefault(f"{op}, {zeros:.0%} zeros: {why}", []).append(name)
+        for why, names in by_reason.items():
+            print(f"  {r['pattern']} left dense: {', '.join(names)}: {why}")
     print(f"\nAccuracy (top-1, Fashion-MNIST test): int8 TFLite on XNNPACK vs the dense fp32 baseline ({baseline['test_acc']:.4f})")
     rows = []
     for r in ok:
@@ -286,7 +292,12 @@ def main() -> None:
     parser.add_argument("--out-dir", help="keep the .tflite files here (default: a temporary folder)")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--json", help="write the results here as JSON")
+    parser.add_argument("--from-json", help="only print the tables of a JSON file an earlier run wrote")
     args = parser.parse_args()
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        print_tables(saved["patterns"], saved["baseline"], argparse.Namespace(**saved["args"]), saved["environment"])
+        return
     if args.quick:
         for name, value in (("test_limit", 2000), ("load_repeats", 5), ("latency_rounds", 5), ("latency_runs", 30), ("log_every", 10)):
             if getattr(args, name) == parser.get_default(name):  # explicit values win over --quick
