@@ -440,6 +440,16 @@ def encode_sparse(
     return write_model(model), reports
 
 
+def share_quantization_tables(data: bytes | str | Path) -> bytes:
+    """The lossless part of the pass on its own: equal quantization tables and vectors written once.
+
+    Applied to dense exports too, so that dense and sparse files differ only by sparse storage.
+    """
+    model = read_model(data)
+    _share_quantization(model, by_content=True)
+    return write_model(model)
+
+
 def _policy(model, graph, uses, weights, sparsity, min_sparsity, fc_direct):
     """(allowed layouts, needs DENSIFY, reason when none) for one weight and its consumers."""
     if sparsity == 0.0:

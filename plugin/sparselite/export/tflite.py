@@ -32,7 +32,7 @@ from sparselite.quantization.spec import quantize_weight
 log = logging.getLogger("sparselite")
 
 # Post-training calibration runs the batch-1 graph once per example; this many give stable ranges.
-MAX_CALIBRATION_EXAMPLES = 512
+MAX_CALIBRATION_EXAMPLES = 256
 
 # Ops allowed to carry float tensors in an int8 model: the I/O conversions we add ourselves.
 _IO_OPS = {"QUANTIZE", "DEQUANTIZE"}
@@ -200,7 +200,9 @@ def export_tflite(
     layer_tensors = {layer: renamed.get(tensor, tensor) for layer, tensor in layer_tensors.items()}
     if io_dtype == "float32":
         use_float_io(model_t)
-    dense = flatbuffer.write_model(model_t)
+    from sparselite.export.sparse import encode_sparse, share_quantization_tables
+
+    dense = share_quantization_tables(flatbuffer.write_model(model_t))
 
     report = ExportReport(path=str(path), file_bytes=0, io_dtype=io_dtype,
                           ranges_learned=len(injection.learned), ranges_calibrated=len(injection.calibrated),
@@ -212,8 +214,6 @@ def export_tflite(
                             "so a sparse file runs only with CPU fallback")
     if sparse:
         # Also for models whose masks were stripped: the pass keeps every tensor that would not shrink dense.
-        from sparselite.export.sparse import encode_sparse
-
         final, encodings = encode_sparse(dense)
         report.sparse_encoding = [e.to_dict() for e in encodings]
     if any(e["encoding"] != "dense" for e in report.sparse_encoding):

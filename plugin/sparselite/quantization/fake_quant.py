@@ -52,7 +52,7 @@ class ActivationFakeQuant(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        batch = torch.stack([x.detach().min(), x.detach().max()]).float()
+        batch = torch.stack(torch.aminmax(x.detach())).float()
         if not self.initialized:
             self.min_max.copy_(batch)
         else:
