@@ -15,19 +15,21 @@
 # Outputs: .cache/lavapipe/env.sh (source it), .cache/lavapipe/lvp_icd.x86_64.json,
 #          .cache/lavapipe/preload.txt (private libraries in load order, read by sparselite.runtime.gpu).
 set -euo pipefail
+trap 'echo "[install_lavapipe] failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEST="${SPARSELITE_LAVAPIPE_DIR:-$REPO/.cache/lavapipe}"
 # Mirrors come from the machine's own apt configuration (deb822 .sources or one-line sources.list),
 # so this script names no host of its own; override with the two variables.
 system_uri() {  # $1: a suite the URI must serve, e.g. bookworm or bookworm-security
+  # Either file kind may be absent; a missing file must not end the script (set -e + pipefail).
   cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk -v suite="$1" '
-    /^URIs:/ {uri=$2} /^Suites:/ {for (i = 2; i <= NF; i++) if ($i == suite) {print uri; exit}}'
-  grep -hsE "^deb[[:space:]]" /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
-    sed -E 's/\[[^]]*\]//' | awk -v suite="$1" '$3 == suite {print $2; exit}'
+    /^URIs:/ {uri=$2} /^Suites:/ {for (i = 2; i <= NF; i++) if ($i == suite) print uri}' || true
+  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | grep -E "^deb[[:space:]]" |
+    sed -E 's/\[[^]]*\]//' | awk -v suite="$1" '$3 == suite {print $2}' || true
 }
-MIRROR="${SPARSELITE_DEBIAN_MIRROR:-$(system_uri bookworm | head -n 1)}"
-SECURITY_MIRROR="${SPARSELITE_DEBIAN_SECURITY_MIRROR:-$(system_uri bookworm-security | head -n 1)}"
+MIRROR="${SPARSELITE_DEBIAN_MIRROR:-$(system_uri bookworm | sed -n 1p)}"
+SECURITY_MIRROR="${SPARSELITE_DEBIAN_SECURITY_MIRROR:-$(system_uri bookworm-security | sed -n 1p)}"
 [ -n "$MIRROR" ] || { echo "[install_lavapipe] ERROR: no bookworm apt source found; set SPARSELITE_DEBIAN_MIRROR" >&2; exit 1; }
 [ -n "$SECURITY_MIRROR" ] || SECURITY_MIRROR="$MIRROR-security"
 export DEBIAN_FRONTEND=noninteractive

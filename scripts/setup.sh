@@ -3,6 +3,7 @@
 #   bash scripts/setup.sh          venv + torch==2.13.0 (CPU) + sparselite + Fashion-MNIST (Debian package)
 #   bash scripts/setup.sh --gpu    ... + a private Mesa 25 lavapipe for LiteRT's GPU accelerator tests
 set -euo pipefail
+trap 'echo "[setup] failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
