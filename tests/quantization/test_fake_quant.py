@@ -141,3 +141,18 @@ def test_activation_fake_quant_passthrough_until_initialized_or_when_disabled():
     quant.observing = False
     quant(torch.tensor([100.0]))
     assert quant.min_max.tolist() == pytest.approx([0.1234, 0.5])
+
+
+def test_per_tensor_fake_quant_is_bit_identical_to_torch_kernel_in_values_and_gradients():
+    from sparselite.quantization.fake_quant import fake_quantize_per_tensor
+
+    torch.manual_seed(0)
+    scale, zero_point = torch.tensor(0.02), torch.tensor(-30, dtype=torch.int32)
+    for spread in (1.0, 50.0):  # mostly inside the int8 range, then mostly clipped
+        x = (torch.randn(4, 8, 5, 5) * spread).requires_grad_()
+        expected = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, -128, 127)
+        got = fake_quantize_per_tensor(x, scale, zero_point)
+        assert torch.equal(got, expected)
+        upstream = torch.randn_like(x)
+        assert torch.equal(torch.autograd.grad((got * upstream).sum(), x)[0],
+                           torch.autograd.grad((expected * upstream).sum(), x)[0])
