@@ -26,11 +26,11 @@ from sparselite.runtime.litert import LiteRTModel
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _fit(recipe: str, root: Path, extra: list[str] = ()):
+def _fit(recipe: str, root: Path):
     config = REPO / "configs" / "fmnist_mobilenet.yaml"
     if not config.is_file():
         raise SparseliteError(f"{config} not found; run the demo from a checkout of the sparselite repo")
-    args = ["fit", "-c", str(config), "-c", str(REPO / "recipes" / recipe), "--trainer.default_root_dir", str(root), *extra]
+    args = ["fit", "-c", str(config), "-c", str(REPO / "recipes" / recipe), "--trainer.default_root_dir", str(root)]
     return build_lightning_cli(args)
 
 

@@ -102,6 +102,3 @@ class FashionMNISTDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
-
-    def example_input(self, batch: int = 1) -> torch.Tensor:
-        return torch.zeros(batch, 1, 28, 28)

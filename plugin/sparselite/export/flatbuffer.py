@@ -42,6 +42,19 @@ def builtin_code(model: schema.ModelT, op: schema.OperatorT) -> int:
     return max(code.builtinCode, code.deprecatedBuiltinCode)
 
 
+def operator_code_index(model: schema.ModelT, builtin: int) -> int:
+    """Index of ``builtin`` in the model's operator codes, appended (version 1) when absent."""
+    for index, existing in enumerate(model.operatorCodes):
+        if max(existing.builtinCode, existing.deprecatedBuiltinCode) == builtin:
+            return index
+    code = schema.OperatorCodeT()
+    code.builtinCode = builtin
+    code.deprecatedBuiltinCode = min(builtin, schema.BuiltinOperator.PLACEHOLDER_FOR_GREATER_OP_CODES)
+    code.version = 1
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
+
+
 def builtin_name(code: int) -> str:
     return _BUILTIN_NAMES.get(code, f"OP_{code}")
 

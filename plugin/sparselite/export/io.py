@@ -10,17 +10,7 @@ import copy
 
 from ai_edge_litert import schema_py_generated as schema
 
-
-def _opcode_index(model: schema.ModelT, builtin: int) -> int:
-    for index, code in enumerate(model.operatorCodes):
-        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
-            return index
-    code = schema.OperatorCodeT()
-    code.builtinCode = builtin
-    code.deprecatedBuiltinCode = min(builtin, 127)
-    code.version = 1
-    model.operatorCodes.append(code)
-    return len(model.operatorCodes) - 1
+from sparselite.export.flatbuffer import operator_code_index
 
 
 def _float_twin(model: schema.ModelT, tensor: schema.TensorT, suffix: str) -> int:
@@ -41,27 +31,22 @@ def _float_twin(model: schema.ModelT, tensor: schema.TensorT, suffix: str) -> in
 def use_float_io(model: schema.ModelT) -> schema.ModelT:
     """Give every int8 input and output of the main subgraph a float32 interface, in place."""
     subgraph = model.subgraphs[0]
-    quantize = _opcode_index(model, schema.BuiltinOperator.QUANTIZE)
-    dequantize = _opcode_index(model, schema.BuiltinOperator.DEQUANTIZE)
+    quantize = operator_code_index(model, schema.BuiltinOperator.QUANTIZE)
+    dequantize = operator_code_index(model, schema.BuiltinOperator.DEQUANTIZE)
     subgraph.inputs, subgraph.outputs = list(subgraph.inputs), list(subgraph.outputs)
     remap: dict[int, int] = {}
     new_head, new_tail = [], []
-    for position, index in enumerate(subgraph.inputs):
-        if subgraph.tensors[index].type != schema.TensorType.INT8:
-            continue
-        twin = _float_twin(model, subgraph.tensors[index], "_float")
-        op = schema.OperatorT()
-        op.opcodeIndex, op.inputs, op.outputs = quantize, [twin], [index]
-        new_head.append(op)
-        subgraph.inputs[position] = remap[index] = twin
-    for position, index in enumerate(subgraph.outputs):
-        if subgraph.tensors[index].type != schema.TensorType.INT8:
-            continue
-        twin = _float_twin(model, subgraph.tensors[index], "_float")
-        op = schema.OperatorT()
-        op.opcodeIndex, op.inputs, op.outputs = dequantize, [index], [twin]
-        new_tail.append(op)
-        subgraph.outputs[position] = remap[index] = twin
+    for ends, opcode, added, is_input in ((subgraph.inputs, quantize, new_head, True),
+                                          (subgraph.outputs, dequantize, new_tail, False)):
+        for position, index in enumerate(ends):
+            if subgraph.tensors[index].type != schema.TensorType.INT8:
+                continue
+            twin = _float_twin(model, subgraph.tensors[index], "_float")
+            op = schema.OperatorT()
+            op.opcodeIndex = opcode
+            op.inputs, op.outputs = ([twin], [index]) if is_input else ([index], [twin])
+            added.append(op)
+            ends[position] = remap[index] = twin
     subgraph.operators = new_head + list(subgraph.operators) + new_tail
     for signature in model.signatureDefs or []:
         for entry in list(signature.inputs or []) + list(signature.outputs or []):

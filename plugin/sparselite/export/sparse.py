@@ -49,7 +49,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from sparselite.errors import SparseliteError
-from sparselite.export.flatbuffer import builtin_code, builtin_name, read_model, write_model
+from sparselite.export.flatbuffer import builtin_code, builtin_name, operator_code_index, read_model, write_model
 
 # Whether an int8 FULLY_CONNECTED may read 1x16-block sparse weights directly (see the docstring).
 SPARSE_INT8_FC = False
@@ -496,7 +496,7 @@ def _add_densify(model, graph, tensor_index, uses) -> tuple[int, schema.Operator
         inputs[slot] = dense_index
         graph.operators[op_index].inputs = inputs
     op = schema.OperatorT()
-    op.opcodeIndex = _operator_code(model, schema.BuiltinOperator.DENSIFY)
+    op.opcodeIndex = operator_code_index(model, schema.BuiltinOperator.DENSIFY)
     op.inputs = [tensor_index]
     op.outputs = [dense_index]
     op.builtinOptionsType = schema.BuiltinOptions.DensifyOptions
@@ -583,15 +583,3 @@ def _share_quantization(model: schema.ModelT, by_content: bool) -> None:
                 if id(table) not in wrapped:
                     wrapped[id(table)] = _SharedQuantization(table, cache, by_content)
                 tensor.quantization = wrapped[id(table)]
-
-
-def _operator_code(model: schema.ModelT, code: int) -> int:
-    for index, existing in enumerate(model.operatorCodes):
-        if max(existing.builtinCode, existing.deprecatedBuiltinCode) == code:
-            return index
-    op_code = schema.OperatorCodeT()
-    op_code.builtinCode = code
-    op_code.deprecatedBuiltinCode = min(code, schema.BuiltinOperator.PLACEHOLDER_FOR_GREATER_OP_CODES)
-    op_code.version = 1
-    model.operatorCodes.append(op_code)
-    return len(model.operatorCodes) - 1

@@ -47,16 +47,15 @@ def _detached_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def float_model_for_export(module: nn.Module) -> tuple[nn.Module, list]:
+def float_model_for_export(module: nn.Module) -> nn.Module:
     """A float copy: fake-quant and masks stripped, BN folded into convs, eval mode."""
     model = _detached_copy(module).eval()
     strip_fake_quant(model)
     for sub in model.modules():
         if MASK_BUFFER in sub._buffers:
             sub.weight.data.mul_(sub._buffers.pop(MASK_BUFFER))
-    chains = find_fused_chains(model)
-    fold_batchnorm(model, chains)
-    return model, chains
+    fold_batchnorm(model, find_fused_chains(model))
+    return model
 
 
 def fake_quant_reference(module: nn.Module) -> tuple[nn.Module, str]:
@@ -168,7 +167,7 @@ def export_tflite(
     pruned = [name for name, sub in module.named_modules() if MASK_BUFFER in sub._buffers]
     train_sparsity = {name: float((module.get_submodule(name).weight == 0).float().mean()) for name in pruned}
 
-    float_model, _ = float_model_for_export(module)
+    float_model = float_model_for_export(module)
     calibration = _cap_examples(calibration or [], MAX_CALIBRATION_EXAMPLES)
     if not ranges and not calibration:
         raise SparseliteError("the model has no QAT ranges and no calibration batches were given; pass calibration=[...] (a few batches)")
@@ -293,7 +292,7 @@ def export_float_tflite(module: nn.Module, example_inputs: torch.Tensor | tuple,
     import litert_torch
 
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    float_model, _ = float_model_for_export(module)
+    float_model = float_model_for_export(module)
     try:
         data = litert_torch.convert(float_model, example_inputs).model_content()
     except Exception as err:

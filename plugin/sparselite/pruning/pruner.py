@@ -138,9 +138,6 @@ class MagnitudePruner:
         for layer in self.layers.values():
             layer.module.weight.mul_(layer.mask)
 
-    def target_sparsity(self, step: int) -> float:
-        return self.schedule.sparsity_at(step)
-
     def sparsity(self) -> dict[str, float]:
         """Measured sparsity (fraction of exact zeros) of every pruned weight, plus 'overall'."""
         report, zeros, total = {}, 0, 0
