@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ai_edge_litert.schema_py_generated import TensorType
 from torch import nn
 
 from sparselite.errors import SparseliteError
@@ -33,6 +34,8 @@ log = logging.getLogger("sparselite")
 
 # Post-training calibration runs the batch-1 graph once per example; this many give stable ranges.
 MAX_CALIBRATION_EXAMPLES = 256
+
+_FLOAT_TYPES = (TensorType.FLOAT32, TensorType.FLOAT16)
 
 # Ops allowed to carry float tensors in an int8 model: the I/O conversions we add ourselves.
 _IO_OPS = {"QUANTIZE", "DEQUANTIZE"}
@@ -86,7 +89,7 @@ def _non_int8_ops(model_t, graph_types: dict[str, list[str]]) -> list[str]:
         if name in _IO_OPS:
             continue
         tensors = [subgraph.tensors[i] for i in list(op.inputs) + list(op.outputs) if i >= 0]
-        if any(t.type in (0, 1) and model_t.buffers[t.buffer].data is None for t in tensors):  # FLOAT32/FLOAT16 activations
+        if any(t.type in _FLOAT_TYPES and model_t.buffers[t.buffer].data is None for t in tensors):  # float activations
             out = subgraph.tensors[op.outputs[0]].name.decode(errors="replace") if op.outputs else "?"
             type_token = out.split(";")[0].split("/")[-1].rsplit("_", 1)[0].split(".")[-1]
             where = ", ".join(graph_types.get(type_token, [])) or out
@@ -113,7 +116,7 @@ def _match_layers(model_t, float_model: nn.Module, pruned: Sequence[str]) -> dic
     candidates = {}
     for tensor in subgraph.tensors:
         data = model_t.buffers[tensor.buffer].data
-        if tensor.type == 9 and data is not None and len(tensor.shape) in (2, 4):  # INT8 constants
+        if tensor.type == TensorType.INT8 and data is not None and len(tensor.shape) in (2, 4):  # int8 constants
             candidates[tensor.name.decode()] = np.asarray(data, dtype=np.uint8).view(np.int8).reshape(tensor.shape)
     matches = {}
     for layer in pruned:
