@@ -7,6 +7,7 @@ is trained once and cached under ``<out>/dense``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import lzma
 import time
@@ -41,6 +42,30 @@ def _torch_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.
     return correct / len(images)
 
 
+def _baseline_fingerprint() -> str:
+    """What the cached baseline depends on: the config, the dense recipe and the model's code."""
+    from sparselite.models import classifier, mobilenet
+
+    sources = [REPO / "configs" / "fmnist_mobilenet.yaml", REPO / "recipes" / "dense.yaml",
+               Path(mobilenet.__file__), Path(classifier.__file__)]
+    return hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
+
+
+def _cached_baseline(path: Path, retrain: bool) -> torch.nn.Module:
+    fingerprint = _baseline_fingerprint()
+    cached = torch.load(path, map_location="cpu") if path.is_file() and not retrain else None
+    if cached is not None and cached.get("fingerprint") == fingerprint:
+        print("[demo] 1/4 dense fp32 baseline (cached)")
+        cli = build_lightning_cli(["-c", str(REPO / "configs" / "fmnist_mobilenet.yaml"), "-c", str(REPO / "recipes" / "dense.yaml")], run=False)
+        cli.model.load_state_dict(cached["state_dict"])
+        return cli.model
+    stale = " (the cached one was trained with another config or model: retraining)" if cached is not None else ""
+    print("[demo] 1/4 dense fp32 baseline" + stale)
+    model = _fit("dense.yaml", path.parent).model
+    torch.save({"fingerprint": fingerprint, "state_dict": model.state_dict()}, path)
+    return model
+
+
 def run_demo(out_dir: Path = Path("runs/demo"), retrain_baseline: bool = False) -> dict:
     started = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -48,15 +73,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), retrain_baseline: bool = False) 
     test_loader = DataLoader(TensorDataset(images, labels), batch_size=500)
 
     # 1. Dense fp32 baseline (cached).
-    baseline_state = out_dir / "dense" / "baseline_state.pt"
-    print("[demo] 1/4 dense fp32 baseline" + (" (cached)" if baseline_state.is_file() and not retrain_baseline else ""))
-    if baseline_state.is_file() and not retrain_baseline:
-        cli = build_lightning_cli(["-c", str(REPO / "configs" / "fmnist_mobilenet.yaml"), "-c", str(REPO / "recipes" / "dense.yaml")], run=False)
-        baseline = cli.model
-        baseline.load_state_dict(torch.load(baseline_state, map_location="cpu"))
-    else:
-        baseline = _fit("dense.yaml", out_dir / "dense").model
-        torch.save(baseline.state_dict(), baseline_state)
+    baseline = _cached_baseline(out_dir / "dense" / "baseline_state.pt", retrain_baseline)
     example = baseline.example_input_array
     fp32_path = out_dir / "fp32.tflite"
     export_float_tflite(baseline, example, fp32_path)
