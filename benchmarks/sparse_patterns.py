@@ -20,8 +20,8 @@ On x86 XNNPACK densifies sparse weights at load and runs its dense int8 kernels 
 path), so no latency gain is expected: the latency ratio should be ~1.0, and load may cost a little more.
 
 Run (from the repo root):
-    .venv/bin/python benchmarks/sparse_patterns.py --quick                  # ~5 min on 2 busy cores, smoke run
-    .venv/bin/python benchmarks/sparse_patterns.py                          # default budget (150 steps): ~23 min on 2 cores at load avg 6-7
+    .venv/bin/python benchmarks/sparse_patterns.py --quick                  # smoke run, a few minutes
+    .venv/bin/python benchmarks/sparse_patterns.py                          # default budget (150 steps): ~7 min on 2 idle cores
     .venv/bin/python benchmarks/sparse_patterns.py --steps 1200 --json out.json --out-dir artifacts/patterns
 Numbers at the default budget are for comparing patterns with each other, not for the best accuracy
 the model can reach (use ``--steps 1200`` for the demo recipe's budget).

@@ -104,6 +104,10 @@ def test_report_serializes_to_json(exported, tmp_path):
     report.save(tmp_path / "report.json")
     assert json.loads((tmp_path / "report.json").read_text()) == data
     assert "parity vs fake-quant" in report.summary()
+    # The summary puts the compressed sizes of both storages side by side (the download-size question).
+    assert f"with dense weight storage {report.dense_int8_bytes:,} B (xz -9: {report.dense_int8_xz_bytes:,} B)" in report.summary()
+    assert 0 < report.xz_bytes < report.file_bytes < report.dense_int8_bytes
+    assert 0 < report.dense_int8_xz_bytes < report.dense_int8_bytes
     assert isinstance(report, ExportReport)
 
 

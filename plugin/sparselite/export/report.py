@@ -38,8 +38,9 @@ class ExportReport:
     layers: list[LayerSparsity] = field(default_factory=list)
     overall_sparsity_in_file: float | None = None
     sparse_encoding: list[dict[str, Any]] = field(default_factory=list)
-    dense_int8_bytes: int | None = None
+    dense_int8_bytes: int | None = None  # the same export with dense weight storage
     xz_bytes: int | None = None
+    dense_int8_xz_bytes: int | None = None  # compressed downloads: compare this with xz_bytes
     gpu: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -61,6 +62,11 @@ class ExportReport:
             p = self.parity
             lines.append(f"  parity vs {p.reference} torch on {p.examples} examples: top-1 agreement "
                          f"{p.top1_agreement:.2%}, max |logit diff| {p.max_logit_diff_lsb:.1f} LSB")
+        if self.xz_bytes is not None:
+            size = f"  size: {self.file_bytes:,} B (xz -9: {self.xz_bytes:,} B)"
+            if self.dense_int8_bytes is not None and self.dense_int8_bytes != self.file_bytes:
+                size += f"; with dense weight storage {self.dense_int8_bytes:,} B (xz -9: {self.dense_int8_xz_bytes:,} B)"
+            lines.append(size)
         if self.overall_sparsity_in_file is not None:
             lines.append(f"  sparsity read from the file: {self.overall_sparsity_in_file:.1%} over {len(self.layers)} pruned layers")
         lines.extend(f"  note: {n}" for n in self.notes)

@@ -30,7 +30,7 @@ Decision for the int8 classifier (FULLY_CONNECTED): it stays dense. Measured wit
     ``sparse_int8_fc=True``): the builtin and reference kernels are bit-exact, but XNNPACK takes the
     node and returns wrong logits (off by up to 80 LSB). XNNPACK is the default CPU path, so no.
     ``test_xnnpack_misreads_1x16_sparse_int8_fc`` fails once the runtime gets this right.
-The classifier is a small share of a CNN (512x10 = 5 KB of 938 KB in the MobileNet-style model).
+The classifier is a small share of a CNN (1024x10 = 10 KB of the demo model's 1.15 MB dense int8 file).
 Hybrid FCs (float input, int8 weights) stay dense too: their sparse kernel needs op version 8, which
 needs an op code of its own, and sparselite's int8 export doesn't produce them.
 

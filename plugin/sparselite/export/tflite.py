@@ -225,6 +225,7 @@ def export_tflite(
         )
     report.file_bytes = len(final)
     report.xz_bytes = len(lzma.compress(final, preset=9))
+    report.dense_int8_xz_bytes = report.xz_bytes if final is dense else len(lzma.compress(dense, preset=9))
     _report_sparsity(report, final, layer_tensors, train_sparsity, float_model)
 
     # Verify on the runtime before the file replaces anything at ``path``.
