@@ -53,13 +53,18 @@ def _baseline_fingerprint() -> str:
 
 def _cached_baseline(path: Path, retrain: bool) -> torch.nn.Module:
     fingerprint = _baseline_fingerprint()
-    cached = torch.load(path, map_location="cpu") if path.is_file() and not retrain else None
-    if cached is not None and cached.get("fingerprint") == fingerprint:
+    cached = None
+    if path.is_file() and not retrain:
+        try:
+            cached = torch.load(path, map_location="cpu")
+        except Exception:  # noqa: BLE001 - an unreadable cache is only a cache: train again
+            cached = {}
+    if isinstance(cached, dict) and cached.get("fingerprint") == fingerprint:
         print("[demo] 1/4 dense fp32 baseline (cached)")
         cli = build_lightning_cli(["-c", str(REPO / "configs" / "fmnist_mobilenet.yaml"), "-c", str(REPO / "recipes" / "dense.yaml")], run=False)
         cli.model.load_state_dict(cached["state_dict"])
         return cli.model
-    stale = " (the cached one was trained with another config or model: retraining)" if cached is not None else ""
+    stale = " (the cached one is from another config or model, or unreadable: retraining)" if cached is not None else ""
     print("[demo] 1/4 dense fp32 baseline" + stale)
     model = _fit("dense.yaml", path.parent).model
     torch.save({"fingerprint": fingerprint, "state_dict": model.state_dict()}, path)
