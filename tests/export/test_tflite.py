@@ -96,6 +96,16 @@ def test_sparsity_read_from_the_file_equals_training(trained, exported):
     assert not [note for note in report.notes if "matched pruned layers" in note]
 
 
+def test_weight_tensors_carry_their_torch_module_names(trained, exported):
+    """Every conv / FC weight is named '<module>;1', the classifier too (its converter name is
+    torch.export's wrapper), and the export report matches pruned layers to those same names."""
+    path, report = exported
+    weights = set(weight_sparsity(path.read_bytes()))
+    convs_and_linears = {name for name, m in trained.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert weights == {f"{name};1" for name in convs_and_linears}
+    assert {layer.layer: layer.tensor for layer in report.layers} == {name: f"{name};1" for name in PRUNED}
+
+
 def test_report_serializes_to_json(exported, tmp_path):
     _, report = exported
     data = json.loads(report.to_json())

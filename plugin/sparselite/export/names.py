@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from ai_edge_litert import schema_py_generated as schema
 
+from sparselite.export.flatbuffer import builtin_code
+
 
 def module_path(type_path: str) -> str | None:
     """``Root/pkg.Type_attr/pkg.Type_0`` -> ``attr.0``; None when the text is not such a path."""
@@ -28,14 +30,37 @@ def readable_name(name: str) -> str:
     return ";".join(module_path(part) or part for part in name.split(";"))
 
 
+_WEIGHT_OPS = (schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D,
+               schema.BuiltinOperator.FULLY_CONNECTED)
+
+
 def use_module_names(model: schema.ModelT) -> dict[str, str]:
-    """Rename every tensor in place; returns {old name: new name} for names that changed."""
+    """Rename every tensor in place; returns {old name: new name} for names that changed.
+
+    A weight whose own name is not a module path takes its layer's name from the op's bias. That is
+    the model's last layer: the converter names its weight after torch.export's wrapper
+    (``..._aot_export_non_strict.<locals>.Wrapper;1``), while its bias keeps ``model.classifier;``.
+    """
     renamed = {}
     for subgraph in model.subgraphs:
-        for tensor in subgraph.tensors:
+        folded = set()
+        for index, tensor in enumerate(subgraph.tensors):
             old = (tensor.name or b"").decode(errors="replace")
             new = readable_name(old)
             if new != old:
                 tensor.name = new.encode()
                 renamed[old] = new
+                folded.add(index)
+        for op in subgraph.operators:
+            inputs = [] if op.inputs is None else [int(i) for i in op.inputs]
+            if builtin_code(model, op) not in _WEIGHT_OPS or len(inputs) < 3 or min(inputs[1:3]) < 0:
+                continue
+            weight, bias = inputs[1], inputs[2]
+            if weight in folded or bias not in folded:
+                continue
+            old = subgraph.tensors[weight].name.decode(errors="replace")
+            new = subgraph.tensors[bias].name.decode().split(";")[0] + ";1"  # the converter's weight suffix
+            subgraph.tensors[weight].name = new.encode()
+            renamed[old] = new
+            folded.add(weight)
     return renamed
