@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from sparselite.cli import build_lightning_cli
@@ -27,12 +28,25 @@ from sparselite.runtime.litert import LiteRTModel
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _fit(recipe: str, root: Path):
+def _fit(recipe: Path, root: Path):
     config = REPO / "configs" / "fmnist_mobilenet.yaml"
     if not config.is_file():
         raise SparseliteError(f"{config} not found; run the demo from a checkout of the sparselite repo")
-    args = ["fit", "-c", str(config), "-c", str(REPO / "recipes" / recipe), "--trainer.default_root_dir", str(root)]
+    args = ["fit", "-c", str(config), "-c", str(recipe), "--trainer.default_root_dir", str(root)]
     return build_lightning_cli(args)
+
+
+def _recipe_exporting_to(tflite: Path, copy: Path) -> Path:
+    """recipes/gmp80_qat_export.yaml, written to ``copy`` with its TFLiteExport path set to ``tflite``:
+    the recipe's own path is relative to the working directory, and the demo keeps its files in --out."""
+    recipe = yaml.safe_load((REPO / "recipes" / "gmp80_qat_export.yaml").read_text())
+    exports = [cb for cb in recipe["trainer"]["callbacks"] if cb["class_path"].endswith("TFLiteExport")]
+    if len(exports) != 1:
+        raise SparseliteError("recipes/gmp80_qat_export.yaml should have exactly one TFLiteExport callback")
+    exports[0].setdefault("init_args", {})["path"] = str(tflite)
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return copy
 
 
 @torch.no_grad()
@@ -66,7 +80,7 @@ def _cached_baseline(path: Path, retrain: bool) -> torch.nn.Module:
         return cli.model
     stale = " (the cached one is from another config or model, or unreadable: retraining)" if cached is not None else ""
     print("[demo] 1/4 dense fp32 baseline" + stale)
-    model = _fit("dense.yaml", path.parent).model
+    model = _fit(REPO / "recipes" / "dense.yaml", path.parent).model
     torch.save({"fingerprint": fingerprint, "state_dict": model.state_dict()}, path)
     return model
 
@@ -86,10 +100,10 @@ def run_demo(out_dir: Path = Path("runs/demo"), retrain_baseline: bool = False) 
     # 2. 80% GMP + QAT, exported by the recipe's TFLiteExport callback.
     print("[demo] 2/4 80% gradual pruning + QAT + int8 export")
     int8_path = out_dir / "int8.tflite"
-    cli = _fit("gmp80_qat_export.yaml", out_dir / "gmp80_qat")
+    root = out_dir / "gmp80_qat"
+    cli = _fit(_recipe_exporting_to(int8_path, root / "recipe.yaml"), root)
     compressed = cli.model
     exporter = next(cb for cb in cli.trainer.callbacks if isinstance(cb, TFLiteExport))
-    int8_path.write_bytes(exporter.path.read_bytes())
     report = exporter.report
 
     # 3. Accuracy and parity over the whole test set.
