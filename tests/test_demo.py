@@ -8,8 +8,7 @@ from sparselite import demo
 
 
 def _fresh_baseline() -> torch.nn.Module:
-    config = str(demo.REPO / "configs" / "fmnist_mobilenet.yaml")
-    return demo.build_lightning_cli(["-c", config, "-c", str(demo.REPO / "recipes" / "dense.yaml")], run=False).model
+    return demo.build_lightning_cli(["-c", str(demo.CONFIG), "-c", str(demo.DENSE_RECIPE)], run=False).model
 
 
 def test_cached_baseline_with_matching_fingerprint_is_loaded_not_retrained(tmp_path, capsys):

@@ -26,23 +26,25 @@ from sparselite.runtime.bench import interleaved_benchmark
 from sparselite.runtime.litert import LiteRTModel
 
 REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "fmnist_mobilenet.yaml"
+DENSE_RECIPE = REPO / "recipes" / "dense.yaml"
+COMPRESSED_RECIPE = REPO / "recipes" / "gmp80_qat_export.yaml"
 
 
 def _fit(recipe: Path, root: Path):
-    config = REPO / "configs" / "fmnist_mobilenet.yaml"
-    if not config.is_file():
-        raise SparseliteError(f"{config} not found; run the demo from a checkout of the sparselite repo")
-    args = ["fit", "-c", str(config), "-c", str(recipe), "--trainer.default_root_dir", str(root)]
+    if not CONFIG.is_file():
+        raise SparseliteError(f"{CONFIG} not found; run the demo from a checkout of the sparselite repo")
+    args = ["fit", "-c", str(CONFIG), "-c", str(recipe), "--trainer.default_root_dir", str(root)]
     return build_lightning_cli(args)
 
 
 def _recipe_exporting_to(tflite: Path, copy: Path) -> Path:
     """recipes/gmp80_qat_export.yaml, written to ``copy`` with its TFLiteExport path set to ``tflite``:
     the recipe's own path is relative to the working directory, and the demo keeps its files in --out."""
-    recipe = yaml.safe_load((REPO / "recipes" / "gmp80_qat_export.yaml").read_text())
+    recipe = yaml.safe_load(COMPRESSED_RECIPE.read_text())
     exports = [cb for cb in recipe["trainer"]["callbacks"] if cb["class_path"].endswith("TFLiteExport")]
     if len(exports) != 1:
-        raise SparseliteError("recipes/gmp80_qat_export.yaml should have exactly one TFLiteExport callback")
+        raise SparseliteError(f"{COMPRESSED_RECIPE} should have exactly one TFLiteExport callback")
     exports[0].setdefault("init_args", {})["path"] = str(tflite)
     copy.parent.mkdir(parents=True, exist_ok=True)
     copy.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -60,8 +62,7 @@ def _baseline_fingerprint() -> str:
     """What the cached baseline depends on: the config, the dense recipe and the model's code."""
     from sparselite.models import classifier, mobilenet
 
-    sources = [REPO / "configs" / "fmnist_mobilenet.yaml", REPO / "recipes" / "dense.yaml",
-               Path(mobilenet.__file__), Path(classifier.__file__)]
+    sources = [CONFIG, DENSE_RECIPE, Path(mobilenet.__file__), Path(classifier.__file__)]
     return hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
 
 
@@ -75,12 +76,12 @@ def _cached_baseline(path: Path, retrain: bool) -> torch.nn.Module:
             cached = {}
     if isinstance(cached, dict) and cached.get("fingerprint") == fingerprint:
         print("[demo] 1/4 dense fp32 baseline (cached)")
-        cli = build_lightning_cli(["-c", str(REPO / "configs" / "fmnist_mobilenet.yaml"), "-c", str(REPO / "recipes" / "dense.yaml")], run=False)
+        cli = build_lightning_cli(["-c", str(CONFIG), "-c", str(DENSE_RECIPE)], run=False)
         cli.model.load_state_dict(cached["state_dict"])
         return cli.model
     stale = " (the cached one is from another config or model, or unreadable: retraining)" if cached is not None else ""
     print("[demo] 1/4 dense fp32 baseline" + stale)
-    model = _fit(REPO / "recipes" / "dense.yaml", path.parent).model
+    model = _fit(DENSE_RECIPE, path.parent).model
     torch.save({"fingerprint": fingerprint, "state_dict": model.state_dict()}, path)
     return model
 

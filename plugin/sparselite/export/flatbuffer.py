@@ -14,6 +14,14 @@ from sparselite.errors import SparseliteError
 _FILE_IDENTIFIER = b"TFL3"
 
 
+# Ops whose constant weight is an input, and its slot (the bias, where there is one, is the next slot).
+WEIGHT_INPUT = {
+    schema.BuiltinOperator.CONV_2D: 1,
+    schema.BuiltinOperator.DEPTHWISE_CONV_2D: 1,
+    schema.BuiltinOperator.FULLY_CONNECTED: 1,
+}
+
+
 def read_model(source: bytes | str | Path) -> schema.ModelT:
     """Unpack a .tflite file (path or bytes) into the mutable object API, or raise a clear error."""
     data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source

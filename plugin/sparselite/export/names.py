@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ai_edge_litert import schema_py_generated as schema
 
-from sparselite.export.flatbuffer import builtin_code
+from sparselite.export.flatbuffer import WEIGHT_INPUT, builtin_code
 
 
 def module_path(type_path: str) -> str | None:
@@ -30,10 +30,6 @@ def readable_name(name: str) -> str:
     return ";".join(module_path(part) or part for part in name.split(";"))
 
 
-_WEIGHT_OPS = (schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D,
-               schema.BuiltinOperator.FULLY_CONNECTED)
-
-
 def use_module_names(model: schema.ModelT) -> dict[str, str]:
     """Rename every tensor in place; returns {old name: new name} for names that changed.
 
@@ -52,10 +48,11 @@ def use_module_names(model: schema.ModelT) -> dict[str, str]:
                 renamed[old] = new
                 folded.add(index)
         for op in subgraph.operators:
+            slot = WEIGHT_INPUT.get(builtin_code(model, op))
             inputs = [] if op.inputs is None else [int(i) for i in op.inputs]
-            if builtin_code(model, op) not in _WEIGHT_OPS or len(inputs) < 3 or min(inputs[1:3]) < 0:
+            if slot is None or len(inputs) < slot + 2 or min(inputs[slot : slot + 2]) < 0:
                 continue
-            weight, bias = inputs[1], inputs[2]
+            weight, bias = inputs[slot], inputs[slot + 1]
             if weight in folded or bias not in folded:
                 continue
             old = subgraph.tensors[weight].name.decode(errors="replace")

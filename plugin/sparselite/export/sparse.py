@@ -49,7 +49,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from sparselite.errors import SparseliteError
-from sparselite.export.flatbuffer import builtin_code, builtin_name, operator_code_index, read_model, write_model
+from sparselite.export.flatbuffer import WEIGHT_INPUT, builtin_code, builtin_name, operator_code_index, read_model, write_model
 
 # Whether an int8 FULLY_CONNECTED may read 1x16-block sparse weights directly (see the docstring).
 SPARSE_INT8_FC = False
@@ -59,11 +59,6 @@ _METADATA_OVERHEAD = 40
 _DIM_OVERHEAD = 32
 _DENSIFY_OVERHEAD = 160
 
-_WEIGHT_INPUT = {
-    schema.BuiltinOperator.CONV_2D: 1,
-    schema.BuiltinOperator.DEPTHWISE_CONV_2D: 1,
-    schema.BuiltinOperator.FULLY_CONNECTED: 1,
-}
 _BLOCK_SIZES = (2, 4, 8, 16, 32)
 _INDEX_TYPES = (  # (union tag, dtype, schema vector class), narrowest first
     (schema.SparseIndexVector.Uint8Vector, np.uint8, schema.Uint8VectorT),
@@ -350,7 +345,7 @@ def _weight_tensors(model: schema.ModelT, graph: schema.SubGraphT):
             densified[int(op.outputs[0])] = int(op.inputs[0])
     seen = set()
     for op_index, op in enumerate(graph.operators):
-        slot = _WEIGHT_INPUT.get(builtin_code(model, op))
+        slot = WEIGHT_INPUT.get(builtin_code(model, op))
         if slot is None or len(op.inputs) <= slot or op.inputs[slot] < 0:
             continue
         tensor_index = densified.get(int(op.inputs[slot]), int(op.inputs[slot]))
@@ -460,7 +455,7 @@ def _policy(model, graph, uses, weights, sparsity, min_sparsity, fc_direct):
     for op_index, slot in uses:
         op = graph.operators[op_index]
         code = builtin_code(model, op)
-        if _WEIGHT_INPUT.get(code) != slot:
+        if WEIGHT_INPUT.get(code) != slot:
             return [], False, f"also read by {builtin_name(code)} input {slot}"
         codes.add(code)
     if schema.BuiltinOperator.FULLY_CONNECTED not in codes:
