@@ -15,7 +15,8 @@ class QuantizationAwareTraining(pl.Callback):
 
     Args:
         start_step: optimizer step at which fake-quant and range observation begin (let pruning settle first).
-        freeze_step: step after which activation ranges and BatchNorm statistics stop updating; None = never.
+        freeze_step: step after which activation ranges stop updating; None = never. BatchNorm keeps
+            training on batch statistics (the weights are fake-quantized on the fold export uses).
         averaging_constant: weight of each batch in the moving-average activation ranges.
     """
 

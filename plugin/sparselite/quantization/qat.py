@@ -96,7 +96,14 @@ class QuantizationSimulator:
         return [m for m in self.model.modules() if isinstance(m, kind)]
 
     def step(self, step: int) -> None:
-        """Phases: float before ``start_step``; observe + fake-quant; after ``freeze_step`` ranges and BN freeze."""
+        """Phases: float before ``start_step``; observe + fake-quant; after ``freeze_step`` the ranges freeze.
+
+        BatchNorm is not frozen: it keeps normalizing with batch statistics while the weights are
+        fake-quantized on the running-statistics fold that export uses (``WeightFakeQuant``), the
+        correction of Jacob et al. 2018, until export folds BN for good. Putting BN in eval mode
+        while training goes on lets the weights drift against stale statistics: with a constant
+        learning rate the loss explodes within steps and the run ends at chance.
+        """
         active = step >= self.start_step
         frozen = self.freeze_step is not None and step >= self.freeze_step
         for quant in self._modules(WeightFakeQuant):
@@ -104,10 +111,6 @@ class QuantizationSimulator:
         for quant in self._modules(ActivationFakeQuant):
             quant.enabled = active
             quant.observing = active and not frozen
-        if frozen:
-            # Lightning calls model.train() every epoch, so this is re-applied on every step.
-            for bn in self._modules(nn.modules.batchnorm._BatchNorm):
-                bn.eval()
 
     def ranges(self) -> dict[str, tuple[float, float]]:
         """Learned [min, max] per quantization point: producer module names, plus '' for the model input."""
