@@ -46,3 +46,173 @@ class InvertedResidualNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.block2(self.down(self.block1(self.stem(x))))).flatten(1))
+
+
+class BasicResidual(nn.Module):
+    """ResNet's BasicBlock: one ReLU module called twice, the second time after the add."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+class SqueezeExcite(nn.Module):
+    """MobileNetV3's squeeze-excite: pool -> 1x1 -> ReLU -> 1x1 -> gate, multiplied into the input."""
+
+    def __init__(self, channels: int, gate: type[nn.Module] = nn.Hardsigmoid) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, channels // 4, 1)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Conv2d(channels // 4, channels, 1)
+        self.gate = gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(self.fc2(self.act(self.fc1(self.pool(x)))))
+
+
+class FireConcat(nn.Module):
+    """SqueezeNet's fire module: squeeze, then two expand branches concatenated."""
+
+    def __init__(self, cin: int, squeeze: int, expand: int) -> None:
+        super().__init__()
+        self.squeeze = nn.Sequential(nn.Conv2d(cin, squeeze, 1), nn.ReLU())
+        self.expand1 = nn.Sequential(nn.Conv2d(squeeze, expand, 1), nn.ReLU())
+        self.expand3 = nn.Sequential(nn.Conv2d(squeeze, expand, 3, padding=1), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.squeeze(x)
+        return torch.cat([self.expand1(x), self.expand3(x)], 1)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's unit: chunk, one branch through convs, concat, channel shuffle."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        half = channels // 2
+        self.branch = nn.Sequential(conv_bn(half, half, 1), conv_bn(half, half, 3, groups=half, act=None), conv_bn(half, half, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = x.chunk(2, dim=1)
+        out = torch.cat((left, self.branch(right)), dim=1)
+        b, c, h, w = out.shape
+        return out.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+
+
+class ChainedResidual(nn.Module):
+    """Two residual adds in a row (``x = x + f(x)`` twice), as in pre-activation and transformer-style blocks."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.f = conv_bn(channels, channels, 3, act=nn.ReLU)
+        self.g = conv_bn(channels, channels, 3, act=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.f(x)
+        return x + self.g(x)
+
+
+class BlockNet(nn.Module):
+    """Stem -> one block -> pooled classifier, so each family's block is tested in a whole model."""
+
+    def __init__(self, block: nn.Module, channels: int, stem_act: type[nn.Module] = nn.ReLU, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = conv_bn(1, channels, 3, 2, act=stem_act)
+        self.block = block
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(self.block_channels(channels), num_classes)
+
+    def block_channels(self, channels: int) -> int:
+        with torch.no_grad():
+            return self.block(torch.zeros(1, channels, 8, 8)).shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.block(self.stem(x))).flatten(1))
+
+
+class MBConvSiLU(nn.Module):
+    """EfficientNet's MBConv: SiLU everywhere, squeeze-excite with a sigmoid gate, residual add."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        hidden = channels * 4
+        self.expand = conv_bn(channels, hidden, 1, act=nn.SiLU)
+        self.depthwise = conv_bn(hidden, hidden, 3, groups=hidden, act=nn.SiLU)
+        self.se = SqueezeExcite(hidden, gate=nn.Sigmoid)
+        self.project = conv_bn(hidden, channels, 1, act=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.project(self.se(self.depthwise(self.expand(x))))
+
+
+class KeywordSpotter(nn.Module):
+    """A Conv1d keyword-spotting net over [N, features, time] (28 MFCC-like rows of an image here)."""
+
+    def __init__(self, features: int = 28, num_classes: int = 10) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv1d(features, 32, 3, padding=1, bias=False), nn.BatchNorm1d(32), nn.ReLU(),
+            nn.Conv1d(32, 32, 3, padding=1, groups=32, bias=False), nn.BatchNorm1d(32), nn.ReLU(),
+            nn.Conv1d(32, 48, 1, bias=False), nn.BatchNorm1d(48), nn.ReLU(),
+        )
+        self.classifier = nn.Linear(48, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.body(x.flatten(1, 2)).mean(-1))
+
+
+def family_models() -> dict[str, nn.Module]:
+    """One small model per architecture family, keyed by the block it tests."""
+    return {
+        "basic_residual": BlockNet(BasicResidual(16), 16),
+        "inverted_residual": InvertedResidualNet(),
+        "chained_residual": BlockNet(ChainedResidual(16), 16),
+        "squeeze_excite_hardsigmoid": BlockNet(nn.Sequential(conv_bn(16, 16, 3, act=nn.Hardswish), SqueezeExcite(16)), 16, stem_act=nn.Hardswish),
+        "mbconv_silu": BlockNet(MBConvSiLU(16), 16, stem_act=nn.SiLU),
+        "fire_concat": BlockNet(FireConcat(16, 8, 16), 16),
+        "channel_shuffle": BlockNet(ShuffleUnit(16), 16),
+    }
+
+
+class TransformerBlockNet(nn.Module):
+    """A ViT-style classifier: patch embedding, one pre-norm encoder block (LayerNorm, attention, GELU MLP)."""
+
+    def __init__(self, dim: int = 32, patch: int = 7, num_classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(1, dim, patch, patch)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * 2), nn.GELU(), nn.Linear(dim * 2, dim))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        normed = self.norm1(tokens)
+        tokens = tokens + self.attn(normed, normed, normed, need_weights=False)[0]
+        tokens = tokens + self.mlp(self.norm2(tokens))
+        return self.head(tokens.mean(1))
+
+
+class GRUClassifier(nn.Module):
+    """Reads an image row by row with a GRU and classifies its last hidden state."""
+
+    def __init__(self, features: int = 28, hidden: int = 32, num_classes: int = 10) -> None:
+        super().__init__()
+        self.gru = nn.GRU(features, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output, _ = self.gru(x.flatten(1, 2))
+        return self.head(output[:, -1])

@@ -7,7 +7,11 @@ lines, which a CLI that only reports bad input should not pay for.
 from importlib import import_module
 from typing import TYPE_CHECKING
 
+from sparselite.compat.torchvision import allow_torchvision_without_ops
 from sparselite.errors import SparseliteError
+
+# Before Lightning (through torchmetrics) can import torchvision; see compat/torchvision.py.
+allow_torchvision_without_ops()
 
 _PUBLIC = {
     "ExportReport": "sparselite.export.report",

@@ -137,11 +137,13 @@ def export_command(ns: argparse.Namespace) -> None:
         configs = _without_subcommand_keys(configs, Path(folder))
         cli = build_lightning_cli([arg for c in configs for arg in ("-c", c)], run=False)
     module, datamodule = cli.model, cli.datamodule
+    example = getattr(module, "example_input_array", None)
     for callback in cli.trainer.callbacks:
         if isinstance(callback, GradualPruning):
             callback.pruner.prepare(module)
         elif isinstance(callback, QuantizationAwareTraining):
-            callback.simulator.prepare(module)
+            # With the example, as in training: the functional ops' range buffers must exist to be restored.
+            callback.simulator.prepare(module, None if example is None else (example,))
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(state)
@@ -149,11 +151,10 @@ def export_command(ns: argparse.Namespace) -> None:
         raise SparseliteError(f"{ckpt} does not match the configured model: {str(err).splitlines()[0]}") from None
     datamodule.setup("validate")
     batches = [x for x, _ in itertools.islice(datamodule.val_dataloader(), ns.verify_batches + ns.calibration_batches)]
-    example = getattr(module, "example_input_array", None)
     example = example if isinstance(example, torch.Tensor) else batches[0][:1]
     report = export_tflite(module, example[:1], ns.output, io_dtype=ns.io_dtype, sparse=not ns.no_sparse,
                            calibration=batches[ns.verify_batches:], verify_batches=batches[: ns.verify_batches],
-                           gpu_check=ns.gpu_check, require_gpu=ns.require_gpu)
+                           gpu_check=ns.gpu_check, require_gpu=ns.require_gpu, float_fallback=ns.allow_float_ops)
     report.save(Path(ns.output).with_suffix(".json"))
     print(report.summary())
 
@@ -236,6 +237,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-batches", type=int, default=8)
     p.add_argument("--gpu-check", action="store_true", help="add a GPU compatibility report")
     p.add_argument("--require-gpu", action="store_true", help="fail unless every op runs on the GPU accelerator")
+    p.add_argument("--allow-float-ops", action="store_true",
+                   help="keep ops with no int8 TFLite kernel in float (mixed precision; listed in the report)")
     p.set_defaults(func=export_command)
 
     for name, func, help_text in (("eval", eval_command, "top-1 accuracy of a .tflite on Fashion-MNIST"),

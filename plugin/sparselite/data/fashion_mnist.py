@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from sparselite.errors import SparseliteError
 
@@ -65,19 +66,28 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         batch_size: training and evaluation batch size.
         val_size: training images held out for validation (and export calibration/verification).
         train_subset: use only the first N training images (quick runs and tests); None = all.
+        image_size: side of the square images the model sees (28 = as stored; models built for
+            ImageNet-sized inputs, such as torchvision's, want 64 or more). Resized per batch.
+        channels: 1 (grayscale, as stored) or 3 (the gray image repeated, for RGB models).
     """
 
     def __init__(self, root: str | None = None, batch_size: int = 128, val_size: int = 5000,
-                 train_subset: int | None = None, num_workers: int = 0) -> None:
+                 train_subset: int | None = None, num_workers: int = 0, image_size: int = 28,
+                 channels: int = 1) -> None:
         super().__init__()
         if batch_size < 1:
             raise SparseliteError(f"batch_size={batch_size} must be >= 1")
+        if not 8 <= image_size <= 512:
+            raise SparseliteError(f"image_size={image_size} must be in [8, 512]")
+        if channels not in (1, 3):
+            raise SparseliteError(f"channels={channels} must be 1 or 3")
         if not 0 < val_size < 60000:
             raise SparseliteError(f"val_size={val_size} must be in (0, 60000)")
         self.save_hyperparameters()
         resolve_root(root)  # fail at construction, before a Trainer starts, with the fix in the message
         self.root, self.batch_size, self.val_size = root, batch_size, val_size
         self.train_subset, self.num_workers = train_subset, num_workers
+        self.image_size, self.channels = image_size, channels
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_set"):
@@ -91,8 +101,23 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         self.test_set = TensorDataset(*load_split("test", self.root))
 
     def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
+        # Resized per batch: the whole set at 3x64x64 would take 3 GB.
+        collate = None if (self.image_size, self.channels) == (28, 1) else functools.partial(
+            _resized_batch, size=self.image_size, channels=self.channels)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(0) if shuffle else None)
+                          generator=torch.Generator().manual_seed(0) if shuffle else None, collate_fn=collate)
+
+
+def resize_images(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """[N, 1, 28, 28] -> [N, channels, size, size] (bilinear; gray repeated for RGB models)."""
+    if images.shape[-1] != size:
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return images.expand(-1, channels, -1, -1).contiguous() if channels != images.shape[1] else images
+
+
+def _resized_batch(items: list[tuple[torch.Tensor, torch.Tensor]], size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = default_collate(items)
+    return resize_images(images, size, channels), labels
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -23,11 +23,13 @@ class TFLiteExport(pl.Callback):
         calibration_batches: validation batches used to calibrate ranges QAT did not learn.
         min_agreement: top-1 agreement below which the export fails.
         gpu_check / require_gpu: add a GPU compatibility report / fail if not fully delegated.
+        float_fallback: keep ops that have no int8 TFLite kernel in float (a mixed-precision file, its
+            float islands listed in the report) instead of failing.
     """
 
     def __init__(self, path: str = "model.tflite", io_dtype: str = "float32", sparse: bool = True,
                  verify_batches: int = 8, calibration_batches: int = 8, min_agreement: float = 0.98,
-                 gpu_check: bool = False, require_gpu: bool = False) -> None:
+                 gpu_check: bool = False, require_gpu: bool = False, float_fallback: bool = False) -> None:
         if io_dtype not in ("float32", "int8"):
             raise SparseliteError(f"io_dtype='{io_dtype}' must be 'float32' or 'int8'")
         if verify_batches < 1 or calibration_batches < 0:
@@ -36,7 +38,10 @@ class TFLiteExport(pl.Callback):
             raise SparseliteError(f"path='{path}' should end in .tflite")
         self.path, self.io_dtype, self.sparse = Path(path), io_dtype, sparse
         self.verify_batches, self.calibration_batches = verify_batches, calibration_batches
+        if not 0.0 <= min_agreement <= 1.0:
+            raise SparseliteError(f"min_agreement={min_agreement} must be in [0, 1]")
         self.min_agreement, self.gpu_check, self.require_gpu = min_agreement, gpu_check, require_gpu
+        self.float_fallback = float_fallback
         self.report = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -57,6 +62,7 @@ class TFLiteExport(pl.Callback):
             pl_module, example[:1], self.path, io_dtype=self.io_dtype, sparse=self.sparse,
             calibration=inputs[self.verify_batches:], verify_batches=inputs[: self.verify_batches],
             min_agreement=self.min_agreement, gpu_check=self.gpu_check, require_gpu=self.require_gpu,
+            float_fallback=self.float_fallback,
         )
         self.report.save(self.path.with_suffix(".json"))
         rank_zero_info("[sparselite] " + self.report.summary())

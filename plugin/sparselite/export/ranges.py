@@ -1,9 +1,15 @@
-"""Quantize a float model with litert's pt2e quantizer, using the activation ranges learned in QAT.
+"""Quantize a float model with the full-int8 pt2e quantizer, using the activation ranges learned in QAT.
 
-pt2e places observers on the aten graph; training placed fake-quant on modules. Each observer is
-mapped to a training-side point by walking back through ops that keep their input's quantization
-(activations fused into the producer, pooling, reshapes) to the conv/linear that produced the value,
-or to the model input. Observers with no learned range keep the range calibrated on real batches.
+pt2e places observers on the aten graph; training placed fake-quant on modules and call sites. Each
+observer is mapped to a training-side point by walking back through ops that keep their input's
+quantization (fused activations, pooling, reshapes) to the value's origin:
+  - the model input ('');
+  - a conv/linear (its fused chain's output range);
+  - a module whose output training observed (Hardswish, SiLU, ...: the last op inside it);
+  - a functional op's call site (``block.sparselite_op_quant.add_0``), numbered as in training.
+An add/sub/mul of a constant takes its range from its input's by interval arithmetic (the inside of
+a decomposed hardsigmoid). Fixed-range ops (LOGISTIC, SOFTMAX, TANH) keep the range their int8
+kernels require. Everything else keeps the range calibrated on real batches, with the reason.
 """
 
 from __future__ import annotations
@@ -12,54 +18,130 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
-from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-from torchao.quantization.pt2e.observer import MinMaxObserver, ObserverBase
+from torchao.quantization.pt2e.observer import FixedQParamsObserver, MinMaxObserver, ObserverBase
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+from sparselite.export.quantizer import SHARES_INPUT_RANGE, SPLITS, FullInt8Quantizer, op_kind
+from sparselite.quantization.op_points import ATEN_KINDS, site_name
 from sparselite.quantization.spec import ACT_QMAX, ACT_QMIN, SCALE_EPS
 
-# Ops whose int8 output TFLite expresses in the input's scale (or that fuse into the op before them).
-_SHARES_INPUT_RANGE = {
-    "hardtanh", "hardtanh_", "relu", "relu_", "relu6", "clamp", "max_pool2d", "avg_pool2d",
-    "adaptive_avg_pool2d", "mean", "flatten", "view", "reshape", "squeeze", "unsqueeze", "permute",
-    "dropout", "identity", "contiguous", "_to_copy", "clone",
-}
-_PRODUCERS = {"conv2d", "linear", "convolution"}
+_PRODUCERS = {"conv1d", "conv2d", "linear", "convolution"}
 
 
 @dataclass
 class RangeInjection:
     learned: dict[str, str] = field(default_factory=dict)  # observer -> training point it took its range from
-    calibrated: list[str] = field(default_factory=list)  # observers left with calibrated ranges
+    derived: dict[str, str] = field(default_factory=dict)  # observer -> how its range follows from a learned one
+    fixed: list[str] = field(default_factory=list)  # observers whose range the int8 kernel fixes
+    calibrated: dict[str, str] = field(default_factory=dict)  # observer -> why no learned range applies
 
 
-def _op_name(node: torch.fx.Node) -> str:
-    target = node.target
-    name = getattr(target, "__name__", str(target))
-    return name.split(".")[0]
-
-
-def _module_path(node: torch.fx.Node) -> str | None:
+def module_path(node: torch.fx.Node) -> str | None:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
     return list(stack.values())[-1][0]
 
 
-def source_point(node: torch.fx.Node, observers: Mapping[str, torch.nn.Module]) -> str | None:
-    """The training-side quantization point behind a value: a producer's module path, '' for the input."""
-    while True:
+def _module_call(node: torch.fx.Node) -> str | None:
+    """The module *invocation* a node belongs to (torch.export keys a second call 'relu@1')."""
+    stack = node.meta.get("nn_module_stack")
+    return list(stack)[-1] if stack else None
+
+
+def op_sites(graph: torch.fx.Graph) -> dict[torch.fx.Node, str]:
+    """Functional-op nodes -> the call-site names training gave them (see ``quantization/op_points.py``)."""
+    counts: dict[tuple[str, str], int] = {}
+    sites = {}
+    for node in graph.nodes:
+        kind = ATEN_KINDS.get(op_kind(node))
+        value = node.meta.get("val")
+        if kind is None or node.meta.get("sparselite_decomposed") or not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+            continue
+        owner = module_path(node) or ""
+        index = counts.get((owner, kind), 0)
+        counts[(owner, kind)] = index + 1
+        sites[node] = site_name(owner, kind, index)
+    return sites
+
+
+class PointResolver:
+    """Maps a graph value to the training point whose range it must carry."""
+
+    def __init__(self, graph: torch.fx.Graph, observers: Mapping[str, torch.nn.Module], ranges: Mapping[str, tuple[float, float]]) -> None:
+        self.observers, self.ranges = observers, ranges
+        self.sites = op_sites(graph)
+
+    def source(self, node: torch.fx.Node) -> torch.fx.Node:
+        """Walk back through observers and ops that keep their input's quantization."""
+        while True:
+            if node.op == "call_module" and node.target in self.observers:
+                node = node.args[0]
+            elif node.op == "call_function" and op_kind(node) in SHARES_INPUT_RANGE:
+                node = node.args[0]
+            elif op_kind(node) == "getitem" and op_kind(node.args[0]) in SPLITS:
+                node = node.args[0].args[0]
+            else:
+                return node
+
+    def point(self, node: torch.fx.Node) -> str | None:
+        """The training point of the value ``node`` computes, or None."""
+        node = self.source(node)
         if node.op == "placeholder":
             return ""
-        if node.op == "call_module" and node.target in observers:
-            node = node.args[0]
-            continue
-        if node.op == "call_function" and _op_name(node) in _SHARES_INPUT_RANGE:
-            node = node.args[0]
-            continue
-        if node.op == "call_function" and _op_name(node) in _PRODUCERS:
-            return _module_path(node)
+        if node.op != "call_function":
+            return None
+        if op_kind(node) in _PRODUCERS:
+            return module_path(node)
+        if node in self.sites and self.sites[node] in self.ranges:
+            return self.sites[node]
+        owner = module_path(node)
+        leaves_module = all(_module_call(user) != _module_call(node) for user in self._consumers(node))
+        if owner and owner in self.ranges and leaves_module:
+            return owner
         return None
+
+    def _consumers(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+        """The ops that read ``node``'s value, looking through the observers pt2e put between them."""
+        consumers = []
+        for user in node.users:
+            if user.op == "call_module" and user.target in self.observers:
+                consumers.extend(self._consumers(user))
+            else:
+                consumers.append(user)
+        return consumers
+
+    def derived_range(self, node: torch.fx.Node) -> tuple[tuple[float, float], str] | None:
+        """add/sub/mul of a constant: the input's learned range, shifted or scaled."""
+        node = self.source(node)
+        kind = op_kind(node)
+        if kind not in ("add", "sub", "mul") or len(node.args) != 2:
+            return None
+        variable, constant = node.args
+        value = _constant(constant, node.graph)
+        if value is None:
+            return None
+        point = self.point(variable)
+        if point is None or point not in self.ranges:
+            return None
+        lo, hi = self.ranges[point]
+        if kind == "add":
+            lo, hi = lo + value, hi + value
+        elif kind == "sub":
+            lo, hi = lo - value, hi - value
+        else:
+            lo, hi = sorted((lo * value, hi * value))
+        return (lo, hi), f"{point or '<input>'} {kind} {value:g}"
+
+
+def _constant(arg: object, graph: torch.fx.Graph) -> float | None:
+    if isinstance(arg, (int, float)):
+        return float(arg)
+    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+        value = getattr(graph.owning_module, arg.target, None)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            return float(value)
+    return None
 
 
 def _fixed_range_observer(min_val: float, max_val: float) -> MinMaxObserver:
@@ -70,11 +152,16 @@ def _fixed_range_observer(min_val: float, max_val: float) -> MinMaxObserver:
     return observer
 
 
+def _describe(node: torch.fx.Node) -> str:
+    source = node.args[0] if node.args else node
+    return f"{op_kind(source) or source.op} in '{module_path(source) or '?'}'"
+
+
 def quantize_pt2e(float_model: torch.nn.Module, example_inputs: tuple, ranges: Mapping[str, tuple[float, float]],
-                  calibration: Iterable[torch.Tensor] = ()) -> tuple[torch.fx.GraphModule, PT2EQuantizer, RangeInjection]:
+                  calibration: Iterable[torch.Tensor] = ()) -> tuple[torch.fx.GraphModule, FullInt8Quantizer, RangeInjection]:
     """torch.export -> prepare_pt2e -> forward passes -> learned ranges in -> convert_pt2e."""
     exported = torch.export.export(float_model, example_inputs).module()
-    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    quantizer = FullInt8Quantizer()
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         # Weight observers only see the weights during a forward pass: skip it and every weight
@@ -88,18 +175,27 @@ def quantize_pt2e(float_model: torch.nn.Module, example_inputs: tuple, ranges: M
     # Not named_children(): it de-duplicates, and pt2e registers one observer under several names
     # where ops share quantization (conv -> in-place relu). Every alias must get the learned range.
     observers = {name: m for name, m in prepared._modules.items() if isinstance(m, ObserverBase)}
+    resolver = PointResolver(prepared.graph, observers, ranges)
     injection = RangeInjection()
     for node in prepared.graph.nodes:
         if node.op != "call_module" or node.target not in observers:
             continue
         observer = observers[node.target]
+        if isinstance(observer, FixedQParamsObserver):
+            injection.fixed.append(node.target)
+            continue
         if observer.qscheme != torch.per_tensor_affine:
             continue  # weights: per-channel, taken from the current weights, as in training
-        point = source_point(node.args[0], observers)
+        point = resolver.point(node.args[0])
         if point is not None and point in ranges:
             setattr(prepared, node.target, _fixed_range_observer(*ranges[point]))
             injection.learned[node.target] = point or "<input>"
+        elif ranges and (derived := resolver.derived_range(node.args[0])) is not None:
+            (lo, hi), how = derived
+            setattr(prepared, node.target, _fixed_range_observer(lo, hi))
+            injection.derived[node.target] = how
         else:
-            injection.calibrated.append(node.target)
+            why = "the model has no QAT ranges" if not ranges else f"no QAT point for {_describe(node)}"
+            injection.calibrated[node.target] = why
     converted = convert_pt2e(prepared, fold_quantize=False)
     return converted, quantizer, injection

@@ -8,15 +8,37 @@ from pathlib import Path
 from typing import Any
 
 
+GATE_RULE = ("top-1 agreement over the examples where neither the file nor the torch model has a tied top "
+             "logit must reach min_agreement; a reference that predicts one class, or gives every example the "
+             "same logits, is flagged: agreement with a dead model proves nothing")
+
+
 @dataclass
 class Parity:
     """The exported file against the torch model it came from, on held-out batches."""
 
     examples: int
-    top1_agreement: float
+    top1_agreement: float  # over the examples without an exact tie for the top logit (the gate's measure)
     max_logit_diff_lsb: float  # in steps of the int8 output scale
     output_scale: float
     reference: str  # "fake-quant" (QAT ranges) or "float" (post-training calibration)
+    ties_excluded: int = 0  # examples whose top logit was tied in the file or the torch model
+    top1_agreement_all: float | None = None  # over every example, ties counted as they fall
+    degenerate_reference: str | None = None  # why the torch model looks dead (then agreement means nothing)
+    rule: str = GATE_RULE
+
+    @property
+    def trustworthy(self) -> bool:
+        return self.degenerate_reference is None
+
+
+@dataclass
+class FloatIsland:
+    """Ops left in float in a mixed-precision file (``float_fallback=True``)."""
+
+    op: str  # TFLite op type
+    count: int
+    modules: list[str]  # the torch modules they come from
 
 
 @dataclass
@@ -34,6 +56,9 @@ class ExportReport:
     io_dtype: str
     ranges_learned: int
     ranges_calibrated: int
+    ranges_derived: int = 0  # follow from a learned range by interval arithmetic (x + 3 inside hardsigmoid)
+    ranges_fixed: int = 0  # set by the int8 kernel (LOGISTIC, SOFTMAX, TANH outputs)
+    calibrated_ranges: dict[str, str] = field(default_factory=dict)  # observer -> why no QAT range applied
     parity: Parity | None = None
     layers: list[LayerSparsity] = field(default_factory=list)
     overall_sparsity_in_file: float | None = None
@@ -42,6 +67,7 @@ class ExportReport:
     xz_bytes: int | None = None
     dense_int8_xz_bytes: int | None = None  # compressed downloads: compare this with xz_bytes
     gpu: dict[str, Any] | None = None
+    float_islands: list[FloatIsland] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,11 +83,18 @@ class ExportReport:
 
     def summary(self) -> str:
         lines = [f"{self.path}: {self.file_bytes / 1024:.1f} KiB, {self.io_dtype} I/O, "
-                 f"{self.ranges_learned} learned + {self.ranges_calibrated} calibrated activation ranges"]
+                 f"{self.ranges_learned} learned + {self.ranges_derived} derived + {self.ranges_fixed} fixed + "
+                 f"{self.ranges_calibrated} calibrated activation ranges"]
         if self.parity:
             p = self.parity
+            ties = f" ({p.ties_excluded} tied examples excluded)" if p.ties_excluded else ""
             lines.append(f"  parity vs {p.reference} torch on {p.examples} examples: top-1 agreement "
-                         f"{p.top1_agreement:.2%}, max |logit diff| {p.max_logit_diff_lsb:.1f} LSB")
+                         f"{p.top1_agreement:.2%}{ties}, max |logit diff| {p.max_logit_diff_lsb:.1f} LSB")
+            if not p.trustworthy:
+                lines.append(f"  WARNING: parity proves nothing here: the torch model {p.degenerate_reference}; "
+                             "train longer or check the model before shipping this file")
+        for island in self.float_islands:
+            lines.append(f"  float island: {island.count} x {island.op} from {', '.join(island.modules)}")
         if self.xz_bytes is not None:
             size = f"  size: {self.file_bytes:,} B (xz -9: {self.xz_bytes:,} B)"
             if self.dense_int8_bytes is not None and self.dense_int8_bytes != self.file_bytes:

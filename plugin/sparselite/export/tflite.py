@@ -24,7 +24,7 @@ from sparselite.export import flatbuffer
 from sparselite.export.io import use_float_io
 from sparselite.export.names import use_module_names
 from sparselite.export.ranges import quantize_pt2e
-from sparselite.export.report import ExportReport, LayerSparsity, Parity
+from sparselite.export.report import ExportReport, FloatIsland, LayerSparsity, Parity
 from sparselite.pruning.pruner import MASK_BUFFER
 from sparselite.quantization.fusion import find_fused_chains, fold_batchnorm
 from sparselite.quantization.qat import learned_ranges, strip_fake_quant
@@ -80,10 +80,13 @@ def _cap_examples(batches: Iterable[torch.Tensor], limit: int) -> list[torch.Ten
     return kept
 
 
-def _non_int8_ops(model_t, graph_types: dict[str, list[str]]) -> list[str]:
-    """Ops with float activations, named with the torch module type they came from."""
+def float_islands(model_t) -> list[FloatIsland]:
+    """Ops that kept float activations, grouped by op type, with the torch modules they came from.
+
+    Reads the tensor names after ``use_module_names`` has folded them back to module paths.
+    """
     subgraph = model_t.subgraphs[0]
-    problems = []
+    found: dict[str, tuple[int, set[str]]] = {}
     for op in subgraph.operators:
         name = flatbuffer.builtin_name(flatbuffer.builtin_code(model_t, op))
         if name in _IO_OPS:
@@ -91,17 +94,24 @@ def _non_int8_ops(model_t, graph_types: dict[str, list[str]]) -> list[str]:
         tensors = [subgraph.tensors[i] for i in list(op.inputs) + list(op.outputs) if i >= 0]
         if any(t.type in _FLOAT_TYPES and model_t.buffers[t.buffer].data is None for t in tensors):  # float activations
             out = subgraph.tensors[op.outputs[0]].name.decode(errors="replace") if op.outputs else "?"
-            type_token = out.split(";")[0].split("/")[-1].rsplit("_", 1)[0].split(".")[-1]
-            where = ", ".join(graph_types.get(type_token, [])) or out
-            problems.append(f"{name} (torch module {where}, {type_token})")
-    return problems
+            count, modules = found.get(name, (0, set()))
+            found[name] = (count + 1, modules | {_module_of(out)})
+    return [FloatIsland(op, count, sorted(modules)) for op, (count, modules) in sorted(found.items())]
 
 
-def _module_types(model: nn.Module) -> dict[str, list[str]]:
-    types: dict[str, list[str]] = {}
-    for name, sub in model.named_modules():
-        types.setdefault(type(sub).__name__, []).append(f"'{name}'")
-    return types
+def _module_of(tensor_name: str) -> str:
+    """'blocks.0.mlp.act;2' -> 'blocks.0.mlp.act'; the converter's own names stay as they are."""
+    return tensor_name.split(";")[0] or tensor_name or "?"
+
+
+def _islands_error(islands: list[FloatIsland]) -> str:
+    shown = []
+    for island in islands:
+        more = f" and {len(island.modules) - 4} more" if len(island.modules) > 4 else ""
+        shown.append(f"{island.op} x{island.count} ({', '.join(island.modules[:4])}{more})")
+    return (f"{sum(i.count for i in islands)} op(s) have no int8 TFLite kernel: {'; '.join(shown)}. Pass "
+            "float_fallback=True (CLI: --allow-float-ops) to keep them in float in a mixed-precision file, "
+            "or replace those modules")
 
 
 def _output_scale(model_t) -> float:
@@ -147,6 +157,7 @@ def export_tflite(
     sparse: bool = True,
     gpu_check: bool = False,
     require_gpu: bool = False,
+    float_fallback: bool = False,
 ) -> ExportReport:
     """Export ``module`` (a LightningModule or a plain nn.Module) to a fully int8 ``.tflite`` at ``path``.
 
@@ -159,6 +170,9 @@ def export_tflite(
             torch model; below ``min_agreement`` top-1 agreement the export fails and writes nothing.
         sparse: store pruned weights in TFLite's sparse format where that saves bytes.
         gpu_check / require_gpu: compile GPU-only and report unsupported ops; fail if not delegable.
+        float_fallback: ops with no int8 TFLite kernel (LayerNorm's variance, attention, GRU cells)
+            stay in float in a mixed-precision file, listed in ``report.float_islands``; by default
+            they fail the export, named once per op type with their torch modules.
     """
     if io_dtype not in ("float32", "int8"):
         raise SparseliteError(f"io_dtype='{io_dtype}' must be 'float32' or 'int8'")
@@ -190,24 +204,23 @@ def export_tflite(
         raise SparseliteError(f"litert-torch could not convert the quantized model: {type(err).__name__}: {str(err).splitlines()[0]}") from None
 
     model_t = flatbuffer.read_model(data)
-    problems = _non_int8_ops(model_t, _module_types(float_model))
-    if problems:
-        raise SparseliteError(
-            f"{len(problems)} op(s) cannot run in int8: {'; '.join(problems[:5])}; replace those modules "
-            "(e.g. SiLU -> Hardswish, LayerNorm -> BatchNorm) or exclude them from the model"
-        )
     output_scale = _output_scale(model_t)
     layer_tensors = _match_layers(model_t, float_model, pruned)
     renamed = use_module_names(model_t)
     layer_tensors = {layer: renamed.get(tensor, tensor) for layer, tensor in layer_tensors.items()}
+    islands = float_islands(model_t)
+    if islands and not float_fallback:
+        raise SparseliteError(_islands_error(islands))
     if io_dtype == "float32":
         use_float_io(model_t)
     from sparselite.export.sparse import encode_sparse, share_quantization_tables
 
     dense = share_quantization_tables(flatbuffer.write_model(model_t))
 
-    report = ExportReport(path=str(path), file_bytes=0, io_dtype=io_dtype,
+    report = ExportReport(path=str(path), file_bytes=0, io_dtype=io_dtype, float_islands=islands,
                           ranges_learned=len(injection.learned), ranges_calibrated=len(injection.calibrated),
+                          ranges_derived=len(injection.derived), ranges_fixed=len(injection.fixed),
+                          calibrated_ranges=dict(injection.calibrated) if ranges else {},
                           dense_int8_bytes=len(dense))
     final = dense
     if sparse and require_gpu:
@@ -237,8 +250,8 @@ def export_tflite(
             if report.parity.top1_agreement < min_agreement:
                 raise SparseliteError(
                     f"the int8 file agrees with the torch model on only {report.parity.top1_agreement:.2%} of "
-                    f"top-1 predictions (< {min_agreement:.0%}); nothing was written. Train with QAT longer, or "
-                    "calibrate on more batches"
+                    f"top-1 predictions without ties (< {min_agreement:.0%}); nothing was written. Train with "
+                    "QAT longer, or calibrate on more batches"
                 )
         if gpu_check or require_gpu:
             from sparselite.runtime.gpu import gpu_compatibility
@@ -273,22 +286,45 @@ def _report_sparsity(report: ExportReport, data: bytes, layer_tensors: dict[str,
 
 @torch.no_grad()
 def verify(module: nn.Module, path: Path, batches: Iterable[torch.Tensor], output_scale: float) -> Parity:
-    """Top-1 agreement and max |logit diff| (output LSBs) of the file on XNNPACK vs the torch model."""
+    """Top-1 agreement (ties excluded) and max |logit diff| (output LSBs) of the file on XNNPACK vs the torch model."""
     from sparselite.runtime.litert import LiteRTModel
 
     reference, kind = fake_quant_reference(module)
     runtime = LiteRTModel(path, accelerator="xnnpack", threads=min(2, os.cpu_count() or 1))
-    agree = total = 0
-    max_diff = 0.0
+    expected, got = [], []
     for batch in batches:
-        expected = reference(batch).float().numpy()
-        got = runtime(batch.numpy())
-        agree += int((expected.argmax(1) == got.argmax(1)).sum())
-        total += len(batch)
-        max_diff = max(max_diff, float(np.abs(expected - got).max()))
-    if total == 0:
+        expected.append(reference(batch).float().numpy())
+        got.append(runtime(batch.numpy()))
+    if not expected:
         raise SparseliteError("verify_batches was empty; pass at least one held-out batch")
-    return Parity(total, agree / total, max_diff / output_scale, output_scale, kind)
+    return compare_logits(np.concatenate(expected), np.concatenate(got), output_scale, kind)
+
+
+def _has_tied_top(logits: np.ndarray) -> np.ndarray:
+    return (logits == logits.max(axis=1, keepdims=True)).sum(axis=1) > 1
+
+
+def compare_logits(expected: np.ndarray, got: np.ndarray, output_scale: float, reference: str) -> Parity:
+    """The parity gate's numbers. An example whose top logit is exactly tied (int8 logits tie often in
+    an undertrained model) has no well-defined top-1, so it is left out of the agreement."""
+    agree = expected.argmax(1) == got.argmax(1)
+    untied = ~(_has_tied_top(expected) | _has_tied_top(got))
+    agreement = float(agree[untied].mean()) if untied.any() else 0.0
+    max_diff = float(np.abs(expected - got).max()) / output_scale
+    return Parity(len(expected), agreement, max_diff, output_scale, reference, ties_excluded=int((~untied).sum()),
+                  top1_agreement_all=float(agree.mean()), degenerate_reference=degenerate(expected, output_scale))
+
+
+def degenerate(logits: np.ndarray, output_scale: float) -> str | None:
+    """Why a model's logits show it learned nothing input-dependent (so agreement proves nothing), or None."""
+    if len(logits) < 2:
+        return None
+    if float(logits.std(axis=0).max()) < output_scale:
+        return "gives every example the same logits"
+    counts = np.bincount(logits.argmax(1))
+    if logits.shape[1] > 1 and counts.max() >= 0.99 * len(logits):
+        return f"predicts class {int(counts.argmax())} for {counts.max() / len(logits):.0%} of the examples"
+    return None
 
 
 def export_float_tflite(module: nn.Module, example_inputs: torch.Tensor | tuple, path: str | Path) -> int:

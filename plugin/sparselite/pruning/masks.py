@@ -66,9 +66,11 @@ class Pattern:
 
 
 def to_tflite_2d(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in, kh, kw] or [out, in] -> [out, kh*kw*in], TFLite's OHWI order."""
+    """[out, in, kh, kw], [out, in, k] (Conv1d, exported as a 1xk conv) or [out, in] -> [out, kh*kw*in], TFLite's OHWI order."""
     if weight.dim() == 4:
         return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    if weight.dim() == 3:
+        return weight.permute(0, 2, 1).reshape(weight.shape[0], -1)
     return weight.reshape(weight.shape[0], -1)
 
 
@@ -76,6 +78,9 @@ def from_tflite_2d(matrix: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     if len(shape) == 4:
         out_c, in_c, kh, kw = shape
         return matrix.reshape(out_c, kh, kw, in_c).permute(0, 3, 1, 2).contiguous()
+    if len(shape) == 3:
+        out_c, in_c, k = shape
+        return matrix.reshape(out_c, k, in_c).permute(0, 2, 1).contiguous()
     return matrix.reshape(shape)
 
 

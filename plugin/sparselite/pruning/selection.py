@@ -15,11 +15,13 @@ from torch import nn
 
 from sparselite.errors import SparseliteError
 
-DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+# Recurrent layers (GRU/LSTM) are not pruned: their cells export as float islands, whose weights
+# litert-torch writes as float constants that no sparse encoding reaches, so masks would buy nothing.
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
 def is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and module.groups == module.in_channels
 
 
 def is_pointwise(module: nn.Module) -> bool:
@@ -72,25 +74,31 @@ def select_layers(
     if policy == "xnnpack_latency":
         check_xnnpack_sparse_graph(model)
 
-    selected = {}
+    selected, skipped = {}, {}
     for name, module in named.items():
         explicitly_included = any(p.fullmatch(name) for p in includes)
-        if includes and not explicitly_included:
-            continue
-        if any(p.fullmatch(name) for p in excludes):
-            continue
         if not isinstance(module, tuple(module_types)) or getattr(module, "weight", None) is None:
+            if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+                skipped[name] = f"{type(module).__name__}: recurrent layers are not pruned"
             continue
-        if policy == "xnnpack_latency" and not is_pointwise(module):
-            continue  # XNNPACK's sparse kernels (SpMM) only exist for 1x1 convolutions
-        if not explicitly_included and (
-            (skip_depthwise and is_depthwise(module)) or module.weight.numel() < min_params
-        ):
-            continue
-        selected[name] = module
+        if includes and not explicitly_included:
+            skipped[name] = "not matched by include"
+        elif any(p.fullmatch(name) for p in excludes):
+            skipped[name] = "matched by exclude"
+        elif policy == "xnnpack_latency" and not is_pointwise(module):
+            skipped[name] = "not a 1x1 conv (policy xnnpack_latency)"  # XNNPACK's SpMM exists only for 1x1 convs
+        elif not explicitly_included and skip_depthwise and is_depthwise(module):
+            skipped[name] = "depthwise (skip_depthwise)"
+        elif not explicitly_included and module.weight.numel() < min_params:
+            skipped[name] = f"{module.weight.numel()} weights < min_params={min_params}"
+        else:
+            selected[name] = module
     if not selected:
+        seen = "; ".join(f"{name}: {why}" for name, why in list(skipped.items())[:6])
+        more = f" (+{len(skipped) - 6} more)" if len(skipped) > 6 else ""
+        types = ", ".join(t.__name__ for t in module_types)
         raise SparseliteError(
-            "no layer was selected for pruning; check module_types, include/exclude and min_params"
+            f"no layer was selected for pruning; layers of types {types} seen and skipped: {seen or 'none'}{more}"
         )
     return selected
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparselite.quantization.qat import QuantizationSimulator
@@ -26,8 +27,13 @@ class QuantizationAwareTraining(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before checkpoint restore, so the range buffers exist when the state_dict is loaded.
-        chains = self.simulator.prepare(pl_module)
-        rank_zero_info(f"[sparselite] QAT on {len(chains)} layers from step {self.config['start_step']}")
+        example = pl_module.example_input_array
+        example = None if example is None else (example,) if isinstance(example, torch.Tensor) else tuple(example)
+        chains = self.simulator.prepare(pl_module, example)
+        sites = f" and {len(self.simulator.op_sites)} functional ops (add, mul, cat)" if self.simulator.op_sites else ""
+        if example is None:
+            sites = "; set example_input_array on the LightningModule to also learn add/mul/cat ranges"
+        rank_zero_info(f"[sparselite] QAT on {len(chains)} layers{sites} from step {self.config['start_step']}")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self.simulator.step(trainer.global_step)

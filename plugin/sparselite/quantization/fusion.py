@@ -14,8 +14,9 @@ import torch.fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-PRODUCER_TYPES = (nn.Conv2d, nn.Linear)
+PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 ACTIVATION_TYPES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+_BATCHNORM_OF = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d}
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,23 @@ def find_fused_chains(model: nn.Module) -> list[FusedChain]:
             return user
         return None
 
+    # A module called more than once (ResNet's one ReLU, after the conv and after the add) cannot
+    # end a chain: a hook on it would give every call the chain's range.
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+
     chains = []
     for node in graph.nodes:
         if node.op != "call_module" or node.target not in producers:
             continue
         batchnorm = activation = None
         tail = node
-        if isinstance(modules[node.target], nn.Conv2d) and (bn := sole_module_user(tail, (nn.BatchNorm2d,))):
+        bn_type = next((bn for conv, bn in _BATCHNORM_OF.items() if isinstance(modules[node.target], conv)), None)
+        if bn_type and (bn := sole_module_user(tail, (bn_type,))) and calls[bn.target] == 1:
             batchnorm, tail = bn.target, bn
-        if act := sole_module_user(tail, ACTIVATION_TYPES):
+        if (act := sole_module_user(tail, ACTIVATION_TYPES)) and calls[act.target] == 1:
             activation = act.target
         chains.append(FusedChain(node.target, batchnorm, activation))
     return chains

@@ -5,6 +5,10 @@ checkpoints and DDP behave as usual. State lives in submodules named ``sparselit
   - ``<conv|linear>.sparselite_weight_quant``: per-channel fake-quant of the (unfolded) weight;
   - ``<conv|linear>.sparselite_output_quant``: the range of the fused op's output, observed after BN
     and activation (a forward hook on the chain's last module applies it);
+  - ``<activation>.sparselite_output_quant``: the output of an activation TFLite requantizes
+    (Hardswish, SiLU, ...) that no chain fuses;
+  - ``<module>.sparselite_op_quant.<op>_<i>``: the outputs of functional ops (add, mul, cat, ...)
+    called in that module's forward (``op_points.py``);
   - ``<root>.sparselite_input_quant``: the range of the model input.
 Per-channel symmetric weight quantization is invariant to BN's per-channel scale, so fake-quant of
 the unfolded weight gives the same int8 values as the folded weight exported later.
@@ -22,6 +26,7 @@ from torch import nn
 from sparselite.errors import SparseliteError
 from sparselite.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from sparselite.quantization.fusion import FusedChain, find_fused_chains
+from sparselite.quantization.op_points import HOOK_FUNCTIONS, OP_QUANT, attach_op_sites
 
 WEIGHT_QUANT = "sparselite_weight_quant"
 OUTPUT_QUANT = "sparselite_output_quant"
@@ -33,12 +38,19 @@ class _QATConv2d(nn.Conv2d):
         return self._conv_forward(x, getattr(self, WEIGHT_QUANT)(self.weight), self.bias)
 
 
+class _QATConv1d(nn.Conv1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, getattr(self, WEIGHT_QUANT)(self.weight), self.bias)
+
+
 class _QATLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, getattr(self, WEIGHT_QUANT)(self.weight), self.bias)
 
 
-_QAT_CLASSES = {nn.Conv2d: _QATConv2d, nn.Linear: _QATLinear}
+_QAT_CLASSES = {nn.Conv1d: _QATConv1d, nn.Conv2d: _QATConv2d, nn.Linear: _QATLinear}
+# Activations whose int8 TFLite op requantizes (own output range), unless fused into a conv chain.
+REQUANTIZING_ACTIVATIONS = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.PReLU)
 _FLOAT_CLASSES = {v: k for k, v in _QAT_CLASSES.items()}
 
 
@@ -69,15 +81,17 @@ class QuantizationSimulator:
         self.averaging_constant = averaging_constant
         self.chains: list[FusedChain] = []
         self.model: nn.Module | None = None
-        self._hooks: list[Any] = []
+        self.op_sites: list[str] = []
 
-    def prepare(self, model: nn.Module) -> list[FusedChain]:
-        """Attach fake-quant to every conv/linear (exact nn.Conv2d / nn.Linear) and the model input."""
+    def prepare(self, model: nn.Module, example_inputs: tuple | None = None) -> list[FusedChain]:
+        """Attach fake-quant to every conv/linear (exact nn.Conv1d/2d, nn.Linear), every requantizing
+        activation, and the model input; with ``example_inputs``, also to functional ops (add, mul, cat)."""
         if self.model is not None:
             return self.chains
         chains = [c for c in find_fused_chains(model) if type(model.get_submodule(c.producer)) in _QAT_CLASSES]
         if not chains:
-            raise SparseliteError("QAT found no nn.Conv2d or nn.Linear to quantize in the model")
+            raise SparseliteError("QAT found no nn.Conv1d, nn.Conv2d or nn.Linear to quantize in the model")
+        tails = {c.output_module for c in chains}
         for chain in chains:
             producer = model.get_submodule(chain.producer)
             batchnorm = model.get_submodule(chain.batchnorm) if chain.batchnorm else None
@@ -85,9 +99,15 @@ class QuantizationSimulator:
             producer.add_module(OUTPUT_QUANT, ActivationFakeQuant(self.averaging_constant))
             producer.__class__ = _QAT_CLASSES[type(producer)]
             tail = model.get_submodule(chain.output_module)
-            self._hooks.append(tail.register_forward_hook(functools.partial(_quantize_output, getattr(producer, OUTPUT_QUANT))))
+            tail.register_forward_hook(functools.partial(_quantize_output, getattr(producer, OUTPUT_QUANT)))
+        for name, module in model.named_modules():
+            if isinstance(module, REQUANTIZING_ACTIVATIONS) and name not in tails:
+                module.add_module(OUTPUT_QUANT, ActivationFakeQuant(self.averaging_constant))
+                module.register_forward_hook(functools.partial(_quantize_output, getattr(module, OUTPUT_QUANT)))
         model.add_module(INPUT_QUANT, ActivationFakeQuant(self.averaging_constant))
-        self._hooks.append(model.register_forward_pre_hook(functools.partial(_quantize_input, getattr(model, INPUT_QUANT))))
+        model.register_forward_pre_hook(functools.partial(_quantize_input, getattr(model, INPUT_QUANT)))
+        if example_inputs is not None:
+            self.op_sites = attach_op_sites(model, tuple(example_inputs), self.averaging_constant)
         self.model, self.chains = model, chains
         self.step(0)
         return chains
@@ -120,9 +140,6 @@ class QuantizationSimulator:
 
     def strip(self) -> None:
         """Back to the float model: remove hooks, fake-quant modules, and restore the classes."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
         strip_fake_quant(self.model)
         self.model = None
 
@@ -132,22 +149,26 @@ def strip_fake_quant(model: nn.Module) -> None:
     for module in model.modules():
         if type(module) in _FLOAT_CLASSES:
             module.__class__ = _FLOAT_CLASSES[type(module)]
-        for name in (WEIGHT_QUANT, OUTPUT_QUANT, INPUT_QUANT):
+        for name in (WEIGHT_QUANT, OUTPUT_QUANT, INPUT_QUANT, OP_QUANT):
             if name in module._modules:
                 del module._modules[name]
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key, hook in list(hooks.items()):
-                if isinstance(hook, functools.partial) and hook.func in (_quantize_output, _quantize_input):
+                if isinstance(hook, functools.partial) and hook.func in (_quantize_output, _quantize_input, *HOOK_FUNCTIONS):
                     del hooks[key]
+                    module._forward_hooks_always_called.pop(key, None)
 
 
 def learned_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
     """The ranges a prepared model holds, read from its modules (works on a deep copy too)."""
     ranges = {}
     for name, module in model.named_modules():
-        # Output ranges are keyed by their producer's name, the input range by the root's name, ''.
+        # Output ranges are keyed by their producer's (or activation's) name, the input range by
+        # the root's name, '', and functional ops by their fake-quant's path (op_points.site_name).
         for attr in (OUTPUT_QUANT, INPUT_QUANT):
             quant = module._modules.get(attr)
             if isinstance(quant, ActivationFakeQuant) and quant.initialized:
                 ranges[name] = tuple(quant.min_max.tolist())
+        if isinstance(module, ActivationFakeQuant) and module.initialized and f".{OP_QUANT}." in f".{name}":
+            ranges[name] = tuple(module.min_max.tolist())
     return ranges

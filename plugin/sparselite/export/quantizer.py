@@ -1,0 +1,199 @@
+"""litert's PT2E quantizer, completed so that every op TFLite runs in int8 is annotated int8.
+
+litert's quantizer annotates conv/linear well, but its activation patterns are matched on module
+*source partitions*: a ReLU module called twice (ResNet's BasicBlock), two adds in a row, SiLU,
+hardsigmoid and sigmoid gates come out as float islands (DEQUANTIZE -> op -> QUANTIZE). This module
+keeps litert's weight-carrying annotators (conv, linear) and annotates every other op by its *kind*,
+in graph order, from one table:
+
+- ``SHARES_INPUT_RANGE``: ops whose int8 output TFLite keeps in the input's scale (activations that
+  fuse or clamp, pooling, every shape op). Their output shares the input's observer.
+- ``OWN_RANGE``: ops that requantize (ADD, SUB, MUL, HARD_SWISH, GELU, BATCH_MATMUL, ...). Their
+  inputs and output each get an observer; QAT learns the output range at the same point.
+- ``FIXED_RANGE``: LOGISTIC, TANH, SOFTMAX, whose int8 kernels require a fixed output scale.
+- ``CONCATENATION``: one range shared by all inputs and the output (TFLite's kernel requires it).
+
+Ops with no int8 TFLite kernel are rewritten first where an exact int8 form exists (SiLU is x *
+sigmoid(x), hardsigmoid is relu6(x + 3) / 6); anything else stays unannotated and becomes a float
+island, which the exporter reports by name (and refuses unless float fallback is allowed).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+from torch.fx import GraphModule, Node
+from torchao.quantization.pt2e.quantizer import (
+    FixedQParamsQuantizationSpec, QuantizationAnnotation, SharedQuantizationSpec,
+)
+
+from sparselite.quantization.spec import ACT_QMAX, ACT_QMIN
+
+aten = torch.ops.aten
+
+SHARES_INPUT_RANGE = {
+    "relu", "relu_", "hardtanh", "hardtanh_", "relu6", "clamp", "clamp_", "clamp_min", "clamp_max",
+    "max_pool1d", "max_pool2d", "max_pool2d_with_indices", "adaptive_max_pool2d", "avg_pool1d", "avg_pool2d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d", "mean",
+    "view", "_unsafe_view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "t",
+    "contiguous", "clone", "alias", "detach", "dropout", "expand", "slice", "select", "narrow",
+    "pad", "constant_pad_nd", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
+    "flip", "roll", "_to_copy", "to", "upsample_nearest2d", "max",
+}
+OWN_RANGE = {
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "hardswish", "hardswish_", "gelu",
+    "leaky_relu", "leaky_relu_", "elu", "neg", "abs", "square", "pow", "sum", "bmm", "matmul",
+    "rsqrt", "sqrt", "minimum", "maximum", "upsample_bilinear2d", "prelu", "_prelu_kernel",
+}
+# TFLite's int8 LOGISTIC and SOFTMAX require output scale 1/256, zero point -128; TANH 1/128, 0.
+FIXED_RANGE = {
+    "sigmoid": (1.0 / 256, -128), "sigmoid_": (1.0 / 256, -128), "_softmax": (1.0 / 256, -128),
+    "softmax": (1.0 / 256, -128), "tanh": (1.0 / 128, 0), "tanh_": (1.0 / 128, 0),
+}
+CONCATENATION = {"cat", "concat", "stack"}
+SPLITS = {"split", "split_with_sizes", "chunk", "unbind", "tensor_split", "unsafe_split"}
+
+# litert's annotators that this quantizer keeps: the ones that carry weights and biases. Its
+# activation patterns are replaced by the op table above (see the module docstring).
+WEIGHT_ANNOTATORS = ["linear", "addmm", "conv_relu", "conv"]
+
+
+def op_kind(node: Node) -> str:
+    """The aten op's base name ('add' for aten.add.Tensor), '' for anything that is not an op call."""
+    if node.op != "call_function":
+        return ""
+    if node.target is operator.getitem:
+        return "getitem"
+    packet = getattr(node.target, "_overloadpacket", None)
+    return getattr(packet, "__name__", getattr(node.target, "__name__", "")).split(".")[-1]
+
+
+def is_float_tensor(node: object) -> bool:
+    value = node.meta.get("val") if isinstance(node, Node) else None
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _annotation(node: Node) -> QuantizationAnnotation | None:
+    annotation = node.meta.get("quantization_annotation")
+    return annotation if annotation is not None and annotation._annotated else None
+
+
+def _has_output_range(node: Node) -> bool:
+    annotation = _annotation(node)
+    return annotation is not None and annotation.output_qspec is not None
+
+
+def _tensor_inputs(node: Node) -> list[Node]:
+    inputs = []
+    for arg in node.args:
+        for item in arg if isinstance(arg, (list, tuple)) else (arg,):
+            if is_float_tensor(item) and item not in inputs:
+                inputs.append(item)
+    return inputs
+
+
+def decompose_for_int8(model: GraphModule) -> GraphModule:
+    """Rewrite ops with no int8 TFLite kernel into exact forms that have one (before annotation)."""
+    graph = model.graph
+    for node in list(graph.nodes):
+        kind = op_kind(node)
+        if kind not in ("silu", "silu_", "hardsigmoid", "hardsigmoid_"):
+            continue
+        x = node.args[0]
+        with graph.inserting_before(node):
+            if kind.startswith("silu"):
+                gate = graph.call_function(aten.sigmoid.default, (x,))
+                new_nodes = [gate, graph.call_function(aten.mul.Tensor, (x, gate))]
+            else:
+                shifted = graph.call_function(aten.add.Tensor, (x, 3.0))
+                clamped = graph.call_function(aten.hardtanh.default, (shifted, 0.0, 6.0))
+                new_nodes = [shifted, clamped, graph.call_function(aten.mul.Tensor, (clamped, 1.0 / 6.0))]
+        for new in new_nodes:
+            # The module stack names the op in reports; the fake value carries shape and dtype.
+            new.meta.update({k: node.meta[k] for k in ("nn_module_stack", "val", "stack_trace") if k in node.meta})
+            new.meta["sparselite_decomposed"] = kind  # not a call site of the user's code (see ranges.op_sites)
+        node.replace_all_uses_with(new_nodes[-1])
+        graph.erase_node(node)
+    graph.lint()
+    model.recompile()
+    return model
+
+
+class FullInt8Quantizer(PT2EQuantizer):
+    """``PT2EQuantizer`` with litert's weight annotators and an op-kind table for everything else."""
+
+    STATIC_OPS = WEIGHT_ANNOTATORS
+    STATIC_QAT_ONLY_OPS: list[str] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.set_global(get_symmetric_quantization_config(is_per_channel=True))
+
+    def transform_for_annotation(self, model: GraphModule) -> GraphModule:
+        # Decompose first: litert's pass then turns the new scalar operands into constant tensors.
+        return super().transform_for_annotation(decompose_for_int8(model))
+
+    def annotate(self, model: GraphModule) -> GraphModule:
+        super().annotate(model)
+        annotate_by_op_kind(model, self.global_config.input_activation, self.global_config.output_activation)
+        return model
+
+
+def annotate_by_op_kind(model: GraphModule, input_spec, output_spec) -> None:
+    """Annotate every not-yet-annotated op of a known kind, in graph order (inputs before users)."""
+    for node in model.graph.nodes:
+        if node.op != "call_function" or _annotation(node) is not None:
+            continue
+        kind = op_kind(node)
+        inputs = _tensor_inputs(node)
+        if not inputs:
+            continue
+        if kind in SHARES_INPUT_RANGE and is_float_tensor(node):
+            _annotate_shared(node, inputs[0], input_spec)
+        elif kind in OWN_RANGE and is_float_tensor(node):
+            node.meta["quantization_annotation"] = QuantizationAnnotation(
+                input_qspec_map={i: _input_qspec(i, input_spec) for i in inputs}, output_qspec=output_spec, _annotated=True)
+        elif kind in FIXED_RANGE and is_float_tensor(node):
+            scale, zero_point = FIXED_RANGE[kind]
+            fixed = FixedQParamsQuantizationSpec(dtype=torch.int8, scale=scale, zero_point=zero_point,
+                                                 quant_min=ACT_QMIN, quant_max=ACT_QMAX, qscheme=torch.per_tensor_affine)
+            node.meta["quantization_annotation"] = QuantizationAnnotation(
+                input_qspec_map={inputs[0]: _input_qspec(inputs[0], input_spec)}, output_qspec=fixed, _annotated=True)
+        elif kind in CONCATENATION and is_float_tensor(node):
+            # TFLite's int8 CONCATENATION needs one scale: inputs with their own are requantized to it.
+            first = inputs[0]
+            shared = SharedQuantizationSpec((first, node))
+            node.meta["quantization_annotation"] = QuantizationAnnotation(
+                input_qspec_map={first: input_spec, **{i: shared for i in inputs[1:]}}, output_qspec=shared, _annotated=True)
+        elif kind in SPLITS:
+            _annotate_split(node, inputs[0], input_spec)
+
+
+def _input_qspec(source: Node, input_spec):
+    """Read an input in the scale its producer already has (a fixed LOGISTIC range, say), not a new one."""
+    return SharedQuantizationSpec(source) if _has_output_range(source) else input_spec
+
+
+def _annotate_shared(node: Node, source: Node, input_spec) -> None:
+    """Output in the input's scale: share the producer's observer, or observe the input edge if it has none."""
+    if _has_output_range(source):
+        shared = SharedQuantizationSpec(source)
+        input_qspec = shared
+    else:
+        input_qspec, shared = input_spec, SharedQuantizationSpec((source, node))
+    node.meta["quantization_annotation"] = QuantizationAnnotation(
+        input_qspec_map={source: input_qspec}, output_qspec=shared, _annotated=True)
+
+
+def _annotate_split(node: Node, source: Node, input_spec) -> None:
+    """A split's pieces (``getitem`` users) keep the input's scale."""
+    if _has_output_range(source):
+        input_qspec = shared = SharedQuantizationSpec(source)
+    else:
+        input_qspec, shared = input_spec, SharedQuantizationSpec((source, node))
+    node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map={source: input_qspec}, _annotated=True)
+    for user in node.users:
+        if op_kind(user) == "getitem" and is_float_tensor(user):
+            user.meta["quantization_annotation"] = QuantizationAnnotation(output_qspec=shared, _annotated=True)

@@ -1,0 +1,148 @@
+"""Fake-quant at the outputs of functional ops (``x + y``, ``x * g``, ``torch.cat``) in eager models.
+
+TFLite requantizes the output of every ADD, SUB, MUL and CONCATENATION, but in an eager model these
+are not modules, so no hook can reach them. A ``TorchFunctionMode`` that is active only during the
+model's forward sees each such call. A call site is named by the innermost module whose forward
+made it, the op kind and its index among that module's calls of that kind in one forward
+(``block.sparselite_op_quant.add_0``). torch.export records the same module for each aten node in
+program order, so export finds the same name for each node (``ranges.py``).
+
+The sites are found by one forward pass at ``prepare`` time, so their range buffers exist before a
+checkpoint is restored.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from sparselite.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
+
+OP_QUANT = "sparselite_op_quant"
+
+# Python-level callables -> the op kind TFLite requantizes (the aten op torch.export records).
+_KIND_OF = {}
+for _kind, _names in {
+    "add": ("add", "add_", "__add__", "__iadd__", "__radd__"),
+    "sub": ("sub", "sub_", "__sub__", "__isub__"),
+    "mul": ("mul", "mul_", "__mul__", "__imul__", "__rmul__"),
+    "cat": ("cat", "concat", "concatenate"),
+}.items():
+    for _name in _names:
+        for _owner in (torch.Tensor, torch):
+            if hasattr(_owner, _name):
+                _KIND_OF[getattr(_owner, _name)] = _kind
+
+# aten op base names -> the same kinds, for export.
+ATEN_KINDS = {"add": "add", "add_": "add", "sub": "sub", "sub_": "sub", "mul": "mul", "mul_": "mul", "cat": "cat", "concat": "cat"}
+
+
+def site_name(owner: str, kind: str, index: int) -> str:
+    """The range's key in ``learned_ranges``: the fake-quant module's path."""
+    return f"{owner + '.' if owner else ''}{OP_QUANT}.{kind}_{index}"
+
+
+class OpSites:
+    """Tracks which module is running and numbers the functional ops each one calls."""
+
+    def __init__(self, model: nn.Module, averaging_constant: float) -> None:
+        self.names = {module: name for name, module in model.named_modules()}
+        self.averaging_constant = averaging_constant
+        self.stack: list[nn.Module] = []
+        self.counts: dict[tuple[nn.Module, str], int] = {}
+        self.discovering = False
+        self.mode: _OpMode | None = None
+
+    def enter_module(self, module: nn.Module) -> None:
+        self.stack.append(module)
+
+    def exit_module(self, module: nn.Module) -> None:
+        if self.stack and self.stack[-1] is module:
+            self.stack.pop()
+
+    def begin_forward(self) -> None:
+        self.counts.clear()
+        self.stack.clear()
+        self.mode = _OpMode(self)
+        self.mode.__enter__()
+
+    def end_forward(self) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.mode = None
+
+    def on_op(self, kind: str, output: torch.Tensor) -> torch.Tensor:
+        if not self.stack or isinstance(self.stack[-1], (ActivationFakeQuant, WeightFakeQuant)):
+            return output  # the fake-quant's own arithmetic
+        owner = self.stack[-1]
+        index = self.counts.get((owner, kind), 0)
+        self.counts[(owner, kind)] = index + 1
+        points = owner._modules.get(OP_QUANT)
+        key = f"{kind}_{index}"
+        if self.discovering:
+            if points is None:
+                points = nn.ModuleDict()
+                owner.add_module(OP_QUANT, points)
+            if key not in points:
+                points[key] = ActivationFakeQuant(self.averaging_constant)
+        if points is None or key not in points:
+            return output
+        return points[key](output)
+
+
+class _OpMode(TorchFunctionMode):
+    def __init__(self, sites: OpSites) -> None:
+        super().__init__()
+        self.sites = sites
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        kind = _KIND_OF.get(func)
+        if kind is not None and isinstance(output, torch.Tensor) and output.is_floating_point():
+            output = self.sites.on_op(kind, output)
+        return output
+
+
+def _enter(sites: OpSites, module: nn.Module, args: tuple) -> None:
+    sites.enter_module(module)
+
+
+def _exit(sites: OpSites, module: nn.Module, args: tuple, output: Any) -> None:
+    sites.exit_module(module)
+
+
+def _begin(sites: OpSites, module: nn.Module, args: tuple) -> None:
+    sites.begin_forward()
+
+
+def _end(sites: OpSites, module: nn.Module, args: tuple, output: Any) -> None:
+    sites.end_forward()
+
+
+HOOK_FUNCTIONS = (_enter, _exit, _begin, _end)
+
+
+def attach_op_sites(model: nn.Module, example_inputs: tuple, averaging_constant: float) -> list[str]:
+    """Find the functional-op call sites with one forward pass and give each a fake-quant. Returns their names."""
+    sites = OpSites(model, averaging_constant)
+    model.register_forward_pre_hook(functools.partial(_begin, sites))
+    for module in model.modules():
+        module.register_forward_pre_hook(functools.partial(_enter, sites))
+        module.register_forward_hook(functools.partial(_exit, sites), always_call=True)
+    # Registered last so that it runs after the root's own exit hook, and even if forward raises.
+    model.register_forward_hook(functools.partial(_end, sites), always_call=True)
+    was_training = model.training
+    sites.discovering = True
+    try:
+        with torch.no_grad():
+            model.eval()(*example_inputs)
+    finally:
+        sites.discovering = False
+        model.train(was_training)
+    return [site_name(name, key.rsplit("_", 1)[0], int(key.rsplit("_", 1)[1]))
+            for name, module in model.named_modules() if OP_QUANT in module._modules
+            for key in module._modules[OP_QUANT]]

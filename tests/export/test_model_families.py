@@ -1,0 +1,102 @@
+"""Each architecture family's characteristic block trains with QAT and exports fully int8.
+
+A block per family (ResNet's shared-ReLU residual, MobileNetV2's inverted residual, chained adds,
+MobileNetV3's hardsigmoid squeeze-excite, EfficientNet's SiLU MBConv, SqueezeNet's concat,
+ShuffleNet's channel shuffle, a Conv1d keyword spotter) in a small model: QAT on real Fashion-MNIST,
+then the real converter and runtime. Each test reads the op types from the file and checks that
+every tensor they touch is int8, that every activation range came from training, and parity.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ai_edge_litert.schema_py_generated import TensorType
+
+from model_blocks import KeywordSpotter, TransformerBlockNet, family_models
+from sparselite import export_tflite
+from sparselite.export.flatbuffer import builtin_code, builtin_name, read_model
+from sparselite.quantization.qat import QuantizationSimulator
+
+STEPS, QAT_START = 120, 60
+
+# The int8 ops each family must put in the file (besides convolutions and the classifier).
+FAMILY_OPS = {
+    "basic_residual": {"ADD"},
+    "inverted_residual": {"ADD", "HARD_SWISH"},
+    "chained_residual": {"ADD"},
+    "squeeze_excite_hardsigmoid": {"MUL", "HARD_SWISH", "MEAN"},
+    "mbconv_silu": {"LOGISTIC", "MUL", "ADD"},
+    "fire_concat": {"CONCATENATION"},
+    "channel_shuffle": {"CONCATENATION", "TRANSPOSE", "RESHAPE"},
+    "conv1d": {"CONV_2D", "MEAN"},
+}
+
+
+def models() -> dict[str, torch.nn.Module]:
+    return {**family_models(), "conv1d": KeywordSpotter()}
+
+
+def train_with_qat(model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> torch.nn.Module:
+    images, labels = data
+    simulator = QuantizationSimulator(start_step=QAT_START, averaging_constant=0.05)
+    simulator.prepare(model, (images[:1],))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(STEPS):
+        model.train()
+        simulator.step(step)
+        batch = slice((step * 32) % (len(images) - 32), (step * 32) % (len(images) - 32) + 32)
+        loss = F.cross_entropy(model(images[batch]), labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def op_tensor_types(path) -> dict[str, set[int]]:
+    """TFLite op type -> the types of every non-constant tensor it reads or writes."""
+    model = read_model(path)
+    subgraph = model.subgraphs[0]
+    types: dict[str, set[int]] = {}
+    for op in subgraph.operators:
+        name = builtin_name(builtin_code(model, op))
+        tensors = [subgraph.tensors[i] for i in list(op.inputs) + list(op.outputs) if i >= 0]
+        types.setdefault(name, set()).update(t.type for t in tensors if model.buffers[t.buffer].data is None)
+    return types
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_OPS))
+def test_family_block_exports_fully_int8(family, fmnist_train, fmnist_heldout, tmp_path):
+    torch.manual_seed(0)
+    model = train_with_qat(models()[family], fmnist_train)
+    path = tmp_path / f"{family}.tflite"
+    images = fmnist_heldout[0]
+    report = export_tflite(model, images[:1], path, verify_batches=[images], min_agreement=0.0)
+
+    types = op_tensor_types(path)
+    assert FAMILY_OPS[family] <= set(types), f"missing ops: {FAMILY_OPS[family] - set(types)}"
+    for op, tensor_types in types.items():
+        if op not in ("QUANTIZE", "DEQUANTIZE"):  # the float I/O conversions at the edges
+            assert tensor_types <= {TensorType.INT8, TensorType.INT32}, f"{op} has float activations"
+    assert report.float_islands == []
+    assert report.ranges_calibrated == 0, report.calibrated_ranges  # every range learned in QAT (or derived)
+    parity = report.parity
+    assert parity.trustworthy, parity.degenerate_reference
+    assert parity.top1_agreement >= 0.98 and parity.max_logit_diff_lsb <= 6, parity
+
+
+def test_transformer_block_exports_with_its_float_islands_listed(fmnist_train, fmnist_heldout, tmp_path):
+    torch.manual_seed(0)
+    model = train_with_qat(TransformerBlockNet(), fmnist_train)
+    images = fmnist_heldout[0]
+    report = export_tflite(model, images[:1], tmp_path / "vit.tflite", verify_batches=[images],
+                           min_agreement=0.0, float_fallback=True)
+    types = op_tensor_types(tmp_path / "vit.tflite")
+    weighted = [op for op in types if "CONV" in op or op in ("FULLY_CONNECTED", "GELU")]
+    assert len(weighted) >= 3 and all(TensorType.FLOAT32 not in types[op] for op in weighted)  # embedding, MLP, head
+    listed = {island.op for island in report.float_islands}
+    floats = {op for op, t in types.items() if TensorType.FLOAT32 in t and op not in ("QUANTIZE", "DEQUANTIZE")}
+    assert listed == floats  # every float island is reported, and nothing else
+    assert all(island.modules for island in report.float_islands)
+    assert report.parity.top1_agreement >= 0.98
