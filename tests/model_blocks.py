@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparselite.models.sequence import GRUClassifier, KeywordSpotter  # noqa: F401  (families the tests use)
+
 
 def conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, act: type[nn.Module] | None = nn.ReLU) -> nn.Sequential:
     layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
@@ -156,22 +158,6 @@ class MBConvSiLU(nn.Module):
         return x + self.project(self.se(self.depthwise(self.expand(x))))
 
 
-class KeywordSpotter(nn.Module):
-    """A Conv1d keyword-spotting net over [N, features, time] (28 MFCC-like rows of an image here)."""
-
-    def __init__(self, features: int = 28, num_classes: int = 10) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv1d(features, 32, 3, padding=1, bias=False), nn.BatchNorm1d(32), nn.ReLU(),
-            nn.Conv1d(32, 32, 3, padding=1, groups=32, bias=False), nn.BatchNorm1d(32), nn.ReLU(),
-            nn.Conv1d(32, 48, 1, bias=False), nn.BatchNorm1d(48), nn.ReLU(),
-        )
-        self.classifier = nn.Linear(48, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.body(x.flatten(1, 2)).mean(-1))
-
-
 def family_models() -> dict[str, nn.Module]:
     """One small model per architecture family, keyed by the block it tests."""
     return {
@@ -203,16 +189,3 @@ class TransformerBlockNet(nn.Module):
         tokens = tokens + self.attn(normed, normed, normed, need_weights=False)[0]
         tokens = tokens + self.mlp(self.norm2(tokens))
         return self.head(tokens.mean(1))
-
-
-class GRUClassifier(nn.Module):
-    """Reads an image row by row with a GRU and classifies its last hidden state."""
-
-    def __init__(self, features: int = 28, hidden: int = 32, num_classes: int = 10) -> None:
-        super().__init__()
-        self.gru = nn.GRU(features, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        output, _ = self.gru(x.flatten(1, 2))
-        return self.head(output[:, -1])

@@ -123,13 +123,13 @@ def export_command(ns: argparse.Namespace) -> None:
 
     import torch
 
+    from sparselite.checkpoints import load_checkpoint
     from sparselite.export.tflite import export_tflite
     from sparselite.pruning.callback import GradualPruning
     from sparselite.quantization.callback import QuantizationAwareTraining
 
     ckpt = Path(ns.checkpoint)
-    if not ckpt.is_file():
-        raise SparseliteError(f"checkpoint {ckpt} does not exist")
+    state = load_checkpoint(ckpt)["state_dict"]  # tensors only, before anything else is built
     configs = ns.config or ([str(c)] if (c := _find_run_config(ckpt)) else [])
     if not configs:
         raise SparseliteError(f"no config.yaml found next to {ckpt}; pass the run's configs with -c")
@@ -145,7 +145,6 @@ def export_command(ns: argparse.Namespace) -> None:
             # With the example, as in training: the functional ops' range buffers must exist to be restored.
             callback.simulator.prepare(module, None if example is None else (example,))
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(state)
     except (RuntimeError, KeyError) as err:
         raise SparseliteError(f"{ckpt} does not match the configured model: {str(err).splitlines()[0]}") from None
@@ -162,13 +161,16 @@ def export_command(ns: argparse.Namespace) -> None:
 def eval_command(ns: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
-    from sparselite.data.fashion_mnist import load_split
+    from sparselite.data.fashion_mnist import load_split, resize_images
     from sparselite.runtime.litert import LiteRTModel
 
     model = LiteRTModel(ns.model, accelerator=ns.accelerator, threads=ns.threads, gpu_precision=ns.gpu_precision)
     images, labels = load_split(ns.split, ns.data)
     if ns.limit:
         images, labels = images[: ns.limit], labels[: ns.limit]
+    shape = tuple(model.input_shape[1:])
+    if len(shape) == 3 and shape != tuple(images.shape[1:]):  # a model trained at another size (image_size/channels)
+        images = resize_images(images, shape[-1], shape[0])
     result = model.evaluate(DataLoader(TensorDataset(images, labels), batch_size=256))
     result.update(model=str(ns.model), accelerator=ns.accelerator, split=ns.split)
     print(json.dumps(result) if ns.json else f"{ns.model} on {ns.accelerator}: top-1 {result['accuracy']:.2%} over {result['examples']} {ns.split} images")

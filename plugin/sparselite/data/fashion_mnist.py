@@ -107,6 +107,15 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           generator=torch.Generator().manual_seed(0) if shuffle else None, collate_fn=collate)
 
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
 
 def resize_images(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
     """[N, 1, 28, 28] -> [N, channels, size, size] (bilinear; gray repeated for RGB models)."""
@@ -118,12 +127,3 @@ def resize_images(images: torch.Tensor, size: int, channels: int) -> torch.Tenso
 def _resized_batch(items: list[tuple[torch.Tensor, torch.Tensor]], size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = default_collate(items)
     return resize_images(images, size, channels), labels
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)

@@ -20,11 +20,12 @@ island, which the exporter reports by name (and refuses unless float fallback is
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
 from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 from torchao.quantization.pt2e.quantizer import (
     FixedQParamsQuantizationSpec, QuantizationAnnotation, SharedQuantizationSpec,
 )
@@ -94,28 +95,89 @@ def _tensor_inputs(node: Node) -> list[Node]:
     return inputs
 
 
+def _silu(graph: Graph, node: Node) -> list[Node]:
+    x = node.args[0]
+    gate = graph.call_function(aten.sigmoid.default, (x,))
+    return [gate, graph.call_function(aten.mul.Tensor, (x, gate))]
+
+
+def _hardsigmoid(graph: Graph, node: Node) -> list[Node]:
+    shifted = graph.call_function(aten.add.Tensor, (node.args[0], 3.0))
+    clamped = graph.call_function(aten.hardtanh.default, (shifted, 0.0, 6.0))
+    return [shifted, clamped, graph.call_function(aten.mul.Tensor, (clamped, 1.0 / 6.0))]
+
+
+def _hardswish(graph: Graph, node: Node) -> list[Node]:
+    """x * relu6(x + 3) / 6: XNNPACK (ai-edge-litert 2.3) delegates int8 ADD and MUL, not int8 HARD_SWISH,
+    which then runs on TFLite's own kernel and splits the graph (docs/upstream/xnnpack_int8_hardswish.md)."""
+    gate = _hardsigmoid(graph, node)
+    return [*gate, graph.call_function(aten.mul.Tensor, (node.args[0], gate[-1]))]
+
+
+def _layer_norm(graph: Graph, node: Node) -> list[Node]:
+    """MEAN, SUB, MUL, MEAN, ADD, RSQRT, MUL (+ affine MUL, ADD): TFLite's own int8 form of LayerNorm."""
+    x, shape = node.args[0], node.args[1]
+    weight = node.args[2] if len(node.args) > 2 else None
+    bias = node.args[3] if len(node.args) > 3 else None
+    eps = node.args[4] if len(node.args) > 4 else 1e-5
+    dims = list(range(-len(shape), 0))
+    mean = graph.call_function(aten.mean.dim, (x, dims, True))
+    centered = graph.call_function(aten.sub.Tensor, (x, mean))
+    squared = graph.call_function(aten.mul.Tensor, (centered, centered))
+    variance = graph.call_function(aten.mean.dim, (squared, dims, True))
+    shifted = graph.call_function(aten.add.Tensor, (variance, float(eps)))
+    inverse = graph.call_function(aten.rsqrt.default, (shifted,))
+    nodes = [mean, centered, squared, variance, shifted, inverse, graph.call_function(aten.mul.Tensor, (centered, inverse))]
+    if weight is not None:
+        nodes.append(graph.call_function(aten.mul.Tensor, (nodes[-1], weight)))
+    if bias is not None:
+        nodes.append(graph.call_function(aten.add.Tensor, (nodes[-1], bias)))
+    return nodes
+
+
+def _attention(graph: Graph, node: Node) -> list[Node] | None:
+    """softmax(q k^T * scale) v as BATCH_MATMUL, MUL, SOFTMAX, BATCH_MATMUL (no mask, dropout or causal)."""
+    q, k, v = node.args[:3]
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+    scale = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
+    if mask is not None or causal:
+        return None
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.meta["val"].shape[-1])
+    keys = graph.call_function(aten.transpose.int, (k, -2, -1))
+    scores = graph.call_function(aten.matmul.default, (q, keys))
+    scaled = graph.call_function(aten.mul.Tensor, (scores, float(scale)))
+    weights = graph.call_function(aten._softmax.default, (scaled, -1, False))
+    return [keys, scores, scaled, weights, graph.call_function(aten.matmul.default, (weights, v))]
+
+
+# Ops with no int8 TFLite kernel, and their exact forms that have one.
+_DECOMPOSITIONS = {
+    "silu": _silu, "silu_": _silu, "hardsigmoid": _hardsigmoid, "hardsigmoid_": _hardsigmoid,
+    "hardswish": _hardswish, "hardswish_": _hardswish,
+    "layer_norm": _layer_norm, "scaled_dot_product_attention": _attention,
+}
+
+
 def decompose_for_int8(model: GraphModule) -> GraphModule:
     """Rewrite ops with no int8 TFLite kernel into exact forms that have one (before annotation)."""
     graph = model.graph
     for node in list(graph.nodes):
         kind = op_kind(node)
-        if kind not in ("silu", "silu_", "hardsigmoid", "hardsigmoid_"):
+        if kind not in _DECOMPOSITIONS:
             continue
-        x = node.args[0]
         with graph.inserting_before(node):
-            if kind.startswith("silu"):
-                gate = graph.call_function(aten.sigmoid.default, (x,))
-                new_nodes = [gate, graph.call_function(aten.mul.Tensor, (x, gate))]
-            else:
-                shifted = graph.call_function(aten.add.Tensor, (x, 3.0))
-                clamped = graph.call_function(aten.hardtanh.default, (shifted, 0.0, 6.0))
-                new_nodes = [shifted, clamped, graph.call_function(aten.mul.Tensor, (clamped, 1.0 / 6.0))]
+            new_nodes = _DECOMPOSITIONS[kind](graph, node)
+        if not new_nodes:
+            continue
         for new in new_nodes:
-            # The module stack names the op in reports; the fake value carries shape and dtype.
+            # The module stack names the op in reports; the fake value carries the dtype.
             new.meta.update({k: node.meta[k] for k in ("nn_module_stack", "val", "stack_trace") if k in node.meta})
             new.meta["sparselite_decomposed"] = kind  # not a call site of the user's code (see ranges.op_sites)
         node.replace_all_uses_with(new_nodes[-1])
         graph.erase_node(node)
+    graph.eliminate_dead_code()
     graph.lint()
     model.recompile()
     return model

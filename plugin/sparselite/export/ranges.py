@@ -112,26 +112,56 @@ class PointResolver:
         return consumers
 
     def derived_range(self, node: torch.fx.Node) -> tuple[tuple[float, float], str] | None:
-        """add/sub/mul of a constant: the input's learned range, shifted or scaled."""
-        node = self.source(node)
+        """The range of a value computed from learned ones by ops with constant operands (the inside of
+        a decomposed hardsigmoid or hardswish): interval arithmetic through add/sub/mul and clamps."""
+        found = self._interval(node, depth=0)
+        return None if found is None else found
+
+    def _interval(self, node: torch.fx.Node, depth: int) -> tuple[tuple[float, float], str] | None:
+        if depth > 8:
+            return None
+        while node.op == "call_module" and node.target in self.observers:
+            node = node.args[0]
         kind = op_kind(node)
+        if kind in ("hardtanh", "hardtanh_", "clamp", "relu", "relu_", "relu6"):
+            inner = self._interval(node.args[0], depth + 1)
+            if inner is None:
+                return None
+            low, high = (0.0, float("inf")) if kind.startswith("relu") else _clamp_bounds(node)
+            (lo, hi), how = inner
+            return (min(max(lo, low), high), max(min(hi, high), low)), f"clamp({how})"
+        if kind in SHARES_INPUT_RANGE or (kind == "getitem" and op_kind(node.args[0]) in SPLITS):
+            return self._interval(node.args[0] if kind != "getitem" else node.args[0].args[0], depth + 1)
+        point = self.point(node)
+        if point is not None and point in self.ranges:
+            return self.ranges[point], point or "<input>"
         if kind not in ("add", "sub", "mul") or len(node.args) != 2:
             return None
         variable, constant = node.args
         value = _constant(constant, node.graph)
         if value is None:
             return None
-        point = self.point(variable)
-        if point is None or point not in self.ranges:
+        inner = self._interval(variable, depth + 1)
+        if inner is None:
             return None
-        lo, hi = self.ranges[point]
+        (lo, hi), how = inner
         if kind == "add":
             lo, hi = lo + value, hi + value
         elif kind == "sub":
             lo, hi = lo - value, hi - value
         else:
             lo, hi = sorted((lo * value, hi * value))
-        return (lo, hi), f"{point or '<input>'} {kind} {value:g}"
+        return (lo, hi), f"{how} {kind} {value:g}"
+
+
+def _clamp_bounds(node: torch.fx.Node) -> tuple[float, float]:
+    if op_kind(node).startswith("hardtanh"):
+        low = node.args[1] if len(node.args) > 1 else -1.0
+        high = node.args[2] if len(node.args) > 2 else 1.0
+    else:
+        low = node.args[1] if len(node.args) > 1 and node.args[1] is not None else float("-inf")
+        high = node.args[2] if len(node.args) > 2 and node.args[2] is not None else float("inf")
+    return float(low), float(high)
 
 
 def _constant(arg: object, graph: torch.fx.Graph) -> float | None:
@@ -152,9 +182,12 @@ def _fixed_range_observer(min_val: float, max_val: float) -> MinMaxObserver:
     return observer
 
 
-def _describe(node: torch.fx.Node) -> str:
-    source = node.args[0] if node.args else node
-    return f"{op_kind(source) or source.op} in '{module_path(source) or '?'}'"
+def _describe(source: torch.fx.Node) -> str:
+    """Why an observed value has no QAT range, for the report."""
+    where = f"'{module_path(source) or '?'}'"
+    if decomposed := source.meta.get("sparselite_decomposed"):
+        return f"{op_kind(source)} inside the int8 form of {decomposed} in {where}, not simulated in training"
+    return f"no QAT point for {op_kind(source) or source.op} in {where}"
 
 
 def quantize_pt2e(float_model: torch.nn.Module, example_inputs: tuple, ranges: Mapping[str, tuple[float, float]],
@@ -163,20 +196,12 @@ def quantize_pt2e(float_model: torch.nn.Module, example_inputs: tuple, ranges: M
     exported = torch.export.export(float_model, example_inputs).module()
     quantizer = FullInt8Quantizer()
     prepared = prepare_pt2e(exported, quantizer)
-    with torch.no_grad():
-        # Weight observers only see the weights during a forward pass: skip it and every weight
-        # scale stays 1.0, the model converts silently and scores at chance.
-        prepared(*example_inputs)
-        # The exported graph has the example's batch size, so calibration runs in slices of it.
-        step = example_inputs[0].shape[0]
-        for batch in calibration:
-            for start in range(0, len(batch) - step + 1, step):
-                prepared(batch[start : start + step])
     # Not named_children(): it de-duplicates, and pt2e registers one observer under several names
     # where ops share quantization (conv -> in-place relu). Every alias must get the learned range.
     observers = {name: m for name, m in prepared._modules.items() if isinstance(m, ObserverBase)}
     resolver = PointResolver(prepared.graph, observers, ranges)
     injection = RangeInjection()
+    replacements = {}
     for node in prepared.graph.nodes:
         if node.op != "call_module" or node.target not in observers:
             continue
@@ -187,15 +212,27 @@ def quantize_pt2e(float_model: torch.nn.Module, example_inputs: tuple, ranges: M
         if observer.qscheme != torch.per_tensor_affine:
             continue  # weights: per-channel, taken from the current weights, as in training
         point = resolver.point(node.args[0])
-        if point is not None and point in ranges:
-            setattr(prepared, node.target, _fixed_range_observer(*ranges[point]))
+        if node.args[0].op == "get_attr":
+            injection.derived[node.target] = "a constant operand: its range is its value's"
+        elif point is not None and point in ranges:
+            replacements[node.target] = ranges[point]
             injection.learned[node.target] = point or "<input>"
         elif ranges and (derived := resolver.derived_range(node.args[0])) is not None:
-            (lo, hi), how = derived
-            setattr(prepared, node.target, _fixed_range_observer(lo, hi))
-            injection.derived[node.target] = how
+            replacements[node.target], injection.derived[node.target] = derived
         else:
-            why = "the model has no QAT ranges" if not ranges else f"no QAT point for {_describe(node)}"
+            why = "the model has no QAT ranges" if not ranges else _describe(resolver.source(node.args[0]))
             injection.calibrated[node.target] = why
+    with torch.no_grad():
+        # Weight observers only see the weights during a forward pass: skip it and every weight
+        # scale stays 1.0, the model converts silently and scores at chance.
+        prepared(*example_inputs)
+        if injection.calibrated:  # calibration is slow (histogram observers); only when a range needs it
+            # The exported graph has the example's batch size, so calibration runs in slices of it.
+            step = example_inputs[0].shape[0]
+            for batch in calibration:
+                for start in range(0, len(batch) - step + 1, step):
+                    prepared(batch[start : start + step])
+    for name, (lo, hi) in replacements.items():
+        setattr(prepared, name, _fixed_range_observer(lo, hi))
     converted = convert_pt2e(prepared, fold_quantize=False)
     return converted, quantizer, injection

@@ -193,6 +193,11 @@ def export_tflite(
         converted, quantizer, injection = quantize_pt2e(float_model, example_inputs, ranges, calibration)
     except Exception as err:
         raise SparseliteError(f"torch.export/pt2e failed on this model: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    if injection.calibrated and not calibration:
+        raise SparseliteError(
+            f"{len(injection.calibrated)} activation range(s) were not learned in QAT (e.g. "
+            f"{next(iter(injection.calibrated.values()))}) and no calibration batches were given; pass calibration=[...]"
+        )
 
     import litert_torch
     from litert_torch.quantize.quant_config import QuantConfig
@@ -238,7 +243,7 @@ def export_tflite(
         )
     report.file_bytes = len(final)
     report.xz_bytes = len(lzma.compress(final, preset=9))
-    report.dense_int8_xz_bytes = report.xz_bytes if final is dense else len(lzma.compress(dense, preset=9))
+    report.dense_int8_xz_bytes = report.xz_bytes if final == dense else len(lzma.compress(dense, preset=9))
     _report_sparsity(report, final, layer_tensors, train_sparsity, float_model)
 
     # Verify on the runtime before the file replaces anything at ``path``.

@@ -49,8 +49,8 @@ class _QATLinear(nn.Linear):
 
 
 _QAT_CLASSES = {nn.Conv1d: _QATConv1d, nn.Conv2d: _QATConv2d, nn.Linear: _QATLinear}
-# Activations whose int8 TFLite op requantizes (own output range), unless fused into a conv chain.
-REQUANTIZING_ACTIVATIONS = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.PReLU)
+# Modules whose int8 TFLite form requantizes (own output range), unless fused into a conv chain.
+REQUANTIZING_MODULES = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.PReLU, nn.LayerNorm)
 _FLOAT_CLASSES = {v: k for k, v in _QAT_CLASSES.items()}
 
 
@@ -101,7 +101,7 @@ class QuantizationSimulator:
             tail = model.get_submodule(chain.output_module)
             tail.register_forward_hook(functools.partial(_quantize_output, getattr(producer, OUTPUT_QUANT)))
         for name, module in model.named_modules():
-            if isinstance(module, REQUANTIZING_ACTIVATIONS) and name not in tails:
+            if isinstance(module, REQUANTIZING_MODULES) and name not in tails:
                 module.add_module(OUTPUT_QUANT, ActivationFakeQuant(self.averaging_constant))
                 module.register_forward_hook(functools.partial(_quantize_output, getattr(module, OUTPUT_QUANT)))
         model.add_module(INPUT_QUANT, ActivationFakeQuant(self.averaging_constant))

@@ -1,0 +1,246 @@
+"""Bring-your-own-model benchmark: torchvision's classification families (and sequence models) through
+the real recipe, exported by sparselite and by litert-torch's own PTQ, side by side.
+
+For each model (``weights=None``, 10 classes, Fashion-MNIST resized to 64x64 and repeated to RGB; the
+Conv1d and GRU models read the 28x28 rows):
+  1. trains ``--steps`` steps in a Lightning ``Trainer`` with the real callbacks: ``GradualPruning`` to
+     50% and ``QuantizationAwareTraining``, scheduled as recipes/gmp80_qat_export.yaml, scaled to the
+     step budget;
+  2. exports with ``sparselite.export_tflite`` (``float_fallback=True``, so a model with ops that have
+     no int8 kernel still yields a file whose float islands are counted), parity on ``--verify``
+     held-out test images, and the fp32 file;
+  3. exports the same trained float weights with litert-torch's own PTQ (its ``PT2EQuantizer``,
+     calibrated on 256 training images), as a user of litert-torch alone would;
+  4. measures top-1 of each file on ``--eval`` test images and times fp32 / sparselite int8 / litert
+     PTQ int8 on XNNPACK, 1 thread, interleaved in one run (medians; ratios are what to read).
+
+Run from the repo root (needs the test extra, which has torchvision):
+    .venv/bin/python -m benchmarks.model_zoo                                  # all models, ~40 min on 2 cores
+    .venv/bin/python -m benchmarks.model_zoo --models resnet18 mobilenet_v2 --steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import sparselite  # noqa: F401  (before torchvision: see sparselite/compat/torchvision.py)
+from benchmarks._common import environment, environment_line, fmt, quiet_logs, table, write_json
+
+RESULTS = Path(__file__).parent / "results"
+RECIPE = Path(__file__).parent.parent / "recipes" / "gmp80_qat_export.yaml"
+
+
+def build_model(name: str) -> tuple[torch.nn.Module, tuple[int, int, int]]:
+    """The model and the [C, H, W] it reads."""
+    from sparselite.models.sequence import GRUClassifier, KeywordSpotter
+
+    if name == "conv1d_kws":
+        return KeywordSpotter(), (1, 28, 28)
+    if name == "gru":
+        return GRUClassifier(), (1, 28, 28)
+    import torchvision.models as tvm
+
+    if name == "vit_tiny":
+        return tvm.VisionTransformer(image_size=64, patch_size=8, num_layers=2, num_heads=4, hidden_dim=96,
+                                     mlp_dim=192, num_classes=10), (3, 64, 64)
+    return getattr(tvm, name)(weights=None, num_classes=10), (3, 64, 64)
+
+
+MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+          "shufflenet_v2_x1_0", "squeezenet1_1", "mnasnet1_0", "regnet_x_400mf", "vit_tiny", "conv1d_kws", "gru"]
+
+
+def schedule(steps: int) -> dict[str, int]:
+    """The demo recipe's pruning and QAT steps, scaled from its max_steps to ``steps``."""
+    import yaml
+
+    recipe = yaml.safe_load(RECIPE.read_text())
+    callbacks = {c["class_path"].rsplit(".", 1)[-1]: c["init_args"] for c in recipe["trainer"]["callbacks"]}
+    recipe_steps = 1200  # configs/fmnist_mobilenet.yaml's trainer.max_steps, which the recipe is written for
+    scaled = {f"prune_{k}": callbacks["GradualPruning"][k] for k in ("begin_step", "end_step", "frequency")}
+    scaled |= {f"qat_{k}": callbacks["QuantizationAwareTraining"][k] for k in ("start_step", "freeze_step")}
+    return {k: max(1, round(v * steps / recipe_steps)) for k, v in scaled.items()}
+
+
+def train(name: str, steps: int, batch_size: int):
+    import lightning.pytorch as pl
+
+    from sparselite import GradualPruning, QuantizationAwareTraining
+    from sparselite.data.fashion_mnist import FashionMNISTDataModule
+    from sparselite.models.classifier import ImageClassifier
+
+    torch.manual_seed(0)
+    model, shape = build_model(name)
+    module = ImageClassifier(model, lr=3e-3, input_shape=shape)
+    data = FashionMNISTDataModule(batch_size=batch_size, image_size=shape[-1], channels=shape[0])
+    s = schedule(steps)
+    callbacks = [
+        # Small heads (the GRU's) are pruned too: min_params low enough that every model has a layer.
+        GradualPruning(final_sparsity=0.5, begin_step=s["prune_begin_step"], end_step=s["prune_end_step"],
+                       frequency=s["prune_frequency"], min_params=256),
+        QuantizationAwareTraining(start_step=s["qat_start_step"], freeze_step=s["qat_freeze_step"]),
+    ]
+    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=callbacks, limit_val_batches=0)
+    start = time.perf_counter()
+    trainer.fit(module, data)
+    return module, data, shape, time.perf_counter() - start
+
+
+def litert_ptq(float_model: torch.nn.Module, example: torch.Tensor, calibration: torch.Tensor, path: Path) -> float:
+    """litert-torch's own post-training quantization, as its docs show it. Returns seconds."""
+    import litert_torch
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    start = time.perf_counter()
+    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(torch.export.export(float_model, (example,)).module(), quantizer)
+    with torch.no_grad():
+        for image in calibration:
+            prepared(image[None])
+    converted = convert_pt2e(prepared, fold_quantize=False)
+    edge = litert_torch.convert(converted, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
+    path.write_bytes(edge.model_content())
+    return time.perf_counter() - start
+
+
+def file_islands(path: Path) -> list:
+    from sparselite.export.flatbuffer import read_model
+    from sparselite.export.names import use_module_names
+    from sparselite.export.tflite import float_islands
+
+    model = read_model(path)
+    use_module_names(model)
+    return float_islands(model)
+
+
+def file_accuracy(path: Path, images: torch.Tensor, labels: torch.Tensor) -> float:
+    from sparselite.runtime.litert import LiteRTModel
+
+    runtime = LiteRTModel(path, accelerator="xnnpack", threads=1)
+    correct = 0
+    for start in range(0, len(images), 100):
+        correct += int((runtime(images[start : start + 100].numpy()).argmax(1) == labels[start : start + 100].numpy()).sum())
+    return correct / len(images)
+
+
+def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict:
+    from sparselite.data.fashion_mnist import load_split, resize_images
+    from sparselite.export.tflite import export_float_tflite, export_tflite, float_model_for_export
+    from sparselite.runtime.bench import interleaved_benchmark
+
+    result: dict = {"model": name}
+    module, data, shape, train_s = train(name, args.steps, args.batch_size)
+    result["train_s"] = train_s
+    test_x, test_y = load_split("test")
+    train_x, _ = load_split("train")
+    test_x = resize_images(test_x[: max(args.eval, args.verify)], shape[-1], shape[0])
+    test_y = test_y[: len(test_x)]
+    calibration = resize_images(train_x[:256], shape[-1], shape[0])
+    example = test_x[:1]
+
+    int8, fp32, ptq = out_dir / f"{name}_int8.tflite", out_dir / f"{name}_fp32.tflite", out_dir / f"{name}_ptq.tflite"
+    start = time.perf_counter()
+    try:
+        report = export_tflite(module, example, int8, calibration=[calibration], verify_batches=[test_x[: args.verify]],
+                               min_agreement=0.0, float_fallback=True)
+    except Exception as err:  # the table reports it; the other models still run
+        result["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        return result
+    result["export_s"] = time.perf_counter() - start
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    result["islands"] = [(i.op, i.count) for i in report.float_islands]
+    result["ranges"] = {"learned": report.ranges_learned, "derived": report.ranges_derived, "fixed": report.ranges_fixed,
+                        "calibrated": report.ranges_calibrated, "calibrated_why": report.calibrated_ranges}
+    result["parity"] = {"agreement": report.parity.top1_agreement, "ties": report.parity.ties_excluded,
+                        "max_lsb": report.parity.max_logit_diff_lsb, "degenerate": report.parity.degenerate_reference}
+    result["int8_bytes"] = report.file_bytes
+    export_float_tflite(module, example, fp32)
+    result["fp32_bytes"] = fp32.stat().st_size
+    float_model = float_model_for_export(module)
+    with torch.no_grad():
+        result["torch_fp32_acc"] = float((float_model(test_x[: args.eval]).argmax(1) == test_y[: args.eval]).float().mean())
+    try:
+        result["ptq_export_s"] = litert_ptq(copy.deepcopy(float_model), example, calibration, ptq)
+        result["ptq_islands"] = [(i.op, i.count) for i in file_islands(ptq)]
+        result["ptq_bytes"] = ptq.stat().st_size
+    except Exception as err:
+        result["ptq_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    for key, path in (("fp32", fp32), ("int8", int8), ("ptq", ptq)):
+        if path.exists():
+            result[f"{key}_acc"] = file_accuracy(path, test_x[: args.eval], test_y[: args.eval])
+    paths = {k: str(p) for k, p in (("fp32", fp32), ("int8", int8), ("ptq", ptq)) if p.exists()}
+    latency = interleaved_benchmark(paths, threads=1, rounds=args.rounds, runs_per_round=args.runs)
+    result["latency_ms"] = {k: v.median_ms for k, v in latency.items()}
+    return result
+
+
+def islands_text(islands) -> str:
+    if not islands:
+        return "0"
+    return f"{sum(c for _, c in islands)} ({','.join(op for op, _ in islands)})"
+
+
+def print_table(results: list[dict]) -> str:
+    headers = ["model", "export", "islands", "ranges L/D/F/C", "agree", "LSB", "acc fp32", "acc int8", "int8/fp32",
+               "int8 KiB", "export s", "PTQ islands", "PTQ acc", "PTQ/fp32"]
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append([r["model"], r["error"]] + ["-"] * (len(headers) - 2))
+            continue
+        lat, ranges = r["latency_ms"], r["ranges"]
+        rows.append([
+            r["model"], "ok", islands_text(r["islands"]),
+            f"{ranges['learned']}/{ranges['derived']}/{ranges['fixed']}/{ranges['calibrated']}",
+            f"{r['parity']['agreement']:.2%}", fmt(r["parity"]["max_lsb"], ".0f"),
+            f"{r.get('fp32_acc', 0):.1%}", f"{r.get('int8_acc', 0):.1%}", f"{lat['int8'] / lat['fp32']:.2f}x",
+            f"{r['int8_bytes'] / 1024:.0f}", f"{r['export_s']:.0f}",
+            islands_text(r["ptq_islands"]) if "ptq_islands" in r else r.get("ptq_error", "-")[:30],
+            f"{r['ptq_acc']:.1%}" if "ptq_acc" in r else "-",
+            f"{lat['ptq'] / lat['fp32']:.2f}x" if "ptq" in lat else "-",
+        ])
+    return table(headers, rows, left=(0, 1, 2, 11))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--verify", type=int, default=512, help="held-out test images for the parity gate")
+    parser.add_argument("--eval", type=int, default=1000, help="test images for the accuracy columns")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--json", default=str(RESULTS / "model_zoo.json"))
+    parser.add_argument("--txt", default=str(RESULTS / "model_zoo.txt"))
+    args = parser.parse_args(argv)
+    quiet_logs()
+    torch.set_num_threads(2)
+    env = environment()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            print(f"[model_zoo] {name}: training {args.steps} steps", file=sys.stderr, flush=True)
+            results.append(run_model(name, args, Path(tmp)))
+            print(print_table(results[-1:]), file=sys.stderr, flush=True)
+    text = "\n".join([environment_line(env), f"# {args.steps} steps, batch {args.batch_size}, parity on {args.verify} "
+                      f"test images, accuracy on {args.eval}", print_table(results)])
+    print(text)
+    if args.txt:
+        Path(args.txt).write_text(text + "\n")
+    write_json(args.json, {"environment": env, "args": vars(args), "results": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The full-int8 quantizer's annotations, op kind by op kind, and the upstream bug it steps around."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+from model_blocks import BasicResidual, SqueezeExcite
+from sparselite.export.quantizer import FullInt8Quantizer, decompose_for_int8, op_kind
+
+
+def exported(model: nn.Module, shape=(1, 8, 6, 6)) -> torch.fx.GraphModule:
+    return torch.export.export(model.eval(), (torch.randn(*shape),)).module()
+
+
+def annotated(graph_module: torch.fx.GraphModule) -> dict[str, list[bool]]:
+    """op kind -> for each node of that kind, whether it carries an output quantization spec."""
+    found: dict[str, list[bool]] = {}
+    for node in graph_module.graph.nodes:
+        annotation = node.meta.get("quantization_annotation")
+        found.setdefault(op_kind(node), []).append(bool(annotation and annotation.output_qspec is not None))
+    return found
+
+
+def test_silu_and_hardsigmoid_become_ops_with_int8_kernels():
+    model = nn.Sequential(nn.Conv2d(8, 8, 1), nn.SiLU(), nn.Conv2d(8, 8, 1), nn.Hardsigmoid())
+    graph = decompose_for_int8(exported(model)).graph
+    kinds = [op_kind(n) for n in graph.nodes if n.op == "call_function"]
+    assert "silu" not in kinds and "hardsigmoid" not in kinds
+    assert kinds.count("sigmoid") == 1 and kinds.count("mul") == 2 and "add" in kinds and "hardtanh" in kinds
+    x = torch.randn(1, 8, 6, 6)
+    decomposed = decompose_for_int8(exported(model))
+    assert torch.allclose(decomposed(x), model(x), atol=1e-6)  # exact rewrites
+
+
+def test_layer_norm_and_attention_rewrites_are_exact():
+    norm = nn.LayerNorm(16)
+    attention = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.attn = norm, attention
+
+        def forward(self, x):
+            y = self.norm(x)
+            return self.attn(y, y, y, need_weights=False)[0]
+
+    model = Block().eval()
+    rewritten = decompose_for_int8(exported(model, shape=(1, 5, 16)))
+    x = torch.randn(1, 5, 16)
+    assert torch.allclose(rewritten(x), model(x), atol=1e-5)
+    kinds = {op_kind(n) for n in rewritten.graph.nodes}
+    assert {"rsqrt", "matmul", "_softmax"} <= kinds and not {"layer_norm", "scaled_dot_product_attention"} & kinds
+
+
+@pytest.mark.parametrize("block", [BasicResidual(8), SqueezeExcite(8)], ids=["shared_relu_residual", "squeeze_excite"])
+def test_every_activation_op_gets_a_range(block):
+    prepared = prepare_pt2e(exported(block), FullInt8Quantizer())
+    kinds = {op_kind(n) for n in prepared.graph.nodes if n.op == "call_function"}
+    # Every float value between ops is observed: no op is left with float input and output.
+    for node in prepared.graph.nodes:
+        if node.op == "call_function" and op_kind(node) in ("add", "add_", "mul", "relu", "relu_", "hardtanh"):
+            assert all(u.op == "call_module" for u in node.users), f"{node} has an unobserved output"
+    assert kinds
+
+
+def test_upstream_litert_gru_annotator_raises_without_h0():
+    """litert-torch 0.10's ``gru_io_only`` annotator reads ``input_nodes[1]`` as the hidden state, so a GRU
+    called without h0 raises IndexError (docs/upstream/litert_gru_annotator.md). sparselite's quantizer
+    does not run that annotator. When this test fails, upstream has fixed it."""
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+
+    class Rows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = nn.GRU(8, 16, batch_first=True)
+
+        def forward(self, x):
+            return self.gru(x)[0]
+
+    graph = torch.export.export(Rows().eval(), (torch.randn(1, 5, 8),)).module()
+    stock = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    with pytest.raises(IndexError):
+        prepare_pt2e(graph, stock)
+    graph = torch.export.export(Rows().eval(), (torch.randn(1, 5, 8),)).module()
+    prepare_pt2e(graph, FullInt8Quantizer())  # no error: the GRU stays float, reported as a float island
+
+
+def test_upstream_xnnpack_does_not_delegate_int8_hardswish(monkeypatch, tmp_path):
+    """ai-edge-litert 2.3's XNNPACK delegate leaves an int8 HARD_SWISH to TFLite's own kernel, which splits
+    the graph in two (and made mobilenet_v3 slower in int8 than in fp32). sparselite writes hardswish as
+    x * relu6(x + 3) / 6 instead (docs/upstream/xnnpack_int8_hardswish.md). When this test fails,
+    XNNPACK delegates HARD_SWISH and the rewrite can go."""
+    from test_model_families import xnnpack_partitions
+
+    from sparselite import export_tflite
+    from sparselite.export import quantizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 1), nn.Hardswish(), nn.Conv2d(8, 8, 1)).eval()
+    x = torch.randn(16, 8, 8, 8)
+    export_tflite(model, x[:1], tmp_path / "rewritten.tflite", calibration=[x])
+    assert xnnpack_partitions(tmp_path / "rewritten.tflite") == 1
+    for kind in ("hardswish", "hardswish_"):
+        monkeypatch.delitem(quantizer._DECOMPOSITIONS, kind)
+    export_tflite(model, x[:1], tmp_path / "stock.tflite", calibration=[x])
+    assert xnnpack_partitions(tmp_path / "stock.tflite") == 2
