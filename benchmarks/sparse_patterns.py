@@ -48,8 +48,9 @@ import torch  # noqa: E402
 import _common as C  # noqa: E402
 from sparselite import LiteRTModel, export_tflite  # noqa: E402
 from sparselite.errors import SparseliteError  # noqa: E402
-from sparselite.export.flatbuffer import read_model  # noqa: E402
-from sparselite.export.sparse import encode_sparse, sparse_payload_bytes  # noqa: E402
+from sparselite.tflite.flatbuffer import read_model  # noqa: E402
+from sparselite.export.sparse import encode_sparse  # noqa: E402
+from sparselite.tflite.sparse import sparse_payload_bytes  # noqa: E402
 from sparselite.models.mobilenet import MobileNetLite  # noqa: E402
 from sparselite.runtime.bench import interleaved_benchmark  # noqa: E402
 

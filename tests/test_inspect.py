@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from sparselite.errors import SparseliteError
-from sparselite.export.flatbuffer import read_model, write_model
-from sparselite.export.sparse import _weight_tensors, encode_sparse, tensor_values, weight_sparsity
+from sparselite.tflite.flatbuffer import read_model, write_model
+from sparselite.export.sparse import encode_sparse
+from sparselite.tflite.sparse import tensor_values, weight_sparsity, weight_tensors
 from sparselite.inspect import inspect_tflite
 
 
@@ -36,7 +37,7 @@ def _convert_int8(model: nn.Module, example: torch.Tensor) -> bytes:
 def _prune_unstructured(data: bytes, sparsity: float = 0.8) -> bytes:
     model = read_model(data)
     graph = model.subgraphs[0]
-    for tensor_index, _ in list(_weight_tensors(model, graph)):
+    for tensor_index, _ in list(weight_tensors(model, graph)):
         tensor = graph.tensors[tensor_index]
         weights = tensor_values(model, tensor).copy()
         flat = weights.reshape(-1)

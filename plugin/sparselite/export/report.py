@@ -51,7 +51,7 @@ class ExportReport:
         return json.dumps(self.to_dict(), indent=indent)
 
     def save(self, path: str | Path) -> None:
-        from sparselite.export.flatbuffer import write_atomically
+        from sparselite.tflite.flatbuffer import write_atomically
 
         write_atomically(path, self.to_json().encode())
 

@@ -20,7 +20,7 @@ from ai_edge_litert.schema_py_generated import TensorType
 from torch import nn
 
 from sparselite.errors import SparseliteError
-from sparselite.export import flatbuffer
+from sparselite.tflite import flatbuffer
 from sparselite.export.io import use_float_io
 from sparselite.export.names import use_module_names
 from sparselite.export.ranges import quantize_pt2e
@@ -202,7 +202,8 @@ def export_tflite(
     layer_tensors = {layer: renamed.get(tensor, tensor) for layer, tensor in layer_tensors.items()}
     if io_dtype == "float32":
         use_float_io(model_t)
-    from sparselite.export.sparse import encode_sparse, share_quantization_tables
+    from sparselite.export.quantization_sharing import share_quantization_tables
+    from sparselite.export.sparse import encode_sparse
 
     dense = share_quantization_tables(flatbuffer.write_model(model_t))
 
@@ -257,7 +258,7 @@ def _report_sparsity(report: ExportReport, data: bytes, layer_tensors: dict[str,
     """Per-layer sparsity decoded from the final file's weights (sparse-encoded or dense)."""
     if not layer_tensors:
         return
-    from sparselite.export.sparse import weight_sparsity
+    from sparselite.tflite.sparse import weight_sparsity
 
     in_file = weight_sparsity(data)
     zeros = total = 0

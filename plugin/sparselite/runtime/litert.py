@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from sparselite.errors import SparseliteError
-from sparselite.export.flatbuffer import read_model
+from sparselite.tflite.flatbuffer import read_model
 
 ACCELERATORS = ("xnnpack", "reference", "gpu")
 
