@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 # Before TF / litert import: keep their C++ logging off the test output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -73,6 +74,19 @@ def make_loader(data: tuple[torch.Tensor, torch.Tensor], n: int, batch_size: int
     """A deterministic (unshuffled) loader over the first ``n`` examples."""
     images, labels = data
     return DataLoader(TensorDataset(images[:n], labels[:n]), batch_size=batch_size, shuffle=False)
+
+
+def make_trainer(tmp_path: Path, max_steps: int, callbacks: list, checkpointing: bool = False, name: str = "run"):
+    """A quiet, deterministic CPU Trainer with a CSV logger and no validation."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    return pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, callbacks=callbacks,
+        enable_checkpointing=checkpointing, logger=CSVLogger(tmp_path, name=name), log_every_n_steps=1,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        deterministic=True,
+    )
 
 
 @pytest.fixture

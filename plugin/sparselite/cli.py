@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 from sparselite.errors import SparseliteError
@@ -22,26 +21,10 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def build_lightning_cli(args: list[str], run: bool = True):
-    """LightningCLI whose config errors raise instead of printing a usage screen."""
-    import warnings
-
-    from lightning.pytorch.cli import LightningCLI
-
-    # We always pass ``args`` (sys.argv[1:] or a rebuilt list); LightningCLI warns about that on every run.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-
-    from sparselite.progress import default_callbacks
-
-    return LightningCLI(
-        args=args, run=run, subclass_mode_model=True, subclass_mode_data=True,
-        parser_kwargs={"exit_on_error": False}, save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": default_callbacks()},
-    )
-
-
 def _lightning(args: list[str]) -> None:
     from jsonargparse import ArgumentError
+
+    from sparselite.lightning_cli import build_lightning_cli
 
     try:
         build_lightning_cli(args)
@@ -86,75 +69,16 @@ def _first_line(err: BaseException) -> str:
     return (specific[-1] if specific else lines[0] if lines else type(err).__name__)[:400]
 
 
-def _find_run_config(ckpt: Path) -> Path | None:
-    for folder in (ckpt.parent, ckpt.parent.parent, ckpt.parent.parent.parent):
-        if (folder / "config.yaml").is_file():
-            return folder / "config.yaml"
-    return None
-
-
-def _without_subcommand_keys(configs: list[str], folder: Path) -> list[str]:
-    """Copies of ``configs`` without the fit/validate/test arguments (ckpt_path, weights_only, verbose) that
-    LightningCLI saves in a run's config.yaml: the subcommand-less parser that export rebuilds the run with
-    rejects them ("Option 'ckpt_path' is not accepted")."""
-    import inspect
-
-    import yaml
-    from lightning.pytorch import Trainer
-
-    data_args = {"self", "model", "train_dataloaders", "val_dataloaders", "dataloaders", "datamodule"}
-    subcommand_keys = {name for method in (Trainer.fit, Trainer.validate, Trainer.test)
-                       for name in inspect.signature(method).parameters if name not in data_args}
-    cleaned = []
-    for index, config in enumerate(configs):
-        data = yaml.safe_load(Path(config).read_text())
-        if isinstance(data, dict) and subcommand_keys & set(data):
-            for key in subcommand_keys:
-                data.pop(key, None)
-            config = str(folder / f"{index}_{Path(config).name}")
-            Path(config).write_text(yaml.safe_dump(data))
-        cleaned.append(config)
-    return cleaned
-
-
 def export_command(ns: argparse.Namespace) -> None:
     """Rebuild the run from its config, restore the checkpoint (masks, ranges), export."""
-    import itertools
+    from sparselite.export.from_loader import export_from_loader
+    from sparselite.lightning_cli import restore_run
 
-    import torch
-
-    from sparselite.export.tflite import export_tflite
-    from sparselite.pruning.callback import GradualPruning
-    from sparselite.quantization.callback import QuantizationAwareTraining
-
-    ckpt = Path(ns.checkpoint)
-    if not ckpt.is_file():
-        raise SparseliteError(f"checkpoint {ckpt} does not exist")
-    configs = ns.config or ([str(c)] if (c := _find_run_config(ckpt)) else [])
-    if not configs:
-        raise SparseliteError(f"no config.yaml found next to {ckpt}; pass the run's configs with -c")
-    with tempfile.TemporaryDirectory() as folder:
-        configs = _without_subcommand_keys(configs, Path(folder))
-        cli = build_lightning_cli([arg for c in configs for arg in ("-c", c)], run=False)
-    module, datamodule = cli.model, cli.datamodule
-    for callback in cli.trainer.callbacks:
-        if isinstance(callback, GradualPruning):
-            callback.pruner.prepare(module)
-        elif isinstance(callback, QuantizationAwareTraining):
-            callback.simulator.prepare(module)
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-        module.load_state_dict(state)
-    except (RuntimeError, KeyError) as err:
-        raise SparseliteError(f"{ckpt} does not match the configured model: {str(err).splitlines()[0]}") from None
+    module, datamodule = restore_run(ns.checkpoint, ns.config)
     datamodule.setup("validate")
-    batches = [x for x, _ in itertools.islice(datamodule.val_dataloader(), ns.verify_batches + ns.calibration_batches)]
-    example = getattr(module, "example_input_array", None)
-    example = example if isinstance(example, torch.Tensor) else batches[0][:1]
-    report = export_tflite(module, example[:1], ns.output, io_dtype=ns.io_dtype, sparse=not ns.no_sparse,
-                           calibration=batches[ns.verify_batches:], verify_batches=batches[: ns.verify_batches],
-                           gpu_check=ns.gpu_check, require_gpu=ns.require_gpu)
-    report.save(Path(ns.output).with_suffix(".json"))
+    report = export_from_loader(module, datamodule.val_dataloader(), ns.output, verify_batches=ns.verify_batches,
+                                calibration_batches=ns.calibration_batches, io_dtype=ns.io_dtype,
+                                sparse=not ns.no_sparse, gpu_check=ns.gpu_check, require_gpu=ns.require_gpu)
     print(report.summary())
 
 

@@ -17,11 +17,11 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from sparselite.cli import build_lightning_cli
 from sparselite.data.fashion_mnist import load_split
 from sparselite.errors import SparseliteError
 from sparselite.export.callback import TFLiteExport
 from sparselite.export.tflite import export_float_tflite, fake_quant_reference, verify
+from sparselite.lightning_cli import build_lightning_cli
 from sparselite.runtime.bench import interleaved_benchmark
 from sparselite.runtime.litert import LiteRTModel
 

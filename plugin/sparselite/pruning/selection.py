@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from torch import nn
 
 from sparselite.errors import SparseliteError
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+Policy = Literal["all", "xnnpack_latency"]  # 'xnnpack_latency': only the 1x1 convs XNNPACK's sparse kernels run
 
 
 def is_depthwise(module: nn.Module) -> bool:
@@ -31,14 +34,14 @@ def is_pointwise(module: nn.Module) -> bool:
     )
 
 
-def _compile(patterns: Iterable[str] | None, what: str) -> list[re.Pattern]:
+def _compile(patterns: Iterable[str], what: str) -> tuple[re.Pattern, ...]:
     compiled = []
-    for text in patterns or ():
+    for text in patterns:
         try:
             compiled.append(re.compile(text))
         except re.error as err:
             raise SparseliteError(f"{what} pattern '{text}' is not a valid regular expression: {err}") from None
-    return compiled
+    return tuple(compiled)
 
 
 def match_names(patterns: Sequence[re.Pattern], names: Iterable[str]) -> dict[str, list[str]]:
@@ -46,53 +49,71 @@ def match_names(patterns: Sequence[re.Pattern], names: Iterable[str]) -> dict[st
     return {p.pattern: [n for n in names if p.fullmatch(n)] for p in patterns}
 
 
-def select_layers(
-    model: nn.Module,
-    module_types: Sequence[type[nn.Module]] = DEFAULT_TYPES,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    skip_depthwise: bool = True,
-    min_params: int = 1024,
-    policy: str = "all",
-) -> dict[str, nn.Module]:
-    """Layers to prune, by name. ``include``/``exclude`` are regular expressions matched against whole
-    module names (``re.fullmatch``); a pattern that matches no module is an error, since it is almost
-    always a typo that would silently leave a layer dense."""
-    if policy not in ("all", "xnnpack_latency"):
-        raise SparseliteError(f"unknown layer policy '{policy}'; use 'all' or 'xnnpack_latency'")
-    named = {name: m for name, m in model.named_modules() if name}
-    includes, excludes = _compile(include, "include"), _compile(exclude, "exclude")
-    for kind, hits in (("include", match_names(includes, named)), ("exclude", match_names(excludes, named))):
-        for pattern, matched in hits.items():
-            if not matched:
-                raise SparseliteError(
-                    f"{kind} pattern '{pattern}' matches no module; names look like: {', '.join(list(named)[:6])}"
-                )
+@dataclass(frozen=True)
+class LayerSelection:
+    """Which layers to prune. Validated at construction: bad regexes and policies fail before training.
 
-    if policy == "xnnpack_latency":
-        check_xnnpack_sparse_graph(model)
+    ``include``/``exclude`` are regular expressions matched against whole module names
+    (``re.fullmatch``); an explicit include overrides the default skips (depthwise, ``min_params``).
+    A pattern that matches no module is an error at ``select``, since it is almost always a typo
+    that would silently leave a layer dense.
+    """
 
-    selected = {}
-    for name, module in named.items():
-        explicitly_included = any(p.fullmatch(name) for p in includes)
-        if includes and not explicitly_included:
-            continue
-        if any(p.fullmatch(name) for p in excludes):
-            continue
-        if not isinstance(module, tuple(module_types)) or getattr(module, "weight", None) is None:
-            continue
-        if policy == "xnnpack_latency" and not is_pointwise(module):
-            continue  # XNNPACK's sparse kernels (SpMM) only exist for 1x1 convolutions
-        if not explicitly_included and (
-            (skip_depthwise and is_depthwise(module)) or module.weight.numel() < min_params
-        ):
-            continue
-        selected[name] = module
-    if not selected:
-        raise SparseliteError(
-            "no layer was selected for pruning; check module_types, include/exclude and min_params"
-        )
-    return selected
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    skip_depthwise: bool = True
+    min_params: int = 1024
+    policy: Policy = "all"
+    module_types: tuple[type[nn.Module], ...] = DEFAULT_TYPES
+    _includes: tuple[re.Pattern, ...] = field(init=False, repr=False, compare=False)
+    _excludes: tuple[re.Pattern, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Accept lists and None from YAML and keyword callers; store tuples so the value stays frozen.
+        for name in ("include", "exclude", "module_types"):
+            object.__setattr__(self, name, tuple(getattr(self, name) or ()))
+        if self.policy not in get_args(Policy):
+            raise SparseliteError(f"unknown layer policy '{self.policy}'; use 'all' or 'xnnpack_latency'")
+        if self.min_params < 0:
+            raise SparseliteError(f"min_params={self.min_params} must be >= 0")
+        object.__setattr__(self, "_includes", _compile(self.include, "include"))
+        object.__setattr__(self, "_excludes", _compile(self.exclude, "exclude"))
+
+    def select(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Layers to prune, by name."""
+        named = {name: m for name, m in model.named_modules() if name}
+        includes, excludes = self._includes, self._excludes
+        for kind, hits in (("include", match_names(includes, named)), ("exclude", match_names(excludes, named))):
+            for pattern, matched in hits.items():
+                if not matched:
+                    raise SparseliteError(
+                        f"{kind} pattern '{pattern}' matches no module; names look like: {', '.join(list(named)[:6])}"
+                    )
+
+        if self.policy == "xnnpack_latency":
+            check_xnnpack_sparse_graph(model)
+
+        selected = {}
+        for name, module in named.items():
+            explicitly_included = any(p.fullmatch(name) for p in includes)
+            if includes and not explicitly_included:
+                continue
+            if any(p.fullmatch(name) for p in excludes):
+                continue
+            if not isinstance(module, self.module_types) or getattr(module, "weight", None) is None:
+                continue
+            if self.policy == "xnnpack_latency" and not is_pointwise(module):
+                continue  # XNNPACK's sparse kernels (SpMM) only exist for 1x1 convolutions
+            if not explicitly_included and (
+                (self.skip_depthwise and is_depthwise(module)) or module.weight.numel() < self.min_params
+            ):
+                continue
+            selected[name] = module
+        if not selected:
+            raise SparseliteError(
+                "no layer was selected for pruning; check module_types, include/exclude and min_params"
+            )
+        return selected
 
 
 def check_xnnpack_sparse_graph(model: nn.Module) -> None:
