@@ -46,6 +46,35 @@ def pytest_configure(config: pytest.Config) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def pt2e_int8_tflite(model: torch.nn.Module, example: torch.Tensor, calibration: torch.Tensor | None = None,
+                     *, quant_config: bool = True) -> bytes:
+    """A per-channel int8 .tflite of ``model`` through pt2e + litert-torch, as the exporter lowers it.
+
+    Calibrates on ``example`` (or on each row of ``calibration``): without a forward pass the weight
+    scales stay 1.0. ``quant_config=False`` leaves a Q/DQ graph over float ops instead of int8 ops.
+    """
+    import tempfile
+
+    import litert_torch
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(torch.export.export(model.eval(), (example,)).module(), quantizer)
+    if calibration is None:
+        prepared(example)
+    else:
+        for i in range(len(calibration)):
+            prepared(calibration[i : i + 1])
+    converted = convert_pt2e(prepared, fold_quantize=False)
+    kwargs = {"quant_config": QuantConfig(pt2e_quantizer=quantizer)} if quant_config else {}
+    edge = litert_torch.convert(converted, (example,), **kwargs)
+    with tempfile.TemporaryDirectory() as folder:
+        edge.export(f"{folder}/model.tflite")
+        return Path(folder, "model.tflite").read_bytes()
+
+
 @pytest.fixture
 def tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 from torch import nn
 
+from conftest import pt2e_int8_tflite
 from sparselite.errors import SparseliteError
 from sparselite.export.sparse import encode_sparse
 from sparselite.export.sparse_layout import candidate_layouts, encode_tensor
@@ -27,24 +26,6 @@ RESOLVERS = {
 }
 # File bytes one sparse tensor costs beyond its payload (SparsityParameters, DENSIFY, its tensor).
 OVERHEAD_BOUND = 400
-
-
-def convert_int8(model: nn.Module, example: torch.Tensor) -> bytes:
-    """A per-channel int8 .tflite of ``model`` (pt2e + litert-torch), as the exporter makes it."""
-    import litert_torch
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-    from litert_torch.quantize.quant_config import QuantConfig
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    exported = torch.export.export(model.eval(), (example,)).module()
-    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    prepared = prepare_pt2e(exported, quantizer)
-    prepared(example)  # without a forward pass the weight scales stay 1.0
-    converted = convert_pt2e(prepared, fold_quantize=False)
-    edge = litert_torch.convert(converted, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
-    with tempfile.TemporaryDirectory() as folder:
-        edge.export(f"{folder}/model.tflite")
-        return Path(folder, "model.tflite").read_bytes()
 
 
 def prune_array(weights: np.ndarray, pattern: str, sparsity: float = 0.8) -> np.ndarray:
@@ -108,7 +89,7 @@ class MobileNetish(nn.Module):
 @pytest.fixture(scope="module")
 def dense_int8() -> bytes:
     torch.manual_seed(0)
-    return convert_int8(MobileNetish(), torch.randn(1, 3, 16, 16))
+    return pt2e_int8_tflite(MobileNetish(), torch.randn(1, 3, 16, 16))
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import pt2e_int8_tflite
 from sparselite.errors import SparseliteError
 from sparselite.runtime import gpu, vulkan
 from sparselite.runtime.litert import LiteRTModel
@@ -56,22 +57,8 @@ def _convert(module: torch.nn.Module, example: torch.Tensor, path: Path) -> Path
 
 
 def _pt2e_int8(module: torch.nn.Module, calib: torch.Tensor, path: Path, *, static: bool) -> Path:
-    """pt2e int8 with litert's quantizer. ``static=True`` passes ``quant_config`` so the converter
-    folds Q/DQ pairs into int8 ops; ``False`` leaves a Q/DQ graph over float ops."""
-    import litert_torch
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-    from litert_torch.quantize.quant_config import QuantConfig
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    example = calib[:1]
-    graph = torch.export.export(module.eval(), (example,)).module()
-    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    prepared = prepare_pt2e(graph, quantizer)
-    for i in range(len(calib)):
-        prepared(calib[i : i + 1])
-    converted = convert_pt2e(prepared, fold_quantize=False)
-    kwargs = {"quant_config": QuantConfig(pt2e_quantizer=quantizer)} if static else {}
-    litert_torch.convert(converted, (example,), **kwargs).export(str(path))
+    """``static=True`` lowers to int8 ops (as the exporter); ``False`` leaves a Q/DQ graph over float ops."""
+    path.write_bytes(pt2e_int8_tflite(module, calib[:1], calib, quant_config=static))
     return path
 
 

@@ -41,6 +41,15 @@ _FLOAT_TYPES = (TensorType.FLOAT32, TensorType.FLOAT16)
 _IO_OPS = {"QUANTIZE", "DEQUANTIZE"}
 
 
+def _untraceable_model_errors() -> tuple[type[BaseException], ...]:
+    """What torch.export raises for a model it cannot trace (data-dependent control flow, unsupported
+    Python): the user changes the model. Anything else from the quantization step is a bug here."""
+    from torch._dynamo.exc import TorchDynamoException
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    return TorchDynamoException, GuardOnDataDependentSymNode
+
+
 def _detached_copy(module: nn.Module) -> nn.Module:
     """Deep copy without dragging along a Lightning trainer the module may be attached to."""
     memo = {}
@@ -177,8 +186,8 @@ def export_tflite(
     log.info("quantizing with %d learned ranges, %d calibration batches", len(ranges), len(calibration))
     try:
         converted, quantizer, injection = quantize_pt2e(float_model, example_inputs, ranges, calibration)
-    except Exception as err:
-        raise SparseliteError(f"torch.export/pt2e failed on this model: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    except _untraceable_model_errors() as err:  # only the model's own problems; a sparselite bug keeps its traceback
+        raise SparseliteError(f"torch.export cannot trace this model: {type(err).__name__}: {str(err).splitlines()[0]}") from err
 
     import litert_torch
     from litert_torch.quantize.quant_config import QuantConfig
@@ -187,7 +196,7 @@ def export_tflite(
         edge = litert_torch.convert(converted, example_inputs, quant_config=QuantConfig(pt2e_quantizer=quantizer))
         data = edge.model_content()
     except Exception as err:
-        raise SparseliteError(f"litert-torch could not convert the quantized model: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+        raise SparseliteError(f"litert-torch could not convert the quantized model: {type(err).__name__}: {str(err).splitlines()[0]}") from err
 
     model_t = flatbuffer.read_model(data)
     problems = _non_int8_ops(model_t, _module_types(float_model))
@@ -301,6 +310,6 @@ def export_float_tflite(module: nn.Module, example_inputs: torch.Tensor | tuple,
     try:
         data = litert_torch.convert(float_model, example_inputs).model_content()
     except Exception as err:
-        raise SparseliteError(f"litert-torch could not convert the float model: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+        raise SparseliteError(f"litert-torch could not convert the float model: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     flatbuffer.write_atomically(path, data)
     return len(data)
