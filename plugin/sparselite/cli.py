@@ -2,6 +2,7 @@
 
 fit/validate/test are LightningCLI: ``sparselite fit -c configs/<model+data>.yaml -c recipes/<compression>.yaml``.
 Bad input of any kind ends in one line on stderr and exit code 2, before training starts.
+-v/--verbose (anywhere on the line) shows the libraries' own log lines, which are hidden by default.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from sparselite.errors import SparseliteError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+VERBOSE_FLAGS = ("-v", "--verbose")
 
 
 def _fail(message: str) -> None:
@@ -146,6 +148,7 @@ def demo_command(ns: argparse.Namespace) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparselite", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the libraries' log lines (also after the command)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in LIGHTNING_COMMANDS:
         sub.add_parser(name, help=f"LightningCLI {name}: -c configs/X.yaml -c recipes/Y.yaml", add_help=False)
@@ -194,6 +197,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(arg in VERBOSE_FLAGS for arg in argv)
+    argv = [arg for arg in argv if arg not in VERBOSE_FLAGS]
+    native_filter = None
+    if not verbose:
+        from sparselite.quiet import NativeStderrFilter, quiet_libraries
+
+        quiet_libraries()  # before anything heavy is imported
+        native_filter = NativeStderrFilter()
+        native_filter.start()
     try:
         if argv and argv[0] in LIGHTNING_COMMANDS:
             _lightning(argv)
@@ -202,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
         ns.func(ns)
     except SparseliteError as err:
         _fail(str(err))
+    finally:
+        if native_filter is not None:
+            native_filter.stop()
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ configs and checkpoint (for ``sparselite export`` and the demo's cached baseline
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from sparselite.errors import SparseliteError
@@ -58,6 +61,20 @@ def _without_subcommand_keys(configs: list[str], folder: Path) -> list[str]:
     return cleaned
 
 
+@contextlib.contextmanager
+def _lightning_info_off() -> Iterator[None]:
+    """Rebuilding a run for export is not training: no "Seed set", "GPU available" lines."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def restore_run(checkpoint: str | Path, configs: list[str] | None = None):
     """(LightningModule, LightningDataModule) of a finished run: rebuilt from its configs (default: the
     config.yaml next to the checkpoint), compression state attached, checkpoint weights loaded."""
@@ -72,7 +89,7 @@ def restore_run(checkpoint: str | Path, configs: list[str] | None = None):
     configs = configs or ([str(c)] if (c := find_run_config(checkpoint)) else [])
     if not configs:
         raise SparseliteError(f"no config.yaml found next to {checkpoint}; pass the run's configs with -c")
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, _lightning_info_off():
         configs = _without_subcommand_keys(configs, Path(folder))
         cli = build_lightning_cli([arg for c in configs for arg in ("-c", c)], run=False)
     module = cli.model
