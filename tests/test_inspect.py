@@ -85,7 +85,7 @@ def test_reports_ops_taken_by_xnnpack_and_compressed_sizes(files):
 def test_json_and_table(files):
     _, sparse_path = files
     report = inspect_tflite(sparse_path)
-    data = json.loads(report.to_json())
+    data = json.loads(json.dumps(report.to_dict(), default=str))
     assert data["file_bytes"] == report.file_bytes
     assert len(data["tensors"]) == len(report.tensors) and len(data["ops"]) == len(report.ops)
     assert data["xnnpack_ops"] == len(report.ops)

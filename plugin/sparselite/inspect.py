@@ -8,7 +8,6 @@ number to beat.
 
 from __future__ import annotations
 
-import json
 import lzma
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,9 +70,6 @@ class InspectReport:
             xnnpack_ops=self.xnnpack_ops,
         )
         return data
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
 
     def format_table(self) -> str:
         rows = [("tensor", "op", "dtype", "shape", "sparsity", "encoding", "index", "dense B", "stored B")]
