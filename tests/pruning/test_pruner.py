@@ -239,16 +239,3 @@ def test_xnnpack_latency_policy_selects_only_1x1_convs():
 def test_unknown_policy_is_an_error_at_construction():
     with pytest.raises(SparseliteError, match="unknown layer policy 'fast'"):
         make_pruner(policy="fast")
-
-
-def test_bad_include_regex_is_an_error_at_construction():
-    with pytest.raises(SparseliteError, match="include pattern '\\(' is not a valid regular expression"):
-        LayerSelection(include=["("])
-
-
-def test_layer_selection_is_a_frozen_value():
-    selection = LayerSelection(include=["a", "b"], exclude=None)
-    assert selection.include == ("a", "b") and selection.exclude == ()
-    assert selection == LayerSelection(include=("a", "b"))
-    with pytest.raises(AttributeError):
-        selection.min_params = 0
