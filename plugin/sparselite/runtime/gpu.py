@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -40,7 +40,7 @@ class GpuBackend:
         self,
         path: str | os.PathLike,
         *,
-        precision: str = "fp16",
+        precision: Literal["fp16", "fp32"] = "fp16",
         allow_cpu_fallback: bool = False,
         require_hardware: bool | None = None,
     ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -11,7 +12,8 @@ from sparselite.errors import SparseliteError
 from sparselite.runtime.backend import Backend, InterpreterBackend
 from sparselite.tflite.flatbuffer import read_model
 
-ACCELERATORS = ("xnnpack", "reference", "gpu")
+Accelerator = Literal["xnnpack", "reference", "gpu"]
+ACCELERATORS = get_args(Accelerator)
 
 
 class LiteRTModel:
@@ -29,8 +31,8 @@ class LiteRTModel:
     one batch (``runtime.backend.Backend``).
     """
 
-    def __init__(self, path: str | Path, accelerator: str = "xnnpack", threads: int = 1,
-                 gpu_precision: str = "fp16", allow_cpu_fallback: bool = False) -> None:
+    def __init__(self, path: str | Path, accelerator: Accelerator = "xnnpack", threads: int = 1,
+                 gpu_precision: Literal["fp16", "fp32"] = "fp16", allow_cpu_fallback: bool = False) -> None:
         if accelerator not in ACCELERATORS:
             raise SparseliteError(f"accelerator='{accelerator}' is not one of {', '.join(ACCELERATORS)}")
         if threads < 1:
