@@ -2,7 +2,8 @@
 
 Not a benchmark itself. The training loop uses the framework-free cores (``MagnitudePruner`` +
 ``PolynomialDecay``, ``QuantizationSimulator``) the Lightning callbacks wrap, with the optimizer and
-LR schedule of ``sparselite.models.classifier.ImageClassifier`` (AdamW + one-cycle).
+LR schedule of ``ImageClassifier`` (``adamw_one_cycle``), the data split of ``FashionMNISTDataModule``,
+the learning rate of ``configs/fmnist_mobilenet.yaml`` and the schedule of ``recipes/gmp80_qat_export.yaml``.
 """
 
 from __future__ import annotations
@@ -18,16 +19,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import inspect
+
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
-from sparselite.data.fashion_mnist import load_split
+from sparselite.data.fashion_mnist import FashionMNISTDataModule
+from sparselite.models.classifier import ImageClassifier, adamw_one_cycle, top1_accuracy
 from sparselite.pruning.pruner import MagnitudePruner
 from sparselite.pruning.schedule import PolynomialDecay
 from sparselite.quantization.qat import QuantizationSimulator
 
-VAL_SIZE = 5000  # as FashionMNISTDataModule: the last 5000 training images are held out
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "fmnist_mobilenet.yaml"
+RECIPE = REPO / "recipes" / "gmp80_qat_export.yaml"
 
 
 @dataclass
@@ -41,9 +48,10 @@ class Data:
 
 
 def load_data() -> Data:
-    images, labels = load_split("train")
-    test_x, test_y = load_split("test")
-    return Data(images[:-VAL_SIZE], labels[:-VAL_SIZE], images[-VAL_SIZE:], labels[-VAL_SIZE:], test_x, test_y)
+    """FashionMNISTDataModule's split: train minus the held-out validation images, validation, test."""
+    datamodule = FashionMNISTDataModule()
+    datamodule.setup()
+    return Data(*datamodule.train_set.tensors, *datamodule.val_set.tensors, *datamodule.test_set.tensors)
 
 
 class BatchStream:
@@ -62,26 +70,50 @@ class BatchStream:
         return self.x[idx], self.y[idx]
 
 
-def make_optimizer(model: nn.Module, steps: int, lr: float = 5e-3, weight_decay: float = 1e-4):
-    """AdamW + one-cycle, as ImageClassifier.configure_optimizers (lr 5e-3 as configs/fmnist_mobilenet.yaml)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps + 1, pct_start=0.15)
-    return optimizer, scheduler
+def _config() -> dict:
+    return yaml.safe_load(CONFIG.read_text())
+
+
+def make_optimizer(model: nn.Module, steps: int):
+    """ImageClassifier's optimizer, with the learning rate of configs/fmnist_mobilenet.yaml."""
+    defaults = inspect.signature(ImageClassifier).parameters
+    init_args = _config()["model"]["init_args"]
+    lr = init_args.get("lr", defaults["lr"].default)
+    weight_decay = init_args.get("weight_decay", defaults["weight_decay"].default)
+    return adamw_one_cycle(model.parameters(), steps, lr, weight_decay)
+
+
+def _recipe_schedule() -> dict[str, float]:
+    """recipes/gmp80_qat_export.yaml's schedule as fractions of the config's max_steps (prune over steps
+    100..700 every 50, QAT from 800, frozen at 1100, of 1200), so it scales to any run length."""
+    total = _config()["trainer"]["max_steps"]
+    callbacks = {cb["class_path"].rsplit(".", 1)[-1]: cb.get("init_args", {})
+                 for cb in yaml.safe_load(RECIPE.read_text())["trainer"]["callbacks"]}
+    prune, qat = callbacks["GradualPruning"], callbacks["QuantizationAwareTraining"]
+    return {
+        "prune_begin": prune["begin_step"] / total,
+        "prune_end": prune["end_step"] / total,
+        "prune_updates": (prune["end_step"] - prune["begin_step"]) // prune["frequency"],
+        "qat_start": qat["start_step"] / total,
+        "qat_freeze": qat["freeze_step"] / total,
+    }
+
+
+_SCHEDULE = _recipe_schedule()
 
 
 @dataclass
 class Compression:
-    """Where pruning and QAT sit in a run of ``steps`` steps (fractions, as recipes/gmp80_qat_export.yaml:
-    prune over steps 100..700, QAT from 800, freeze at 1100, of 1200)."""
+    """Where pruning and QAT sit in a run of ``steps`` steps: the recipe's schedule, scaled."""
 
     pattern: str | None = "unstructured"  # None: no pruning
     sparsity: float = 0.8
     qat: bool = True
-    prune_begin: float = 100 / 1200
-    prune_end: float = 700 / 1200
-    prune_updates: int = 12  # mask updates over the ramp
-    qat_start: float = 800 / 1200
-    qat_freeze: float = 1100 / 1200
+    prune_begin: float = _SCHEDULE["prune_begin"]
+    prune_end: float = _SCHEDULE["prune_end"]
+    prune_updates: int = _SCHEDULE["prune_updates"]  # mask updates over the ramp
+    qat_start: float = _SCHEDULE["qat_start"]
+    qat_freeze: float = _SCHEDULE["qat_freeze"]
 
     def build(self, model: nn.Module, steps: int) -> tuple[MagnitudePruner | None, QuantizationSimulator | None]:
         pruner = simulator = None
@@ -142,13 +174,8 @@ def train(model: nn.Module, data: Data, steps: int, pruner: MagnitudePruner | No
     return TrainResult(steps, time.perf_counter() - start, statistics.fmean(losses[-20:]), times)
 
 
-@torch.no_grad()
 def torch_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
-    was_training = model.training
-    model.eval()
-    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
-    model.train(was_training)
-    return correct / len(x)
+    return top1_accuracy(model, x, y, batch)
 
 
 def median(values: Sequence[float]) -> float:

@@ -20,9 +20,9 @@ Peaks do not add up across processes: a demo that trains in one process and expo
 the larger of the two as its peak.
 
 Run (from the repo root):
-    .venv/bin/python benchmarks/memory.py                       # ~2 min on 2 busy cores
-    .venv/bin/python benchmarks/memory.py --repeats 3 --fit-steps 50 --json out.json
-    .venv/bin/python benchmarks/memory.py --only import --demo    # the whole demo: trains 2 x 1200 steps (long)
+    .venv/bin/python -m benchmarks.memory                       # ~2 min on 2 busy cores
+    .venv/bin/python -m benchmarks.memory --repeats 3 --fit-steps 50 --json out.json
+    .venv/bin/python -m benchmarks.memory --only import --demo    # the whole demo: trains 2 x 1200 steps (long)
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TARGET_MIB = 4096
 MEASUREMENTS = ("import", "export sparse", "export dense", "export PTQ", "fit + export")
@@ -63,7 +61,7 @@ def _imports() -> None:
 def _compressed_model(prune: bool, qat: bool):
     import torch
 
-    import _common as C
+    from benchmarks import _common as C
     from sparselite.models.mobilenet import MobileNetLite
     from sparselite.pruning.pruner import MagnitudePruner
     from sparselite.pruning.schedule import PolynomialDecay
@@ -139,8 +137,8 @@ def child(what: str, fit_steps: int) -> dict:
 def measure(what: str, fit_steps: int) -> dict:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", what, "--fit-steps", str(fit_steps)],
-                          capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--child", what, "--fit-steps", str(fit_steps)],
+                          capture_output=True, text=True, env=env, check=False, cwd=Path(__file__).resolve().parents[1])
     wall = time.perf_counter() - start
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -184,7 +182,7 @@ def main() -> None:
 
     import statistics
 
-    import _common as C
+    from benchmarks import _common as C
 
     env = C.environment()
     chosen = [m.strip() for m in args.only.split(",")] if args.only else list(MEASUREMENTS)
@@ -223,7 +221,7 @@ def main() -> None:
               "GradualPruning + QuantizationAwareTraining + TFLiteExport in one process.")
     if not args.demo:
         gnu_time = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
-        how = f"{gnu_time} -v .venv/bin/sparselite demo" if gnu_time else ".venv/bin/python benchmarks/memory.py --demo"
+        how = f"{gnu_time} -v .venv/bin/sparselite demo" if gnu_time else ".venv/bin/python -m benchmarks.memory --demo"
         print(f"Whole demo: `{how}` ('Maximum resident set size'), or rerun this script with --demo.")
     C.write_json(args.json, {"environment": env, "args": vars(args), "target_mib": TARGET_MIB, "results": results})
 

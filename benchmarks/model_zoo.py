@@ -115,7 +115,7 @@ def litert_ptq(float_model: torch.nn.Module, example: torch.Tensor, calibration:
 
 
 def file_islands(path: Path) -> list:
-    from sparselite.export.flatbuffer import read_model
+    from sparselite.tflite.flatbuffer import read_model
     from sparselite.export.names import use_module_names
     from sparselite.export.tflite import float_islands
 

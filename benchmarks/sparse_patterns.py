@@ -20,9 +20,9 @@ On x86 XNNPACK densifies sparse weights at load and runs its dense int8 kernels 
 path), so no latency gain is expected: the latency ratio should be ~1.0, and load may cost a little more.
 
 Run (from the repo root):
-    .venv/bin/python benchmarks/sparse_patterns.py --quick                  # smoke run, a few minutes
-    .venv/bin/python benchmarks/sparse_patterns.py                          # default budget (150 steps): ~7 min on 2 idle cores
-    .venv/bin/python benchmarks/sparse_patterns.py --steps 1200 --json out.json --out-dir artifacts/patterns
+    .venv/bin/python -m benchmarks.sparse_patterns --quick                  # smoke run, a few minutes
+    .venv/bin/python -m benchmarks.sparse_patterns                          # default budget (150 steps): ~7 min on 2 idle cores
+    .venv/bin/python -m benchmarks.sparse_patterns --steps 1200 --json out.json --out-dir artifacts/patterns
 Numbers at the default budget are for comparing patterns with each other, not for the best accuracy
 the model can reach (use ``--steps 1200`` for the demo recipe's budget).
 """
@@ -40,18 +40,17 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import _common as C  # noqa: E402
-from sparselite import LiteRTModel, export_tflite  # noqa: E402
-from sparselite.errors import SparseliteError  # noqa: E402
-from sparselite.export.flatbuffer import read_model  # noqa: E402
-from sparselite.export.sparse import encode_sparse, sparse_payload_bytes  # noqa: E402
-from sparselite.models.mobilenet import MobileNetLite  # noqa: E402
-from sparselite.runtime.bench import interleaved_benchmark  # noqa: E402
+from benchmarks import _common as C
+from sparselite import LiteRTModel, export_tflite
+from sparselite.errors import SparseliteError
+from sparselite.tflite.flatbuffer import read_model
+from sparselite.export.sparse import encode_sparse
+from sparselite.tflite.sparse import sparse_payload_bytes
+from sparselite.models.mobilenet import MobileNetLite
+from sparselite.runtime.bench import interleaved_benchmark
 
 TARGETS = {"unstructured": 0.60, "1x4": 0.35, "1x16": 0.30}  # sparse / dense int8 whole-file bytes
 BOUND_SLACK = 0.03  # stored bytes may exceed the format's minimum by this fraction

@@ -16,8 +16,8 @@ with ``GradualPruning`` + ``QuantizationAwareTraining`` vs one without, same ste
 the step time is the interval between consecutive ``on_train_batch_start`` calls.
 
 Run (from the repo root):
-    .venv/bin/python benchmarks/training_overhead.py                      # ~1.5 min on 2 busy cores
-    .venv/bin/python benchmarks/training_overhead.py --rounds 8 --steps-per-round 8 --lightning --json out.json
+    .venv/bin/python -m benchmarks.training_overhead                      # ~1.5 min on 2 busy cores
+    .venv/bin/python -m benchmarks.training_overhead --rounds 8 --steps-per-round 8 --lightning --json out.json
 """
 
 from __future__ import annotations
@@ -29,16 +29,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import _common as C  # noqa: E402
-from sparselite.models.mobilenet import MobileNetLite  # noqa: E402
-from sparselite.pruning.pruner import MagnitudePruner  # noqa: E402
-from sparselite.pruning.schedule import PolynomialDecay  # noqa: E402
-from sparselite.quantization.qat import QuantizationSimulator  # noqa: E402
+from benchmarks import _common as C
+from sparselite.models.mobilenet import MobileNetLite
+from sparselite.pruning.pruner import MagnitudePruner
+from sparselite.pruning.schedule import PolynomialDecay
+from sparselite.quantization.qat import QuantizationSimulator
 
 TARGET_RATIO = 1.3
 

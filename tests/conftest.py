@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 # Before TF / litert import: keep their C++ logging off the test output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -45,6 +46,35 @@ def pytest_configure(config: pytest.Config) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def pt2e_int8_tflite(model: torch.nn.Module, example: torch.Tensor, calibration: torch.Tensor | None = None,
+                     *, quant_config: bool = True) -> bytes:
+    """A per-channel int8 .tflite of ``model`` through pt2e + litert-torch, as the exporter lowers it.
+
+    Calibrates on ``example`` (or on each row of ``calibration``): without a forward pass the weight
+    scales stay 1.0. ``quant_config=False`` leaves a Q/DQ graph over float ops instead of int8 ops.
+    """
+    import tempfile
+
+    import litert_torch
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(torch.export.export(model.eval(), (example,)).module(), quantizer)
+    if calibration is None:
+        prepared(example)
+    else:
+        for i in range(len(calibration)):
+            prepared(calibration[i : i + 1])
+    converted = convert_pt2e(prepared, fold_quantize=False)
+    kwargs = {"quant_config": QuantConfig(pt2e_quantizer=quantizer)} if quant_config else {}
+    edge = litert_torch.convert(converted, (example,), **kwargs)
+    with tempfile.TemporaryDirectory() as folder:
+        edge.export(f"{folder}/model.tflite")
+        return Path(folder, "model.tflite").read_bytes()
+
+
 @pytest.fixture
 def tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)
@@ -75,6 +105,29 @@ def make_loader(data: tuple[torch.Tensor, torch.Tensor], n: int, batch_size: int
     return DataLoader(TensorDataset(images[:n], labels[:n]), batch_size=batch_size, shuffle=False)
 
 
+def make_trainer(tmp_path: Path, max_steps: int, callbacks: list, checkpointing: bool = False, name: str = "run"):
+    """A quiet, deterministic CPU Trainer with a CSV logger and no validation."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    return pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, callbacks=callbacks,
+        enable_checkpointing=checkpointing, logger=CSVLogger(tmp_path, name=name), log_every_n_steps=1,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        deterministic=True,
+    )
+
+
 @pytest.fixture
 def train_loader(fmnist_train) -> DataLoader:
     return make_loader(fmnist_train, 512)
+
+
+def xnnpack_partitions(path) -> int:
+    """How many pieces XNNPACK takes the graph in (1: every op delegated). Reads the interpreter's node
+    list, which ai-edge-litert exposes only through a private method."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path), num_threads=1)
+    interpreter.allocate_tensors()
+    return sum(op["op_name"] == "DELEGATE" for op in interpreter._get_ops_details())

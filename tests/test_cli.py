@@ -32,7 +32,9 @@ FOREIGN = [
 
 
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = FAST_S) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    # The CLI quiets the libraries itself: pytest's own settings (conftest) must not leak into it.
+    inherited = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "GLOG_minloglevel")}
+    full_env = {**inherited, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "sparselite.cli", *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd or ROOT, timeout=timeout)
 
@@ -131,6 +133,7 @@ def test_fit_then_export_round_trip(tmp_path):
                   "--trainer.max_steps", "20", "--trainer.val_check_interval", "20", "--trainer.limit_val_batches", "2",
                   "--data.init_args.train_subset", "1280", "--data.init_args.batch_size", "64", timeout=400)
     assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "Tip:" not in fit.stderr and "/-2" not in fit.stdout  # no Lightning tips, no "Epoch 0/-2"
     (ckpt,) = root.glob("lightning_logs/version_*/checkpoints/*.ckpt")
     assert (ckpt.parents[1] / "config.yaml").is_file()
 
@@ -138,6 +141,7 @@ def test_fit_then_export_round_trip(tmp_path):
     export = run_cli("export", str(ckpt), "-o", str(out), "--verify-batches", "2", "--calibration-batches", "1", timeout=400)
     assert export.returncode == 0, export.stderr[-3000:]
     assert out.is_file() and "parity vs fake-quant torch" in export.stdout
+    assert_quiet(export)
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["io_dtype"] == "float32" and report["ranges_learned"] > 0
     assert report["parity"]["examples"] == 128 and report["parity"]["top1_agreement"] >= 0.98
@@ -147,3 +151,15 @@ def test_fit_then_export_round_trip(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     result = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert result["examples"] == 256 and 0.0 <= result["accuracy"] <= 1.0
+
+    # -v/--verbose brings the libraries' own lines back.
+    quiet, verbose = run_cli("inspect", str(out)), run_cli("inspect", str(out), "--verbose")
+    assert quiet.returncode == verbose.returncode == 0, verbose.stderr[-3000:]
+    assert "XNNPACK delegate" not in quiet.stderr and "XNNPACK delegate" in verbose.stderr
+
+
+def assert_quiet(result: subprocess.CompletedProcess) -> None:
+    """Nothing on stderr a user cannot act on: no library load failures, tips, warnings or converter progress."""
+    for noise in ("Failed to load", "Tip:", "Warning", "warn", "WARNING", "absl", "oneDNN", "flatbuffer_export"):
+        assert noise not in result.stderr, result.stderr[-3000:]
+    assert "LiteRT-Torch Convert" not in result.stdout + result.stderr

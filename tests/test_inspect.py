@@ -3,40 +3,24 @@
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from conftest import pt2e_int8_tflite
 from sparselite.errors import SparseliteError
-from sparselite.export.flatbuffer import read_model, write_model
-from sparselite.export.sparse import _weight_tensors, encode_sparse, tensor_values, weight_sparsity
+from sparselite.tflite.flatbuffer import read_model, write_model
+from sparselite.export.sparse import encode_sparse
+from sparselite.tflite.sparse import tensor_values, weight_sparsity, weight_tensors
 from sparselite.inspect import inspect_tflite
-
-
-def _convert_int8(model: nn.Module, example: torch.Tensor) -> bytes:
-    import litert_torch
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-    from litert_torch.quantize.quant_config import QuantConfig
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    prepared = prepare_pt2e(torch.export.export(model.eval(), (example,)).module(), quantizer)
-    prepared(example)
-    converted = convert_pt2e(prepared, fold_quantize=False)
-    edge = litert_torch.convert(converted, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
-    with tempfile.TemporaryDirectory() as folder:
-        edge.export(f"{folder}/model.tflite")
-        return Path(folder, "model.tflite").read_bytes()
 
 
 def _prune_unstructured(data: bytes, sparsity: float = 0.8) -> bytes:
     model = read_model(data)
     graph = model.subgraphs[0]
-    for tensor_index, _ in list(_weight_tensors(model, graph)):
+    for tensor_index, _ in list(weight_tensors(model, graph)):
         tensor = graph.tensors[tensor_index]
         weights = tensor_values(model, tensor).copy()
         flat = weights.reshape(-1)
@@ -54,7 +38,7 @@ def files(tmp_path_factory):
         nn.Conv2d(64, 128, 1), nn.ReLU6(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10),
     )
-    dense = _prune_unstructured(_convert_int8(model, torch.randn(1, 3, 8, 8)))
+    dense = _prune_unstructured(pt2e_int8_tflite(model, torch.randn(1, 3, 8, 8)))
     sparse, _ = encode_sparse(dense)
     folder = tmp_path_factory.mktemp("inspect")
     (folder / "dense.tflite").write_bytes(dense)
@@ -101,7 +85,7 @@ def test_reports_ops_taken_by_xnnpack_and_compressed_sizes(files):
 def test_json_and_table(files):
     _, sparse_path = files
     report = inspect_tflite(sparse_path)
-    data = json.loads(report.to_json())
+    data = json.loads(json.dumps(report.to_dict(), default=str))
     assert data["file_bytes"] == report.file_bytes
     assert len(data["tensors"]) == len(report.tensors) and len(data["ops"]) == len(report.ops)
     assert data["xnnpack_ops"] == len(report.ops)

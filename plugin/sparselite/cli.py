@@ -2,6 +2,7 @@
 
 fit/validate/test are LightningCLI: ``sparselite fit -c configs/<model+data>.yaml -c recipes/<compression>.yaml``.
 Bad input of any kind ends in one line on stderr and exit code 2, before training starts.
+-v/--verbose (anywhere on the line) shows the libraries' own log lines, which are hidden by default.
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 from sparselite.errors import SparseliteError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+VERBOSE_FLAGS = ("-v", "--verbose")
 
 
 def _fail(message: str) -> None:
@@ -22,26 +23,10 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def build_lightning_cli(args: list[str], run: bool = True):
-    """LightningCLI whose config errors raise instead of printing a usage screen."""
-    import warnings
-
-    from lightning.pytorch.cli import LightningCLI
-
-    # We always pass ``args`` (sys.argv[1:] or a rebuilt list); LightningCLI warns about that on every run.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-
-    from sparselite.progress import default_callbacks
-
-    return LightningCLI(
-        args=args, run=run, subclass_mode_model=True, subclass_mode_data=True,
-        parser_kwargs={"exit_on_error": False}, save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": default_callbacks()},
-    )
-
-
 def _lightning(args: list[str]) -> None:
     from jsonargparse import ArgumentError
+
+    from sparselite.lightning_cli import build_lightning_cli
 
     try:
         build_lightning_cli(args)
@@ -86,75 +71,17 @@ def _first_line(err: BaseException) -> str:
     return (specific[-1] if specific else lines[0] if lines else type(err).__name__)[:400]
 
 
-def _find_run_config(ckpt: Path) -> Path | None:
-    for folder in (ckpt.parent, ckpt.parent.parent, ckpt.parent.parent.parent):
-        if (folder / "config.yaml").is_file():
-            return folder / "config.yaml"
-    return None
-
-
-def _without_subcommand_keys(configs: list[str], folder: Path) -> list[str]:
-    """Copies of ``configs`` without the fit/validate/test arguments (ckpt_path, weights_only, verbose) that
-    LightningCLI saves in a run's config.yaml: the subcommand-less parser that export rebuilds the run with
-    rejects them ("Option 'ckpt_path' is not accepted")."""
-    import inspect
-
-    import yaml
-    from lightning.pytorch import Trainer
-
-    data_args = {"self", "model", "train_dataloaders", "val_dataloaders", "dataloaders", "datamodule"}
-    subcommand_keys = {name for method in (Trainer.fit, Trainer.validate, Trainer.test)
-                       for name in inspect.signature(method).parameters if name not in data_args}
-    cleaned = []
-    for index, config in enumerate(configs):
-        data = yaml.safe_load(Path(config).read_text())
-        if isinstance(data, dict) and subcommand_keys & set(data):
-            for key in subcommand_keys:
-                data.pop(key, None)
-            config = str(folder / f"{index}_{Path(config).name}")
-            Path(config).write_text(yaml.safe_dump(data))
-        cleaned.append(config)
-    return cleaned
-
-
 def export_command(ns: argparse.Namespace) -> None:
     """Rebuild the run from its config, restore the checkpoint (masks, ranges), export."""
-    import itertools
+    from sparselite.export.from_loader import export_from_loader
+    from sparselite.lightning_cli import restore_run
 
-    import torch
-
-    from sparselite.checkpoints import load_checkpoint
-    from sparselite.export.tflite import export_tflite
-    from sparselite.pruning.callback import GradualPruning
-    from sparselite.quantization.callback import QuantizationAwareTraining
-
-    ckpt = Path(ns.checkpoint)
-    state = load_checkpoint(ckpt)["state_dict"]  # tensors only, before anything else is built
-    configs = ns.config or ([str(c)] if (c := _find_run_config(ckpt)) else [])
-    if not configs:
-        raise SparseliteError(f"no config.yaml found next to {ckpt}; pass the run's configs with -c")
-    with tempfile.TemporaryDirectory() as folder:
-        configs = _without_subcommand_keys(configs, Path(folder))
-        cli = build_lightning_cli([arg for c in configs for arg in ("-c", c)], run=False)
-    module, datamodule = cli.model, cli.datamodule
-    example = getattr(module, "example_input_array", None)
-    for callback in cli.trainer.callbacks:
-        if isinstance(callback, GradualPruning):
-            callback.pruner.prepare(module)
-        elif isinstance(callback, QuantizationAwareTraining):
-            # With the example, as in training: the functional ops' range buffers must exist to be restored.
-            callback.simulator.prepare(module, None if example is None else (example,))
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, KeyError) as err:
-        raise SparseliteError(f"{ckpt} does not match the configured model: {str(err).splitlines()[0]}") from None
+    module, datamodule = restore_run(ns.checkpoint, ns.config)
     datamodule.setup("validate")
-    batches = [x for x, _ in itertools.islice(datamodule.val_dataloader(), ns.verify_batches + ns.calibration_batches)]
-    example = example if isinstance(example, torch.Tensor) else batches[0][:1]
-    report = export_tflite(module, example[:1], ns.output, io_dtype=ns.io_dtype, sparse=not ns.no_sparse,
-                           calibration=batches[ns.verify_batches:], verify_batches=batches[: ns.verify_batches],
-                           gpu_check=ns.gpu_check, require_gpu=ns.require_gpu, float_fallback=ns.allow_float_ops)
-    report.save(Path(ns.output).with_suffix(".json"))
+    report = export_from_loader(module, datamodule.val_dataloader(), ns.output, verify_batches=ns.verify_batches,
+                                calibration_batches=ns.calibration_batches, io_dtype=ns.io_dtype,
+                                sparse=not ns.no_sparse, gpu_check=ns.gpu_check, require_gpu=ns.require_gpu,
+                                float_fallback=ns.allow_float_ops)
     print(report.summary())
 
 
@@ -225,6 +152,7 @@ def demo_command(ns: argparse.Namespace) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparselite", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the libraries' log lines (also after the command)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in LIGHTNING_COMMANDS:
         sub.add_parser(name, help=f"LightningCLI {name}: -c configs/X.yaml -c recipes/Y.yaml", add_help=False)
@@ -275,6 +203,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(arg in VERBOSE_FLAGS for arg in argv)
+    argv = [arg for arg in argv if arg not in VERBOSE_FLAGS]
+    native_filter = None
+    if not verbose:
+        from sparselite.quiet import NativeStderrFilter, quiet_libraries
+
+        quiet_libraries()  # before anything heavy is imported
+        native_filter = NativeStderrFilter()
+        native_filter.start()
     try:
         if argv and argv[0] in LIGHTNING_COMMANDS:
             _lightning(argv)
@@ -283,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
         ns.func(ns)
     except SparseliteError as err:
         _fail(str(err))
+    finally:
+        if native_filter is not None:
+            native_filter.stop()
 
 
 if __name__ == "__main__":

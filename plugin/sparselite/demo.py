@@ -17,11 +17,12 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from sparselite.cli import build_lightning_cli
 from sparselite.data.fashion_mnist import load_split
 from sparselite.errors import SparseliteError
 from sparselite.export.callback import TFLiteExport
 from sparselite.export.tflite import export_float_tflite, fake_quant_reference, verify
+from sparselite.lightning_cli import build_lightning_cli
+from sparselite.models.classifier import top1_accuracy
 from sparselite.runtime.bench import interleaved_benchmark
 from sparselite.runtime.litert import LiteRTModel
 
@@ -49,13 +50,6 @@ def _recipe_exporting_to(tflite: Path, copy: Path) -> Path:
     copy.parent.mkdir(parents=True, exist_ok=True)
     copy.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return copy
-
-
-@torch.no_grad()
-def _torch_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    model.eval()
-    correct = sum(int((model(images[i : i + 500]).argmax(1) == labels[i : i + 500]).sum()) for i in range(0, len(images), 500))
-    return correct / len(images)
 
 
 def _baseline_fingerprint() -> str:
@@ -109,9 +103,9 @@ def run_demo(out_dir: Path = Path("runs/demo"), retrain_baseline: bool = False) 
 
     # 3. Accuracy and parity over the whole test set.
     print("[demo] 3/4 accuracy and parity on the 10k test images")
-    fp32_torch = _torch_accuracy(baseline, images, labels)
+    fp32_torch = top1_accuracy(baseline, images, labels)
     fake_quant_model, _ = fake_quant_reference(compressed)
-    fake_quant = _torch_accuracy(fake_quant_model, images, labels)
+    fake_quant = top1_accuracy(fake_quant_model, images, labels)
     fp32_tflite = LiteRTModel(fp32_path).evaluate(test_loader)["accuracy"]
     int8_tflite = LiteRTModel(int8_path).evaluate(test_loader)["accuracy"]
     parity = verify(compressed, int8_path, [images[i : i + 500] for i in range(0, len(images), 500)], report.parity.output_scale)

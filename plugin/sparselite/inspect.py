@@ -8,7 +8,6 @@ number to beat.
 
 from __future__ import annotations
 
-import json
 import lzma
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,10 +16,8 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from sparselite.errors import SparseliteError
-from sparselite.export.flatbuffer import builtin_code, builtin_name, read_model
-from sparselite.export.sparse import describe_layout, sparse_payload_bytes, tensor_values
-
-_TYPE_NAMES = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model, tensor_name, tensor_type_name
+from sparselite.tflite.sparse import describe_layout, sparse_payload_bytes, tensor_values
 
 
 @dataclass(frozen=True)
@@ -73,9 +70,6 @@ class InspectReport:
             xnnpack_ops=self.xnnpack_ops,
         )
         return data
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
 
     def format_table(self) -> str:
         rows = [("tensor", "op", "dtype", "shape", "sparsity", "encoding", "index", "dense B", "stored B")]
@@ -155,12 +149,11 @@ def _constant_tensors(model: schema.ModelT, graph: schema.SubGraphT) -> list[Con
         if buffer.data is None or len(buffer.data) == 0:
             continue
         encoding, index_dtype = describe_layout(tensor)
-        name = tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
         shape = tuple(int(s) for s in (tensor.shape if tensor.shape is not None else []))
         rows.append(ConstantTensor(
-            name=name,
+            name=tensor_name(tensor),
             op="/".join(dict.fromkeys(readers.get(index, []))) or "-",
-            dtype=_TYPE_NAMES.get(tensor.type, str(tensor.type)),
+            dtype=tensor_type_name(tensor.type),
             shape=shape,
             sparsity=float(np.mean(values == 0)) if values is not None and values.size else 0.0,
             encoding=encoding,

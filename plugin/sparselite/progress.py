@@ -1,4 +1,5 @@
-"""Plain-text training progress for logs: Lightning's progress bars draw nothing when stdout is not a terminal."""
+"""Training progress: plain-text lines for logs (Lightning's progress bars draw nothing useful when
+stdout is not a terminal), and a sensible epoch title on the progress bar of a step-bounded run."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -32,5 +34,21 @@ class LogProgress(pl.Callback):
         self._last = (step, time.perf_counter())
 
 
+class OpenEndedEpochTitle(pl.Callback):
+    """A run bounded by ``max_steps`` alone has ``max_epochs == -1``, and Rich's progress bar then titles
+    it "Epoch 2/-2". Title it "Epoch 2": the bar itself counts the steps."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        bar = trainer.progress_bar_callback
+        if not isinstance(bar, RichProgressBar) or trainer.max_epochs is None or trainer.max_epochs >= 0:
+            return
+
+        def title(current_epoch: int) -> str:
+            # Padded like Lightning's own title, so the bar does not flicker against "Validation".
+            return f"{f'Epoch {current_epoch}':{len(bar.validation_description)}}"
+
+        bar._get_train_description = title  # where Lightning 2.6 builds the title
+
+
 def default_callbacks() -> list[pl.Callback]:
-    return [] if sys.stdout.isatty() else [LogProgress()]
+    return [OpenEndedEpochTitle()] + ([] if sys.stdout.isatty() else [LogProgress()])

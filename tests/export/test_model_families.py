@@ -12,12 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from ai_edge_litert.interpreter import Interpreter
 from ai_edge_litert.schema_py_generated import TensorType
 
+from conftest import xnnpack_partitions
 from model_blocks import GRUClassifier, KeywordSpotter, TransformerBlockNet, family_models
 from sparselite import SparseliteError, export_tflite
-from sparselite.export.flatbuffer import builtin_code, builtin_name, read_model
+from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model
 from sparselite.quantization.qat import QuantizationSimulator
 
 STEPS, QAT_START = 120, 60
@@ -65,14 +65,6 @@ def op_tensor_types(path) -> dict[str, set[int]]:
         tensors = [subgraph.tensors[i] for i in list(op.inputs) + list(op.outputs) if i >= 0]
         types.setdefault(name, set()).update(t.type for t in tensors if model.buffers[t.buffer].data is None)
     return types
-
-
-def xnnpack_partitions(path) -> int:
-    """How many pieces XNNPACK takes the graph in (1: every op delegated). Reads the interpreter's node
-    list, which ai-edge-litert exposes only through a private method."""
-    interpreter = Interpreter(model_path=str(path), num_threads=1)
-    interpreter.allocate_tensors()
-    return sum(op["op_name"] == "DELEGATE" for op in interpreter._get_ops_details())
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_OPS))

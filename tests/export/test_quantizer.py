@@ -94,7 +94,7 @@ def test_upstream_xnnpack_does_not_delegate_int8_hardswish(monkeypatch, tmp_path
     the graph in two (and made mobilenet_v3 slower in int8 than in fp32). sparselite writes hardswish as
     x * relu6(x + 3) / 6 instead (docs/upstream/xnnpack_int8_hardswish.md). When this test fails,
     XNNPACK delegates HARD_SWISH and the rewrite can go."""
-    from test_model_families import xnnpack_partitions
+    from conftest import xnnpack_partitions
 
     from sparselite import export_tflite
     from sparselite.export import quantizer

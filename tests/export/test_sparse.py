@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,18 +11,12 @@ from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 from torch import nn
 
+from conftest import pt2e_int8_tflite
 from sparselite.errors import SparseliteError
-from sparselite.export.flatbuffer import builtin_code, read_model, write_model
-from sparselite.export.sparse import (
-    _candidate_layouts,
-    _weight_tensors,
-    decode_tensor,
-    encode_sparse,
-    encode_tensor,
-    sparse_payload_bytes,
-    tensor_values,
-    weight_sparsity,
-)
+from sparselite.export.sparse import encode_sparse
+from sparselite.export.sparse_layout import candidate_layouts, encode_tensor
+from sparselite.tflite.flatbuffer import builtin_code, read_model, write_model
+from sparselite.tflite.sparse import decode_tensor, sparse_payload_bytes, tensor_values, weight_sparsity, weight_tensors
 
 PATTERNS = ["unstructured", "1x4", "1x16", "2:4"]
 RESOLVERS = {
@@ -34,24 +26,6 @@ RESOLVERS = {
 }
 # File bytes one sparse tensor costs beyond its payload (SparsityParameters, DENSIFY, its tensor).
 OVERHEAD_BOUND = 400
-
-
-def convert_int8(model: nn.Module, example: torch.Tensor) -> bytes:
-    """A per-channel int8 .tflite of ``model`` (pt2e + litert-torch), as the exporter makes it."""
-    import litert_torch
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-    from litert_torch.quantize.quant_config import QuantConfig
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    exported = torch.export.export(model.eval(), (example,)).module()
-    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    prepared = prepare_pt2e(exported, quantizer)
-    prepared(example)  # without a forward pass the weight scales stay 1.0
-    converted = convert_pt2e(prepared, fold_quantize=False)
-    edge = litert_torch.convert(converted, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
-    with tempfile.TemporaryDirectory() as folder:
-        edge.export(f"{folder}/model.tflite")
-        return Path(folder, "model.tflite").read_bytes()
 
 
 def prune_array(weights: np.ndarray, pattern: str, sparsity: float = 0.8) -> np.ndarray:
@@ -76,7 +50,7 @@ def prune_tflite(data: bytes, pattern: str, sparsity: float = 0.8) -> bytes:
     """The same int8 file with its conv/depthwise/FC weights pruned (zeros stay exact in int8)."""
     model = read_model(data)
     for graph in model.subgraphs:
-        for tensor_index, _ in list(_weight_tensors(model, graph)):
+        for tensor_index, _ in list(weight_tensors(model, graph)):
             tensor = graph.tensors[tensor_index]
             weights = tensor_values(model, tensor)
             if weights is not None and weights.dtype == np.int8:
@@ -115,7 +89,7 @@ class MobileNetish(nn.Module):
 @pytest.fixture(scope="module")
 def dense_int8() -> bytes:
     torch.manual_seed(0)
-    return convert_int8(MobileNetish(), torch.randn(1, 3, 16, 16))
+    return pt2e_int8_tflite(MobileNetish(), torch.randn(1, 3, 16, 16))
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +209,7 @@ def test_every_candidate_layout_decodes_exactly(shape, pattern):
     rng = np.random.default_rng(1)
     weights = prune_array(rng.integers(-127, 128, size=shape).astype(np.int8), pattern)
     weights[0] = 0  # an all-zero output channel exercises empty CSR segments
-    for layout in _candidate_layouts(shape):
+    for layout in candidate_layouts(shape):
         values, params, _ = encode_tensor(weights, layout)
         np.testing.assert_array_equal(decode_tensor(values, shape, params), weights, err_msg=str(layout))
 
@@ -298,7 +272,7 @@ def test_index_vectors_use_narrowest_type(case):
 
 
 def test_candidate_layouts_cover_blocks_that_divide_the_input_dim():
-    layouts = _candidate_layouts((8, 3, 3, 48))
+    layouts = candidate_layouts((8, 3, 3, 48))
     assert {layout.block for layout in layouts} == {1, 2, 4, 8, 16}
     assert all(not layout.csr[-1] for layout in layouts if layout.block > 1)  # block dims stay DENSE
     assert len({(l.block, l.csr) for l in layouts}) == len(layouts)

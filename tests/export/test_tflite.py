@@ -13,8 +13,8 @@ from torch import nn
 
 from conftest import make_loader, tiny_mobilenet
 from sparselite import ExportReport, GradualPruning, LiteRTModel, QuantizationAwareTraining, SparseliteError, export_tflite
-from sparselite.export.flatbuffer import read_model
-from sparselite.export.sparse import weight_sparsity
+from sparselite.tflite.flatbuffer import read_model
+from sparselite.tflite.sparse import weight_sparsity
 from sparselite.models.classifier import ImageClassifier
 from sparselite.models.mobilenet import MobileNetLite
 from sparselite.pruning.pruner import MASK_BUFFER
@@ -234,3 +234,29 @@ def test_argument_validation(float_module, fmnist_train, tmp_path, kwargs, messa
     with pytest.raises(SparseliteError, match=message):
         export_tflite(float_module, torch.zeros(1, 1, 28, 28), path, **kwargs)
     assert not path.exists()
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)  # torch.export cannot trace this branch
+
+
+def test_untraceable_model_is_a_user_error_with_its_cause(tmp_path):
+    with pytest.raises(SparseliteError, match="torch.export cannot trace this model") as info:
+        export_tflite(DataDependent(), torch.ones(1, 4), tmp_path / "m.tflite", calibration=[torch.ones(2, 4)])
+    assert info.value.__cause__ is not None  # the API keeps torch's error; the CLI prints one line
+
+
+def test_a_bug_in_sparselite_keeps_its_own_type_and_traceback(float_module, monkeypatch, tmp_path):
+    from sparselite.export import tflite
+
+    def broken(*args, **kwargs):
+        raise KeyError("a sparselite bug")
+
+    monkeypatch.setattr(tflite, "quantize_pt2e", broken)
+    with pytest.raises(KeyError, match="a sparselite bug"):
+        export_tflite(float_module, torch.zeros(1, 1, 28, 28), tmp_path / "m.tflite", calibration=[torch.zeros(2, 1, 28, 28)])

@@ -1,4 +1,4 @@
-"""GradualPruning in a real Lightning Trainer: logged sparsity, final target, checkpointed masks, exact resume."""
+"""GradualPruning in a real Lightning Trainer: logged sparsity, final target, checkpointed masks."""
 
 from __future__ import annotations
 
@@ -8,29 +8,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 
-from conftest import make_loader, tiny_mobilenet
-from sparselite import GradualPruning, QuantizationAwareTraining, SparseliteError
+from conftest import make_loader, make_trainer, tiny_mobilenet
+from sparselite import GradualPruning, SparseliteError
 from sparselite.models.classifier import ImageClassifier
 from sparselite.pruning.pruner import MASK_BUFFER
-from sparselite.quantization.qat import learned_ranges
 
 PRUNED = ["model.features.2.0", "model.features.4.0", "model.classifier"]
-
-
-def make_trainer(tmp_path: Path, max_steps: int, callbacks: list, checkpointing: bool = False, name: str = "run") -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, callbacks=callbacks,
-        enable_checkpointing=checkpointing, logger=CSVLogger(tmp_path, name=name), log_every_n_steps=1,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        deterministic=True,
-    )
-
-
-def masks_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: buf.clone() for name, buf in module.named_buffers() if name.endswith(MASK_BUFFER)}
 
 
 def read_metrics(trainer: pl.Trainer) -> list[dict[str, str]]:
@@ -85,8 +69,7 @@ def test_masks_are_buffers_in_the_checkpoint(pruned_run):
     for name in PRUNED:
         assert torch.equal(state[f"{name}.{MASK_BUFFER}"], getattr(module.get_submodule(name), MASK_BUFFER))
     (callback_state,) = [v for k, v in checkpoint["callbacks"].items() if "GradualPruning" in k]
-    assert callback_state["last_update_step"] == 12
-    assert callback_state["config"]["final_sparsity"] == 0.8
+    assert callback_state == {"last_update_step": 12}
 
 
 def test_invalid_arguments_fail_at_construction():
@@ -94,89 +77,7 @@ def test_invalid_arguments_fail_at_construction():
         GradualPruning(final_sparsity=1.2)
     with pytest.raises(SparseliteError, match="begin_step=10 must be below end_step=10"):
         GradualPruning(begin_step=10, end_step=10)
-    with pytest.raises(SparseliteError, match="freeze_step=5 must be after start_step=10"):
-        QuantizationAwareTraining(start_step=10, freeze_step=5)
-
-
-def compression_callbacks() -> list:
-    return [
-        GradualPruning(final_sparsity=0.75, begin_step=2, end_step=20, frequency=3, min_params=100),
-        QuantizationAwareTraining(start_step=4, freeze_step=18, averaging_constant=0.1),
-    ]
-
-
-class ResumableLoader:
-    """A DataLoader wrapper Lightning can resume mid-epoch (it saves and restores its position).
-
-    Lightning restarts a plain DataLoader at batch 0 when it resumes mid-epoch, so the resumed run
-    would see other batches than the uninterrupted one (Lightning warns about it)."""
-
-    def __init__(self, loader) -> None:
-        self.loader, self.consumed, self._skip = loader, 0, 0
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        skip, self._skip = self._skip, 0
-        self.consumed = skip
-        for index, batch in enumerate(self.loader):
-            if index >= skip:
-                self.consumed = index + 1
-                yield batch
-
-    def state_dict(self) -> dict:
-        return {"consumed": self.consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._skip = state["consumed"]
-
-
-def run_state(module, pruning) -> tuple:
-    return masks_of(module), pruning.pruner.last_update_step, learned_ranges(module), {
-        k: v.clone() for k, v in module.state_dict().items()
-    }
-
-
-@pytest.mark.parametrize("resume_step", [12, 16], ids=["mid_epoch", "epoch_boundary"])
-def test_resume_matches_uninterrupted_run_exactly(tmp_path, fmnist_train, resume_step):
-    total = 24  # 8 batches per epoch: step 16 ends epoch 2, step 12 is in its middle
-    make = (lambda: ResumableLoader(make_loader(fmnist_train, 256))) if resume_step % 8 else (lambda: make_loader(fmnist_train, 256))
-
-    # Run A: uninterrupted, with a checkpoint at `resume_step`, mid-schedule for pruning and QAT.
-    pl.seed_everything(0, verbose=False)
-    module_a = ImageClassifier(tiny_mobilenet(), lr=5e-3)
-    callbacks_a = compression_callbacks()
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=resume_step, save_top_k=-1,
-                                 filename="{step}", save_last=False)
-    trainer_a = make_trainer(tmp_path, total, [*callbacks_a, checkpoint], checkpointing=True, name="a")
-    trainer_a.fit(module_a, make())
-    ckpt = tmp_path / "ckpt" / f"step={resume_step}.ckpt"
-    assert ckpt.is_file(), sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    masks_a, last_a, ranges_a, state_a = run_state(module_a, callbacks_a[0])
-    assert last_a == 20 and len(ranges_a) == 7  # the input + 6 convs/linear observed
-
-    # The checkpoint really is mid-schedule: fewer weights pruned than at the end.
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-    assert saved["global_step"] == resume_step
-    zeros_at_k = sum(int((~v).sum()) for k, v in saved["state_dict"].items() if k.endswith(MASK_BUFFER))
-    assert 0 < zeros_at_k < sum(int((~m).sum()) for m in masks_a.values())
-
-    # Run B: a fresh process state, resumed from the checkpoint.
-    pl.seed_everything(123, verbose=False)  # different init: everything must come from the checkpoint
-    module_b = ImageClassifier(tiny_mobilenet(), lr=5e-3)
-    callbacks_b = compression_callbacks()
-    trainer_b = make_trainer(tmp_path, total, callbacks_b, name="b")
-    trainer_b.fit(module_b, make(), ckpt_path=ckpt)
-    assert trainer_b.global_step == total
-    masks_b, last_b, ranges_b, state_b = run_state(module_b, callbacks_b[0])
-
-    assert last_b == last_a
-    assert masks_a.keys() == masks_b.keys() and len(masks_a) == 3
-    for name in masks_a:
-        assert torch.equal(masks_a[name], masks_b[name]), name
-    assert ranges_a.keys() == ranges_b.keys()
-    for name in ranges_a:
-        assert torch.equal(torch.tensor(ranges_a[name]), torch.tensor(ranges_b[name])), name
-    mismatched = [k for k in state_a if not torch.equal(state_a[k], state_b[k])]
-    assert not mismatched, f"weights/buffers differ after resume: {mismatched[:5]}"
+    with pytest.raises(SparseliteError, match="unknown layer policy 'fast'"):
+        GradualPruning(policy="fast")
+    with pytest.raises(SparseliteError, match="exclude pattern"):
+        GradualPruning(exclude=["[a-"])

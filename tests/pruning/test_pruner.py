@@ -11,13 +11,17 @@ from conftest import tiny_mobilenet
 from sparselite.errors import SparseliteError
 from sparselite.pruning.pruner import MASK_BUFFER, MagnitudePruner
 from sparselite.pruning.schedule import PolynomialDecay
+from sparselite.pruning.selection import LayerSelection
 
 POINTWISE = ["features.2.0", "features.4.0"]
 
 
 def make_pruner(final=0.8, begin=0, end=4, frequency=1, **kwargs) -> MagnitudePruner:
-    kwargs.setdefault("min_params", 100)
-    return MagnitudePruner(PolynomialDecay(final_sparsity=final, begin_step=begin, end_step=end, frequency=frequency), **kwargs)
+    """A pruner on a short schedule; selection keywords (include, min_params, ...) go to LayerSelection."""
+    selection = {key: kwargs.pop(key) for key in ("include", "exclude", "skip_depthwise", "min_params", "policy") if key in kwargs}
+    selection.setdefault("min_params", 100)
+    schedule = PolynomialDecay(final_sparsity=final, begin_step=begin, end_step=end, frequency=frequency)
+    return MagnitudePruner(schedule, selection=LayerSelection(**selection), **kwargs)
 
 
 def train_steps(model, pruner, optimizer, data, steps, start=0, apply=True):
@@ -194,21 +198,23 @@ def test_global_scope_shares_one_threshold(tiny_model):
     assert pruned_max <= kept_min
 
 
-def test_state_dict_round_trip_and_strip(tiny_model):
+def test_state_dict_round_trip(tiny_model):
     pruner = make_pruner()
     pruner.prepare(tiny_model)
     pruner.step(2)
     state = pruner.state_dict()
-    assert state == {"last_update_step": 2, "layers": ["features.2.0", "features.4.0", "classifier"]}
+    assert state == {"last_update_step": 2}
     assert f"classifier.{MASK_BUFFER}" in tiny_model.state_dict()
     other = make_pruner()
     other.load_state_dict(state)
     assert other.last_update_step == 2
-    zeros = {n: l.module.weight == 0 for n, l in pruner.layers.items()}
-    pruner.strip()
-    assert not any(MASK_BUFFER in k for k in tiny_model.state_dict())
-    for name, was_zero in zeros.items():
-        assert torch.equal(tiny_model.get_submodule(name).weight == 0, was_zero)
+
+
+def test_state_dict_of_older_checkpoints_still_loads():
+    """Checkpoints written before the write-only entries were dropped carry "config" and "layers"."""
+    pruner = make_pruner()
+    pruner.load_state_dict({"config": {"final_sparsity": 0.8}, "last_update_step": 5, "layers": ["classifier"]})
+    assert pruner.last_update_step == 5
 
 
 def test_xnnpack_latency_policy_rejects_a_non_conforming_model(tiny_model):
@@ -230,6 +236,6 @@ def test_xnnpack_latency_policy_selects_only_1x1_convs():
     assert list(layers) == POINTWISE
 
 
-def test_unknown_policy_is_an_error(tiny_model):
+def test_unknown_policy_is_an_error_at_construction():
     with pytest.raises(SparseliteError, match="unknown layer policy 'fast'"):
-        make_pruner(policy="fast").prepare(tiny_model)
+        make_pruner(policy="fast")

@@ -1,4 +1,4 @@
-"""LiteRT's GPU accelerator (sparselite.runtime.gpu) on Vulkan.
+"""LiteRT's GPU accelerator (sparselite.runtime.gpu, on sparselite.runtime.vulkan's driver set-up).
 
 Without a GPU these run on Mesa's lavapipe from `bash scripts/install_lavapipe.sh`; they FAIL (not
 skip) when it is missing, unless SPARSELITE_SKIP_GPU=1. With REQUIRE_HW_GPU=1 they fail on a
@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import pt2e_int8_tflite
 from sparselite.errors import SparseliteError
-from sparselite.runtime import gpu
+from sparselite.runtime import gpu, vulkan
+from sparselite.runtime.litert import LiteRTModel
 
 pytestmark = pytest.mark.gpu
 
@@ -31,17 +33,17 @@ def vulkan_adapter() -> dict:
     if os.environ.get("SPARSELITE_SKIP_GPU") == "1":
         pytest.skip("SPARSELITE_SKIP_GPU=1")
     configured = os.environ.get("VK_DRIVER_FILES") or os.environ.get("VK_ICD_FILENAMES")
-    if not gpu.require_hw_gpu() and not configured and not gpu.lavapipe_installed():
+    if not vulkan.require_hw_gpu() and not configured and not vulkan.lavapipe_installed():
         pytest.fail(
-            f"no software Vulkan driver in {gpu.default_lavapipe_dir()}: run "
+            f"no software Vulkan driver in {vulkan.default_lavapipe_dir()}: run "
             "`bash scripts/install_lavapipe.sh` (or set SPARSELITE_SKIP_GPU=1 to skip GPU tests)",
             pytrace=False,
         )
     try:
-        info = gpu.adapter_info()
+        info = vulkan.adapter_info()
     except SparseliteError as exc:
         pytest.fail(str(exc), pytrace=False)
-    if gpu.require_hw_gpu() and info["software"]:
+    if vulkan.require_hw_gpu() and info["software"]:
         pytest.fail(f"REQUIRE_HW_GPU=1 but the Vulkan adapter is software: {info['selected']}",
                     pytrace=False)
     return info
@@ -55,26 +57,16 @@ def _convert(module: torch.nn.Module, example: torch.Tensor, path: Path) -> Path
 
 
 def _pt2e_int8(module: torch.nn.Module, calib: torch.Tensor, path: Path, *, static: bool) -> Path:
-    """pt2e int8 with litert's quantizer. ``static=True`` passes ``quant_config`` so the converter
-    folds Q/DQ pairs into int8 ops; ``False`` leaves a Q/DQ graph over float ops."""
-    import litert_torch
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-    from litert_torch.quantize.quant_config import QuantConfig
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    example = calib[:1]
-    graph = torch.export.export(module.eval(), (example,)).module()
-    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    prepared = prepare_pt2e(graph, quantizer)
-    for i in range(len(calib)):
-        prepared(calib[i : i + 1])
-    converted = convert_pt2e(prepared, fold_quantize=False)
-    kwargs = {"quant_config": QuantConfig(pt2e_quantizer=quantizer)} if static else {}
-    litert_torch.convert(converted, (example,), **kwargs).export(str(path))
+    """``static=True`` lowers to int8 ops (as the exporter); ``False`` leaves a Q/DQ graph over float ops."""
+    path.write_bytes(pt2e_int8_tflite(module, calib[:1], calib, quant_config=static))
     return path
 
 
-def _xnnpack(path: Path, x: np.ndarray, like: gpu.GpuModel) -> np.ndarray:
+def _on_gpu(path: Path, precision: str = "fp16", allow_cpu_fallback: bool = False) -> LiteRTModel:
+    return LiteRTModel(path, accelerator="gpu", gpu_precision=precision, allow_cpu_fallback=allow_cpu_fallback)
+
+
+def _xnnpack(path: Path, x: np.ndarray, like: LiteRTModel) -> np.ndarray:
     """The same model on LiteRT's CPU accelerator (XNNPACK), fed and read like ``like``."""
     from ai_edge_litert.compiled_model import CompiledModel, CpuOptions, HardwareAccelerator, Options
 
@@ -83,14 +75,14 @@ def _xnnpack(path: Path, x: np.ndarray, like: gpu.GpuModel) -> np.ndarray:
         options=Options(hardware_accelerators=HardwareAccelerator.CPU, cpu_options=CpuOptions(num_threads=1)),
     )
     ins, outs = model.create_input_buffers(0), model.create_output_buffers(0)
-    x = like._prepare(x)
+    x = like.quantize_input(x)
     b, results = like.batch_size, []
     for i in range(0, len(x), b):
-        ins[0].write(x[i : i + b])
+        ins[0].write(np.ascontiguousarray(x[i : i + b], dtype=like.input_dtype))
         model.run_by_index(0, ins, outs)
-        n = int(np.prod(like.output.shape))
-        results.append(outs[0].read(n, np.dtype(like.output.dtype)).reshape(like.output.shape))
-    return like._finish(np.concatenate(results), raw=False)
+        n = int(np.prod(like.output_shape))
+        results.append(outs[0].read(n, like.output_dtype).reshape(like.output_shape))
+    return like.dequantize_output(np.concatenate(results))
 
 
 class SmallCnn(torch.nn.Module):
@@ -140,27 +132,20 @@ def batch() -> np.ndarray:
 
 
 def test_fp32_matches_xnnpack(float_cnn, batch):
-    model = gpu.GpuModel(float_cnn, precision="fp32")
-    assert model.fully_accelerated
-    assert model.input.shape == (1, 3, 8, 8) and model.output.shape == (1, 10)
+    model = _on_gpu(float_cnn, precision="fp32")
+    assert model.backend.fully_accelerated
+    assert model.input_shape == (1, 3, 8, 8) and model.output_shape == (1, 10)
     y = model(batch)  # batch 6 on a batch-1 model: looped
     assert y.shape == (6, 10) and y.dtype == np.float32
     assert np.abs(y - _xnnpack(float_cnn, batch, model)).max() < 1e-4
 
 
 def test_fp16_close_with_same_argmax(float_cnn, batch):
-    model = gpu.GpuModel(float_cnn)  # fp16 is LiteRT's default
-    assert model.precision == "fp16"
+    model = _on_gpu(float_cnn)  # fp16 is LiteRT's default
+    assert model.backend.precision == "fp16"
     y, ref = model(batch), _xnnpack(float_cnn, batch, model)
     assert np.abs(y - ref).max() < 2e-2
     assert (y.argmax(1) == ref.argmax(1)).all()
-
-
-def test_timed_call_returns_output_and_seconds(float_cnn, batch):
-    model = gpu.GpuModel(float_cnn, precision="fp32")
-    y, seconds = model.timed_call(batch)
-    assert seconds > 0
-    np.testing.assert_array_equal(y, model(batch))
 
 
 def test_unsupported_op_named_in_report(tmp_path):
@@ -175,11 +160,11 @@ def test_unsupported_op_named_in_report(tmp_path):
     assert "not supported" in ops["GATHER_ND"]["reason"]
     assert report["adapter"]
     with pytest.raises(SparseliteError, match="GATHER_ND"):
-        gpu.GpuModel(path)
+        gpu.GpuBackend(path)
     # with the CPU allowed, the model runs and agrees with XNNPACK
-    model = gpu.GpuModel(path, precision="fp32", allow_cpu_fallback=True)
+    model = _on_gpu(path, precision="fp32", allow_cpu_fallback=True)
     x = np.random.default_rng(1).standard_normal((2, 16)).astype(np.float32)
-    assert not model.fully_accelerated
+    assert not model.backend.fully_accelerated
     assert np.abs(model(x) - _xnnpack(path, x, model)).max() < 1e-5
 
 
@@ -201,9 +186,9 @@ def test_no_vulkan_device_is_a_clear_error(float_cnn, tmp_path, fallback):
     env.pop("REQUIRE_HW_GPU", None)
     proc = _python(f"""
         from sparselite.errors import SparseliteError
-        from sparselite.runtime.gpu import GpuModel
+        from sparselite.runtime.gpu import GpuBackend
         try:
-            GpuModel({str(float_cnn)!r}, allow_cpu_fallback={fallback})
+            GpuBackend({str(float_cnn)!r}, allow_cpu_fallback={fallback})
         except SparseliteError as exc:
             print("SparseliteError:", exc)
         """, env)
@@ -215,15 +200,15 @@ def test_no_vulkan_device_is_a_clear_error(float_cnn, tmp_path, fallback):
 
 def test_software_vulkan_activates_in_process(float_cnn):
     """No LD_LIBRARY_PATH or VK_* at process start: the module sets itself up (no re-exec)."""
-    if gpu.require_hw_gpu() or not gpu.lavapipe_installed():
+    if vulkan.require_hw_gpu() or not vulkan.lavapipe_installed():
         pytest.skip("about the private lavapipe")
     env = {k: v for k, v in os.environ.items() if not k.startswith("VK_") and k != "LD_LIBRARY_PATH"}
     proc = _python(f"""
         import numpy as np
-        from sparselite.runtime.gpu import GpuModel
-        m = GpuModel({str(float_cnn)!r}, precision="fp32")
+        from sparselite.runtime.litert import LiteRTModel
+        m = LiteRTModel({str(float_cnn)!r}, accelerator="gpu", gpu_precision="fp32")
         m(np.zeros((1, 3, 8, 8), np.float32))
-        print("software", m.adapter["software"])
+        print("software", m.backend.adapter["software"])
         """, env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "software True"
@@ -233,7 +218,7 @@ def test_require_hardware_refuses_a_software_adapter(float_cnn, vulkan_adapter):
     if not vulkan_adapter["software"]:
         pytest.skip("the adapter is hardware")
     with pytest.raises(SparseliteError, match="REQUIRE_HW_GPU"):
-        gpu.GpuModel(float_cnn, require_hardware=True)
+        gpu.GpuBackend(float_cnn, require_hardware=True)
 
 
 # --- regression: the int8 classifier (FULLY_CONNECTED) on the GPU; docs/gpu.md "FC defect" ---------
@@ -251,12 +236,12 @@ def test_regression_int8_classifier_matches_xnnpack(tmp_path, calib):
     Bit-exact on the GPU in fp32; within one output LSB in fp16."""
     path = _pt2e_int8(Classifier(bias=0.5), calib, tmp_path / "fc_int8.tflite", static=True)
     x = calib.numpy()
-    exact = gpu.GpuModel(path, precision="fp32")
-    assert exact.fully_accelerated and exact.input.dtype == "int8"
+    exact = _on_gpu(path, precision="fp32")
+    assert exact.backend.fully_accelerated and exact.input_dtype == np.int8
     ref = _xnnpack(path, x, exact)
     np.testing.assert_array_equal(exact(x), ref)
-    fast = gpu.GpuModel(path, precision="fp16")
-    assert np.abs(fast(x) - ref).max() <= fast.output.scale * 1.01
+    fast = _on_gpu(path, precision="fp16")
+    assert np.abs(fast(x) - ref).max() <= fast.output_quantization[0] * 1.01
     assert (fast(x).argmax(1) == ref.argmax(1)).mean() >= 0.9
 
 
@@ -274,7 +259,7 @@ def test_regression_classifier_as_1x1_conv_in_qdq_graph(tmp_path, calib):
             return self.fc(x[:, :, None, None]).flatten(1)
 
     path = _pt2e_int8(Conv1x1(), calib, tmp_path / "conv1x1_qdq.tflite", static=False)
-    model = gpu.GpuModel(path, precision="fp32", allow_cpu_fallback=True)
+    model = _on_gpu(path, precision="fp32", allow_cpu_fallback=True)
     x = calib.numpy()
     assert np.abs(model(x) - _xnnpack(path, x, model)).max() < 1e-5
 
@@ -285,7 +270,7 @@ def test_upstream_fc_with_runtime_weights_keeps_bias(tmp_path, calib):
     """pt2e without quant_config leaves weight -> QUANTIZE -> DEQUANTIZE -> FC: the GPU's FC then
     reads runtime weights and drops the bias, so the output is off by exactly the bias."""
     path = _pt2e_int8(Classifier(bias=0.5), calib, tmp_path / "fc_qdq.tflite", static=False)
-    model = gpu.GpuModel(path, precision="fp32", allow_cpu_fallback=True)
+    model = _on_gpu(path, precision="fp32", allow_cpu_fallback=True)
     x = calib.numpy()
     assert np.abs(model(x) - _xnnpack(path, x, model)).max() < 1e-3
 

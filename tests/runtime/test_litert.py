@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import tiny_mobilenet
 from sparselite import LiteRTModel, SparseliteError, export_tflite
-from sparselite.runtime.bench import Latency, benchmark, interleaved_benchmark
+from sparselite.runtime.bench import Latency, interleaved_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -116,13 +116,14 @@ def test_evaluate_on_a_loader(files, fmnist_train):
 
 
 def test_benchmark_returns_sane_fields(files):
-    latency = benchmark(str(files["float"]), threads=1, warmup=2, runs=10)
+    results = interleaved_benchmark({"float": str(files["float"])}, threads=1, warmup=2, rounds=2, runs_per_round=5)
+    latency = results["float"]
     assert isinstance(latency, Latency)
     assert latency.accelerator == "xnnpack" and latency.threads == 1 and latency.runs == 10
     assert 0 < latency.median_ms <= latency.p90_ms and latency.load_ms > 0
     assert set(latency.to_dict()) == {"accelerator", "threads", "runs", "median_ms", "p90_ms", "load_ms"}
-    int8 = benchmark(str(files["int8"]), accelerator="reference", warmup=1, runs=3)  # int8 random inputs
-    assert int8.accelerator == "reference" and int8.runs == 3 and int8.median_ms > 0
+    int8 = interleaved_benchmark({"int8": str(files["int8"])}, accelerator="reference", warmup=1, rounds=1, runs_per_round=3)["int8"]
+    assert int8.accelerator == "reference" and int8.runs == 3 and int8.median_ms > 0  # int8 random inputs
 
 
 def test_interleaved_benchmark(files):

@@ -18,7 +18,6 @@ DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = "apt-get install dataset-fashion-mnist (or: apt-get download dataset-fashion-mnist && dpkg-deb -x dataset-fashion-mnist_*.deb <dir>, then set SPARSELITE_DATA=<dir>/usr/share/datasets/fashion-mnist)"
 # Per-pixel statistics of the training set, so inputs are roughly zero-mean, unit-variance.
 MEAN, STD = 0.2860, 0.3530
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

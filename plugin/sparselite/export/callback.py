@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparselite.errors import SparseliteError
 
 
 class TFLiteExport(pl.Callback):
-    """Write a fully int8 ``.tflite`` (and ``<path>.json``, the export report) when fit ends.
+    """Write a fully int8 ``.tflite`` (and its export report, ``model.tflite`` -> ``model.json``) when fit ends.
 
     Args:
         path: output file.
@@ -27,7 +26,7 @@ class TFLiteExport(pl.Callback):
             float islands listed in the report) instead of failing.
     """
 
-    def __init__(self, path: str = "model.tflite", io_dtype: str = "float32", sparse: bool = True,
+    def __init__(self, path: str = "model.tflite", io_dtype: Literal["float32", "int8"] = "float32", sparse: bool = True,
                  verify_batches: int = 8, calibration_batches: int = 8, min_agreement: float = 0.98,
                  gpu_check: bool = False, require_gpu: bool = False, float_fallback: bool = False) -> None:
         if io_dtype not in ("float32", "int8"):
@@ -47,22 +46,16 @@ class TFLiteExport(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        from sparselite.export.tflite import export_tflite  # litert-torch loads only when exporting
+        from sparselite.export.from_loader import export_from_loader  # litert-torch loads only when exporting
 
         loader = trainer.datamodule.val_dataloader() if trainer.datamodule else trainer.val_dataloaders
         if loader is None:
             raise SparseliteError("TFLiteExport needs validation data to verify the export; give the Trainer a val dataloader")
-        inputs = [batch[0] if isinstance(batch, (tuple, list)) else batch
-                  for batch in itertools.islice(loader, self.verify_batches + self.calibration_batches)]
-        example = pl_module.example_input_array
-        if not isinstance(example, torch.Tensor):
-            example = inputs[0][:1]
         rank_zero_info(f"[sparselite] exporting int8 TFLite to {self.path}")
-        self.report = export_tflite(
-            pl_module, example[:1], self.path, io_dtype=self.io_dtype, sparse=self.sparse,
-            calibration=inputs[self.verify_batches:], verify_batches=inputs[: self.verify_batches],
+        self.report = export_from_loader(
+            pl_module, loader, self.path, verify_batches=self.verify_batches,
+            calibration_batches=self.calibration_batches, io_dtype=self.io_dtype, sparse=self.sparse,
             min_agreement=self.min_agreement, gpu_check=self.gpu_check, require_gpu=self.require_gpu,
             float_fallback=self.float_fallback,
         )
-        self.report.save(self.path.with_suffix(".json"))
         rank_zero_info("[sparselite] " + self.report.summary())

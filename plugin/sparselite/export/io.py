@@ -10,7 +10,7 @@ import copy
 
 from ai_edge_litert import schema_py_generated as schema
 
-from sparselite.export.flatbuffer import operator_code_index
+from sparselite.tflite.flatbuffer import operator_code_index
 
 
 def _float_twin(model: schema.ModelT, tensor: schema.TensorT, suffix: str) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ai_edge_litert import schema_py_generated as schema
 
-from sparselite.export.flatbuffer import WEIGHT_INPUT, builtin_code
+from sparselite.tflite.flatbuffer import WEIGHT_INPUT, builtin_code
 
 
 def module_path(type_path: str) -> str | None:

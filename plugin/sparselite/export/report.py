@@ -7,6 +7,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparselite.tflite.flatbuffer import write_atomically
+
+
+def report_path(tflite_path: str | Path) -> Path:
+    """Where an export's JSON report goes: next to the file, ``model.tflite`` -> ``model.json``."""
+    return Path(tflite_path).with_suffix(".json")
+
 
 GATE_RULE = ("top-1 agreement over the examples where neither the file nor the torch model has a tied top "
              "logit must reach min_agreement; a reference that predicts one class, or gives every example the "
@@ -77,8 +84,6 @@ class ExportReport:
         return json.dumps(self.to_dict(), indent=indent)
 
     def save(self, path: str | Path) -> None:
-        from sparselite.export.flatbuffer import write_atomically
-
         write_atomically(path, self.to_json().encode())
 
     def summary(self) -> str:

@@ -20,7 +20,7 @@ from ai_edge_litert.schema_py_generated import TensorType
 from torch import nn
 
 from sparselite.errors import SparseliteError
-from sparselite.export import flatbuffer
+from sparselite.tflite import flatbuffer
 from sparselite.export.io import use_float_io
 from sparselite.export.names import use_module_names
 from sparselite.export.ranges import quantize_pt2e
@@ -39,6 +39,15 @@ _FLOAT_TYPES = (TensorType.FLOAT32, TensorType.FLOAT16)
 
 # Ops allowed to carry float tensors in an int8 model: the I/O conversions we add ourselves.
 _IO_OPS = {"QUANTIZE", "DEQUANTIZE"}
+
+
+def _untraceable_model_errors() -> tuple[type[BaseException], ...]:
+    """What torch.export raises for a model it cannot trace (data-dependent control flow, unsupported
+    Python): the user changes the model. Anything else from the quantization step is a bug here."""
+    from torch._dynamo.exc import TorchDynamoException
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    return TorchDynamoException, GuardOnDataDependentSymNode
 
 
 def _detached_copy(module: nn.Module) -> nn.Module:
@@ -191,8 +200,8 @@ def export_tflite(
     log.info("quantizing with %d learned ranges, %d calibration batches", len(ranges), len(calibration))
     try:
         converted, quantizer, injection = quantize_pt2e(float_model, example_inputs, ranges, calibration)
-    except Exception as err:
-        raise SparseliteError(f"torch.export/pt2e failed on this model: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    except _untraceable_model_errors() as err:  # only the model's own problems; a sparselite bug keeps its traceback
+        raise SparseliteError(f"torch.export cannot trace this model: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     if injection.calibrated and not calibration:
         raise SparseliteError(
             f"{len(injection.calibrated)} activation range(s) were not learned in QAT (e.g. "
@@ -206,7 +215,7 @@ def export_tflite(
         edge = litert_torch.convert(converted, example_inputs, quant_config=QuantConfig(pt2e_quantizer=quantizer))
         data = edge.model_content()
     except Exception as err:
-        raise SparseliteError(f"litert-torch could not convert the quantized model: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+        raise SparseliteError(f"litert-torch could not convert the quantized model: {type(err).__name__}: {str(err).splitlines()[0]}") from err
 
     model_t = flatbuffer.read_model(data)
     output_scale = _output_scale(model_t)
@@ -218,7 +227,8 @@ def export_tflite(
         raise SparseliteError(_islands_error(islands))
     if io_dtype == "float32":
         use_float_io(model_t)
-    from sparselite.export.sparse import encode_sparse, share_quantization_tables
+    from sparselite.export.quantization_sharing import share_quantization_tables
+    from sparselite.export.sparse import encode_sparse
 
     dense = share_quantization_tables(flatbuffer.write_model(model_t))
 
@@ -275,7 +285,7 @@ def _report_sparsity(report: ExportReport, data: bytes, layer_tensors: dict[str,
     """Per-layer sparsity decoded from the final file's weights (sparse-encoded or dense)."""
     if not layer_tensors:
         return
-    from sparselite.export.sparse import weight_sparsity
+    from sparselite.tflite.sparse import weight_sparsity
 
     in_file = weight_sparsity(data)
     zeros = total = 0
@@ -341,6 +351,6 @@ def export_float_tflite(module: nn.Module, example_inputs: torch.Tensor | tuple,
     try:
         data = litert_torch.convert(float_model, example_inputs).model_content()
     except Exception as err:
-        raise SparseliteError(f"litert-torch could not convert the float model: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+        raise SparseliteError(f"litert-torch could not convert the float model: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     flatbuffer.write_atomically(path, data)
     return len(data)

@@ -50,7 +50,25 @@ class ImageClassifier(pl.LightningModule):
         self._step(batch, "test")
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.hparams.lr, total_steps=int(total) + 1, pct_start=0.15)
+        optimizer, scheduler = adamw_one_cycle(self.parameters(), int(total), self.hparams.lr, self.hparams.weight_decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def adamw_one_cycle(parameters, steps: int, lr: float, weight_decay: float):
+    """(AdamW, one-cycle LR stepped every optimizer step) for a run of ``steps`` steps: the classifier's
+    optimizer, also used by the plain-PyTorch loops of the benchmarks."""
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps + 1, pct_start=0.15)
+    return optimizer, scheduler
+
+
+@torch.no_grad()
+def top1_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+    """Top-1 accuracy of a torch classifier in eval mode, in batches; its train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    correct = sum(int((model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum())
+                  for i in range(0, len(images), batch_size))
+    model.train(was_training)
+    return correct / len(images)

@@ -8,8 +8,9 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from sparselite.pruning.pruner import MagnitudePruner
+from sparselite.pruning.pruner import MagnitudePruner, PrunedLayer, Scope
 from sparselite.pruning.schedule import PolynomialDecay
+from sparselite.pruning.selection import LayerSelection, Policy
 
 
 class GradualPruning(pl.Callback):
@@ -38,28 +39,33 @@ class GradualPruning(pl.Callback):
         initial_sparsity: float = 0.0,
         power: float = 3.0,
         pattern: str = "unstructured",
-        scope: str = "layer",
+        scope: Scope = "layer",
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         skip_depthwise: bool = True,
         min_params: int = 1024,
-        policy: str = "all",
+        policy: Policy = "all",
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
-        self.config = dict(
-            final_sparsity=final_sparsity, begin_step=begin_step, end_step=end_step, frequency=frequency,
-            initial_sparsity=initial_sparsity, power=power, pattern=pattern, scope=scope,
-            include=list(include) if include else None, exclude=list(exclude) if exclude else None,
-            skip_depthwise=skip_depthwise, min_params=min_params, policy=policy,
-            overrides={k: dict(v) for k, v in (overrides or {}).items()},
-        )
-        self.pruner = build_pruner(self.config)  # validates every argument now, before any training
+        # Everything is validated here, before any training: the schedule, the pattern, the selection.
+        schedule = PolynomialDecay(initial_sparsity=initial_sparsity, final_sparsity=final_sparsity,
+                                   begin_step=begin_step, end_step=end_step, frequency=frequency, power=power)
+        selection = LayerSelection(include=include, exclude=exclude, skip_depthwise=skip_depthwise,
+                                   min_params=min_params, policy=policy)
+        self.pruner = MagnitudePruner(schedule, pattern=pattern, scope=scope, selection=selection, overrides=overrides)
+
+    def prepare(self, pl_module: pl.LightningModule) -> dict[str, PrunedLayer]:
+        """Give the module its mask buffers (once), so a checkpoint's masks load into them."""
+        if not self.pruner.layers:
+            self.pruner.prepare(pl_module)
+        return self.pruner.layers
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before checkpoint restore, so the mask buffers exist when the state_dict is loaded.
         if not self.pruner.layers:
-            layers = self.pruner.prepare(pl_module)
-            rank_zero_info(f"[sparselite] pruning {len(layers)} layers to {self.config['final_sparsity']:.0%}: {', '.join(layers)}")
+            layers = self.prepare(pl_module)
+            final = self.pruner.schedule.final_sparsity
+            rank_zero_info(f"[sparselite] pruning {len(layers)} layers to {final:.0%}: {', '.join(layers)}")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.pruner.step(trainer.global_step):
@@ -74,20 +80,7 @@ class GradualPruning(pl.Callback):
         rank_zero_info(f"[sparselite] final sparsity {sparsity['overall']:.1%} over {len(sparsity) - 1} layers")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config, **self.pruner.state_dict()}
+        return self.pruner.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.pruner.load_state_dict(state_dict)
-
-
-def build_pruner(config: Mapping[str, Any]) -> MagnitudePruner:
-    schedule = PolynomialDecay(
-        initial_sparsity=config["initial_sparsity"], final_sparsity=config["final_sparsity"],
-        begin_step=config["begin_step"], end_step=config["end_step"],
-        frequency=config["frequency"], power=config["power"],
-    )
-    return MagnitudePruner(
-        schedule, pattern=config["pattern"], scope=config["scope"], include=config["include"],
-        exclude=config["exclude"], skip_depthwise=config["skip_depthwise"], min_params=config["min_params"],
-        policy=config["policy"], overrides=config["overrides"],
-    )

@@ -1,4 +1,4 @@
-"""Gradual magnitude pruning without Lightning: prepare, step, apply, report, strip.
+"""Gradual magnitude pruning without Lightning: prepare, step, apply, report.
 
 Masks are buffers (``<layer>.sparselite_mask``), so they travel in every state_dict and checkpoint.
 The schedule is a pure function of the optimizer step, so a resumed run recomputes the same targets;
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -18,9 +19,10 @@ from torch import nn
 from sparselite.errors import SparseliteError
 from sparselite.pruning.masks import Pattern, global_masks, layer_mask
 from sparselite.pruning.schedule import PolynomialDecay
-from sparselite.pruning.selection import DEFAULT_TYPES, select_layers
+from sparselite.pruning.selection import LayerSelection
 
 MASK_BUFFER = "sparselite_mask"
+Scope = Literal["layer", "global"]  # 'layer': each layer reaches the target; 'global': one threshold for all
 
 
 @dataclasses.dataclass
@@ -41,24 +43,16 @@ class MagnitudePruner:
         self,
         schedule: PolynomialDecay,
         pattern: str = "unstructured",
-        scope: str = "layer",
-        module_types: Sequence[type[nn.Module]] = DEFAULT_TYPES,
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] | None = None,
-        skip_depthwise: bool = True,
-        min_params: int = 1024,
-        policy: str = "all",
+        scope: Scope = "layer",
+        selection: LayerSelection | None = None,
         overrides: Mapping[str, Mapping[str, object]] | None = None,
     ) -> None:
-        if scope not in ("layer", "global"):
+        if scope not in get_args(Scope):
             raise SparseliteError(f"scope='{scope}' is not one of 'layer' (per-layer threshold) or 'global'")
         self.schedule = schedule
         self.pattern = Pattern.parse(pattern)
         self.scope = scope
-        self.selection = dict(
-            module_types=tuple(module_types), include=include, exclude=exclude,
-            skip_depthwise=skip_depthwise, min_params=min_params, policy=policy,
-        )
+        self.selection = selection if selection is not None else LayerSelection()
         self.overrides = {key: self._check_override(key, dict(value)) for key, value in (overrides or {}).items()}
         self.layers: dict[str, PrunedLayer] = {}
         self.last_update_step: int | None = None
@@ -78,7 +72,7 @@ class MagnitudePruner:
 
     def prepare(self, model: nn.Module) -> dict[str, PrunedLayer]:
         """Pick the layers, check each pattern fits, and give each a mask buffer (all ones)."""
-        selected = select_layers(model, **self.selection)
+        selected = self.selection.select(model)
         for key in self.overrides:
             if not any(re.fullmatch(key, name) for name in selected):
                 raise SparseliteError(f"override '{key}' matches no pruned layer; pruned layers: {', '.join(selected)}")
@@ -150,14 +144,8 @@ class MagnitudePruner:
         return report
 
     def state_dict(self) -> dict:
-        return {"last_update_step": self.last_update_step, "layers": list(self.layers)}
+        return {"last_update_step": self.last_update_step}
 
     def load_state_dict(self, state: Mapping) -> None:
+        # Checkpoints from before 0.1.1 also carry "config" and "layers", which nothing reads.
         self.last_update_step = state.get("last_update_step")
-
-    def strip(self) -> None:
-        """Drop the mask buffers; the zeros stay in the weights."""
-        self.apply_masks()
-        for layer in self.layers.values():
-            delattr(layer.module, MASK_BUFFER)
-        self.layers = {}

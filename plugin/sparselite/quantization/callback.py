@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from sparselite.quantization.fusion import FusedChain
 from sparselite.quantization.qat import QuantizationSimulator
 
 
@@ -22,24 +23,27 @@ class QuantizationAwareTraining(pl.Callback):
     """
 
     def __init__(self, start_step: int = 0, freeze_step: int | None = None, averaging_constant: float = 0.01) -> None:
-        self.config = dict(start_step=start_step, freeze_step=freeze_step, averaging_constant=averaging_constant)
-        self.simulator = QuantizationSimulator(**self.config)  # validates now, before any training
+        # Validates now, before any training.
+        self.simulator = QuantizationSimulator(start_step=start_step, freeze_step=freeze_step,
+                                               averaging_constant=averaging_constant)
+
+    def prepare(self, pl_module: pl.LightningModule) -> list[FusedChain]:
+        """Attach fake-quant (once), so a checkpoint's learned ranges load into it. With the module's
+        ``example_input_array``, functional ops (add, mul, cat) get theirs too (``op_points.py``)."""
+        example = pl_module.example_input_array
+        example = None if example is None else (example,) if isinstance(example, torch.Tensor) else tuple(example)
+        return self.simulator.prepare(pl_module, example)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before checkpoint restore, so the range buffers exist when the state_dict is loaded.
-        example = pl_module.example_input_array
-        example = None if example is None else (example,) if isinstance(example, torch.Tensor) else tuple(example)
-        chains = self.simulator.prepare(pl_module, example)
+        chains = self.prepare(pl_module)
         sites = f" and {len(self.simulator.op_sites)} functional ops (add, mul, cat)" if self.simulator.op_sites else ""
-        if example is None:
+        if pl_module.example_input_array is None:
             sites = "; set example_input_array on the LightningModule to also learn add/mul/cat ranges"
-        rank_zero_info(f"[sparselite] QAT on {len(chains)} layers{sites} from step {self.config['start_step']}")
+        rank_zero_info(f"[sparselite] QAT on {len(chains)} layers{sites} from step {self.simulator.start_step}")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self.simulator.step(trainer.global_step)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.simulator.step(trainer.global_step)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config}

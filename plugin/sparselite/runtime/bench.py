@@ -35,23 +35,6 @@ def _random_input(model: LiteRTModel) -> np.ndarray:
     return rng.standard_normal(model.input_shape).astype(np.float32)
 
 
-def benchmark(path: str, accelerator: str = "xnnpack", threads: int = 1, warmup: int = 20, runs: int = 200,
-              **model_kwargs) -> Latency:
-    """Time single invocations of one model batch (write + run + read)."""
-    start = time.perf_counter()
-    model = LiteRTModel(path, accelerator=accelerator, threads=threads, **model_kwargs)
-    load_ms = (time.perf_counter() - start) * 1e3
-    x = _random_input(model)
-    for _ in range(warmup):
-        model.run_raw(x)
-    times = np.empty(runs)
-    for i in range(runs):
-        t0 = time.perf_counter()
-        model.run_raw(x)
-        times[i] = time.perf_counter() - t0
-    return Latency(accelerator, threads, runs, float(np.median(times) * 1e3), float(np.percentile(times, 90) * 1e3), load_ms)
-
-
 def interleaved_benchmark(paths: dict[str, str], accelerator: str = "xnnpack", threads: int = 1,
                           warmup: int = 20, rounds: int = 10, runs_per_round: int = 30) -> dict[str, Latency]:
     """Time several models in alternating rounds, so machine noise hits them alike (for ratios)."""

@@ -64,10 +64,25 @@ def operator_code_index(model: schema.ModelT, builtin: int) -> int:
 
 
 def builtin_name(code: int) -> str:
+    """``CONV_2D`` for ``BuiltinOperator.CONV_2D``."""
     return _BUILTIN_NAMES.get(code, f"OP_{code}")
 
 
+def tensor_name(tensor: schema.TensorT) -> str:
+    """A tensor's name as text (the object API keeps it as bytes)."""
+    name = tensor.name
+    if name is None:
+        return ""
+    return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+
+
+def tensor_type_name(code: int) -> str:
+    """``int8`` for ``TensorType.INT8``."""
+    return _TYPE_NAMES.get(code, str(code))
+
+
 _BUILTIN_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+_TYPE_NAMES = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
 
 
 def write_atomically(path: str | Path, data: bytes) -> None:

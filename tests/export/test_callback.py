@@ -1,0 +1,48 @@
+"""TFLiteExport at the end of a real Lightning fit: the file, its JSON report, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+
+from conftest import make_loader, tiny_mobilenet
+from sparselite import QuantizationAwareTraining, SparseliteError, TFLiteExport
+from sparselite.models.classifier import ImageClassifier
+
+
+def _trainer(callbacks: list, limit_val_batches: int = 1) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", max_steps=8, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      limit_val_batches=limit_val_batches)
+
+
+def test_fit_ends_with_the_file_and_its_report(tmp_path, fmnist_train, fmnist_heldout):
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(tiny_mobilenet(), lr=5e-3)
+    path = tmp_path / "out" / "model.tflite"
+    export = TFLiteExport(str(path), verify_batches=2, calibration_batches=1, min_agreement=0.0)
+    _trainer([QuantizationAwareTraining(start_step=2), export]).fit(
+        module, make_loader(fmnist_train, 256), make_loader(fmnist_heldout, 128))
+    assert path.is_file() and export.report.file_bytes == path.stat().st_size
+    saved = json.loads(path.with_suffix(".json").read_text())
+    assert saved == json.loads(json.dumps(export.report.to_dict()))
+    assert saved["parity"]["examples"] == 64 and saved["ranges_learned"] > 0  # 2 verify batches of 32
+
+
+def test_fit_without_validation_data_is_a_clear_error(tmp_path, fmnist_train):
+    module = ImageClassifier(tiny_mobilenet(), lr=5e-3)
+    export = TFLiteExport(str(tmp_path / "model.tflite"))
+    with pytest.raises(SparseliteError, match="needs validation data"):
+        _trainer([export], limit_val_batches=0).fit(module, make_loader(fmnist_train, 64))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"io_dtype": "uint8"}, "io_dtype='uint8'"),
+    ({"verify_batches": 0}, "verify_batches must be >= 1"),
+    ({"path": "model.onnx"}, "should end in .tflite"),
+])
+def test_invalid_arguments_fail_at_construction(kwargs, message):
+    with pytest.raises(SparseliteError, match=message):
+        TFLiteExport(**kwargs)
