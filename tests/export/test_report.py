@@ -28,7 +28,7 @@ def test_save_writes_the_dict_as_json(tmp_path):
 
 def test_summary_names_size_parity_sparsity_and_notes():
     summary = _report().summary()
-    assert summary.startswith("out/model.tflite: 2.0 KiB, float32 I/O, 7 learned + 0 calibrated")
+    assert summary.startswith("out/model.tflite: 2.0 KiB, float32 I/O, 7 learned + 0 derived + 0 fixed + 0 calibrated")
     assert "top-1 agreement 99.00%" in summary and "2.0 LSB" in summary
     assert "with dense weight storage 4,096 B" in summary
     assert "80.0% over 1 pruned layers" in summary and "note: a note" in summary

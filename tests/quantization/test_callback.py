@@ -38,7 +38,8 @@ def test_ranges_are_learned_and_frozen_after_freeze_step(qat_run):
     quants = [m for m in module.modules() if isinstance(m, ActivationFakeQuant)]
     assert len(learned_ranges(module)) == len(quants) == 7  # the input + 6 convs/linear
     assert all(q.enabled and not q.observing for q in quants)
-    assert all(not bn.training for bn in module.modules() if isinstance(bn, torch.nn.BatchNorm2d))
+    # BatchNorm is never frozen in eval while training goes on (tests/quantization/test_freeze_stability.py).
+    assert all(bn.training for bn in module.modules() if isinstance(bn, torch.nn.BatchNorm2d))
 
 
 def test_checkpoint_ranges_load_into_a_fresh_run(qat_run):
