@@ -41,12 +41,14 @@ SHARES_INPUT_RANGE = {
     "view", "_unsafe_view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "t",
     "contiguous", "clone", "alias", "detach", "dropout", "expand", "slice", "select", "narrow",
     "pad", "constant_pad_nd", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
-    "flip", "roll", "_to_copy", "to", "upsample_nearest2d", "max",
+    "flip", "roll", "_to_copy", "to", "upsample_nearest2d", "upsample_bilinear2d", "max",
 }
+# Only ops with an int8 TFLite kernel: DIV, POW and SQRT have none (division by a constant is
+# rewritten as a multiplication below).
 OWN_RANGE = {
-    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "hardswish", "hardswish_", "gelu",
-    "leaky_relu", "leaky_relu_", "elu", "neg", "abs", "square", "pow", "sum", "bmm", "matmul",
-    "rsqrt", "sqrt", "minimum", "maximum", "upsample_bilinear2d", "prelu", "_prelu_kernel",
+    "add", "add_", "sub", "sub_", "mul", "mul_", "hardswish", "hardswish_", "gelu",
+    "leaky_relu", "leaky_relu_", "elu", "neg", "abs", "sum", "bmm", "matmul",
+    "rsqrt", "minimum", "maximum", "prelu", "_prelu_kernel",
 }
 # TFLite's int8 LOGISTIC and SOFTMAX require output scale 1/256, zero point -128; TANH 1/128, 0.
 FIXED_RANGE = {
@@ -114,6 +116,14 @@ def _hardswish(graph: Graph, node: Node) -> list[Node]:
     return [*gate, graph.call_function(aten.mul.Tensor, (node.args[0], gate[-1]))]
 
 
+def _divide_by_constant(graph: Graph, node: Node) -> list[Node] | None:
+    """x / c as x * (1/c): TFLite has no int8 DIV."""
+    divisor = node.args[1] if len(node.args) > 1 else None
+    if not isinstance(divisor, (int, float)) or divisor == 0 or node.kwargs.get("rounding_mode"):
+        return None
+    return [graph.call_function(aten.mul.Tensor, (node.args[0], 1.0 / float(divisor)))]
+
+
 def _layer_norm(graph: Graph, node: Node) -> list[Node]:
     """MEAN, SUB, MUL, MEAN, ADD, RSQRT, MUL (+ affine MUL, ADD): TFLite's own int8 form of LayerNorm."""
     x, shape = node.args[0], node.args[1]
@@ -141,7 +151,8 @@ def _attention(graph: Graph, node: Node) -> list[Node] | None:
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
     causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
     scale = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
-    if mask is not None or causal:
+    dropout = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+    if mask is not None or causal or dropout or node.kwargs.get("enable_gqa"):
         return None
     if scale is None:
         scale = 1.0 / math.sqrt(q.meta["val"].shape[-1])
@@ -157,6 +168,7 @@ _DECOMPOSITIONS = {
     "silu": _silu, "silu_": _silu, "hardsigmoid": _hardsigmoid, "hardsigmoid_": _hardsigmoid,
     "hardswish": _hardswish, "hardswish_": _hardswish,
     "layer_norm": _layer_norm, "scaled_dot_product_attention": _attention,
+    "div": _divide_by_constant, "div_": _divide_by_constant,
 }
 
 
