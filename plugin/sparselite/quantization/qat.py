@@ -132,17 +132,6 @@ class QuantizationSimulator:
             quant.enabled = active
             quant.observing = active and not frozen
 
-    def ranges(self) -> dict[str, tuple[float, float]]:
-        """Learned [min, max] per quantization point: producer module names, plus '' for the model input."""
-        points = {"": getattr(self.model, INPUT_QUANT)}
-        points.update({c.producer: getattr(self.model.get_submodule(c.producer), OUTPUT_QUANT) for c in self.chains})
-        return {name: tuple(q.min_max.tolist()) for name, q in points.items()}
-
-    def strip(self) -> None:
-        """Back to the float model: remove hooks, fake-quant modules, and restore the classes."""
-        strip_fake_quant(self.model)
-        self.model = None
-
 
 def strip_fake_quant(model: nn.Module) -> None:
     """Remove every sparselite fake-quant submodule and hook from a model (also on a deep copy)."""
