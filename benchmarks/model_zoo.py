@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import resource
 import sys
 import tempfile
@@ -54,8 +55,8 @@ def build_model(name: str) -> tuple[torch.nn.Module, tuple[int, int, int]]:
     return getattr(tvm, name)(weights=None, num_classes=10), (3, 64, 64)
 
 
-MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-          "shufflenet_v2_x1_0", "squeezenet1_1", "mnasnet1_0", "regnet_x_400mf", "vit_tiny", "conv1d_kws", "gru"]
+MODELS = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x1_0", "squeezenet1_1",
+          "regnet_x_400mf", "mnasnet1_0", "vit_tiny", "conv1d_kws", "gru", "mobilenet_v3_large", "resnet50"]
 
 
 def schedule(steps: int) -> dict[str, int]:
@@ -192,7 +193,7 @@ def islands_text(islands) -> str:
 
 
 def print_table(results: list[dict]) -> str:
-    headers = ["model", "export", "islands", "ranges L/D/F/C", "agree", "LSB", "acc fp32", "acc int8", "int8/fp32",
+    headers = ["model", "export", "islands", "ranges L/D/F/C", "agree", "ties", "LSB", "acc fp32", "acc int8", "int8/fp32",
                "int8 KiB", "export s", "PTQ islands", "PTQ acc", "PTQ/fp32"]
     rows = []
     for r in results:
@@ -203,14 +204,14 @@ def print_table(results: list[dict]) -> str:
         rows.append([
             r["model"], "ok", islands_text(r["islands"]),
             f"{ranges['learned']}/{ranges['derived']}/{ranges['fixed']}/{ranges['calibrated']}",
-            f"{r['parity']['agreement']:.2%}", fmt(r["parity"]["max_lsb"], ".0f"),
+            f"{r['parity']['agreement']:.2%}", str(r["parity"]["ties"]), fmt(r["parity"]["max_lsb"], ".0f"),
             f"{r.get('fp32_acc', 0):.1%}", f"{r.get('int8_acc', 0):.1%}", f"{lat['int8'] / lat['fp32']:.2f}x",
             f"{r['int8_bytes'] / 1024:.0f}", f"{r['export_s']:.0f}",
             islands_text(r["ptq_islands"]) if "ptq_islands" in r else r.get("ptq_error", "-")[:30],
             f"{r['ptq_acc']:.1%}" if "ptq_acc" in r else "-",
             f"{lat['ptq'] / lat['fp32']:.2f}x" if "ptq" in lat else "-",
         ])
-    return table(headers, rows, left=(0, 1, 2, 11))
+    return table(headers, rows, left=(0, 1, 2, 12))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -220,26 +221,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--verify", type=int, default=512, help="held-out test images for the parity gate")
     parser.add_argument("--eval", type=int, default=1000, help="test images for the accuracy columns")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for training (1 on a shared machine)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--json", default=str(RESULTS / "model_zoo.json"))
     parser.add_argument("--txt", default=str(RESULTS / "model_zoo.txt"))
+    parser.add_argument("--from-json", help="print the table of a saved run instead of running")
     args = parser.parse_args(argv)
+    if args.from_json:
+        print(print_table(json.loads(Path(args.from_json).read_text())["results"]))
+        return
     quiet_logs()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     env = environment()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             print(f"[model_zoo] {name}: training {args.steps} steps", file=sys.stderr, flush=True)
             results.append(run_model(name, args, Path(tmp)))
+            # Written after every model, so a long run that is stopped keeps what it measured.
+            text = "\n".join([environment_line(env), f"# {args.steps} steps, batch {args.batch_size}, parity on "
+                              f"{args.verify} test images, accuracy on {args.eval}", print_table(results)])
+            if args.txt:
+                Path(args.txt).write_text(text + "\n")
+            write_json(args.json, {"environment": env, "args": vars(args), "results": results})
             print(print_table(results[-1:]), file=sys.stderr, flush=True)
-    text = "\n".join([environment_line(env), f"# {args.steps} steps, batch {args.batch_size}, parity on {args.verify} "
-                      f"test images, accuracy on {args.eval}", print_table(results)])
     print(text)
-    if args.txt:
-        Path(args.txt).write_text(text + "\n")
-    write_json(args.json, {"environment": env, "args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

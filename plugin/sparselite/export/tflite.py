@@ -327,7 +327,21 @@ def compare_logits(expected: np.ndarray, got: np.ndarray, output_scale: float, r
     agreement = float(agree[untied].mean()) if untied.any() else 0.0
     max_diff = float(np.abs(expected - got).max()) / output_scale
     return Parity(len(expected), agreement, max_diff, output_scale, reference, ties_excluded=int((~untied).sum()),
-                  top1_agreement_all=float(agree.mean()), degenerate_reference=degenerate(expected, output_scale))
+                  top1_agreement_all=float(agree.mean()),
+                  degenerate_reference=degenerate(expected, output_scale) or saturated(expected))
+
+
+# Above this share of tied examples, the agreement over the rest describes too few examples to trust.
+MAX_TIED_SHARE = 0.1
+
+
+def saturated(logits: np.ndarray) -> str | None:
+    """Many exact ties for the top logit mean the int8 output range clips the largest logits."""
+    share = float(_has_tied_top(logits).mean()) if len(logits) else 0.0
+    if share > MAX_TIED_SHARE:
+        return (f"ties its top logit on {share:.0%} of the examples: the int8 output range clips the largest logits "
+                "(train QAT longer, so the learned output range catches up)")
+    return None
 
 
 def degenerate(logits: np.ndarray, output_scale: float) -> str | None:
