@@ -5,7 +5,7 @@ For each model (``weights=None``, 10 classes, Fashion-MNIST resized to 64x64 and
 Conv1d and GRU models read the 28x28 rows):
   1. trains ``--steps`` steps in a Lightning ``Trainer`` with the real callbacks: ``GradualPruning`` to
      50% and ``QuantizationAwareTraining``, scheduled as recipes/gmp80_qat_export.yaml, scaled to the
-     step budget;
+     step budget (the ranges' moving-average constant too);
   2. exports with ``sparselite.export_tflite`` (``float_fallback=True``, so a model with ops that have
      no int8 kernel still yields a file whose float islands are counted), parity on ``--verify``
      held-out test images, and the fp32 file;
@@ -37,6 +37,7 @@ from benchmarks._common import environment, environment_line, fmt, quiet_logs, t
 
 RESULTS = Path(__file__).parent / "results"
 RECIPE = Path(__file__).parent.parent / "recipes" / "gmp80_qat_export.yaml"
+RECIPE_STEPS = 1200  # configs/fmnist_mobilenet.yaml's trainer.max_steps, which the recipe is written for
 
 
 def build_model(name: str) -> tuple[torch.nn.Module, tuple[int, int, int]]:
@@ -65,10 +66,9 @@ def schedule(steps: int) -> dict[str, int]:
 
     recipe = yaml.safe_load(RECIPE.read_text())
     callbacks = {c["class_path"].rsplit(".", 1)[-1]: c["init_args"] for c in recipe["trainer"]["callbacks"]}
-    recipe_steps = 1200  # configs/fmnist_mobilenet.yaml's trainer.max_steps, which the recipe is written for
     scaled = {f"prune_{k}": callbacks["GradualPruning"][k] for k in ("begin_step", "end_step", "frequency")}
     scaled |= {f"qat_{k}": callbacks["QuantizationAwareTraining"][k] for k in ("start_step", "freeze_step")}
-    return {k: max(1, round(v * steps / recipe_steps)) for k, v in scaled.items()}
+    return {k: max(1, round(v * steps / RECIPE_STEPS)) for k, v in scaled.items()}
 
 
 def train(name: str, steps: int, batch_size: int):
@@ -87,7 +87,10 @@ def train(name: str, steps: int, batch_size: int):
         # Small heads (the GRU's) are pruned too: min_params low enough that every model has a layer.
         GradualPruning(final_sparsity=0.5, begin_step=s["prune_begin_step"], end_step=s["prune_end_step"],
                        frequency=s["prune_frequency"], min_params=256),
-        QuantizationAwareTraining(start_step=s["qat_start_step"], freeze_step=s["qat_freeze_step"]),
+        # The moving-average horizon of the ranges scales with the budget too: 0.01 per step over the
+        # recipe's 300 QAT steps is the same share of the QAT phase as 0.1 over 30.
+        QuantizationAwareTraining(start_step=s["qat_start_step"], freeze_step=s["qat_freeze_step"],
+                                  averaging_constant=min(1.0, 0.01 * RECIPE_STEPS / steps)),
     ]
     trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=callbacks, limit_val_batches=0)
