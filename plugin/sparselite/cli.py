@@ -1,4 +1,4 @@
-"""``sparselite fit|validate|test|export|eval|bench|inspect|demo``.
+"""``sparselite fit|validate|test|export|shrink|eval|bench|inspect|demo``.
 
 fit/validate/test are LightningCLI: ``sparselite fit -c configs/<model+data>.yaml -c recipes/<compression>.yaml``.
 Bad input of any kind ends in one line on stderr and exit code 2, before training starts.
@@ -137,6 +137,7 @@ def export_command(ns: argparse.Namespace) -> None:
         configs = _without_subcommand_keys(configs, Path(folder))
         cli = build_lightning_cli([arg for c in configs for arg in ("-c", c)], run=False)
     module, datamodule = cli.model, cli.datamodule
+    _prepare_channel_pruning(cli.trainer.callbacks, module)
     for callback in cli.trainer.callbacks:
         if isinstance(callback, GradualPruning):
             callback.pruner.prepare(module)
@@ -156,6 +157,71 @@ def export_command(ns: argparse.Namespace) -> None:
                            gpu_check=ns.gpu_check, require_gpu=ns.require_gpu)
     report.save(Path(ns.output).with_suffix(".json"))
     print(report.summary())
+
+
+def _prepare_channel_pruning(callbacks: list, module) -> list:
+    """Prepare ChannelPruning before QAT wraps modules; a shrunk checkpoint's plan then rebuilds the smaller
+    model when its state_dict loads."""
+    from sparselite.pruning.channel_callback import ChannelPruning, example_inputs
+
+    found = [cb for cb in callbacks if isinstance(cb, ChannelPruning)]
+    for callback in found:
+        callback.pruner.prepare(module, example_inputs(module))
+    return found
+
+
+def shrink_command(ns: argparse.Namespace) -> None:
+    """Remove the channels a ChannelPruning run masked (e.g. one with shrink=False); write a smaller checkpoint."""
+    import torch
+
+    from sparselite.pruning.callback import GradualPruning
+    from sparselite.pruning.channel_callback import without_fake_quant
+    from sparselite.quantization.callback import QuantizationAwareTraining
+
+    ckpt = Path(ns.checkpoint)
+    if not ckpt.is_file():
+        raise SparseliteError(f"checkpoint {ckpt} does not exist")
+    configs = ns.config or ([str(c)] if (c := _find_run_config(ckpt)) else [])
+    if not configs:
+        raise SparseliteError(f"no config.yaml found next to {ckpt}; pass the run's configs with -c")
+    with tempfile.TemporaryDirectory() as folder:
+        configs = _without_subcommand_keys(configs, Path(folder))
+        cli = build_lightning_cli([arg for c in configs for arg in ("-c", c)], run=False)
+    module = cli.model
+    channel = _prepare_channel_pruning(cli.trainer.callbacks, module)
+    if not channel:
+        raise SparseliteError("the run's config has no ChannelPruning callback: there are no masked channels to remove")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = checkpoint["state_dict"]
+    if any(key.endswith("sparselite_output_quant.min_max") and bool(torch.isfinite(value).all()) for key, value in state.items()):
+        raise SparseliteError(f"{ckpt} already holds learned QAT ranges; channels are removed before QAT starts "
+                              "(shrink a checkpoint saved before QuantizationAwareTraining's start_step)")
+    for callback in cli.trainer.callbacks:
+        if isinstance(callback, GradualPruning):
+            callback.pruner.prepare(module)
+        elif isinstance(callback, QuantizationAwareTraining):
+            callback.simulator.prepare(module)  # its (empty) range buffers are in the checkpoint
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError) as err:
+        raise SparseliteError(f"{ckpt} does not match the configured model: {str(err).splitlines()[0]}") from None
+    pruner = channel[0].pruner
+    with without_fake_quant(cli.trainer, module):
+        before = pruner.size()
+        pruner.shrink()
+        after = pruner.size()
+    checkpoint["state_dict"] = module.state_dict()
+    for key in ("optimizer_states", "lr_schedulers"):  # shaped for the wider model: export only, no resume
+        checkpoint.pop(key, None)
+    for key in list(checkpoint.get("callbacks", {})):
+        if "ChannelPruning" in key:
+            checkpoint["callbacks"][key] = channel[0].state_dict()
+    out = Path(ns.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, out)
+    print(f"{out}: removed {pruner.channel_ratio()['overall']:.0%} of prunable channels; params {before['params']:,} -> "
+          f"{after['params']:,}, MACs {before['macs']:,} -> {after['macs']:,} ({after['macs'] / before['macs']:.2f}x). "
+          f"Export it with: sparselite export {out} -c <the run's config.yaml>")
 
 
 def eval_command(ns: argparse.Namespace) -> None:
@@ -237,6 +303,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-check", action="store_true", help="add a GPU compatibility report")
     p.add_argument("--require-gpu", action="store_true", help="fail unless every op runs on the GPU accelerator")
     p.set_defaults(func=export_command)
+
+    p = sub.add_parser("shrink", help="remove the channels a ChannelPruning run masked; write a smaller checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("-c", "--config", action="append", help="run config(s); default: the config.yaml LightningCLI saved next to the checkpoint")
+    p.add_argument("-o", "--output", required=True, help="the shrunk checkpoint (.ckpt); for export, not for resuming")
+    p.set_defaults(func=shrink_command)
 
     for name, func, help_text in (("eval", eval_command, "top-1 accuracy of a .tflite on Fashion-MNIST"),
                                   ("bench", bench_command, "latency of one or more .tflite files, interleaved")):
