@@ -235,8 +235,9 @@ class ChannelPruner:
     # ------------------------------------------------------------------ physical removal
     @torch.no_grad()
     def shrink(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> list[tuple[str, list[int]]]:
-        """Remove the masked channels. Optimizer state (momentum, Adam moments) is sliced to match, so
-        training continues on the smaller model as it would have on the masked one."""
+        """Remove the masked channels. Shrunk layers get new parameter objects; ``optimizers`` are updated to
+        hold them, with their state (momentum, Adam moments) sliced to match, so training continues on the
+        smaller model as it would have on the masked one."""
         self._require()
         if self.shrunk:
             return self.plan
@@ -307,14 +308,18 @@ def _zero_channels(group: ChannelGroup, removed: torch.Tensor) -> None:
                 param.data.index_fill_(0, index, 0.0)
 
 
-def _slice_optimizer_state(optimizers: list[torch.optim.Optimizer], param: nn.Parameter, dim: int, keep: torch.Tensor) -> None:
+def _slice_optimizer_state(optimizers: list[torch.optim.Optimizer], old: nn.Parameter, new: nn.Parameter,
+                           dim: int, keep: torch.Tensor) -> None:
+    """Put ``new`` where ``old`` was in each optimizer, with its state (momentum, Adam moments) sliced to fit."""
     for optimizer in optimizers:
-        state = optimizer.state.get(param)
-        if not state:
-            continue
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                state[key] = value.index_select(dim, keep.to(value.device))
+        for group in optimizer.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+        state = optimizer.state.pop(old, None)
+        if state:
+            optimizer.state[new] = {
+                key: value.index_select(dim, keep.to(value.device)) if isinstance(value, torch.Tensor) and value.shape == old.shape else value
+                for key, value in state.items()
+            }
 
 
 def _output_layers(model: nn.Module, example_inputs: tuple) -> list[nn.Module]:

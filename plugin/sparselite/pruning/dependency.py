@@ -11,6 +11,7 @@ This is the only module that imports ``torch_pruning``. What it answers:
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ WEIGHT_SHAPED_BUFFERS = ("sparselite_mask",)
 # Modules whose output channels sparselite knows how to zero (mask) exactly like torch-pruning removes them.
 MASKABLE = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
-ParamChange = Callable[[nn.Parameter, int, torch.Tensor], None]  # (param, dim, kept indices)
+ParamChange = Callable[[nn.Parameter, nn.Parameter, int, torch.Tensor], None]  # (old, new, dim, kept indices)
 
 
 @dataclass
@@ -71,9 +72,12 @@ class ChannelGraph:
     def close(self) -> None:
         """Drop the traced autograd graph. Its gradient accumulators remember each parameter's shape, and a
         later backward through a parameter shrunk meanwhile would fail against them."""
-        for node in self.graph.module2node.values():
+        for op, node in self.graph.module2node.items():
             node.grad_fn = None
+            if hasattr(op, "_grad_fn"):  # torch-pruning's stand-ins for functional ops (add, cat, ...) keep theirs
+                op._grad_fn = None
         self.graph.module2node = {}
+        gc.collect()  # groups and the graph reference each other: free the cycle now, not at some later collection
 
     def __enter__(self) -> "ChannelGraph":
         return self
@@ -138,22 +142,19 @@ class ChannelGraph:
                 if new is old or new is None:
                     continue
                 changed = [d for d in range(old.dim()) if new.shape[d] != shapes[name][d]]
-                if changed:
-                    dim = changed[0]
-                    removed = set(int(i) for i in item.idxs)
-                    keep = torch.tensor([i for i in range(shapes[name][dim]) if i not in removed], dtype=torch.long)
-                    if len(keep) != new.shape[dim]:  # e.g. a depthwise weight's in-dim; map by position is wrong
-                        raise RuntimeError(f"unexpected shape change of {self.names.get(module)}.{name}")
-                    if on_param_change is not None:
-                        on_param_change(old, dim, keep)
-                    for buffer in WEIGHT_SHAPED_BUFFERS:
-                        value = module._buffers.get(buffer)
-                        if name == "weight" and value is not None and value.shape == shapes[name]:
-                            module._buffers[buffer] = value.index_select(dim, keep)
-                # Keep the Parameter object: optimizers and other pruners hold references to it.
-                old.data = new.data
-                old.grad = None
-                module._parameters[name] = old
+                if not changed:
+                    continue
+                dim = changed[0]
+                removed = set(int(i) for i in item.idxs)
+                keep = torch.tensor([i for i in range(shapes[name][dim]) if i not in removed], dtype=torch.long)
+                if len(keep) != new.shape[dim]:
+                    raise RuntimeError(f"unexpected shape change of {self.names.get(module)}.{name}")
+                if on_param_change is not None:
+                    on_param_change(old, new, dim, keep)
+                for buffer in WEIGHT_SHAPED_BUFFERS:
+                    value = module._buffers.get(buffer)
+                    if name == "weight" and value is not None and value.shape == shapes[name]:
+                        module._buffers[buffer] = value.index_select(dim, keep)
 
 
 def count_macs_and_params(model: nn.Module, example_inputs: torch.Tensor | tuple) -> tuple[int, int]:
