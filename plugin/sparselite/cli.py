@@ -155,6 +155,11 @@ def export_command(ns: argparse.Namespace) -> None:
     report = export_tflite(module, example[:1], ns.output, io_dtype=ns.io_dtype, sparse=not ns.no_sparse,
                            calibration=batches[ns.verify_batches:], verify_batches=batches[: ns.verify_batches],
                            gpu_check=ns.gpu_check, require_gpu=ns.require_gpu)
+    shrunk = next((cb.pruner for cb in cli.trainer.callbacks if type(cb).__name__ == "ChannelPruning" and cb.pruner.shrunk), None)
+    if shrunk is not None:
+        from sparselite.export.channel_report import compare_with_unpruned
+
+        report.channels = compare_with_unpruned(shrunk, example[:1], ns.output, batches[ns.verify_batches:] or batches[:1])
     report.save(Path(ns.output).with_suffix(".json"))
     print(report.summary())
 

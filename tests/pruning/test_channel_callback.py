@@ -121,3 +121,16 @@ def test_invalid_arguments_fail_at_construction():
         ChannelPruning(importance="taylor")
     with pytest.raises(SparseliteError, match="min_channels=0"):
         ChannelPruning(min_channels=0)
+
+
+def test_export_report_shows_params_macs_and_latency_before_and_after(composed_run, fmnist_train):
+    from sparselite.export.channel_report import compare_with_unpruned
+
+    _, _, callbacks, report, tmp_path = composed_run
+    numbers = compare_with_unpruned(callbacks[0].pruner, fmnist_train[0][:1], tmp_path / "model.tflite",
+                                    [fmnist_train[0][256:288]], rounds=2, runs_per_round=5)
+    assert numbers["params_after"] < 0.6 * numbers["params_before"]
+    assert numbers["macs_after"] < 0.6 * numbers["macs_before"] and numbers["mac_ratio"] < 0.6
+    assert numbers["latency_ms_before"] > 0 and numbers["latency_ms_after"] > 0
+    report.channels = numbers
+    assert "channel pruning: params" in report.summary() and report.to_dict()["channels"] == numbers

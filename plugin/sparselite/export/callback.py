@@ -58,5 +58,10 @@ class TFLiteExport(pl.Callback):
             calibration=inputs[self.verify_batches:], verify_batches=inputs[: self.verify_batches],
             min_agreement=self.min_agreement, gpu_check=self.gpu_check, require_gpu=self.require_gpu,
         )
+        channels = next((cb.pruner for cb in trainer.callbacks if type(cb).__name__ == "ChannelPruning" and cb.pruner.shrunk), None)
+        if channels is not None:
+            from sparselite.export.channel_report import compare_with_unpruned
+
+            self.report.channels = compare_with_unpruned(channels, example[:1], self.path, inputs[self.verify_batches:] or inputs[:1])
         self.report.save(self.path.with_suffix(".json"))
         rank_zero_info("[sparselite] " + self.report.summary())

@@ -118,6 +118,7 @@ class ChannelPruner:
         self.plan: list[tuple[str, list[int]]] = []  # what shrink removed: (group root, root channel indices)
         self.last_update_step: int | None = None
         self.before: dict[str, int] = {}  # macs / params of the model as prepared (full width)
+        self._unpruned: nn.Module | None = None
 
     # ------------------------------------------------------------------ set-up
     def prepare(self, model: nn.Module, example_inputs: torch.Tensor | tuple) -> dict[str, PrunedGroup]:
@@ -128,6 +129,7 @@ class ChannelPruner:
         model.register_state_dict_post_hook(functools.partial(_save_plan, hooks))
         model.register_load_state_dict_pre_hook(functools.partial(_load_plan, hooks))
         self.before = dict(zip(("macs", "params"), count_macs_and_params(model, self.example_inputs)))
+        self._unpruned = _plain_copy(model)  # full width, for "before" numbers (latency) in export reports
         self._find_groups()
         for pruned in self.groups.values():
             root = model.get_submodule(pruned.group.root)
@@ -277,6 +279,12 @@ class ChannelPruner:
             raise SparseliteError(f"the checkpoint's channel plan names groups this model does not prune: {unknown}; "
                                   "use the same model and ChannelPruning settings as the run that saved it")
         self._remove(plan)
+
+    def unpruned_copy(self) -> nn.Module:
+        """A copy of the model as prepared: full width, weights as they were then (for size and latency
+        comparisons, not for accuracy)."""
+        self._require()
+        return _plain_copy(self._unpruned)
 
     def size(self) -> dict[str, int]:
         """MACs and parameters now (after shrink: of the smaller model)."""
