@@ -287,7 +287,7 @@ def inspect_command(ns: argparse.Namespace) -> None:
 def demo_command(ns: argparse.Namespace) -> None:
     from sparselite.demo import run_demo
 
-    run_demo(out_dir=Path(ns.out), retrain_baseline=ns.retrain_baseline)
+    run_demo(out_dir=Path(ns.out), retrain_baseline=ns.retrain_baseline, channels=ns.channels)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -341,6 +341,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the default demo: dense baseline vs 80%% GMP + QAT, exported and measured")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--retrain-baseline", action="store_true")
+    p.add_argument("--channels", action="store_true",
+                   help="also train recipes/channels50_qat_export.yaml and add the channel-pruned int8 file to the table")
     p.set_defaults(func=demo_command)
     return parser
 

@@ -38,13 +38,13 @@ def _fit(recipe: Path, root: Path):
     return build_lightning_cli(args)
 
 
-def _recipe_exporting_to(tflite: Path, copy: Path) -> Path:
+def _recipe_exporting_to(tflite: Path, copy: Path, source: Path = COMPRESSED_RECIPE) -> Path:
     """recipes/gmp80_qat_export.yaml, written to ``copy`` with its TFLiteExport path set to ``tflite``:
     the recipe's own path is relative to the working directory, and the demo keeps its files in --out."""
-    recipe = yaml.safe_load(COMPRESSED_RECIPE.read_text())
+    recipe = yaml.safe_load(source.read_text())
     exports = [cb for cb in recipe["trainer"]["callbacks"] if cb["class_path"].endswith("TFLiteExport")]
     if len(exports) != 1:
-        raise SparseliteError(f"{COMPRESSED_RECIPE} should have exactly one TFLiteExport callback")
+        raise SparseliteError(f"{source} should have exactly one TFLiteExport callback")
     exports[0].setdefault("init_args", {})["path"] = str(tflite)
     copy.parent.mkdir(parents=True, exist_ok=True)
     copy.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -86,7 +86,7 @@ def _cached_baseline(path: Path, retrain: bool) -> torch.nn.Module:
     return model
 
 
-def run_demo(out_dir: Path = Path("runs/demo"), retrain_baseline: bool = False) -> dict:
+def run_demo(out_dir: Path = Path("runs/demo"), retrain_baseline: bool = False, channels: bool = False) -> dict:
     started = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     images, labels = load_split("test")
@@ -116,9 +116,18 @@ def run_demo(out_dir: Path = Path("runs/demo"), retrain_baseline: bool = False) 
     int8_tflite = LiteRTModel(int8_path).evaluate(test_loader)["accuracy"]
     parity = verify(compressed, int8_path, [images[i : i + 500] for i in range(0, len(images), 500)], report.parity.output_scale)
 
+    channel_run = None
+    if channels:  # --channels: one more recipe, and its file timed in the same interleaved run
+        from sparselite import demo_channels
+
+        channel_run = demo_channels.fit_channels(out_dir, test_loader)
+
     # 4. Latency, both files timed in one run, interleaved.
     print("[demo] 4/4 latency on XNNPACK, 1 thread")
-    latency = interleaved_benchmark({"fp32": str(fp32_path), "int8": str(int8_path)}, threads=1)
+    files = {"fp32": str(fp32_path), "int8": str(int8_path)}
+    if channel_run:
+        files["int8_channels"] = channel_run["path"]
+    latency = interleaved_benchmark(files, threads=1)
 
     fp32_bytes, int8_bytes = fp32_path.stat().st_size, int8_path.stat().st_size
     summary = {
@@ -134,6 +143,8 @@ def run_demo(out_dir: Path = Path("runs/demo"), retrain_baseline: bool = False) 
         "int8_vs_fp32_latency": latency["int8"].median_ms / latency["fp32"].median_ms,
         "wall_seconds": time.time() - started,
     }
+    if channel_run:
+        summary["channels"] = channel_run
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_table(summary))
     return summary
@@ -174,4 +185,8 @@ def format_table(s: dict) -> str:
         "comes from quantization; sparsity buys file size here, not CPU latency.",
         f"demo wall time: {s['wall_seconds'] / 60:.1f} min",
     ]
+    if "channels" in s:
+        from sparselite import demo_channels
+
+        rows[-1:-1] = demo_channels.table_rows(s)
     return "\n".join(rows)
