@@ -180,3 +180,17 @@ def test_excluded_layers_keep_their_channels():
     assert model.features[2][0].out_channels == 16
     assert model.features[4][0].out_channels == 16  # 32 -> 16
     assert MASK_BUFFER not in model.features[2][0]._buffers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["resnet_residual_add", "inception_concat"])
+def test_shrunk_residual_and_concat_nets_export_to_int8(tmp_path, family, fmnist_train):
+    from sparselite.export.tflite import export_tflite
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(FAMILIES[family]()).eval()
+    pruned(model).shrink()
+    images = fmnist_train[0]
+    report = export_tflite(model, images[:1], tmp_path / "model.tflite", calibration=[images[:64]],
+                           verify_batches=[images[64:128]], min_agreement=0.9)
+    assert report.parity.top1_agreement >= 0.9
