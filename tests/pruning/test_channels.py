@@ -13,7 +13,6 @@ from conftest import tiny_mobilenet
 from sparselite import SparseliteError
 from sparselite.models.mobilenet import MobileNetLite
 from sparselite.pruning.channels import CHANNEL_MASK, PLAN_KEY, ChannelPruner, kept_channels
-from sparselite.pruning.masks import Pattern  # noqa: F401 - the unstructured masks must follow shrink too
 from sparselite.pruning.pruner import MASK_BUFFER, MagnitudePruner
 from sparselite.pruning.schedule import PolynomialDecay
 

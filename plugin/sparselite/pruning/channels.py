@@ -49,8 +49,9 @@ def kept_channels(size: int, sparsity: float, round_to: int, min_channels: int) 
 
 
 class _PlanHooks:
-    """The state_dict hooks' link to their pruner. Deep copies of the model (export makes them) share it,
-    so a copy does not try to deep-copy torch-pruning's traced graph."""
+    """The state_dict hooks' link to their pruner. Deep copies of the model (export makes them) share it
+    rather than copying the pruner (and the full-width model it keeps); the hooks act only on the model
+    the pruner was prepared on."""
 
     def __init__(self, pruner: "ChannelPruner") -> None:
         self.pruner = pruner
