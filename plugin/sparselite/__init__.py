@@ -14,6 +14,7 @@ from sparselite.errors import SparseliteError
 allow_torchvision_without_ops()
 
 _PUBLIC = {
+    "ChannelPruning": "sparselite.pruning.channel_callback",
     "ExportReport": "sparselite.export.report",
     "GradualPruning": "sparselite.pruning.callback",
     "LiteRTModel": "sparselite.runtime.litert",
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from sparselite.export.callback import TFLiteExport
+    from sparselite.pruning.channel_callback import ChannelPruning
     from sparselite.export.report import ExportReport
     from sparselite.export.tflite import export_tflite
     from sparselite.pruning.callback import GradualPruning

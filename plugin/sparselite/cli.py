@@ -1,4 +1,4 @@
-"""``sparselite fit|validate|test|export|eval|bench|inspect|demo``.
+"""``sparselite fit|validate|test|export|shrink|eval|bench|inspect|demo``.
 
 fit/validate/test are LightningCLI: ``sparselite fit -c configs/<model+data>.yaml -c recipes/<compression>.yaml``.
 Bad input of any kind ends in one line on stderr and exit code 2, before training starts.
@@ -8,6 +8,7 @@ Bad input of any kind ends in one line on stderr and exit code 2, before trainin
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -74,15 +75,60 @@ def _first_line(err: BaseException) -> str:
 def export_command(ns: argparse.Namespace) -> None:
     """Rebuild the run from its config, restore the checkpoint (masks, ranges), export."""
     from sparselite.export.from_loader import export_from_loader
+    from sparselite.export.report import report_path
     from sparselite.lightning_cli import restore_run
+    from sparselite.pruning.channel_callback import ChannelPruning, example_inputs
 
-    module, datamodule = restore_run(ns.checkpoint, ns.config)
-    datamodule.setup("validate")
-    report = export_from_loader(module, datamodule.val_dataloader(), ns.output, verify_batches=ns.verify_batches,
+    run = restore_run(ns.checkpoint, ns.config)
+    run.datamodule.setup("validate")
+    report = export_from_loader(run.module, run.datamodule.val_dataloader(), ns.output, verify_batches=ns.verify_batches,
                                 calibration_batches=ns.calibration_batches, io_dtype=ns.io_dtype,
                                 sparse=not ns.no_sparse, gpu_check=ns.gpu_check, require_gpu=ns.require_gpu,
                                 float_fallback=ns.allow_float_ops)
+    channel = run.callback(ChannelPruning)
+    if channel is not None and channel.pruner.shrunk:
+        from sparselite.export.channel_report import compare_with_unpruned
+
+        batches = [x for x, _ in itertools.islice(run.datamodule.val_dataloader(), ns.verify_batches + ns.calibration_batches)]
+        report.channels = compare_with_unpruned(channel.pruner, example_inputs(run.module), ns.output,
+                                                batches[ns.verify_batches:] or batches[:1])
+        report.save(report_path(ns.output))
     print(report.summary())
+
+
+def shrink_command(ns: argparse.Namespace) -> None:
+    """Remove the channels a ChannelPruning run masked (e.g. one with shrink=False); write a smaller checkpoint."""
+    import torch
+
+    from sparselite.lightning_cli import restore_run
+    from sparselite.pruning.channel_callback import ChannelPruning, without_fake_quant
+
+    run = restore_run(ns.checkpoint, ns.config)
+    channel = run.callback(ChannelPruning)
+    if channel is None:
+        raise SparseliteError("the run's config has no ChannelPruning callback: there are no masked channels to remove")
+    state = run.checkpoint["state_dict"]
+    if any(key.endswith(("sparselite_output_quant.min_max", "sparselite_input_quant.min_max")) and bool(torch.isfinite(value).all())
+           for key, value in state.items()):
+        raise SparseliteError(f"{ns.checkpoint} already holds learned QAT ranges; channels are removed before QAT starts "
+                              "(shrink a checkpoint saved before QuantizationAwareTraining's start_step)")
+    pruner = channel.pruner
+    with without_fake_quant(None, run.module):
+        before = pruner.size()
+        pruner.shrink()
+        after = pruner.size()
+    checkpoint = dict(run.checkpoint, state_dict=run.module.state_dict())
+    for key in ("optimizer_states", "lr_schedulers"):  # shaped for the wider model: export only, no resume
+        checkpoint.pop(key, None)
+    for key in list(checkpoint.get("callbacks", {})):
+        if "ChannelPruning" in key:
+            checkpoint["callbacks"][key] = channel.state_dict()
+    out = Path(ns.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, out)
+    print(f"{out}: removed {pruner.channel_ratio()['overall']:.0%} of prunable channels; params {before['params']:,} -> "
+          f"{after['params']:,}, MACs {before['macs']:,} -> {after['macs']:,} ({after['macs'] / before['macs']:.2f}x). "
+          f"Export it with: sparselite export {out} -c <the run's config.yaml>")
 
 
 def eval_command(ns: argparse.Namespace) -> None:
@@ -146,7 +192,7 @@ def inspect_command(ns: argparse.Namespace) -> None:
 def demo_command(ns: argparse.Namespace) -> None:
     from sparselite.demo import run_demo
 
-    run_demo(out_dir=Path(ns.out), retrain_baseline=ns.retrain_baseline)
+    run_demo(out_dir=Path(ns.out), retrain_baseline=ns.retrain_baseline, channels=ns.channels)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -170,6 +216,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-float-ops", action="store_true",
                    help="keep ops with no int8 TFLite kernel in float (mixed precision; listed in the report)")
     p.set_defaults(func=export_command)
+
+    p = sub.add_parser("shrink", help="remove the channels a ChannelPruning run masked; write a smaller checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("-c", "--config", action="append", help="run config(s); default: the config.yaml LightningCLI saved next to the checkpoint")
+    p.add_argument("-o", "--output", required=True, help="the shrunk checkpoint (.ckpt); for export, not for resuming")
+    p.set_defaults(func=shrink_command)
 
     for name, func, help_text in (("eval", eval_command, "top-1 accuracy of a .tflite on Fashion-MNIST"),
                                   ("bench", bench_command, "latency of one or more .tflite files, interleaved")):
@@ -197,6 +249,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the default demo: dense baseline vs 80%% GMP + QAT, exported and measured")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--retrain-baseline", action="store_true")
+    p.add_argument("--channels", action="store_true",
+                   help="also train recipes/channels50_qat_export.yaml and add the channel-pruned int8 file to the table")
     p.set_defaults(func=demo_command)
     return parser
 

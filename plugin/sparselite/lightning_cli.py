@@ -4,6 +4,9 @@ configs and checkpoint (for ``sparselite export`` and the demo's cached baseline
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import contextlib
 import inspect
 import logging
@@ -75,27 +78,47 @@ def _lightning_info_off() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def restore_run(checkpoint: str | Path, configs: list[str] | None = None):
-    """(LightningModule, LightningDataModule) of a finished run: rebuilt from its configs (default: the
-    config.yaml next to the checkpoint), compression state attached, checkpoint weights loaded."""
+@dataclass
+class RestoredRun:
+    """A finished run rebuilt from its configs, with the checkpoint's weights in place."""
+
+    module: Any
+    datamodule: Any
+    callbacks: list
+    checkpoint: dict  # the checkpoint as loaded (tensors only)
+
+    def callback(self, kind: type) -> Any | None:
+        return next((cb for cb in self.callbacks if isinstance(cb, kind)), None)
+
+
+def restore_run(checkpoint: str | Path, configs: list[str] | None = None) -> RestoredRun:
+    """A finished run rebuilt from its configs (default: the config.yaml next to the checkpoint),
+    compression state attached, checkpoint weights loaded."""
     from sparselite.checkpoints import load_checkpoint
     from sparselite.pruning.callback import GradualPruning
+    from sparselite.pruning.channel_callback import ChannelPruning, example_inputs
     from sparselite.quantization.callback import QuantizationAwareTraining
 
-    checkpoint = Path(checkpoint)
-    state = load_checkpoint(checkpoint)["state_dict"]  # tensors only, never code; before anything is built
-    configs = configs or ([str(c)] if (c := find_run_config(checkpoint)) else [])
+    path = Path(checkpoint)
+    loaded = load_checkpoint(path)  # tensors only, never code; before anything is built
+    configs = configs or ([str(c)] if (c := find_run_config(path)) else [])
     if not configs:
-        raise SparseliteError(f"no config.yaml found next to {checkpoint}; pass the run's configs with -c")
+        raise SparseliteError(f"no config.yaml found next to {path}; pass the run's configs with -c")
     with tempfile.TemporaryDirectory() as folder, _lightning_info_off():
         configs = _without_subcommand_keys(configs, Path(folder))
         cli = build_lightning_cli([arg for c in configs for arg in ("-c", c)], run=False)
     module = cli.model
-    for callback in cli.trainer.callbacks:
+    callbacks = list(cli.trainer.callbacks)
+    # Channel pruning first, before QAT wraps modules: a shrunk checkpoint's plan rebuilds the smaller
+    # model when its state_dict loads.
+    for callback in callbacks:
+        if isinstance(callback, ChannelPruning):
+            callback.pruner.prepare(module, example_inputs(module))
+    for callback in callbacks:
         if isinstance(callback, (GradualPruning, QuantizationAwareTraining)):
             callback.prepare(module)  # the mask and range buffers the checkpoint holds
     try:
-        module.load_state_dict(state)
+        module.load_state_dict(loaded["state_dict"])
     except (RuntimeError, KeyError) as err:
-        raise SparseliteError(f"{checkpoint} does not match the configured model: {str(err).splitlines()[0]}") from None
-    return module, cli.datamodule
+        raise SparseliteError(f"{path} does not match the configured model: {str(err).splitlines()[0]}") from None
+    return RestoredRun(module, cli.datamodule, callbacks, loaded)

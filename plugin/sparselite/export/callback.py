@@ -58,4 +58,15 @@ class TFLiteExport(pl.Callback):
             min_agreement=self.min_agreement, gpu_check=self.gpu_check, require_gpu=self.require_gpu,
             float_fallback=self.float_fallback,
         )
+        channels = next((cb.pruner for cb in trainer.callbacks if type(cb).__name__ == "ChannelPruning" and cb.pruner.shrunk), None)
+        if channels is not None:
+            from sparselite.export.channel_report import compare_with_unpruned
+            from sparselite.export.report import report_path
+
+            inputs = [batch[0] if isinstance(batch, (tuple, list)) else batch
+                      for batch in itertools.islice(loader, self.verify_batches + self.calibration_batches)]
+            example = pl_module.example_input_array
+            example = example if isinstance(example, torch.Tensor) else inputs[0][:1]
+            self.report.channels = compare_with_unpruned(channels, example[:1], self.path, inputs[self.verify_batches:] or inputs[:1])
+            self.report.save(report_path(self.path))
         rank_zero_info("[sparselite] " + self.report.summary())

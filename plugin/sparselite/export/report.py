@@ -77,6 +77,7 @@ class ExportReport:
     gpu: dict[str, Any] | None = None
     float_islands: list[FloatIsland] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    channels: dict[str, Any] | None = None  # channel pruning: params, MACs, latency before/after (channel_report.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,5 +109,10 @@ class ExportReport:
             lines.append(size)
         if self.overall_sparsity_in_file is not None:
             lines.append(f"  sparsity read from the file: {self.overall_sparsity_in_file:.1%} over {len(self.layers)} pruned layers")
+        if self.channels:
+            c = self.channels
+            lines.append(f"  channel pruning: params {c['params_before']:,} -> {c['params_after']:,}, MACs {c['macs_before']:,} -> "
+                         f"{c['macs_after']:,} ({c['mac_ratio']:.2f}x), int8 XNNPACK latency {c['latency_ms_before']:.3f} -> "
+                         f"{c['latency_ms_after']:.3f} ms ({c['latency_ratio']:.2f}x)")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
