@@ -10,6 +10,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("GLOG_minloglevel", "3")
 
+import sparselite  # noqa: F401  (before Lightning: makes the test extra's torchvision importable, compat/torchvision.py)
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset

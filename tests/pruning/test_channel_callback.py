@@ -14,7 +14,8 @@ from sparselite import ChannelPruning, GradualPruning, QuantizationAwareTraining
 from sparselite.models.classifier import ImageClassifier
 from sparselite.pruning.channels import CHANNEL_MASK, PLAN_KEY
 from sparselite.pruning.pruner import MASK_BUFFER
-from test_callback import ResumableLoader, make_trainer
+from conftest import make_trainer
+from test_resume import ResumableLoader
 
 TOTAL = 24  # 8 batches per epoch
 CHANNEL_END = 6

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from channel_models import ConcatNet, SigmoidGateNet, TinyResNet
+from pruning.channel_models import ConcatNet, SigmoidGateNet, TinyResNet
 from conftest import tiny_mobilenet
 from sparselite import SparseliteError
 from sparselite.models.mobilenet import MobileNetLite

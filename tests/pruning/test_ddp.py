@@ -17,11 +17,12 @@ SCRIPT = textwrap.dedent(
     import sys
     from pathlib import Path
 
+    from sparselite import GradualPruning  # before Lightning: makes torchvision importable (compat/torchvision.py)
+
     import lightning.pytorch as pl
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from sparselite import GradualPruning
     from sparselite.data.fashion_mnist import load_split
     from sparselite.models.classifier import ImageClassifier
     from sparselite.models.mobilenet import MobileNetLite

@@ -13,7 +13,7 @@ from sparselite.pruning.channels import ChannelPruner
 from sparselite.pruning.schedule import PolynomialDecay
 from sparselite.runtime import gpu
 from sparselite.runtime.litert import LiteRTModel
-from test_gpu import vulkan_adapter  # noqa: F401 - the same adapter checks (fail, not skip, without a driver)
+from runtime.test_gpu import vulkan_adapter  # noqa: F401 - the same adapter checks (fail, not skip, without a driver)
 
 pytestmark = pytest.mark.gpu
 

@@ -336,11 +336,15 @@ MAX_TIED_SHARE = 0.1
 
 
 def saturated(logits: np.ndarray) -> str | None:
-    """Many exact ties for the top logit mean the int8 output range clips the largest logits."""
-    share = float(_has_tied_top(logits).mean()) if len(logits) else 0.0
+    """Many examples tied at the very top of the output range mean the int8 output clips the largest logits."""
+    if not len(logits):
+        return None
+    top = logits.max(axis=1)
+    at_ceiling = _has_tied_top(logits) & np.isclose(top, logits.max())
+    share = float(at_ceiling.mean())
     if share > MAX_TIED_SHARE:
-        return (f"ties its top logit on {share:.0%} of the examples: the int8 output range clips the largest logits "
-                "(train QAT longer, so the learned output range catches up)")
+        return (f"ties its top logit at the ceiling of the output range on {share:.0%} of the examples: the int8 "
+                "output clips the largest logits (train QAT longer, so the learned output range catches up)")
     return None
 
 

@@ -77,9 +77,9 @@ class ChannelPruning(pl.Callback):
 
         end = self.config["end_step"]
         for callback in trainer.callbacks:
-            if isinstance(callback, QuantizationAwareTraining) and self.config["shrink"] and callback.config["start_step"] <= end:
+            if isinstance(callback, QuantizationAwareTraining) and self.config["shrink"] and callback.simulator.start_step <= end:
                 raise SparseliteError(
-                    f"QuantizationAwareTraining(start_step={callback.config['start_step']}) starts before ChannelPruning "
+                    f"QuantizationAwareTraining(start_step={callback.simulator.start_step}) starts before ChannelPruning "
                     f"removes channels at end_step={end}; set start_step > {end} so fake-quant learns the smaller model's ranges"
                 )
         if self.config["shrink"] and trainer.world_size > 1:
