@@ -113,7 +113,7 @@ def shrink_command(ns: argparse.Namespace) -> None:
         raise SparseliteError(f"{ns.checkpoint} already holds learned QAT ranges; channels are removed before QAT starts "
                               "(shrink a checkpoint saved before QuantizationAwareTraining's start_step)")
     pruner = channel.pruner
-    with without_fake_quant(None, run.module):
+    with without_fake_quant(run.callbacks, run.module):
         before = pruner.size()
         pruner.shrink()
         after = pruner.size()

@@ -15,6 +15,7 @@ from sparselite.models.mobilenet import MobileNetLite
 from sparselite.pruning.channels import CHANNEL_MASK, PLAN_KEY, ChannelPruner, kept_channels
 from sparselite.pruning.pruner import MASK_BUFFER, MagnitudePruner
 from sparselite.pruning.schedule import PolynomialDecay
+from sparselite.pruning.selection import LayerSelection
 
 EXAMPLE = torch.zeros(1, 1, 28, 28)
 
@@ -135,7 +136,8 @@ def test_shrunk_state_dict_loads_into_a_fresh_model_and_gives_the_same_outputs()
 def test_shrink_hands_the_optimizer_the_new_parameters_with_sliced_state_and_slices_unstructured_masks():
     torch.manual_seed(0)
     model = tiny_mobilenet()
-    unstructured = MagnitudePruner(PolynomialDecay(final_sparsity=0.5, begin_step=0, end_step=1, frequency=1), min_params=100)
+    unstructured = MagnitudePruner(PolynomialDecay(final_sparsity=0.5, begin_step=0, end_step=1, frequency=1),
+                                   selection=LayerSelection(min_params=100))
     unstructured.prepare(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model(torch.randn(4, 1, 28, 28)).sum().backward()

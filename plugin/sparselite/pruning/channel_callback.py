@@ -66,7 +66,7 @@ class ChannelPruning(pl.Callback):
             return
         # Before checkpoint restore: the masks must exist, and a shrunk checkpoint's plan is re-applied
         # by the state_dict hook the pruner registers here.
-        with without_fake_quant(trainer, pl_module):
+        with without_fake_quant(trainer.callbacks, pl_module):
             self.pruner.prepare(pl_module, example_inputs(pl_module))
         names = [g.name for g in self.pruner.groups.values()]
         rank_zero_info(f"[sparselite] channel pruning {len(names)} groups to {self.config['final_sparsity']:.0%} "
@@ -99,7 +99,7 @@ class ChannelPruning(pl.Callback):
             self._shrink(trainer, pl_module)
 
     def _shrink(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        with without_fake_quant(trainer, pl_module):
+        with without_fake_quant(trainer.callbacks, pl_module):
             self.pruner.shrink(trainer.optimizers)
         after = self.pruner.size()
         before = self.pruner.before
@@ -131,20 +131,19 @@ def example_inputs(pl_module: torch.nn.Module) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def without_fake_quant(trainer: pl.Trainer | None, pl_module: torch.nn.Module) -> Iterator[None]:
+def without_fake_quant(callbacks: list, pl_module: torch.nn.Module) -> Iterator[None]:
     """Take QAT's fake-quant off while channels are traced or removed, and put it back after: torch-pruning
     does not understand modules already wrapped for QAT. Before QAT's start_step the wrappers hold no state."""
     from sparselite.quantization.callback import QuantizationAwareTraining
 
-    simulators = [cb.simulator for cb in (trainer.callbacks if trainer is not None else [])
-                  if isinstance(cb, QuantizationAwareTraining) and cb.simulator.model is not None]
-    for simulator in simulators:
-        simulator.strip()
+    qat = [cb for cb in callbacks if isinstance(cb, QuantizationAwareTraining) and cb.simulator.model is not None]
+    for callback in qat:
+        callback.simulator.strip()
     try:
         yield
     finally:
-        for simulator in simulators:
-            simulator.prepare(pl_module)
+        for callback in qat:
+            callback.prepare(pl_module)
 
 
 def build_channel_pruner(config: dict[str, Any]) -> ChannelPruner:

@@ -133,6 +133,12 @@ class QuantizationSimulator:
             quant.observing = active and not frozen
 
 
+    def strip(self) -> None:
+        """Back to the float model, e.g. while channel pruning rebuilds it; ``prepare`` attaches it again."""
+        strip_fake_quant(self.model)
+        self.model, self.chains, self.op_sites = None, [], []
+
+
 def strip_fake_quant(model: nn.Module) -> None:
     """Remove every sparselite fake-quant submodule and hook from a model (also on a deep copy)."""
     for module in model.modules():
