@@ -67,7 +67,7 @@ class GpuBackend:
                     f"{', '.join(names) or '(unknown)'}; see gpu_compatibility(path), "
                     f"or pass allow_cpu_fallback=True"
                 )
-            raise SparseliteError(f"{self.path.name}: GPU compile failed: {error.strip()}")
+            raise SparseliteError(f"{self.path.name}: GPU compile failed: {_one_line(error)}")
         self._model = compiled
         self.adapter = VULKAN.adapter_info()
         if require_hardware is None:
@@ -95,7 +95,10 @@ class GpuBackend:
     def invoke(self, x: np.ndarray) -> np.ndarray:
         # ``run`` returns before the GPU finishes; reading the output waits for it.
         self._in[0].write(x)
-        self._model.run_by_index(0, self._in, self._out)
+        try:
+            self._model.run_by_index(0, self._in, self._out)
+        except RuntimeError as err:  # a kernel refused what the file declares
+            raise SparseliteError(f"{self.path.name}: the GPU accelerator could not run it: {_one_line(str(err))}") from None
         n = int(np.prod(self.output.shape))
         return self._out[0].read(n, self.output.dtype).reshape(self.output.shape)
 
@@ -115,6 +118,11 @@ def _info(details: dict[str, Any], tensors: list) -> TensorInfo:
             scale = float(q.scale[0])
             zero_point = int(q.zeroPoint[0]) if q.zeroPoint is not None and len(q.zeroPoint) else 0
     return TensorInfo(details["name"], tuple(int(s) for s in details["shape"]), _NP[details["dtype"]], scale, zero_point)
+
+
+def _one_line(error: str) -> str:
+    """LiteRT's errors are a trace of indented "└ ERROR: [file:line]" lines; keep them on one line."""
+    return " ".join(line.strip(" └") for line in error.splitlines() if line.strip(" └")) or "no reason given"
 
 
 def _webgpu_failed(log: str) -> bool:

@@ -10,6 +10,7 @@ import flatbuffers
 from ai_edge_litert import schema_py_generated as schema
 
 from sparselite.errors import SparseliteError
+from sparselite.tflite.validate import validate_model
 
 _FILE_IDENTIFIER = b"TFL3"
 
@@ -23,17 +24,23 @@ WEIGHT_INPUT = {
 
 
 def read_model(source: bytes | str | Path) -> schema.ModelT:
-    """Unpack a .tflite file (path or bytes) into the mutable object API, or raise a clear error."""
-    data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
+    """Unpack a .tflite file (path or bytes) into the mutable object API, or raise a clear error.
+
+    Every file is checked as untrusted (``validate.validate_model``): indices, sizes and sparse
+    structures in range, so what this returns is also safe to hand to LiteRT.
+    """
+    data = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
     name = str(source) if isinstance(source, (str, Path)) else "the model bytes"
     if len(data) < 8 or data[4:8] != _FILE_IDENTIFIER:
         raise SparseliteError(f"{name} is not a TFLite flatbuffer (no 'TFL3' identifier); re-export it")
+    root = int.from_bytes(data[:4], "little")
+    if root < 8 or root + 4 > len(data):
+        raise SparseliteError(f"{name} is a corrupt TFLite flatbuffer (its root offset points outside the file); re-export it")
     try:
         model = schema.ModelT.InitFromPackedBuf(data, 0)
     except Exception as err:  # the generated code raises whatever the corrupt offsets lead to
         raise SparseliteError(f"{name} is a corrupt TFLite flatbuffer ({type(err).__name__}); re-export it") from None
-    if not model.subgraphs:
-        raise SparseliteError(f"{name} has no subgraphs; re-export it")
+    validate_model(model, len(data), name)
     return model
 
 
