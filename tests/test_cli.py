@@ -78,6 +78,23 @@ FIT_CASES = {
                             ["Fashion-MNIST not found in /nonexistent", "apt-get install dataset-fashion-mnist"]),
     "missing_dataset_env": (None, [], {"SPARSELITE_DATA": "/nonexistent"},
                             ["Fashion-MNIST not found in /nonexistent", "apt-get install dataset-fashion-mnist"]),
+    # Values that compare as "fine" (NaN), or that Lightning itself refuses while building the Trainer.
+    "power_nan": ("power: .nan", [], {}, ["power=nan must be a finite number"]),
+    "lr_nan": (None, ["--model.init_args.lr", ".nan"], {}, ["lr=nan must be a finite number > 0"]),
+    "weight_decay_negative": (None, ["--model.init_args.weight_decay", "-0.1"], {}, ["weight_decay=-0.1"]),
+    "train_subset_zero": (None, ["--data.init_args.train_subset", "0"], {}, ["train_subset=0 must be >= 1"]),
+    "num_workers_negative": (None, ["--data.init_args.num_workers", "-1"], {}, ["num_workers=-1 must be >= 0"]),
+    "max_steps_negative": (None, ["--trainer.max_steps", "-5"], {}, ["trainer:", "max_steps", "-5"]),
+    "devices_zero": (None, ["--trainer.devices", "0"], {}, ["trainer:", "devices"]),
+}
+
+# Config files that must be refused before jsonargparse walks them: name -> (content, error fragments).
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+CONFIG_FILE_CASES = {
+    "alias_bomb": (ALIAS_BOMB, ["expands to more than", "YAML nodes"]),
+    "huge_config": ("model:\n" + "  # padding\n" * 40_000, ["KiB; configs and recipes are limited to"]),
+    "binary_config": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", ["not a UTF-8 text file"]),
 }
 
 
@@ -91,6 +108,10 @@ def failures(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, l
     missing = tmp_path / "missing.tflite"
     commands = {"inspect_corrupt_file": (["inspect", str(corrupt)], {}, [str(corrupt), "corrupt"]),
                 "eval_missing_file": (["eval", str(missing)], {}, [str(missing), "does not exist"])}
+    for name, (content, fragments) in CONFIG_FILE_CASES.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        commands[name] = (["fit", "-c", CONFIG, "-c", str(path)], {}, fragments)
     for name, (init_args, extra, env, fragments) in FIT_CASES.items():
         args = ["fit", "-c", CONFIG]
         if init_args is not None:
@@ -105,7 +126,7 @@ def failures(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, l
         return {name: (result, commands[name][2]) for name, result in zip(commands, pool.map(run, commands))}
 
 
-@pytest.mark.parametrize("name", [*FIT_CASES, "inspect_corrupt_file", "eval_missing_file"])
+@pytest.mark.parametrize("name", [*FIT_CASES, *CONFIG_FILE_CASES, "inspect_corrupt_file", "eval_missing_file"])
 def test_bad_input_is_one_line_on_stderr_and_exit_2(failures, name):
     result, fragments = failures[name]
     assert_one_line_error(result, *fragments)

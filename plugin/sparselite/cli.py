@@ -25,6 +25,7 @@ def _fail(message: str) -> None:
 
 def _lightning(args: list[str]) -> None:
     from jsonargparse import ArgumentError
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from sparselite.lightning_cli import build_lightning_cli
 
@@ -32,6 +33,10 @@ def _lightning(args: list[str]) -> None:
         build_lightning_cli(args)
     except ArgumentError as err:
         _fail(_explain(err))
+    except MisconfigurationException as err:
+        # Lightning's own check of a Trainer argument (max_steps: -5, devices: 0, accelerator: gpu
+        # without one), raised while the Trainer is built, before any training.
+        _fail(f"trainer: {_first_line(err)}")
     except ValueError as err:
         # jsonargparse wraps a SparseliteError raised in a class's __init__ (instantiation) in a ValueError.
         if _sparselite_cause(err) is None:
@@ -73,9 +78,12 @@ def _first_line(err: BaseException) -> str:
 
 def export_command(ns: argparse.Namespace) -> None:
     """Rebuild the run from its config, restore the checkpoint (masks, ranges), export."""
+    from sparselite.export.destination import check_destination
     from sparselite.export.from_loader import export_from_loader
+    from sparselite.export.report import report_path
     from sparselite.lightning_cli import restore_run
 
+    check_destination(ns.output, report_path(ns.output))  # before the checkpoint is loaded and the export runs
     module, datamodule = restore_run(ns.checkpoint, ns.config)
     datamodule.setup("validate")
     report = export_from_loader(module, datamodule.val_dataloader(), ns.output, verify_batches=ns.verify_batches,
