@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -167,6 +168,20 @@ def test_fit_then_export_round_trip(tmp_path):
     assert report["io_dtype"] == "float32" and report["ranges_learned"] > 0
     assert report["parity"]["examples"] == 128 and report["parity"]["top1_agreement"] >= 0.98
     assert report["layers"] and all(abs(l["sparsity_in_file"] - 0.5) < 0.01 for l in report["layers"])
+    # The report describes exactly this file; the file has the user's umask (the test runs with 022 or so).
+    assert report["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    # Outputs that would overwrite something other than a model are refused before the checkpoint loads.
+    (tmp_path / "folder.tflite").mkdir()
+    (tmp_path / "notes.tflite").write_text("not a model")
+    for bad, fragment in (("out.json", "must end in .tflite"), ("folder.tflite", "is a folder"),
+                          ("notes.tflite", "is not a .tflite model")):
+        assert_one_line_error(run_cli("export", str(ckpt), "-o", str(tmp_path / bad)), fragment)
+    assert (tmp_path / "notes.tflite").read_text() == "not a model"
 
     evaluated = run_cli("eval", str(out), "--limit", "256", "--json")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]

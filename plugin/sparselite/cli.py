@@ -27,10 +27,14 @@ def _lightning(args: list[str]) -> None:
     from jsonargparse import ArgumentError
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    from sparselite.interrupts import Interrupted
     from sparselite.lightning_cli import build_lightning_cli
 
     try:
         build_lightning_cli(args)
+    except Interrupted as stop:
+        print(f"sparselite: interrupted by {stop}; resume with --ckpt_path {stop.checkpoint}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     except ArgumentError as err:
         _fail(_explain(err))
     except MisconfigurationException as err:
@@ -228,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
         ns.func(ns)
     except SparseliteError as err:
         _fail(str(err))
+    except KeyboardInterrupt:  # Ctrl+C outside training (imports, export): the shell's code, no traceback
+        print("sparselite: interrupted", file=sys.stderr)
+        sys.exit(130)
     finally:
         if native_filter is not None:
             native_filter.stop()

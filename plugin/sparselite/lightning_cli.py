@@ -102,6 +102,7 @@ def build_lightning_cli(args: list[str], run: bool = True):
 
     from lightning.pytorch.cli import LightningCLI
 
+    from sparselite.interrupts import GracefulInterrupt
     from sparselite.progress import default_callbacks
 
     # We always pass ``args`` (sys.argv[1:] or a rebuilt list); LightningCLI warns about that on every run.
@@ -109,7 +110,7 @@ def build_lightning_cli(args: list[str], run: bool = True):
     return LightningCLI(
         args=args, run=run, subclass_mode_model=True, subclass_mode_data=True,
         parser_kwargs={"exit_on_error": False}, save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": default_callbacks()},
+        trainer_defaults={"callbacks": [*default_callbacks(), GracefulInterrupt()]},
     )
 
 

@@ -76,6 +76,7 @@ class ExportReport:
     gpu: dict[str, Any] | None = None
     float_islands: list[FloatIsland] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    sha256: str | None = None  # of the file as written: a report describes exactly one file
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
