@@ -145,7 +145,8 @@ def _compile(path: Path, precision: str, allow_cpu_fallback: bool):
     compiled = None
     with captured_native_stderr() as captured:
         try:
-            compiled = CompiledModel.from_file(str(path), options=options)
+            with VULKAN.driver_environment():  # LiteRT's WebGPU start reads the driver variables here
+                compiled = CompiledModel.from_file(str(path), options=options)
         except RuntimeError as exc:
             error = str(exc)
     log = captured[0] if captured else ""
