@@ -96,6 +96,8 @@ CONFIG_FILE_CASES = {
     "alias_bomb": (ALIAS_BOMB, ["expands to more than", "YAML nodes"]),
     "huge_config": ("model:\n" + "  # padding\n" * 40_000, ["KiB; configs and recipes are limited to"]),
     "binary_config": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", ["not a UTF-8 text file"]),
+    "two_pruning_callbacks": ("trainer:\n  callbacks:\n    - class_path: sparselite.GradualPruning\n"
+                              "    - class_path: sparselite.GradualPruning\n", ["two GradualPruning callbacks"]),
 }
 
 

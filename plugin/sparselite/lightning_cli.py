@@ -100,18 +100,42 @@ def build_lightning_cli(args: list[str], run: bool = True):
     for path in config_paths(args):
         check_config_file(path)
 
-    from lightning.pytorch.cli import LightningCLI
-
     from sparselite.interrupts import GracefulInterrupt
     from sparselite.progress import default_callbacks
 
     # We always pass ``args`` (sys.argv[1:] or a rebuilt list); LightningCLI warns about that on every run.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-    return LightningCLI(
+    return _sparselite_cli_class()(
         args=args, run=run, subclass_mode_model=True, subclass_mode_data=True,
         parser_kwargs={"exit_on_error": False}, save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [*default_callbacks(), GracefulInterrupt()]},
     )
+
+
+def _sparselite_cli_class():
+    """LightningCLI that checks the callback list before the Trainer is built (defined on first use, so
+    importing this module does not import Lightning)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    class SparseliteCLI(LightningCLI):
+        def _instantiate_trainer(self, config, callbacks):
+            _refuse_duplicate_callbacks([*(config.get("callbacks") or []), *callbacks])
+            return super()._instantiate_trainer(config, callbacks)
+
+    return SparseliteCLI
+
+
+def _refuse_duplicate_callbacks(callbacks: list) -> None:
+    """Two GradualPruning (or QAT, or export) callbacks would fight over the same weights; Lightning
+    refuses them too, but with a RuntimeError about checkpoint state keys."""
+    from sparselite.export.callback import TFLiteExport
+    from sparselite.pruning.callback import GradualPruning
+    from sparselite.quantization.callback import QuantizationAwareTraining
+
+    for kind, hint in ((GradualPruning, " (per-layer settings go in its overrides)"),
+                       (QuantizationAwareTraining, ""), (TFLiteExport, "")):
+        if sum(isinstance(c, kind) for c in callbacks) > 1:
+            raise SparseliteError(f"two {kind.__name__} callbacks are configured; keep one{hint}")
 
 
 def find_run_config(checkpoint: Path) -> Path | None:
