@@ -87,6 +87,8 @@ FIT_CASES = {
     "num_workers_negative": (None, ["--data.init_args.num_workers", "-1"], {}, ["num_workers=-1 must be >= 0"]),
     "max_steps_negative": (None, ["--trainer.max_steps", "-5"], {}, ["trainer:", "max_steps", "-5"]),
     "devices_zero": (None, ["--trainer.devices", "0"], {}, ["trainer:", "devices"]),
+    "root_dir_under_a_file": (None, ["--trainer.default_root_dir", str(ROOT / "pyproject.toml" / "run")], {},
+                              ["trainer.default_root_dir=", "is not a writable folder"]),
 }
 
 # Config files that must be refused before jsonargparse walks them: name -> (content, error fragments).

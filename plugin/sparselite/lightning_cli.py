@@ -120,9 +120,21 @@ def _sparselite_cli_class():
     class SparseliteCLI(LightningCLI):
         def _instantiate_trainer(self, config, callbacks):
             _refuse_duplicate_callbacks([*(config.get("callbacks") or []), *callbacks])
+            if config.get("default_root_dir"):
+                _check_writable_folder(Path(config["default_root_dir"]), "trainer.default_root_dir")
             return super()._instantiate_trainer(config, callbacks)
 
     return SparseliteCLI
+
+
+def _check_writable_folder(folder: Path, what: str) -> None:
+    """Logs and checkpoints go there: a read-only or impossible folder fails now, not at the first save."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise SparseliteError(f"{what}={folder} is not a writable folder: {err.strerror or err}") from None
 
 
 def _refuse_duplicate_callbacks(callbacks: list) -> None:

@@ -51,6 +51,7 @@ class GpuBackend:
             raise SparseliteError(f"no model file at {self.path}")
         self.precision = precision
         self.allow_cpu_fallback = allow_cpu_fallback
+        model = read_model(self.path)  # validated (tflite.validate) before LiteRT's C++ sees the file
         VULKAN.ensure_device()
         compiled, log, error = _compile(self.path, precision, allow_cpu_fallback)
         self.compile_log = log
@@ -86,7 +87,7 @@ class GpuBackend:
                 f"{self.path.name}: the GPU backend runs models with one input and one output, "
                 f"this one has {len(ins)} and {len(outs)}"
             )
-        tensors = read_model(self.path).subgraphs[0].tensors
+        tensors = model.subgraphs[0].tensors
         self.input = _info(next(iter(ins.values())), tensors)
         self.output = _info(next(iter(outs.values())), tensors)
         self._in = compiled.create_input_buffers(0)
@@ -204,6 +205,7 @@ def gpu_compatibility(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise SparseliteError(f"no model file at {path}")
+    read_model(path)  # validated before LiteRT's C++ sees the file
     VULKAN.ensure_device()
     compiled, log, error = _compile(path, "fp32", allow_cpu_fallback=False)
     if compiled is None and _webgpu_failed(log):
