@@ -166,6 +166,8 @@ def main() -> None:
         for command in ("inspect", "eval", "bench"):
             name = f"cli {command}"
             runs[name] = [(corpus[i], _cli(command, paths[i], args.timeout), None) for i in picked]
+        if args.recipes:
+            runs["fit (recipes)"] = _recipe_campaign(args.recipes, args.seed)
         for entry, rows in runs.items():
             for mutant, result, reference in rows:
                 counter = counts.setdefault((entry, mutant.kind), Counter())
@@ -174,9 +176,7 @@ def main() -> None:
                     counter[cell] += 1
                     if cell in ("silently wrong", "traceback", "crash", "hang"):
                         examples.setdefault(entry, []).append(f"{mutant.name}: {cell} {result.message[:160]}")
-    if args.recipes:
-        runs["fit (recipes)"] = _recipe_campaign(args.recipes, args.seed)
-    entries = list(runs)
+    entries = [entry for entry in runs if runs[entry]]
     rows = []
     for entry in entries:
         total = Counter()
@@ -186,7 +186,8 @@ def main() -> None:
             total.update(counter)
             rows.append([entry, kind] + [str(counter[c]) for c in COLUMNS])
         rows.append([entry, "ALL"] + [str(total[c]) for c in COLUMNS])
-    print(f"\n{args.mutants} mutants of a {len(seed)}-byte sparse int8 export (seed {args.seed}), "
+    print(f"\n{args.recipes} mutated config+recipe pairs through `sparselite fit`; "
+          f"{args.mutants} mutants of a {len(seed)}-byte sparse int8 export (seed {args.seed}), "
           f"{args.cli} of them through each CLI command; timeout {args.timeout:.0f} s per file"
           + ("" if "gpu" in modes else "; GPU skipped (no Vulkan driver)"))
     print(table(["entry point", "input class", *COLUMNS], rows, left=(0, 1)))
