@@ -98,6 +98,7 @@ CONFIG_FILE_CASES = {
     "alias_bomb": (ALIAS_BOMB, ["expands to more than", "YAML nodes"]),
     "huge_config": ("model:\n" + "  # padding\n" * 40_000, ["KiB; configs and recipes are limited to"]),
     "binary_config": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", ["not a UTF-8 text file"]),
+    "max_steps_null": ("trainer:\n  max_steps: null\n", ["trainer.max_steps=None must be a whole number"]),
     "two_pruning_callbacks": ("trainer:\n  callbacks:\n    - class_path: sparselite.GradualPruning\n"
                               "    - class_path: sparselite.GradualPruning\n", ["two GradualPruning callbacks"]),
 }

@@ -120,6 +120,9 @@ def _sparselite_cli_class():
     class SparseliteCLI(LightningCLI):
         def _instantiate_trainer(self, config, callbacks):
             _refuse_duplicate_callbacks([*(config.get("callbacks") or []), *callbacks])
+            max_steps = config.get("max_steps", -1)  # Lightning compares it with ints: null is a TypeError
+            if not isinstance(max_steps, int) or isinstance(max_steps, bool):
+                raise SparseliteError(f"trainer.max_steps={max_steps!r} must be a whole number (-1: no limit)")
             if config.get("default_root_dir"):
                 _check_writable_folder(Path(config["default_root_dir"]), "trainer.default_root_dir")
             return super()._instantiate_trainer(config, callbacks)
