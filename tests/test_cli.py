@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -78,6 +79,28 @@ FIT_CASES = {
                             ["Fashion-MNIST not found in /nonexistent", "apt-get install dataset-fashion-mnist"]),
     "missing_dataset_env": (None, [], {"SPARSELITE_DATA": "/nonexistent"},
                             ["Fashion-MNIST not found in /nonexistent", "apt-get install dataset-fashion-mnist"]),
+    # Values that compare as "fine" (NaN), or that Lightning itself refuses while building the Trainer.
+    "power_nan": ("power: .nan", [], {}, ["power=nan must be a finite number"]),
+    "lr_nan": (None, ["--model.init_args.lr", ".nan"], {}, ["lr=nan must be a finite number > 0"]),
+    "weight_decay_negative": (None, ["--model.init_args.weight_decay", "-0.1"], {}, ["weight_decay=-0.1"]),
+    "train_subset_zero": (None, ["--data.init_args.train_subset", "0"], {}, ["train_subset=0 must be >= 1"]),
+    "num_workers_negative": (None, ["--data.init_args.num_workers", "-1"], {}, ["num_workers=-1 must be >= 0"]),
+    "max_steps_negative": (None, ["--trainer.max_steps", "-5"], {}, ["trainer:", "max_steps", "-5"]),
+    "devices_zero": (None, ["--trainer.devices", "0"], {}, ["trainer:", "devices"]),
+    "root_dir_under_a_file": (None, ["--trainer.default_root_dir", str(ROOT / "pyproject.toml" / "run")], {},
+                              ["trainer.default_root_dir=", "is not a writable folder"]),
+}
+
+# Config files that must be refused before jsonargparse walks them: name -> (content, error fragments).
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+CONFIG_FILE_CASES = {
+    "alias_bomb": (ALIAS_BOMB, ["expands to more than", "YAML nodes"]),
+    "huge_config": ("model:\n" + "  # padding\n" * 40_000, ["KiB; configs and recipes are limited to"]),
+    "binary_config": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", ["not a UTF-8 text file"]),
+    "max_steps_null": ("trainer:\n  max_steps: null\n", ["trainer.max_steps=None must be a whole number"]),
+    "two_pruning_callbacks": ("trainer:\n  callbacks:\n    - class_path: sparselite.GradualPruning\n"
+                              "    - class_path: sparselite.GradualPruning\n", ["two GradualPruning callbacks"]),
 }
 
 
@@ -91,6 +114,10 @@ def failures(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, l
     missing = tmp_path / "missing.tflite"
     commands = {"inspect_corrupt_file": (["inspect", str(corrupt)], {}, [str(corrupt), "corrupt"]),
                 "eval_missing_file": (["eval", str(missing)], {}, [str(missing), "does not exist"])}
+    for name, (content, fragments) in CONFIG_FILE_CASES.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        commands[name] = (["fit", "-c", CONFIG, "-c", str(path)], {}, fragments)
     for name, (init_args, extra, env, fragments) in FIT_CASES.items():
         args = ["fit", "-c", CONFIG]
         if init_args is not None:
@@ -105,7 +132,7 @@ def failures(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, l
         return {name: (result, commands[name][2]) for name, result in zip(commands, pool.map(run, commands))}
 
 
-@pytest.mark.parametrize("name", [*FIT_CASES, "inspect_corrupt_file", "eval_missing_file"])
+@pytest.mark.parametrize("name", [*FIT_CASES, *CONFIG_FILE_CASES, "inspect_corrupt_file", "eval_missing_file"])
 def test_bad_input_is_one_line_on_stderr_and_exit_2(failures, name):
     result, fragments = failures[name]
     assert_one_line_error(result, *fragments)
@@ -146,6 +173,20 @@ def test_fit_then_export_round_trip(tmp_path):
     assert report["io_dtype"] == "float32" and report["ranges_learned"] > 0
     assert report["parity"]["examples"] == 128 and report["parity"]["top1_agreement"] >= 0.98
     assert report["layers"] and all(abs(l["sparsity_in_file"] - 0.5) < 0.01 for l in report["layers"])
+    # The report describes exactly this file; the file has the user's umask (the test runs with 022 or so).
+    assert report["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    # Outputs that would overwrite something other than a model are refused before the checkpoint loads.
+    (tmp_path / "folder.tflite").mkdir()
+    (tmp_path / "notes.tflite").write_text("not a model")
+    for bad, fragment in (("out.json", "must end in .tflite"), ("folder.tflite", "is a folder"),
+                          ("notes.tflite", "is not a .tflite model")):
+        assert_one_line_error(run_cli("export", str(ckpt), "-o", str(tmp_path / bad)), fragment)
+    assert (tmp_path / "notes.tflite").read_text() == "not a model"
 
     evaluated = run_cli("eval", str(out), "--limit", "256", "--json")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]

@@ -26,13 +26,22 @@ def _fail(message: str) -> None:
 
 def _lightning(args: list[str]) -> None:
     from jsonargparse import ArgumentError
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    from sparselite.interrupts import Interrupted
     from sparselite.lightning_cli import build_lightning_cli
 
     try:
         build_lightning_cli(args)
+    except Interrupted as stop:
+        print(f"sparselite: interrupted by {stop}; resume with --ckpt_path {stop.checkpoint}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     except ArgumentError as err:
         _fail(_explain(err))
+    except MisconfigurationException as err:
+        # Lightning's own check of a Trainer argument (max_steps: -5, devices: 0, accelerator: gpu
+        # without one), raised while the Trainer is built, before any training.
+        _fail(f"trainer: {_first_line(err)}")
     except ValueError as err:
         # jsonargparse wraps a SparseliteError raised in a class's __init__ (instantiation) in a ValueError.
         if _sparselite_cause(err) is None:
@@ -74,11 +83,13 @@ def _first_line(err: BaseException) -> str:
 
 def export_command(ns: argparse.Namespace) -> None:
     """Rebuild the run from its config, restore the checkpoint (masks, ranges), export."""
+    from sparselite.export.destination import check_destination
     from sparselite.export.from_loader import export_from_loader
     from sparselite.export.report import report_path
     from sparselite.lightning_cli import restore_run
     from sparselite.pruning.channel_callback import ChannelPruning, example_inputs
 
+    check_destination(ns.output, report_path(ns.output))  # before the checkpoint is loaded and the export runs
     run = restore_run(ns.checkpoint, ns.config)
     run.datamodule.setup("validate")
     report = export_from_loader(run.module, run.datamodule.val_dataloader(), ns.output, verify_batches=ns.verify_batches,
@@ -274,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
         ns.func(ns)
     except SparseliteError as err:
         _fail(str(err))
+    except KeyboardInterrupt:  # Ctrl+C outside training (imports, export): the shell's code, no traceback
+        print("sparselite: interrupted", file=sys.stderr)
+        sys.exit(130)
     finally:
         if native_filter is not None:
             native_filter.stop()

@@ -16,22 +16,144 @@ from pathlib import Path
 
 from sparselite.errors import SparseliteError
 
+# A config or recipe is a page of YAML. The bounds stop a multi-MB file or an alias bomb (a few lines
+# whose anchors expand to billions of nodes) before jsonargparse walks it for minutes.
+MAX_CONFIG_BYTES = 256 << 10
+MAX_CONFIG_NODES = 100_000
+
+
+def config_paths(args: list[str]) -> list[str]:
+    """The files given with ``-c``/``--config`` (either spelling, with or without ``=``)."""
+    paths = []
+    for i, arg in enumerate(args):
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            paths.append(args[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
+def check_config_file(path: str | Path) -> None:
+    """Refuse, with one line, a config that is too big, not UTF-8 YAML, or expands past the node bound."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        return  # jsonargparse names a missing file itself
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise SparseliteError(f"config {path} is {size >> 10} KiB; configs and recipes are limited to "
+                              f"{MAX_CONFIG_BYTES >> 10} KiB")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SparseliteError(f"config {path} is not a UTF-8 text file; give a YAML config") from None
+    try:
+        root = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # libyaml when built
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SparseliteError(f"config {path} is not valid YAML: {problem}{where}") from None
+    except RecursionError:
+        raise SparseliteError(f"config {path} is nested too deeply to be a config") from None
+    if root is not None and _expanded_nodes(root, MAX_CONFIG_NODES) > MAX_CONFIG_NODES:
+        raise SparseliteError(f"config {path} expands to more than {MAX_CONFIG_NODES} YAML nodes "
+                              "once its aliases are expanded; a config is a page of values")
+
+
+def _expanded_nodes(root, limit: int) -> int:
+    """Nodes the document has once every alias is expanded (composed aliases share one node object),
+    counted without expanding them: memoized by node, stopped once past ``limit``."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()  # nodes on the current path: meeting one again is a recursive alias
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        if children_done:
+            visiting.discard(id(node))
+            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), limit + 1)
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in visiting:
+            return limit + 1  # infinite once expanded
+        visiting.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in visiting:
+                return limit + 1
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return sizes[id(root)]
+
 
 def build_lightning_cli(args: list[str], run: bool = True):
     """LightningCLI whose config errors raise instead of printing a usage screen."""
     import warnings
 
-    from lightning.pytorch.cli import LightningCLI
+    for path in config_paths(args):
+        check_config_file(path)
 
+    from sparselite.interrupts import GracefulInterrupt
     from sparselite.progress import default_callbacks
 
     # We always pass ``args`` (sys.argv[1:] or a rebuilt list); LightningCLI warns about that on every run.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-    return LightningCLI(
+    return _sparselite_cli_class()(
         args=args, run=run, subclass_mode_model=True, subclass_mode_data=True,
         parser_kwargs={"exit_on_error": False}, save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": default_callbacks()},
+        trainer_defaults={"callbacks": [*default_callbacks(), GracefulInterrupt()]},
     )
+
+
+def _sparselite_cli_class():
+    """LightningCLI that checks the callback list before the Trainer is built (defined on first use, so
+    importing this module does not import Lightning)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    class SparseliteCLI(LightningCLI):
+        def _instantiate_trainer(self, config, callbacks):
+            _refuse_duplicate_callbacks([*(config.get("callbacks") or []), *callbacks])
+            max_steps = config.get("max_steps", -1)  # Lightning compares it with ints: null is a TypeError
+            if not isinstance(max_steps, int) or isinstance(max_steps, bool):
+                raise SparseliteError(f"trainer.max_steps={max_steps!r} must be a whole number (-1: no limit)")
+            if config.get("default_root_dir"):
+                _check_writable_folder(Path(config["default_root_dir"]), "trainer.default_root_dir")
+            return super()._instantiate_trainer(config, callbacks)
+
+    return SparseliteCLI
+
+
+def _check_writable_folder(folder: Path, what: str) -> None:
+    """Logs and checkpoints go there: a read-only or impossible folder fails now, not at the first save."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise SparseliteError(f"{what}={folder} is not a writable folder: {err.strerror or err}") from None
+
+
+def _refuse_duplicate_callbacks(callbacks: list) -> None:
+    """Two GradualPruning (or QAT, or export) callbacks would fight over the same weights; Lightning
+    refuses them too, but with a RuntimeError about checkpoint state keys."""
+    from sparselite.export.callback import TFLiteExport
+    from sparselite.pruning.callback import GradualPruning
+    from sparselite.quantization.callback import QuantizationAwareTraining
+
+    for kind, hint in ((GradualPruning, " (per-layer settings go in its overrides)"),
+                       (QuantizationAwareTraining, ""), (TFLiteExport, "")):
+        if sum(isinstance(c, kind) for c in callbacks) > 1:
+            raise SparseliteError(f"two {kind.__name__} callbacks are configured; keep one{hint}")
 
 
 def find_run_config(checkpoint: Path) -> Path | None:

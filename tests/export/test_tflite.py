@@ -166,7 +166,8 @@ def test_plain_module_with_calibration(float_module, fmnist_train, heldout_batch
 
 
 def write_old_file(path):
-    path.write_bytes(b"old model, must survive a failed export")
+    # Starts like a TFLite flatbuffer: an export refuses to overwrite a file that is not a model.
+    path.write_bytes(b"\x1c\x00\x00\x00TFL3 old model, must survive a failed export")
     return path.read_bytes(), path.stat().st_mtime_ns
 
 

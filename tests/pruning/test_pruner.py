@@ -239,3 +239,16 @@ def test_xnnpack_latency_policy_selects_only_1x1_convs():
 def test_unknown_policy_is_an_error_at_construction():
     with pytest.raises(SparseliteError, match="unknown layer policy 'fast'"):
         make_pruner(policy="fast")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"features.*": "abc"}, "override 'features.*' is 'abc'"),
+    ({"features.*": None}, "override 'features.*' is None"),
+    ({"features.*": {"final_sparsity": None}}, "final_sparsity=None"),
+    ({"features.*": {"final_sparsity": float("nan")}}, "final_sparsity=nan"),
+    ({"features.*": {"pattern": None}}, "pattern=None"),
+    (["features.*"], "must map a layer-name regex"),
+])
+def test_malformed_overrides_are_refused_at_construction(overrides, message):
+    with pytest.raises(SparseliteError, match=message.replace("*", r"\*").replace("(", r"\(")):
+        MagnitudePruner(PolynomialDecay(), overrides=overrides)

@@ -67,6 +67,12 @@ def test_end_step_always_updates_even_off_beat():
         (dict(begin_step=-1), "begin_step=-1"),
         (dict(frequency=0), "frequency=0"),
         (dict(power=0.0), "power"),
+        # YAML gives null, .nan, .inf and strings as readily as numbers.
+        (dict(final_sparsity=None), "final_sparsity=None must be a finite number"),
+        (dict(power=float("nan")), "power=nan must be a finite number"),
+        (dict(end_step=float("inf")), "end_step=inf must be a finite number"),
+        (dict(frequency="abc"), "frequency='abc' must be a finite number"),
+        (dict(frequency=2.5), "frequency=2.5 must be a whole number"),
     ],
 )
 def test_invalid_arguments_raise_sparselite_error(kwargs, message):

@@ -350,3 +350,47 @@ def test_int8_export_same_top1_on_gpu_as_xnnpack(exported_int8):
     # argmax flips are expected here (the demo model's full-test-set rate is in benchmarks/).
     assert agreement >= 0.97
     assert np.abs(gpu16 - cpu).max() <= 8 * scale
+
+
+def test_driver_variables_do_not_leak_to_child_processes(float_cnn):
+    """The private driver's VK_* variables are applied only while LiteRT starts WebGPU."""
+    if vulkan.require_hw_gpu() or not vulkan.lavapipe_installed():
+        pytest.skip("about the private lavapipe")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VK_") and k != "LD_LIBRARY_PATH"}
+    proc = _python(f"""
+        import os, subprocess, sys
+        import numpy as np
+        from sparselite.runtime.litert import LiteRTModel
+        m = LiteRTModel({str(float_cnn)!r}, accelerator="gpu", gpu_precision="fp32")
+        m(np.zeros((1, 3, 8, 8), np.float32))
+        child = subprocess.run([sys.executable, "-c", "import os; print(sorted(k for k in os.environ if k.startswith('VK_')))"],
+                               capture_output=True, text=True)
+        print("software", m.backend.adapter["software"], sorted(k for k in os.environ if k.startswith("VK_")),
+              child.stdout.strip())
+        """, env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "software True [] []"
+
+
+@pytest.mark.parametrize("line", ["/etc/hostname", "../outside.so", "root/../../outside.so"])
+def test_preload_paths_outside_the_driver_folder_are_refused(tmp_path, line):
+    root = tmp_path / "lavapipe"
+    (root / "root").mkdir(parents=True)
+    (tmp_path / "outside.so").write_bytes(b"")
+    (root / "preload.txt").write_text(f"{line}\n")
+    with pytest.raises(SparseliteError, match="outside the driver folder"):
+        vulkan.preload_paths(root)
+
+
+def test_preload_paths_inside_the_driver_folder_are_kept(tmp_path):
+    root = tmp_path / "lavapipe"
+    lib = root / "root" / "usr" / "lib" / "libdrm.so.2"
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"")
+    (root / "preload.txt").write_text(f"{lib}\nroot/usr/lib/libdrm.so.2\n")
+    assert vulkan.preload_paths(root) == [lib.resolve(), lib.resolve()]
+
+
+def test_driver_folder_is_never_under_site_packages():
+    for folder in vulkan.lavapipe_dirs():
+        assert "site-packages" not in folder.parts

@@ -82,6 +82,10 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             raise SparseliteError(f"channels={channels} must be 1 or 3")
         if not 0 < val_size < 60000:
             raise SparseliteError(f"val_size={val_size} must be in (0, 60000)")
+        if train_subset is not None and train_subset < 1:
+            raise SparseliteError(f"train_subset={train_subset} must be >= 1 images (or null for the whole split)")
+        if num_workers < 0:
+            raise SparseliteError(f"num_workers={num_workers} must be >= 0 (0 loads in the main process)")
         self.save_hyperparameters()
         resolve_root(root)  # fail at construction, before a Trainer starts, with the fix in the message
         self.root, self.batch_size, self.val_size = root, batch_size, val_size

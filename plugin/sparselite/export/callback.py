@@ -45,6 +45,14 @@ class TFLiteExport(pl.Callback):
         self.float_fallback = float_fallback
         self.report = None
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # A read-only folder or a path that is not a model must fail before training, not after it.
+        if stage == "fit" and trainer.is_global_zero:
+            from sparselite.export.destination import check_destination
+            from sparselite.export.report import report_path
+
+            check_destination(self.path, report_path(self.path))
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sparselite.errors import SparseliteError
+from sparselite.export.destination import check_destination
 from sparselite.export.report import ExportReport, report_path
 from sparselite.export.tflite import export_tflite
 
@@ -36,6 +37,7 @@ def export_from_loader(
 
     The example input is the module's ``example_input_array`` when it has one, else one loader example.
     """
+    check_destination(path, report_path(path))  # before reading batches, not after the export
     inputs = [batch[0] if isinstance(batch, (tuple, list)) else batch
               for batch in itertools.islice(loader, verify_batches + calibration_batches)]
     if not inputs:
@@ -47,6 +49,6 @@ def export_from_loader(
         module, example[:1], path, io_dtype=io_dtype, sparse=sparse,
         calibration=inputs[verify_batches:], verify_batches=inputs[:verify_batches],
         min_agreement=min_agreement, gpu_check=gpu_check, require_gpu=require_gpu, float_fallback=float_fallback,
+        report_path=report_path(path),
     )
-    report.save(report_path(path))
     return report

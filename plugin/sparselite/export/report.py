@@ -78,6 +78,7 @@ class ExportReport:
     float_islands: list[FloatIsland] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     channels: dict[str, Any] | None = None  # channel pruning: params, MACs, latency before/after (channel_report.py)
+    sha256: str | None = None  # of the file as written: a report describes exactly one file
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

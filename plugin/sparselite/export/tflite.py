@@ -21,6 +21,7 @@ from torch import nn
 
 from sparselite.errors import SparseliteError
 from sparselite.tflite import flatbuffer
+from sparselite.export.destination import check_destination, sha256_hex, write_model_and_report
 from sparselite.export.io import use_float_io
 from sparselite.export.names import use_module_names
 from sparselite.export.ranges import quantize_pt2e
@@ -167,6 +168,7 @@ def export_tflite(
     gpu_check: bool = False,
     require_gpu: bool = False,
     float_fallback: bool = False,
+    report_path: str | Path | None = None,
 ) -> ExportReport:
     """Export ``module`` (a LightningModule or a plain nn.Module) to a fully int8 ``.tflite`` at ``path``.
 
@@ -182,13 +184,18 @@ def export_tflite(
         float_fallback: ops with no int8 TFLite kernel (LayerNorm's variance, attention, GRU cells)
             stay in float in a mixed-precision file, listed in ``report.float_islands``; by default
             they fail the export, named once per op type with their torch modules.
+        report_path: also write the report (JSON) there, with the model as one unit
+            (``destination.write_model_and_report``).
+
+    ``path`` is checked first (``destination.check_destination``): it must end in .tflite, be writable,
+    and not be a folder or an existing file other than a model. ``report.sha256`` is the written file's.
     """
     if io_dtype not in ("float32", "int8"):
         raise SparseliteError(f"io_dtype='{io_dtype}' must be 'float32' or 'int8'")
     if not 0.0 <= min_agreement <= 1.0:
         raise SparseliteError(f"min_agreement={min_agreement} must be in [0, 1]")
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    path = Path(path)
+    path = check_destination(path, report_path)  # before the minutes of work, not after
     ranges = learned_ranges(module)
     pruned = [name for name, sub in module.named_modules() if MASK_BUFFER in sub._buffers]
     train_sparsity = {name: float((module.get_submodule(name).weight == 0).float().mean()) for name in pruned}
@@ -276,7 +283,11 @@ def export_tflite(
                 report.notes.append("the GPU accelerator cannot run DENSIFY: export with sparse=False (--no-sparse) for GPU deployment")
             if require_gpu and not report.gpu.get("fully_accelerated"):
                 raise SparseliteError(f"--require-gpu: the model does not run fully on the GPU: {report.gpu.get('error') or report.gpu.get('unsupported_ops')}")
-    flatbuffer.write_atomically(path, final)
+    report.sha256 = sha256_hex(final)
+    if report_path is None:
+        flatbuffer.write_atomically(path, final)
+    else:
+        write_model_and_report(path, final, report.to_json().encode(), report_path)
     return report
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
@@ -23,8 +25,14 @@ class ImageClassifier(pl.LightningModule):
     def __init__(self, model: nn.Module, lr: float = 3e-3, weight_decay: float = 1e-4,
                  input_shape: tuple[int, int, int] = (1, 28, 28)) -> None:
         super().__init__()
-        if lr <= 0:
-            raise SparseliteError(f"lr={lr} must be > 0")
+        # NaN passes every "<= 0" test and inf trains to nothing ("final sparsity 0.0%"): check finiteness.
+        if not _finite(lr) or lr <= 0:
+            raise SparseliteError(f"lr={lr!r} must be a finite number > 0")
+        if not _finite(weight_decay) or weight_decay < 0:
+            raise SparseliteError(f"weight_decay={weight_decay!r} must be a finite number >= 0")
+        shape = tuple(input_shape) if isinstance(input_shape, (list, tuple)) else ()
+        if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 4096 for d in shape):
+            raise SparseliteError(f"input_shape={input_shape!r} must be (channels, height, width), each in [1, 4096]")
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.example_input_array = torch.zeros(1, *input_shape)
@@ -53,6 +61,10 @@ class ImageClassifier(pl.LightningModule):
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         optimizer, scheduler = adamw_one_cycle(self.parameters(), int(total), self.hparams.lr, self.hparams.weight_decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def adamw_one_cycle(parameters, steps: int, lr: float, weight_decay: float):

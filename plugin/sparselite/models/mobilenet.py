@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from sparselite.errors import SparseliteError
+
 
 def conv_bn_relu6(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
     return nn.Sequential(
@@ -35,6 +37,12 @@ class MobileNetLite(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, stem_channels: int = 32,
                  blocks: Sequence[Sequence[int]] = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 1), (512, 2), (1024, 1))) -> None:
         super().__init__()
+        for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("stem_channels", stem_channels)):
+            if value < 1:
+                raise SparseliteError(f"{name}={value} must be >= 1")
+        for block in blocks:
+            if len(block) != 2 or block[0] < 1 or not 1 <= block[1] <= 4:
+                raise SparseliteError(f"block {list(block)} must be [out_channels >= 1, stride in 1..4]")
         # A stride-2 stem: 14x14 feature maps keep CPU training of the demo within minutes.
         layers = [conv_bn_relu6(in_channels, stem_channels, 3, stride=2)]
         channels = stem_channels

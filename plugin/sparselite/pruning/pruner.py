@@ -53,12 +53,17 @@ class MagnitudePruner:
         self.pattern = Pattern.parse(pattern)
         self.scope = scope
         self.selection = selection if selection is not None else LayerSelection()
-        self.overrides = {key: self._check_override(key, dict(value)) for key, value in (overrides or {}).items()}
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise SparseliteError(f"overrides={overrides!r} must map a layer-name regex to {{final_sparsity, pattern}}")
+        self.overrides = {key: self._check_override(key, value) for key, value in (overrides or {}).items()}
         self.layers: dict[str, PrunedLayer] = {}
         self.last_update_step: int | None = None
 
     @staticmethod
-    def _check_override(key: str, value: dict) -> dict:
+    def _check_override(key: str, value: object) -> dict:
+        if not isinstance(value, Mapping):
+            raise SparseliteError(f"override '{key}' is {value!r}; give a mapping such as {{final_sparsity: 0.5}}")
+        value = dict(value)
         unknown = set(value) - {"final_sparsity", "pattern"}
         if unknown:
             raise SparseliteError(f"override '{key}' has unknown keys {sorted(unknown)}; use final_sparsity and/or pattern")
@@ -67,7 +72,13 @@ class MagnitudePruner:
         except re.error as err:
             raise SparseliteError(f"override pattern '{key}' is not a valid regular expression: {err}") from None
         if "pattern" in value:
+            if not isinstance(value["pattern"], str):
+                raise SparseliteError(f"override '{key}' has pattern={value['pattern']!r}; give a name such as '1x16'")
             Pattern.parse(value["pattern"])
+        if "final_sparsity" in value:
+            final = value["final_sparsity"]
+            if isinstance(final, bool) or not isinstance(final, (int, float)) or not 0.0 <= final < 1.0:
+                raise SparseliteError(f"override '{key}' has final_sparsity={final!r}; give a fraction in [0, 1)")
         return value
 
     def prepare(self, model: nn.Module) -> dict[str, PrunedLayer]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from sparselite.errors import SparseliteError
@@ -24,6 +26,15 @@ class PolynomialDecay:
     power: float = 3.0
 
     def __post_init__(self) -> None:
+        for name in ("initial_sparsity", "final_sparsity", "power", "begin_step", "end_step", "frequency"):
+            value = getattr(self, name)
+            # YAML hands over null, .nan, .inf and strings as readily as numbers; comparisons below
+            # would let NaN through (every comparison is False) or raise TypeError on None.
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise SparseliteError(f"{name}={value!r} must be a finite number")
+        for name in ("begin_step", "end_step", "frequency"):
+            if not float(getattr(self, name)).is_integer():
+                raise SparseliteError(f"{name}={getattr(self, name)} must be a whole number of steps")
         for name in ("initial_sparsity", "final_sparsity"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

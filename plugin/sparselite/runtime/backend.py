@@ -39,13 +39,14 @@ class InterpreterBackend:
     def __init__(self, path: Path, accelerator: str, threads: int) -> None:
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+        self._path = path
         resolver = OpResolverType.AUTO if accelerator == "xnnpack" else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
             self._interpreter = Interpreter(model_path=str(path), num_threads=threads,
                                             experimental_op_resolver_type=resolver)
             self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as err:
-            raise SparseliteError(f"LiteRT ({accelerator}) could not load {path}: {str(err).splitlines()[0]}") from None
+            raise SparseliteError(f"LiteRT ({accelerator}) could not load {path}: {_first_line(err)}") from None
         inputs, outputs = self._interpreter.get_input_details(), self._interpreter.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
             raise SparseliteError(f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; LiteRTModel runs single-input, single-output models")
@@ -54,8 +55,17 @@ class InterpreterBackend:
 
     def invoke(self, x: np.ndarray) -> np.ndarray:
         self._interpreter.set_tensor(self._input_index, x)
-        self._interpreter.invoke()
+        try:
+            self._interpreter.invoke()
+        except RuntimeError as err:  # a kernel refused what the file declares (e.g. a reshape that cannot fit)
+            raise SparseliteError(f"LiteRT could not run {self._path}: {_first_line(err)}") from None
         return self._interpreter.get_tensor(self._output_index).copy()
+
+
+def _first_line(err: BaseException) -> str:
+    """LiteRT's messages run over several lines (and glue "Node number N failed" onto the first)."""
+    text = str(err).strip()
+    return text.splitlines()[0].strip() if text else type(err).__name__
 
 
 def _tensor_info(details: dict) -> TensorInfo:

@@ -51,6 +51,7 @@ class GpuBackend:
             raise SparseliteError(f"no model file at {self.path}")
         self.precision = precision
         self.allow_cpu_fallback = allow_cpu_fallback
+        model = read_model(self.path)  # validated (tflite.validate) before LiteRT's C++ sees the file
         VULKAN.ensure_device()
         compiled, log, error = _compile(self.path, precision, allow_cpu_fallback)
         self.compile_log = log
@@ -67,7 +68,7 @@ class GpuBackend:
                     f"{', '.join(names) or '(unknown)'}; see gpu_compatibility(path), "
                     f"or pass allow_cpu_fallback=True"
                 )
-            raise SparseliteError(f"{self.path.name}: GPU compile failed: {error.strip()}")
+            raise SparseliteError(f"{self.path.name}: GPU compile failed: {_one_line(error)}")
         self._model = compiled
         self.adapter = VULKAN.adapter_info()
         if require_hardware is None:
@@ -86,7 +87,7 @@ class GpuBackend:
                 f"{self.path.name}: the GPU backend runs models with one input and one output, "
                 f"this one has {len(ins)} and {len(outs)}"
             )
-        tensors = read_model(self.path).subgraphs[0].tensors
+        tensors = model.subgraphs[0].tensors
         self.input = _info(next(iter(ins.values())), tensors)
         self.output = _info(next(iter(outs.values())), tensors)
         self._in = compiled.create_input_buffers(0)
@@ -95,7 +96,10 @@ class GpuBackend:
     def invoke(self, x: np.ndarray) -> np.ndarray:
         # ``run`` returns before the GPU finishes; reading the output waits for it.
         self._in[0].write(x)
-        self._model.run_by_index(0, self._in, self._out)
+        try:
+            self._model.run_by_index(0, self._in, self._out)
+        except RuntimeError as err:  # a kernel refused what the file declares
+            raise SparseliteError(f"{self.path.name}: the GPU accelerator could not run it: {_one_line(str(err))}") from None
         n = int(np.prod(self.output.shape))
         return self._out[0].read(n, self.output.dtype).reshape(self.output.shape)
 
@@ -115,6 +119,11 @@ def _info(details: dict[str, Any], tensors: list) -> TensorInfo:
             scale = float(q.scale[0])
             zero_point = int(q.zeroPoint[0]) if q.zeroPoint is not None and len(q.zeroPoint) else 0
     return TensorInfo(details["name"], tuple(int(s) for s in details["shape"]), _NP[details["dtype"]], scale, zero_point)
+
+
+def _one_line(error: str) -> str:
+    """LiteRT's errors are a trace of indented "└ ERROR: [file:line]" lines; keep them on one line."""
+    return " ".join(line.strip(" └") for line in error.splitlines() if line.strip(" └")) or "no reason given"
 
 
 def _webgpu_failed(log: str) -> bool:
@@ -137,7 +146,8 @@ def _compile(path: Path, precision: str, allow_cpu_fallback: bool):
     compiled = None
     with captured_native_stderr() as captured:
         try:
-            compiled = CompiledModel.from_file(str(path), options=options)
+            with VULKAN.driver_environment():  # LiteRT's WebGPU start reads the driver variables here
+                compiled = CompiledModel.from_file(str(path), options=options)
         except RuntimeError as exc:
             error = str(exc)
     log = captured[0] if captured else ""
@@ -195,6 +205,7 @@ def gpu_compatibility(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise SparseliteError(f"no model file at {path}")
+    read_model(path)  # validated before LiteRT's C++ sees the file
     VULKAN.ensure_device()
     compiled, log, error = _compile(path, "fp32", allow_cpu_fallback=False)
     if compiled is None and _webgpu_failed(log):

@@ -25,10 +25,12 @@ software adapter is an error).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,18 +55,59 @@ def require_hw_gpu() -> bool:
     return os.environ.get("REQUIRE_HW_GPU", "") not in ("", "0")
 
 
-def default_lavapipe_dir() -> Path:
-    """Where ``scripts/install_lavapipe.sh`` puts the private Mesa: ``$SPARSELITE_LAVAPIPE_DIR`` or
-    ``<repo>/.cache/lavapipe``."""
+def lavapipe_dirs() -> list[Path]:
+    """Where the private Mesa is looked for, in order, the same for editable and regular installs:
+
+    1. ``$SPARSELITE_LAVAPIPE_DIR``, when set (then only there);
+    2. ``<checkout>/.cache/lavapipe`` when sparselite runs from a source checkout (the package sits in
+       ``<checkout>/plugin/sparselite`` next to ``<checkout>/pyproject.toml``): where
+       ``scripts/install_lavapipe.sh`` puts it;
+    3. ``${XDG_CACHE_HOME:-~/.cache}/sparselite/lavapipe``: the per-user place, for regular installs
+       (``SPARSELITE_LAVAPIPE_DIR=~/.cache/sparselite/lavapipe bash scripts/install_lavapipe.sh``).
+
+    Never relative to ``site-packages``.
+    """
     env = os.environ.get("SPARSELITE_LAVAPIPE_DIR")
     if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3] / ".cache" / "lavapipe"
+        return [Path(env)]
+    dirs = []
+    checkout = Path(__file__).resolve().parents[3]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "plugin" / "sparselite").is_dir():
+        dirs.append(checkout / ".cache" / "lavapipe")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    dirs.append(cache / "sparselite" / "lavapipe")
+    return dirs
+
+
+def default_lavapipe_dir() -> Path:
+    """The first of ``lavapipe_dirs()`` that holds an installed driver, else the first of them."""
+    dirs = lavapipe_dirs()
+    return next((d for d in dirs if (d / _ICD_NAME).is_file()), dirs[0])
 
 
 def lavapipe_installed(root: Path | None = None) -> bool:
     root = Path(root) if root is not None else default_lavapipe_dir()
     return (root / _ICD_NAME).is_file()
+
+
+def preload_paths(root: Path) -> list[Path]:
+    """The libraries ``root/preload.txt`` lists, in order; each must resolve inside ``root`` (they are
+    loaded RTLD_GLOBAL into this process: a path elsewhere would load arbitrary code)."""
+    order = root / "preload.txt"
+    if not order.is_file():
+        return []
+    inside = root.resolve()
+    paths = []
+    for line in order.read_text().split():
+        lib = (root / line).resolve()  # relative entries are relative to the driver folder
+        if not lib.is_relative_to(inside):
+            raise SparseliteError(f"{order} lists {line}, outside the driver folder {inside}; only libraries "
+                                  "inside it are preloaded. Reinstall with `bash scripts/install_lavapipe.sh`")
+        if not lib.is_file():
+            raise SparseliteError(f"{order} lists {line}, which does not exist; reinstall with "
+                                  "`bash scripts/install_lavapipe.sh`")
+        paths.append(lib)
+    return paths
 
 
 def software_vulkan_env(root: Path | None = None) -> dict[str, str]:
@@ -203,22 +246,35 @@ class VulkanDriver:
             for name in ("VK_DRIVER_FILES", "VK_ICD_FILENAMES"):
                 if os.environ.get(name) and os.environ[name] != icd:
                     return {}
-        os.environ["VK_DRIVER_FILES"] = icd
-        os.environ["VK_ICD_FILENAMES"] = icd
         root = Path(icd).parent
         libdir = root / _LIBDIR
-        preload = []
-        order = root / "preload.txt"
-        if order.is_file():
-            preload = [Path(line) for line in order.read_text().split() if line]
+        preload = preload_paths(root)
         private_loader = libdir / "libvulkan.so.1"
         if private_loader.exists() and not ctypes.util.find_library("vulkan"):
             preload.append(private_loader)
         for lib in preload:
             # RTLD_GLOBAL + an absolute path: later dlopen("libdrm.so.2") by the driver finds this copy.
             ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+        # Not written to os.environ for good: child processes must not inherit a private driver.
+        # ``driver_environment()`` applies them around the calls that create a Vulkan instance.
         self.activated = {"VK_DRIVER_FILES": icd, "VK_ICD_FILENAMES": icd}
         return self.activated
+
+    @contextlib.contextmanager
+    def driver_environment(self) -> Iterator[None]:
+        """The private driver's variables in ``os.environ`` while the Vulkan loader reads them (an
+        instance being created), and the previous values back afterwards."""
+        applied = self.use_software_vulkan()
+        previous = {name: os.environ.get(name) for name in applied}
+        os.environ.update(applied)
+        try:
+            yield
+        finally:
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
     def adapter_info(self, *, refresh: bool = False) -> dict[str, Any]:
         """The Vulkan adapters this process can use, and whether the one in use is software.
@@ -230,10 +286,12 @@ class VulkanDriver:
         """
         applied = self.use_software_vulkan()
         if self.devices is None or refresh:
-            self.devices = vulkan_devices()
+            with self.driver_environment():
+                self.devices = vulkan_devices()
         devices = self.devices
         if not devices:
-            where = os.environ.get("VK_DRIVER_FILES") or os.environ.get("VK_ICD_FILENAMES")
+            where = (applied.get("VK_DRIVER_FILES") or os.environ.get("VK_DRIVER_FILES")
+                     or os.environ.get("VK_ICD_FILENAMES"))
             detail = f" (VK_DRIVER_FILES={where})" if where else ""
             raise SparseliteError(
                 f"no Vulkan device for LiteRT's GPU accelerator{detail}: {INSTALL_HINT}"

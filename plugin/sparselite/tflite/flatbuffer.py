@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -10,6 +12,7 @@ import flatbuffers
 from ai_edge_litert import schema_py_generated as schema
 
 from sparselite.errors import SparseliteError
+from sparselite.tflite.validate import validate_model
 
 _FILE_IDENTIFIER = b"TFL3"
 
@@ -23,18 +26,34 @@ WEIGHT_INPUT = {
 
 
 def read_model(source: bytes | str | Path) -> schema.ModelT:
-    """Unpack a .tflite file (path or bytes) into the mutable object API, or raise a clear error."""
-    data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
+    """Unpack a .tflite file (path or bytes) into the mutable object API, or raise a clear error.
+
+    Every file is checked as untrusted (``validate.validate_model``): indices, sizes and sparse
+    structures in range, so what this returns is also safe to hand to LiteRT.
+    """
+    data = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
     name = str(source) if isinstance(source, (str, Path)) else "the model bytes"
     if len(data) < 8 or data[4:8] != _FILE_IDENTIFIER:
         raise SparseliteError(f"{name} is not a TFLite flatbuffer (no 'TFL3' identifier); re-export it")
+    root = int.from_bytes(data[:4], "little")
+    if root < 8 or root + 4 > len(data):
+        raise SparseliteError(f"{name} is a corrupt TFLite flatbuffer (its root offset points outside the file); re-export it")
     try:
         model = schema.ModelT.InitFromPackedBuf(data, 0)
     except Exception as err:  # the generated code raises whatever the corrupt offsets lead to
         raise SparseliteError(f"{name} is a corrupt TFLite flatbuffer ({type(err).__name__}); re-export it") from None
-    if not model.subgraphs:
-        raise SparseliteError(f"{name} has no subgraphs; re-export it")
+    validate_model(model, len(data), name)
     return model
+
+
+def is_tflite_file(path: str | Path) -> bool:
+    """Whether ``path`` is a file that starts like a TFLite flatbuffer (the 'TFL3' identifier)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    return len(head) == 8 and head[4:8] == _FILE_IDENTIFIER
 
 
 def write_model(model: schema.ModelT) -> bytes:
@@ -85,17 +104,76 @@ _BUILTIN_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k
 _TYPE_NAMES = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_prefix(path: Path) -> str:
+    """Temp files for ``path`` are ``.<name>.<pid>.<random>.tmp`` in its folder: recognizable, and the
+    pid says whether their writer is still alive."""
+    return f".{path.name}."
+
+
 def write_atomically(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then rename: an old file is never half overwritten."""
+    """Write to a temp file in the same folder, then rename: an old file is never half overwritten.
+
+    The file gets the mode a plain ``open`` would give (0666 less the umask; ``mkstemp`` alone gives
+    0600). Temp files that a killed writer left for the same target are removed first. A full disk or
+    a read-only folder is one ``SparseliteError`` line; nothing at ``path`` is touched then.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(path)
+        fd, tmp = tempfile.mkstemp(prefix=f"{temp_prefix(path)}{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as err:
+        raise SparseliteError(f"cannot write {path}: {err.strerror or err}; nothing was replaced") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno in _NO_ROOM:
+            raise SparseliteError(f"cannot write {path}: {err.strerror}; nothing was replaced") from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temp_files(path: Path) -> list[Path]:
+    """Remove ``write_atomically`` temp files for ``path`` whose writing process no longer runs (a kill -9
+    mid-write leaves one). Returns what was removed."""
+    removed = []
+    for candidate in path.parent.glob(f"{glob.escape(temp_prefix(path))}*{TEMP_SUFFIX}"):
+        pid = candidate.name[len(temp_prefix(path)):].split(".", 1)[0]
+        if pid.isdigit() and _process_alive(int(pid)):
+            continue
+        candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True

@@ -1,0 +1,82 @@
+"""SIGINT / SIGTERM during training: finish the current step, save a checkpoint, exit 130 / 143.
+
+Lightning on its own exits 0 after SIGTERM (its ``SIGTERMException`` is a bare ``SystemExit``), so
+``sparselite fit && deploy`` would ship the previous model, and SIGINT stops mid-step with exit 1.
+``GracefulInterrupt`` records the signal, and at the end of the training step in flight saves a
+checkpoint (which ``--ckpt_path`` resumes like any step checkpoint) and raises ``Interrupted``; the
+CLI turns that into one line and the shell's exit code for the signal (128 + its number). A second
+signal while the first is pending acts at once, the default way.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning.pytorch as pl
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """Training stopped on a signal. A BaseException, so that no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        super().__init__(f"{signal.Signals(signum).name} at step {step}; checkpoint saved to {checkpoint}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class GracefulInterrupt(pl.Callback):
+    """Stop on SIGINT/SIGTERM at a step boundary with a resumable checkpoint (see the module docstring)."""
+
+    def __init__(self, filename: str = "interrupted.ckpt") -> None:
+        self.filename = filename
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.signum = None
+        try:
+            self._previous = {s: signal.signal(s, self._record) for s in HANDLED}
+        except ValueError:  # not the main thread: signals are not ours to take
+            self._previous = {}
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        # Asked twice, or after training (Lightning may put this handler back when it tears down its
+        # own): stop now, the default way.
+        if self.signum is not None or not self._previous:
+            self._restore()
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.signum is None:
+            return
+        folder = Path(trainer.checkpoint_callback.dirpath) if getattr(trainer.checkpoint_callback, "dirpath", None) \
+            else Path(trainer.default_root_dir) / "checkpoints"
+        path = folder / self.filename
+        trainer.save_checkpoint(path)
+        raise Interrupted(self.signum, trainer.global_step, path)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
