@@ -11,7 +11,6 @@ from conftest import tiny_mobilenet
 from sparselite.export.tflite import export_tflite
 from sparselite.pruning.channels import ChannelPruner
 from sparselite.pruning.schedule import PolynomialDecay
-from sparselite.runtime import gpu
 from sparselite.runtime.litert import LiteRTModel
 from runtime.test_gpu import vulkan_adapter  # noqa: F401 - the same adapter checks (fail, not skip, without a driver)
 
@@ -30,7 +29,7 @@ def test_channel_pruned_int8_file_runs_on_the_gpu_with_xnnpack_parity(tmp_path, 
     export_tflite(model, images[:1], path, calibration=[images[:64]], sparse=False, min_agreement=0.0)
 
     x = images[64:164].numpy()  # 100 images: lavapipe is slow
-    on_gpu = gpu.GpuModel(path, precision="fp32")
-    assert on_gpu.fully_accelerated
+    on_gpu = LiteRTModel(path, accelerator="gpu", gpu_precision="fp32")
+    assert on_gpu.backend.fully_accelerated
     agreement = float((on_gpu(x).argmax(1) == LiteRTModel(path)(x).argmax(1)).mean())
     assert agreement >= 0.99, agreement
