@@ -6,6 +6,13 @@ Lightning on its own exits 0 after SIGTERM (its ``SIGTERMException`` is a bare `
 checkpoint (which ``--ckpt_path`` resumes like any step checkpoint) and raises ``Interrupted``; the
 CLI turns that into one line and the shell's exit code for the signal (128 + its number). A second
 signal while the first is pending acts at once, the default way.
+
+Lightning installs its own SIGTERM handler after the ``setup`` hook and checks the flag it sets at
+several points of the loop, so if both handlers ran, whichever check came first would win, and
+Lightning's exits 0 without a checkpoint. From the first hook after that (the sanity check, or the
+start of training), this callback puts its handler back in place of Lightning's: the signal is
+handled once, here. (Lightning's handler only sets that flag, plus a log line under SLURM
+auto-requeue.)
 """
 
 from __future__ import annotations
@@ -49,6 +56,19 @@ class GracefulInterrupt(pl.Callback):
         except ValueError:  # not the main thread: signals are not ours to take
             self._previous = {}
 
+    # The first hooks after Lightning installs its handler (the sanity check runs only with validation).
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_over_from_lightning()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_over_from_lightning()
+        self._stop_if_signalled(trainer)
+
+    def _take_over_from_lightning(self) -> None:
+        if self._previous:  # Lightning's handler has called ours since it was installed: replace it
+            for signum in HANDLED:
+                signal.signal(signum, self._record)
+
     def _record(self, signum: int, frame: FrameType | None) -> None:
         # Asked twice, or after training (Lightning may put this handler back when it tears down its
         # own): stop now, the default way.
@@ -64,9 +84,7 @@ class GracefulInterrupt(pl.Callback):
         self._stop_if_signalled(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A signal after the epoch's last batch: Lightning checks its own SIGTERM flag right after this hook
-        # and would exit 0 without a checkpoint.
-        self._stop_if_signalled(trainer)
+        self._stop_if_signalled(trainer)  # a signal after the epoch's last batch
 
     def _stop_if_signalled(self, trainer: pl.Trainer) -> None:
         if self.signum is None:
