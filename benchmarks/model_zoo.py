@@ -5,7 +5,7 @@ For each model (``weights=None``, 10 classes, Fashion-MNIST resized to 64x64 and
 Conv1d and GRU models read the 28x28 rows):
   1. trains ``--steps`` steps in a Lightning ``Trainer`` with the real callbacks: ``GradualPruning`` to
      50% and ``QuantizationAwareTraining``, scheduled as recipes/gmp80_qat_export.yaml, scaled to the
-     step budget (the ranges' moving-average constant too);
+     step budget (the ranges' moving-average constant and BatchNorm's momentum too);
   2. exports with ``sparselite.export_tflite`` (``float_fallback=True``, so a model with ops that have
      no int8 kernel still yields a file whose float islands are counted), parity on ``--verify``
      held-out test images, and the fp32 file;
@@ -80,6 +80,13 @@ def train(name: str, steps: int, batch_size: int):
 
     torch.manual_seed(0)
     model, shape = build_model(name)
+    # torchvision gives MobileNetV3's and EfficientNet's BatchNorms momentum 0.01, made for ImageNet-length runs.
+    # After a few hundred steps their running statistics (which eval mode and the int8 fold use) still hold
+    # 0.99**200 = 13% of their initial values: the model trains, but is at chance in eval mode. Like the ranges'
+    # averaging constant, the momentum is scaled to the step budget; layers that already use 0.1 are unchanged.
+    for norm in model.modules():
+        if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) and norm.momentum is not None:
+            norm.momentum = max(norm.momentum, 0.1)
     module = ImageClassifier(model, lr=3e-3, input_shape=shape)
     data = FashionMNISTDataModule(batch_size=batch_size, image_size=shape[-1], channels=shape[0])
     s = schedule(steps)

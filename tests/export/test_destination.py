@@ -67,6 +67,16 @@ def test_a_read_only_folder_is_refused_before_any_work(tmp_path):
         folder.chmod(0o755)
 
 
+def test_a_disk_without_room_for_the_file_is_refused_before_any_work(tmp_path):
+    import shutil
+
+    target = tmp_path / "out" / "model.tflite"
+    more_than_free = shutil.disk_usage(tmp_path).free + (1 << 40)
+    with pytest.raises(SparseliteError, match=r"not enough room for .*model.tflite: .* MiB free .* choose another folder"):
+        check_destination(target, target.with_suffix(".json"), needed_bytes=more_than_free)
+    assert not list(target.parent.iterdir())
+
+
 def test_files_get_the_users_umask(tmp_path):
     old = os.umask(0o027)
     try:

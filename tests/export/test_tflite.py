@@ -13,6 +13,7 @@ from torch import nn
 
 from conftest import make_loader, tiny_mobilenet
 from sparselite import ExportReport, GradualPruning, LiteRTModel, QuantizationAwareTraining, SparseliteError, export_tflite
+from sparselite.export.destination import size_bound
 from sparselite.tflite.flatbuffer import read_model
 from sparselite.tflite.sparse import weight_sparsity
 from sparselite.models.classifier import ImageClassifier
@@ -57,9 +58,10 @@ def exported(trained, heldout_batches, tmp_path_factory):
     return path, report
 
 
-def test_file_exists_and_loads_on_xnnpack_and_reference(exported, heldout_batches):
+def test_file_exists_and_loads_on_xnnpack_and_reference(trained, exported, heldout_batches):
     path, report = exported
     assert path.is_file() and path.stat().st_size == report.file_bytes > 0
+    assert report.file_bytes <= size_bound(trained)  # the free-space check before the export asks for enough
     x = heldout_batches[0][:16].numpy()
     outputs = {}
     for accelerator in ("xnnpack", "reference"):

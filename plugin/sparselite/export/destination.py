@@ -2,7 +2,7 @@
 
 ``check_destination`` refuses, with one line, an output that would overwrite something other than a
 model (a folder, a JSON file, a file that is not a .tflite) or that cannot be written (a read-only
-folder, a path under a file), before anything is traced or converted.
+folder, a path under a file, a disk without room for the file), before anything is traced or converted.
 
 ``write_model_and_report`` writes the model and its JSON report so that a kill at any moment leaves
 either the old pair, or the new model without a report, or the new pair; never a new model next to
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,8 +25,9 @@ from sparselite.tflite.flatbuffer import is_tflite_file, remove_stale_temp_files
 MODEL_SUFFIX = ".tflite"
 
 
-def check_destination(path: str | Path, report: str | Path | None = None) -> Path:
-    """``path`` as a Path, or ``SparseliteError`` if the model (or its report) cannot or must not go there."""
+def check_destination(path: str | Path, report: str | Path | None = None, needed_bytes: int = 0) -> Path:
+    """``path`` as a Path, or ``SparseliteError`` if the model (or its report) cannot or must not go there,
+    or if its folder has less than ``needed_bytes`` free (a bound on the file's size; see ``size_bound``)."""
     path = Path(path)
     if path.suffix != MODEL_SUFFIX:
         raise SparseliteError(f"output {path} must end in {MODEL_SUFFIX} (the report goes next to it as .json)")
@@ -53,9 +55,22 @@ def check_destination(path: str | Path, report: str | Path | None = None) -> Pat
         with tempfile.NamedTemporaryFile(prefix=f"{temp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=folder) as f:
             f.write(b"\0")
             f.flush()
+        free = shutil.disk_usage(folder).free
     except OSError as err:
         raise SparseliteError(f"cannot write {path}: {err.strerror or err}; choose a writable output folder") from None
+    if free < needed_bytes:
+        raise SparseliteError(f"not enough room for {path}: {free / 2**20:.1f} MiB free in {folder}, and the export "
+                              f"may need up to {needed_bytes / 2**20:.1f} MiB; free some space or choose another folder")
     return path
+
+
+def size_bound(model) -> int:
+    """An upper bound on the bytes of ``model``'s exported file: every parameter and buffer as float32 (a
+    mixed file may keep some float; int8 weights take a quarter of that), plus 1 MiB for the graph, the
+    quantization tables and the report. The old file stays until the new one replaces it, so the folder's
+    free space must hold all of the new one."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return 4 * sum(t.numel() for t in tensors) + (1 << 20)
 
 
 def sha256_hex(data: bytes) -> str:

@@ -21,7 +21,7 @@ from torch import nn
 
 from sparselite.errors import SparseliteError
 from sparselite.tflite import flatbuffer
-from sparselite.export.destination import check_destination, sha256_hex, write_model_and_report
+from sparselite.export.destination import check_destination, sha256_hex, size_bound, write_model_and_report
 from sparselite.export.io import use_float_io
 from sparselite.export.names import use_module_names
 from sparselite.export.ranges import quantize_pt2e
@@ -188,14 +188,15 @@ def export_tflite(
             (``destination.write_model_and_report``).
 
     ``path`` is checked first (``destination.check_destination``): it must end in .tflite, be writable,
-    and not be a folder or an existing file other than a model. ``report.sha256`` is the written file's.
+    not be a folder or an existing file other than a model, and have room for the file.
+    ``report.sha256`` is the written file's.
     """
     if io_dtype not in ("float32", "int8"):
         raise SparseliteError(f"io_dtype='{io_dtype}' must be 'float32' or 'int8'")
     if not 0.0 <= min_agreement <= 1.0:
         raise SparseliteError(f"min_agreement={min_agreement} must be in [0, 1]")
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    path = check_destination(path, report_path)  # before the minutes of work, not after
+    path = check_destination(path, report_path, size_bound(module))  # before the minutes of work, not after
     ranges = learned_ranges(module)
     pruned = [name for name, sub in module.named_modules() if MASK_BUFFER in sub._buffers]
     train_sparsity = {name: float((module.get_submodule(name).weight == 0).float().mean()) for name in pruned}
