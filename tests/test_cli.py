@@ -86,6 +86,7 @@ FIT_CASES = {
     "train_subset_zero": (None, ["--data.init_args.train_subset", "0"], {}, ["train_subset=0 must be >= 1"]),
     "num_workers_negative": (None, ["--data.init_args.num_workers", "-1"], {}, ["num_workers=-1 must be >= 0"]),
     "max_steps_negative": (None, ["--trainer.max_steps", "-5"], {}, ["trainer:", "max_steps", "-5"]),
+    "no_run_length": (None, ["--trainer.max_steps", "-1"], {}, ["the run has no length", "set trainer.max_steps"]),
     "devices_zero": (None, ["--trainer.devices", "0"], {}, ["trainer:", "devices"]),
     "root_dir_under_a_file": (None, ["--trainer.default_root_dir", str(ROOT / "pyproject.toml" / "run")], {},
                               ["trainer.default_root_dir=", "is not a writable folder"]),

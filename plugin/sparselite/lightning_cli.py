@@ -126,6 +126,10 @@ def _sparselite_cli_class():
             max_steps = config.get("max_steps", -1)  # Lightning compares it with ints: null is a TypeError
             if not isinstance(max_steps, int) or isinstance(max_steps, bool):
                 raise SparseliteError(f"trainer.max_steps={max_steps!r} must be a whole number (-1: no limit)")
+            if max_steps == -1 and config.get("max_epochs") is None and config.get("max_time") is None:
+                # Lightning would quietly run 1000 epochs; the recipes' schedules are in steps.
+                raise SparseliteError("the run has no length: set trainer.max_steps (the recipes' schedules count "
+                                      "steps), or trainer.max_epochs")
             if config.get("default_root_dir"):
                 _check_writable_folder(Path(config["default_root_dir"]), "trainer.default_root_dir")
             return super()._instantiate_trainer(config, callbacks)
