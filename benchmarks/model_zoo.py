@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import sparselite  # noqa: F401  (before torchvision: see sparselite/compat/torchvision.py)
-from benchmarks._common import environment, environment_line, fmt, quiet_logs, table, write_json
+from benchmarks._common import environment, environment_line, fmt, quiet_logs, scale_batchnorm_momentum, table, write_json
 
 RESULTS = Path(__file__).parent / "results"
 RECIPE = Path(__file__).parent.parent / "recipes" / "gmp80_qat_export.yaml"
@@ -80,13 +80,7 @@ def train(name: str, steps: int, batch_size: int):
 
     torch.manual_seed(0)
     model, shape = build_model(name)
-    # torchvision gives MobileNetV3's and EfficientNet's BatchNorms momentum 0.01, made for ImageNet-length runs.
-    # After a few hundred steps their running statistics (which eval mode and the int8 fold use) still hold
-    # 0.99**200 = 13% of their initial values: the model trains, but is at chance in eval mode. Like the ranges'
-    # averaging constant, the momentum is scaled to the step budget; layers that already use 0.1 are unchanged.
-    for norm in model.modules():
-        if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) and norm.momentum is not None:
-            norm.momentum = max(norm.momentum, 0.1)
+    scale_batchnorm_momentum(model)  # MobileNetV3's and EfficientNet's 0.01 is made for ImageNet-length runs
     module = ImageClassifier(model, lr=3e-3, input_shape=shape)
     data = FashionMNISTDataModule(batch_size=batch_size, image_size=shape[-1], channels=shape[0])
     s = schedule(steps)

@@ -17,6 +17,7 @@ from ai_edge_litert.schema_py_generated import TensorType
 from conftest import xnnpack_partitions
 from model_blocks import GRUClassifier, KeywordSpotter, TransformerBlockNet, family_models
 from sparselite import SparseliteError, export_tflite
+from sparselite.export.tflite import export_float_tflite
 from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model
 from sparselite.quantization.qat import QuantizationSimulator
 
@@ -68,6 +69,11 @@ def op_tensor_types(path) -> dict[str, set[int]]:
     return types
 
 
+def op_count(path, name: str) -> int:
+    model = read_model(path)
+    return sum(builtin_name(builtin_code(model, op)) == name for op in model.subgraphs[0].operators)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILY_OPS))
 def test_family_block_exports_fully_int8(family, fmnist_train, fmnist_heldout, tmp_path):
     torch.manual_seed(0)
@@ -82,6 +88,9 @@ def test_family_block_exports_fully_int8(family, fmnist_train, fmnist_heldout, t
         if op not in ("QUANTIZE", "DEQUANTIZE"):  # the float I/O conversions at the edges
             assert tensor_types <= {TensorType.INT8, TensorType.INT32}, f"{op} has float activations"
     assert report.float_islands == []
+    # No op left in torch's NCHW layout between TRANSPOSEs: no more layout changes than the float file has.
+    export_float_tflite(model, images[:1], tmp_path / "float.tflite")
+    assert op_count(path, "TRANSPOSE") <= op_count(tmp_path / "float.tflite", "TRANSPOSE")
     assert xnnpack_partitions(path) == 1  # XNNPACK runs the whole graph: no op falls back to TFLite's kernels
     assert report.ranges_calibrated == 0, report.calibrated_ranges  # every range learned in QAT (or derived)
     parity = report.parity

@@ -7,8 +7,13 @@ import torch
 from torch import nn
 from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
+from ai_edge_litert.interpreter import OpResolverType
+
 from model_blocks import BasicResidual, SqueezeExcite
 from sparselite.export.quantizer import FullInt8Quantizer, decompose_for_int8, op_kind
+
+
+NO_DELEGATES = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES  # the file's own op list, not XNNPACK's partitions
 
 
 def exported(model: nn.Module, shape=(1, 8, 6, 6)) -> torch.fx.GraphModule:
@@ -108,3 +113,31 @@ def test_upstream_xnnpack_does_not_delegate_int8_hardswish(monkeypatch, tmp_path
         monkeypatch.delitem(quantizer._DECOMPOSITIONS, kind)
     export_tflite(model, x[:1], tmp_path / "stock.tflite", calibration=[x])
     assert xnnpack_partitions(tmp_path / "stock.tflite") == 2
+
+
+def test_upstream_litert_scalar_operands_keep_ops_in_nchw_between_transposes():
+    """litert-torch 0.10's quantizer turns the scalar of ``x + 3`` into a 0-d constant tensor, and its layout
+    pass then keeps that ADD in torch's NCHW layout, between two TRANSPOSEs that the float file does not have
+    (docs/upstream/litert_scalar_constant_transposes.md). sparselite's quantizer gives such constants the
+    other operand's rank. When this test fails, upstream has fixed it and the reshape can go."""
+    import litert_torch
+    from ai_edge_litert.interpreter import Interpreter
+
+    from conftest import pt2e_int8_tflite
+
+    def transposes(model_bytes: bytes) -> int:
+        interpreter = Interpreter(model_content=model_bytes, experimental_op_resolver_type=NO_DELEGATES)
+        return sum(op["op_name"] == "TRANSPOSE" for op in interpreter._get_ops_details())
+
+    class ShiftBetweenConvs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+
+        def forward(self, x):
+            return self.second(self.first(x) + 3.0)
+
+    torch.manual_seed(0)
+    model, example = ShiftBetweenConvs().eval(), torch.randn(1, 3, 12, 12)
+    float_file = litert_torch.convert(model, (example,)).model_content()
+    assert transposes(pt2e_int8_tflite(model, example)) >= transposes(float_file) + 2

@@ -195,6 +195,31 @@ def decompose_for_int8(model: GraphModule) -> GraphModule:
     return model
 
 
+def _constants_at_operand_rank(model: GraphModule) -> GraphModule:
+    """Give each 0-d constant operand of an elementwise op the rank of its other operand ([] -> [1, 1, 1, 1]).
+
+    litert turns a scalar operand (``x + 3``, ``x * 0.5``, and the rewrites above) into a 0-d constant
+    tensor so that it can be quantized. Its layout pass then sees an ADD/MUL with an input that is not
+    4-D, keeps that op in NCHW, and wraps it in two TRANSPOSEs: 36 in MobileNetV3-Small's int8 file
+    (0 in its float one, where the scalar stays a scalar). All-ones shapes broadcast exactly as a
+    scalar does, so the values are unchanged."""
+    for node in model.graph.nodes:
+        if node.op != "call_function" or op_kind(node) not in ("add", "mul", "sub"):
+            continue
+        operands = [a for a in node.args if isinstance(a, Node)]
+        ranks = [a.meta["val"].dim() for a in operands if isinstance(a.meta.get("val"), torch.Tensor)]
+        for constant in operands:
+            if constant.op != "get_attr" or not ranks:
+                continue
+            owner_path, _, name = constant.target.rpartition(".")
+            owner = model.get_submodule(owner_path)
+            value = getattr(owner, name)
+            if isinstance(value, torch.Tensor) and value.dim() == 0 and len(constant.users) == 1:
+                setattr(owner, name, value.reshape([1] * max(ranks)))
+    model.recompile()
+    return model
+
+
 class FullInt8Quantizer(PT2EQuantizer):
     """``PT2EQuantizer`` with litert's weight annotators and an op-kind table for everything else."""
 
@@ -207,7 +232,7 @@ class FullInt8Quantizer(PT2EQuantizer):
 
     def transform_for_annotation(self, model: GraphModule) -> GraphModule:
         # Decompose first: litert's pass then turns the new scalar operands into constant tensors.
-        return super().transform_for_annotation(decompose_for_int8(model))
+        return _constants_at_operand_rank(super().transform_for_annotation(decompose_for_int8(model)))
 
     def annotate(self, model: GraphModule) -> GraphModule:
         super().annotate(model)
