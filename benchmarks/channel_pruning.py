@@ -113,7 +113,7 @@ def train(model: torch.nn.Module, data: C.Data, steps: int, channels: float, uns
             if qat and simulator is None:
                 q_start = int(QAT_START * steps)
                 simulator = QuantizationSimulator(start_step=q_start, freeze_step=max(int(QAT_FREEZE * steps), q_start + 1))
-                simulator.prepare(model)
+                simulator.prepare(model, (example,))  # functional ops (add, mul, cat) get their ranges too
         if simulator is not None:
             simulator.step(step)
         if gmp is not None:

@@ -61,3 +61,33 @@ def test_functional_ops_and_hardsigmoid_insides_take_learned_or_derived_ranges()
     assert injection.calibrated == {}
     assert {"block.0.sparselite_op_quant.add_0", "block.1.sparselite_op_quant.mul_0"} <= set(injection.learned.values())
     assert any("fc2" in how and "add 3" in how for how in injection.derived.values())
+
+
+def test_in_place_ops_take_ranges_like_their_out_of_place_forms():
+    """``nn.Dropout(inplace=True)`` (torchvision's classifiers) stays in the eval graph as ``aten.dropout_``,
+    ``nn.ReLU(inplace=True)`` as ``aten.relu_``, ``x += y`` as ``aten.add_``: each quantizes as its
+    out-of-place kind, so no range is left to calibration."""
+    from sparselite.export.tflite import float_model_for_export
+    from sparselite.quantization.qat import QuantizationSimulator, learned_ranges
+
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.relu, self.skip = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(1, 4, 1)
+            self.fc = nn.Sequential(nn.Dropout(0.2, inplace=True), nn.Linear(4, 3))
+
+        def forward(self, x):
+            y = self.relu(self.conv(x))
+            y += self.skip(x)
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+    torch.manual_seed(0)
+    model, x = InPlace(), torch.randn(16, 1, 6, 6)
+    QuantizationSimulator().prepare(model, (x[:1],))
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    graph = torch.export.export(float_model_for_export(model), (x[:1],)).graph
+    assert {"dropout_", "add_", "relu_"} <= {getattr(n.target, "__name__", "").split(".")[0] for n in graph.nodes}
+    _, _, injection = quantize_pt2e(float_model_for_export(model), (x[:1],), learned_ranges(model))
+    assert injection.calibrated == {}

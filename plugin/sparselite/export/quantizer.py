@@ -35,7 +35,7 @@ from sparselite.quantization.spec import ACT_QMAX, ACT_QMIN
 aten = torch.ops.aten
 
 SHARES_INPUT_RANGE = {
-    "relu", "relu_", "hardtanh", "hardtanh_", "relu6", "clamp", "clamp_", "clamp_min", "clamp_max",
+    "relu", "hardtanh", "relu6", "clamp", "clamp_min", "clamp_max",
     "max_pool1d", "max_pool2d", "max_pool2d_with_indices", "adaptive_max_pool2d", "avg_pool1d", "avg_pool2d",
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d", "mean",
     "view", "_unsafe_view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "t",
@@ -46,14 +46,13 @@ SHARES_INPUT_RANGE = {
 # Only ops with an int8 TFLite kernel: DIV, POW and SQRT have none (division by a constant is
 # rewritten as a multiplication below).
 OWN_RANGE = {
-    "add", "add_", "sub", "sub_", "mul", "mul_", "hardswish", "hardswish_", "gelu",
-    "leaky_relu", "leaky_relu_", "elu", "neg", "abs", "sum", "bmm", "matmul",
+    "add", "sub", "mul", "hardswish", "gelu", "leaky_relu", "elu", "neg", "abs", "sum", "bmm", "matmul",
     "rsqrt", "minimum", "maximum", "prelu", "_prelu_kernel",
 }
 # TFLite's int8 LOGISTIC and SOFTMAX require output scale 1/256, zero point -128; TANH 1/128, 0.
 FIXED_RANGE = {
-    "sigmoid": (1.0 / 256, -128), "sigmoid_": (1.0 / 256, -128), "_softmax": (1.0 / 256, -128),
-    "softmax": (1.0 / 256, -128), "tanh": (1.0 / 128, 0), "tanh_": (1.0 / 128, 0),
+    "sigmoid": (1.0 / 256, -128), "_softmax": (1.0 / 256, -128), "softmax": (1.0 / 256, -128),
+    "tanh": (1.0 / 128, 0),
 }
 CONCATENATION = {"cat", "concat", "stack"}
 SPLITS = {"split", "split_with_sizes", "chunk", "unbind", "tensor_split", "unsafe_split"}
@@ -64,13 +63,16 @@ WEIGHT_ANNOTATORS = ["linear", "addmm", "conv_relu", "conv"]
 
 
 def op_kind(node: Node) -> str:
-    """The aten op's base name ('add' for aten.add.Tensor), '' for anything that is not an op call."""
+    """The aten op's base name ('add' for aten.add.Tensor and for in-place aten.add_.Tensor), '' for
+    anything that is not an op call. In-place ops name their out-of-place kind: an int8 file has no
+    in-place ops, and a model's ``nn.Dropout(inplace=True)`` or ``x += y`` must quantize like the rest."""
     if node.op != "call_function":
         return ""
     if node.target is operator.getitem:
         return "getitem"
     packet = getattr(node.target, "_overloadpacket", None)
-    return getattr(packet, "__name__", getattr(node.target, "__name__", "")).split(".")[-1]
+    name = getattr(packet, "__name__", getattr(node.target, "__name__", "")).split(".")[-1]
+    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
 
 
 def is_float_tensor(node: object) -> bool:
@@ -165,10 +167,9 @@ def _attention(graph: Graph, node: Node) -> list[Node] | None:
 
 # Ops with no int8 TFLite kernel, and their exact forms that have one.
 _DECOMPOSITIONS = {
-    "silu": _silu, "silu_": _silu, "hardsigmoid": _hardsigmoid, "hardsigmoid_": _hardsigmoid,
-    "hardswish": _hardswish, "hardswish_": _hardswish,
+    "silu": _silu, "hardsigmoid": _hardsigmoid, "hardswish": _hardswish,
     "layer_norm": _layer_norm, "scaled_dot_product_attention": _attention,
-    "div": _divide_by_constant, "div_": _divide_by_constant,
+    "div": _divide_by_constant,
 }
 
 

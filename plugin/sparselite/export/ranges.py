@@ -123,7 +123,7 @@ class PointResolver:
         while node.op == "call_module" and node.target in self.observers:
             node = node.args[0]
         kind = op_kind(node)
-        if kind in ("hardtanh", "hardtanh_", "clamp", "relu", "relu_", "relu6"):
+        if kind in ("hardtanh", "clamp", "relu", "relu6"):
             inner = self._interval(node.args[0], depth + 1)
             if inner is None:
                 return None

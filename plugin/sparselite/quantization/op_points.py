@@ -38,7 +38,7 @@ for _kind, _names in {
                 _KIND_OF[getattr(_owner, _name)] = _kind
 
 # aten op base names -> the same kinds, for export.
-ATEN_KINDS = {"add": "add", "add_": "add", "sub": "sub", "sub_": "sub", "mul": "mul", "mul_": "mul", "cat": "cat", "concat": "cat"}
+ATEN_KINDS = {"add": "add", "sub": "sub", "mul": "mul", "cat": "cat", "concat": "cat"}  # via export.quantizer.op_kind: in-place ops come as their base kind
 
 
 def site_name(owner: str, kind: str, index: int) -> str:
