@@ -5,7 +5,7 @@ For each model (``weights=None``, 10 classes, Fashion-MNIST resized to 64x64 and
 Conv1d and GRU models read the 28x28 rows):
   1. trains ``--steps`` steps in a Lightning ``Trainer`` with the real callbacks: ``GradualPruning`` to
      50% and ``QuantizationAwareTraining``, scheduled as recipes/gmp80_qat_export.yaml, scaled to the
-     step budget (the ranges' moving-average constant and BatchNorm's momentum too);
+     step budget (BatchNorm's momentum too; the ranges' moving-average constant follows the QAT window);
   2. exports with ``sparselite.export_tflite`` (``float_fallback=True``, so a model with ops that have
      no int8 kernel still yields a file whose float islands are counted), parity on ``--verify``
      held-out test images, and the fp32 file;
@@ -88,10 +88,8 @@ def train(name: str, steps: int, batch_size: int):
         # Small heads (the GRU's) are pruned too: min_params low enough that every model has a layer.
         GradualPruning(final_sparsity=0.5, begin_step=s["prune_begin_step"], end_step=s["prune_end_step"],
                        frequency=s["prune_frequency"], min_params=256),
-        # The moving-average horizon of the ranges scales with the budget too: 0.01 per step over the
-        # recipe's 300 QAT steps is the same share of the QAT phase as 0.1 over 30.
-        QuantizationAwareTraining(start_step=s["qat_start_step"], freeze_step=s["qat_freeze_step"],
-                                  averaging_constant=min(1.0, 0.01 * RECIPE_STEPS / steps)),
+        # The ranges' moving-average constant follows the QAT window by default (3 / its steps).
+        QuantizationAwareTraining(start_step=s["qat_start_step"], freeze_step=s["qat_freeze_step"]),
     ]
     trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=callbacks, limit_val_batches=0)

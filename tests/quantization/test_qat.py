@@ -232,3 +232,9 @@ def test_bn_folding_with_a_tiny_bn_factor_changes_no_int8_weight():
     simulated = torch.round(quant(model[0].weight) / scales).to(torch.int8)
     assert torch.equal(simulated, quantize_weight(model[0].weight, batchnorm_fold_factor(model[1])))
     assert not torch.equal(simulated, quantize_weight(model[0].weight))  # the eps floor matters here
+
+
+@pytest.mark.parametrize("start, freeze, expected", [(800, 1100, 0.01), (100, 130, 0.1), (0, 2, 1.0), (50, None, 0.01)])
+def test_the_default_averaging_constant_lets_ranges_settle_within_the_qat_window(start, freeze, expected):
+    assert QuantizationSimulator(start_step=start, freeze_step=freeze).averaging_constant == pytest.approx(expected)
+    assert QuantizationSimulator(start_step=start, freeze_step=freeze, averaging_constant=0.3).averaging_constant == 0.3

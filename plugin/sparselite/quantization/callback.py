@@ -19,10 +19,13 @@ class QuantizationAwareTraining(pl.Callback):
         start_step: optimizer step at which fake-quant and range observation begin (let pruning settle first).
         freeze_step: step after which activation ranges stop updating; None = never. BatchNorm keeps
             training on batch statistics (the weights are fake-quantized on the fold export uses).
-        averaging_constant: weight of each batch in the moving-average activation ranges.
+        averaging_constant: weight of each batch in the moving-average activation ranges; by default
+            3 / (freeze_step - start_step), so that the ranges settle before they freeze (0.01 when they
+            never freeze). See ``qat.default_averaging_constant``.
     """
 
-    def __init__(self, start_step: int = 0, freeze_step: int | None = None, averaging_constant: float = 0.01) -> None:
+    def __init__(self, start_step: int = 0, freeze_step: int | None = None,
+                 averaging_constant: float | None = None) -> None:
         # Validates now, before any training.
         self.simulator = QuantizationSimulator(start_step=start_step, freeze_step=freeze_step,
                                                averaging_constant=averaging_constant)

@@ -64,16 +64,35 @@ def _quantize_input(quant: ActivationFakeQuant, module: nn.Module, args: tuple) 
     return None
 
 
+# Each batch's weight in the moving-average ranges when QAT never freezes: the ranges follow the last
+# ~300 batches.
+OPEN_ENDED_AVERAGING_CONSTANT = 0.01
+
+
+def default_averaging_constant(start_step: int, freeze_step: int | None) -> float:
+    """3 / (the QAT window's steps), so the moving-average ranges settle within the window: after it, the
+    ranges' starting values weigh (1 - 3/n)^n < e^-3 = 5%. A constant does not fit every window: 0.01 over
+    a 40-step window leaves two thirds of the first batch's range at the freeze, the logits clip, and the
+    int8 model loses points while "agreeing" with an equally clipped fake-quant model. A 300-step window
+    gets 0.01."""
+    if freeze_step is None:
+        return OPEN_ENDED_AVERAGING_CONSTANT
+    return min(1.0, 3.0 / (freeze_step - start_step))
+
+
 class QuantizationSimulator:
     """Inserts TFLite-int8 fake-quant into a float model and drives its phases."""
 
-    def __init__(self, start_step: int = 0, freeze_step: int | None = None, averaging_constant: float = 0.01) -> None:
+    def __init__(self, start_step: int = 0, freeze_step: int | None = None,
+                 averaging_constant: float | None = None) -> None:
         if start_step < 0:
             raise SparseliteError(f"start_step={start_step} must be >= 0")
         if freeze_step is not None and freeze_step <= start_step:
             raise SparseliteError(
                 f"freeze_step={freeze_step} must be after start_step={start_step}; ranges need steps to settle"
             )
+        if averaging_constant is None:
+            averaging_constant = default_averaging_constant(start_step, freeze_step)
         if not 0.0 < averaging_constant <= 1.0:
             raise SparseliteError(f"averaging_constant={averaging_constant} must be in (0, 1]")
         self.start_step = start_step
