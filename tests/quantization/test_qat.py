@@ -238,3 +238,29 @@ def test_bn_folding_with_a_tiny_bn_factor_changes_no_int8_weight():
 def test_the_default_averaging_constant_lets_ranges_settle_within_the_qat_window(start, freeze, expected):
     assert QuantizationSimulator(start_step=start, freeze_step=freeze).averaging_constant == pytest.approx(expected)
     assert QuantizationSimulator(start_step=start, freeze_step=freeze, averaging_constant=0.3).averaging_constant == 0.3
+
+
+def test_a_conv_called_twice_gets_one_chain_and_exports(tmp_path):
+    """Weight sharing: the same conv applied to two tensors. Its fake-quant serves both calls (no BN or
+    activation is fused into it, since each call may be followed by something else)."""
+    from sparselite import export_tflite
+    from sparselite.quantization.qat import learned_ranges
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.relu = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc((self.relu(self.bn(self.conv(x))) + self.conv(x.flip(-1))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = Shared(), torch.randn(32, 1, 8, 8)
+    assert find_fused_chains(model) == [FusedChain("conv", None, None), FusedChain("fc", None, None)]
+    QuantizationSimulator().prepare(model, (x[:1],))
+    model.train()
+    with torch.no_grad():
+        model(x)
+    report = export_tflite(model.eval(), x[:1], tmp_path / "shared.tflite", calibration=[x], verify_batches=[x])
+    assert report.float_islands == [] and "conv" in learned_ranges(model)

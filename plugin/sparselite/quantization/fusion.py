@@ -63,6 +63,10 @@ def find_fused_chains(model: nn.Module) -> list[FusedChain]:
     for node in graph.nodes:
         if node.op != "call_module" or node.target not in producers:
             continue
+        if calls[node.target] > 1:  # a shared conv/linear: one chain of its own, whatever follows each call
+            if all(c.producer != node.target for c in chains):
+                chains.append(FusedChain(node.target, None, None))
+            continue
         batchnorm = activation = None
         tail = node
         bn_type = next((bn for conv, bn in _BATCHNORM_OF.items() if isinstance(modules[node.target], conv)), None)
