@@ -161,7 +161,10 @@ def test_fit_then_export_round_trip(tmp_path):
                   "--trainer.max_steps", "20", "--trainer.val_check_interval", "20", "--trainer.limit_val_batches", "2",
                   "--data.init_args.train_subset", "1280", "--data.init_args.batch_size", "64", timeout=400)
     assert fit.returncode == 0, fit.stderr[-3000:]
-    assert "Tip:" not in fit.stderr and "/-2" not in fit.stdout  # no Lightning tips, no "Epoch 0/-2"
+    # No Lightning tips, accelerator inventory or seed line, no "Epoch 0/-2".
+    for noise in ("Tip:", "GPU available", "Seed set to"):
+        assert noise not in fit.stderr, fit.stderr[-2000:]
+    assert "/-2" not in fit.stdout
     (ckpt,) = root.glob("lightning_logs/version_*/checkpoints/*.ckpt")
     assert (ckpt.parents[1] / "config.yaml").is_file()
 

@@ -27,11 +27,15 @@ _ENVIRONMENT = {
 }
 # Python loggers whose warnings are about the environment, not the user's run.
 _QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "absl")
+_LIGHTNING_INFO = re.compile(r"^(💡 Tip:|[GTH]PU available: )")
 _DROPPED_MESSAGES = {
     "": re.compile(r"^Your model .*is converted in training mode"),  # litert-torch, about sparselite's own pt2e graph
-    # Lightning's rank_zero_info logs through one of these, whichever of its packages loaded last.
-    "lightning.fabric.utilities.rank_zero": re.compile(r"^💡 Tip:"),
-    "lightning.pytorch.utilities.rank_zero": re.compile(r"^💡 Tip:"),
+    # Lightning's rank_zero_info logs through one of these, whichever of its packages loaded last: its
+    # tips, and the accelerator inventory (sparselite trains on the CPU; a GPU that is there but unused
+    # still gets Lightning's own warning, which is not dropped).
+    "lightning.fabric.utilities.rank_zero": _LIGHTNING_INFO,
+    "lightning.pytorch.utilities.rank_zero": _LIGHTNING_INFO,
+    "lightning.fabric.utilities.seed": re.compile(r"^Seed set to "),  # the config's own seed_everything value
 }
 _IGNORED_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)",
