@@ -6,7 +6,6 @@ fold BN -> torch.export -> pt2e prepare (litert quantizer) -> learned ranges in 
 
 from __future__ import annotations
 
-import copy
 import logging
 import lzma
 import os
@@ -20,6 +19,7 @@ from ai_edge_litert.schema_py_generated import TensorType
 from torch import nn
 
 from sparselite.errors import SparseliteError
+from sparselite.module_copy import detached_copy
 from sparselite.tflite import flatbuffer
 from sparselite.export.destination import check_destination, sha256_hex, size_bound, write_model_and_report
 from sparselite.export.io import use_float_io
@@ -51,18 +51,9 @@ def _untraceable_model_errors() -> tuple[type[BaseException], ...]:
     return TorchDynamoException, GuardOnDataDependentSymNode
 
 
-def _detached_copy(module: nn.Module) -> nn.Module:
-    """Deep copy without dragging along a Lightning trainer the module may be attached to."""
-    memo = {}
-    for attr in ("_trainer", "_fabric"):
-        if getattr(module, attr, None) is not None:
-            memo[id(getattr(module, attr))] = None
-    return copy.deepcopy(module, memo)
-
-
 def float_model_for_export(module: nn.Module) -> nn.Module:
     """A float copy: fake-quant and masks stripped, BN folded into convs, eval mode."""
-    model = _detached_copy(module).eval()
+    model = detached_copy(module).eval()
     strip_fake_quant(model)
     for sub in model.modules():
         if MASK_BUFFER in sub._buffers:
@@ -73,7 +64,7 @@ def float_model_for_export(module: nn.Module) -> nn.Module:
 
 def fake_quant_reference(module: nn.Module) -> tuple[nn.Module, str]:
     """The torch model the file must agree with: the fake-quant model if QAT ran, else the float model."""
-    model = _detached_copy(module).eval()
+    model = detached_copy(module).eval()
     if learned_ranges(model):
         return model, "fake-quant"
     strip_fake_quant(model)

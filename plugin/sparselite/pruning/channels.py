@@ -14,7 +14,6 @@ State:
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import re
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from sparselite.errors import SparseliteError
+from sparselite.module_copy import detached_copy
 from sparselite.pruning.dependency import ChannelGraph, ChannelGroup, count_macs_and_params
 from sparselite.pruning.schedule import PolynomialDecay
 
@@ -130,7 +130,7 @@ class ChannelPruner:
         model.register_state_dict_post_hook(functools.partial(_save_plan, hooks))
         model.register_load_state_dict_pre_hook(functools.partial(_load_plan, hooks))
         self.before = dict(zip(("macs", "params"), count_macs_and_params(model, self.example_inputs)))
-        self._unpruned = _plain_copy(model)  # full width, for "before" numbers (latency) in export reports
+        self._unpruned = detached_copy(model)  # full width, for "before" numbers (latency) in export reports
         self._find_groups()
         for pruned in self.groups.values():
             root = model.get_submodule(pruned.group.root)
@@ -285,7 +285,7 @@ class ChannelPruner:
         """A copy of the model as prepared: full width, weights as they were then (for size and latency
         comparisons, not for accuracy)."""
         self._require()
-        return _plain_copy(self._unpruned)
+        return detached_copy(self._unpruned)
 
     def size(self) -> dict[str, int]:
         """MACs and parameters now (after shrink: of the smaller model)."""
@@ -382,7 +382,7 @@ def _unsafe_groups(model: nn.Module, example_inputs: tuple, candidates: list[Pru
         pending = list(candidates)
         while pending:  # one round per unsafe group found: the copy holds a wrong removal after it
             model.load_state_dict(backup, strict=False)
-            copy_model = _plain_copy(model)
+            copy_model = detached_copy(model)
             copy_graph = ChannelGraph(copy_model, example_inputs)  # a copy: its traced graph can stay
             roots = {g.root for g in copy_graph.groups()}
             verified = 0
@@ -410,11 +410,3 @@ def _unsafe_groups(model: nn.Module, example_inputs: tuple, candidates: list[Pru
     finally:
         model.load_state_dict(backup, strict=False)
     return unsafe
-
-
-def _plain_copy(model: nn.Module) -> nn.Module:
-    memo = {}
-    for attr in ("_trainer", "_fabric"):
-        if getattr(model, attr, None) is not None:
-            memo[id(getattr(model, attr))] = None
-    return copy.deepcopy(model, memo)
