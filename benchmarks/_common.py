@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import inspect
 
@@ -139,19 +140,32 @@ class TrainResult:
     step_ms: list[float] = field(default_factory=list)
 
 
+class StepHooks(Protocol):
+    """What a benchmark's own recipe does around each step (the Lightning callbacks' hooks)."""
+
+    def before_step(self, step: int, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def after_step(self) -> None: ...
+
+    def after_training(self, steps: int) -> None: ...
+
+
 def train(model: nn.Module, data: Data, steps: int, pruner: MagnitudePruner | None = None,
           simulator: QuantizationSimulator | None = None, batch_size: int = 128, seed: int = 0,
-          log_every: int = 0, label: str = "") -> TrainResult:
+          log_every: int = 0, label: str = "", transform=None, hooks: StepHooks | None = None) -> TrainResult:
     """Plain PyTorch loop; the per-step order is the Lightning callbacks' order (step hooks, then
-    forward/backward/optimizer, then apply_masks)."""
+    forward/backward/optimizer, then apply_masks). ``transform`` maps each batch of Fashion-MNIST
+    images to the model's input; ``hooks`` run a recipe of the caller's around each step."""
     torch.manual_seed(seed)
-    stream = BatchStream(data.train_x, data.train_y, batch_size, seed)
+    stream = BatchStream(data.train_x, data.train_y, batch_size, seed, transform=transform)
     optimizer, scheduler = make_optimizer(model, steps)
     model.train()
     losses, times = [], []
     start = time.perf_counter()
     for step in range(steps):
         t0 = time.perf_counter()
+        if hooks is not None:
+            hooks.before_step(step, optimizer)
         if simulator is not None:
             simulator.step(step)
         if pruner is not None:
@@ -164,6 +178,8 @@ def train(model: nn.Module, data: Data, steps: int, pruner: MagnitudePruner | No
         scheduler.step()
         if pruner is not None:
             pruner.apply_masks()
+        if hooks is not None:
+            hooks.after_step()
         times.append((time.perf_counter() - t0) * 1e3)
         losses.append(float(loss))
         if log_every and (step + 1) % log_every == 0:
@@ -171,6 +187,8 @@ def train(model: nn.Module, data: Data, steps: int, pruner: MagnitudePruner | No
                   f"({statistics.median(times[-log_every:]):.0f} ms/step)", file=sys.stderr, flush=True)
     if simulator is not None:
         simulator.step(steps)  # leave it in the phase the last step ended in (frozen ranges + BN)
+    if hooks is not None:
+        hooks.after_training(steps)
     return TrainResult(steps, time.perf_counter() - start, statistics.fmean(losses[-20:]), times)
 
 

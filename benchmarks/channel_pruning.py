@@ -35,12 +35,10 @@ import contextlib
 import copy
 import sys
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from benchmarks import _common as C  # noqa: E402
@@ -81,62 +79,67 @@ def workload(torchvision: str | None, image_size: int):
             f"torchvision {torchvision} ({image_size}x{image_size})")
 
 
+class ChannelRecipe:
+    """recipes/channels50_gmp80_qat_export.yaml's order around each step of ``_common.train``: channels
+    masked, then removed at their end step; unstructured pruning and QAT attach to the shrunk model."""
+
+    def __init__(self, model: torch.nn.Module, steps: int, channels: float, unstructured: float | None, qat: bool,
+                 example: torch.Tensor) -> None:
+        self.model, self.steps, self.unstructured, self.qat, self.example = model, steps, unstructured, qat, example
+        self.begin = int(CHANNELS_BEGIN * steps)
+        self.end = max(int(CHANNELS_END * steps), self.begin + 1)
+        self.channel_pruner = None
+        if channels > 0:
+            self.channel_pruner = ChannelPruner(PolynomialDecay(
+                final_sparsity=channels, begin_step=self.begin, end_step=self.end,
+                frequency=max(1, (self.end - self.begin) // MASK_UPDATES)))
+            self.channel_pruner.prepare(model, example)
+        self.gmp: MagnitudePruner | None = None
+        self.simulator: QuantizationSimulator | None = None
+        self.info: dict = {}
+
+    def before_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        if self.channel_pruner is not None and not self.channel_pruner.shrunk:
+            self.channel_pruner.step(step)
+            if step >= self.end:
+                self.channel_pruner.shrink([optimizer])
+                self.info["removed_channels"] = self.channel_pruner.channel_ratio()["overall"]
+        if step >= self.end or self.channel_pruner is None:
+            if self.unstructured and self.gmp is None:
+                gmp_end = max(int(GMP_END * self.steps), self.end + 1)
+                self.gmp = MagnitudePruner(PolynomialDecay(final_sparsity=self.unstructured, begin_step=self.end,
+                                                           end_step=gmp_end,
+                                                           frequency=max(1, (gmp_end - self.end) // MASK_UPDATES)))
+                self.gmp.prepare(self.model)
+            if self.qat and self.simulator is None:
+                start = int(QAT_START * self.steps)
+                self.simulator = QuantizationSimulator(start_step=start,
+                                                       freeze_step=max(int(QAT_FREEZE * self.steps), start + 1))
+                self.simulator.prepare(self.model, (self.example,))  # functional ops (add, mul, cat) get ranges too
+        if self.simulator is not None:
+            self.simulator.step(step)
+        if self.gmp is not None:
+            self.gmp.step(step)
+
+    def after_step(self) -> None:
+        if self.channel_pruner is not None:
+            self.channel_pruner.apply_masks()
+        if self.gmp is not None:
+            self.gmp.apply_masks()
+
+    def after_training(self, steps: int) -> None:
+        if self.simulator is not None:
+            self.simulator.step(steps)
+        if self.gmp is not None:
+            self.info["unstructured_sparsity"] = self.gmp.sparsity()["overall"]
+
+
 def train(model: torch.nn.Module, data: C.Data, steps: int, channels: float, unstructured: float | None,
           qat: bool, label: str, log_every: int, example: torch.Tensor, transform=None) -> dict:
-    """The callbacks' per-step order: schedule hooks, forward/backward/optimizer step, re-apply masks."""
-    torch.manual_seed(0)
-    stream = C.BatchStream(data.train_x, data.train_y, 128, seed=0, transform=transform)
-    optimizer, scheduler = C.make_optimizer(model, steps)
-    begin, end = int(CHANNELS_BEGIN * steps), max(int(CHANNELS_END * steps), int(CHANNELS_BEGIN * steps) + 1)
-    channel_pruner = None
-    if channels > 0:
-        channel_pruner = ChannelPruner(PolynomialDecay(final_sparsity=channels, begin_step=begin, end_step=end,
-                                                       frequency=max(1, (end - begin) // MASK_UPDATES)))
-        channel_pruner.prepare(model, example)
-    gmp, simulator = None, None
-    info: dict = {}
-    model.train()
-    start, losses = time.perf_counter(), []
-    for step in range(steps):
-        if channel_pruner is not None and not channel_pruner.shrunk:
-            channel_pruner.step(step)
-            if step >= end:
-                channel_pruner.shrink([optimizer])
-                info["removed_channels"] = channel_pruner.channel_ratio()["overall"]
-        if step >= end or channel_pruner is None:
-            # Unstructured pruning and QAT attach to the (shrunk) model, as in the recipe's order.
-            if unstructured and gmp is None:
-                gmp_end = max(int(GMP_END * steps), end + 1)
-                gmp = MagnitudePruner(PolynomialDecay(final_sparsity=unstructured, begin_step=end, end_step=gmp_end,
-                                                      frequency=max(1, (gmp_end - end) // MASK_UPDATES)))
-                gmp.prepare(model)
-            if qat and simulator is None:
-                q_start = int(QAT_START * steps)
-                simulator = QuantizationSimulator(start_step=q_start, freeze_step=max(int(QAT_FREEZE * steps), q_start + 1))
-                simulator.prepare(model, (example,))  # functional ops (add, mul, cat) get their ranges too
-        if simulator is not None:
-            simulator.step(step)
-        if gmp is not None:
-            gmp.step(step)
-        x, y = stream.next()
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if channel_pruner is not None:
-            channel_pruner.apply_masks()
-        if gmp is not None:
-            gmp.apply_masks()
-        losses.append(float(loss))
-        if log_every and (step + 1) % log_every == 0:
-            print(f"  [{label}] step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.3f}", file=sys.stderr, flush=True)
-    if simulator is not None:
-        simulator.step(steps)
-    info["train_seconds"] = time.perf_counter() - start
-    if gmp is not None:
-        info["unstructured_sparsity"] = gmp.sparsity()["overall"]
-    return info
+    recipe = ChannelRecipe(model, steps, channels, unstructured, qat, example)
+    result = C.train(model, data, steps, batch_size=128, seed=0, log_every=log_every, label=label, transform=transform,
+                     hooks=recipe)
+    return {**recipe.info, "train_seconds": result.seconds}
 
 
 def float_copy(model: torch.nn.Module) -> torch.nn.Module:
