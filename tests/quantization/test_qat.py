@@ -264,3 +264,38 @@ def test_a_conv_called_twice_gets_one_chain_and_exports(tmp_path):
         model(x)
     report = export_tflite(model.eval(), x[:1], tmp_path / "shared.tflite", calibration=[x], verify_batches=[x])
     assert report.float_islands == [] and "conv" in learned_ranges(model)
+
+
+def test_sigmoid_tanh_and_silu_insides_train_on_the_grids_tflite_fixes():
+    """LOGISTIC's int8 output is always on a 1/256 grid, TANH's on 1/128, and export writes SiLU as
+    x * LOGISTIC(x): QAT rounds there too, so the int8 file and the fake-quant model agree."""
+
+    class Gates(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.silu, self.gate = nn.Conv2d(1, 4, 3, padding=1), nn.SiLU(), nn.Sigmoid()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.silu(self.conv(x))
+            y = y * self.gate(y.mean((2, 3), keepdim=True)) + torch.tanh(y)
+            return self.fc(y.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = Gates(), torch.randn(8, 1, 6, 6)
+    simulator = QuantizationSimulator()
+    simulator.prepare(model, (x[:1],))
+    seen = {}
+    for name in ("silu", "gate"):  # after prepare: these hooks see the fake-quantized outputs
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, (i[0], o)))
+    simulator.step(0)
+    model.train()
+    model(x)
+    gate = seen["gate"][1]
+    assert torch.equal(gate * 256, torch.round(gate * 256))  # LOGISTIC's grid
+    conv_out = seen["silu"][0]
+    inner = torch.round(torch.sigmoid(conv_out) * 256) / 256
+    silu_quant = getattr(model.silu, "sparselite_output_quant").eval()  # its range as the forward left it
+    assert torch.allclose(seen["silu"][1], silu_quant(conv_out * inner))  # x * LOGISTIC(x), then its own range
+    simulator.strip()
+    assert not any("sparselite" in name for name, _ in model.named_modules())

@@ -30,7 +30,7 @@ from torchao.quantization.pt2e.quantizer import (
     FixedQParamsQuantizationSpec, QuantizationAnnotation, SharedQuantizationSpec,
 )
 
-from sparselite.quantization.spec import ACT_QMAX, ACT_QMIN
+from sparselite.quantization.spec import ACT_QMAX, ACT_QMIN, FIXED_OUTPUT_QPARAMS
 
 aten = torch.ops.aten
 
@@ -49,11 +49,9 @@ OWN_RANGE = {
     "add", "sub", "mul", "hardswish", "gelu", "leaky_relu", "elu", "neg", "abs", "sum", "bmm", "matmul",
     "rsqrt", "minimum", "maximum", "prelu", "_prelu_kernel",
 }
-# TFLite's int8 LOGISTIC and SOFTMAX require output scale 1/256, zero point -128; TANH 1/128, 0.
-FIXED_RANGE = {
-    "sigmoid": (1.0 / 256, -128), "_softmax": (1.0 / 256, -128), "softmax": (1.0 / 256, -128),
-    "tanh": (1.0 / 128, 0),
-}
+# TFLite's int8 LOGISTIC and SOFTMAX require output scale 1/256, zero point -128; TANH 1/128, 0
+# (training simulates the same grids: quantization/op_points.py).
+FIXED_RANGE = {**FIXED_OUTPUT_QPARAMS, "_softmax": FIXED_OUTPUT_QPARAMS["softmax"]}
 CONCATENATION = {"cat", "concat", "stack"}
 SPLITS = {"split", "split_with_sizes", "chunk", "unbind", "tensor_split", "unsafe_split"}
 

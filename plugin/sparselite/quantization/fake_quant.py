@@ -32,6 +32,20 @@ def fake_quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: t
     return _PerTensorFakeQuant.apply(x, scale, zero_point.to(x.dtype), ACT_QMIN, ACT_QMAX)
 
 
+class FixedRangeFakeQuant(nn.Module):
+    """Fake-quant onto a grid TFLite fixes for an op's output (``spec.FIXED_OUTPUT_QPARAMS``): nothing
+    to observe or learn, so no state. ``enabled``: round (QAT's active phases) or pass through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        return fake_quantize_per_tensor(x, torch.tensor(scale, dtype=x.dtype), torch.tensor(zero_point))
+
+
 class WeightFakeQuant(nn.Module):
     """Per-channel symmetric fake-quant of a weight; no state, since the scale follows the current weights.
 

@@ -1,7 +1,10 @@
 """Fake-quant at the outputs of functional ops (``x + y``, ``x * g``, ``torch.cat``) in eager models.
 
 TFLite requantizes the output of every ADD, SUB, MUL and CONCATENATION, but in an eager model these
-are not modules, so no hook can reach them. A ``TorchFunctionMode`` that is active only during the
+are not modules, so no hook can reach them. The same mode also puts the outputs of sigmoid, tanh and
+softmax on the grid TFLite fixes for them (``spec.FIXED_OUTPUT_QPARAMS``; ``nn.Sigmoid`` calls
+``torch.sigmoid``), and computes SiLU as export writes it, ``x * sigmoid(x)`` with the sigmoid on
+that grid: the int8 file rounds there, so training must too. A ``TorchFunctionMode`` that is active only during the
 model's forward sees each such call. A call site is named by the innermost module whose forward
 made it, the op kind and its index among that module's calls of that kind in one forward
 (``block.sparselite_op_quant.add_0``). torch.export records the same module for each aten node in
@@ -17,12 +20,15 @@ import functools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from sparselite.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
+from sparselite.quantization.fake_quant import ActivationFakeQuant, FixedRangeFakeQuant, WeightFakeQuant
+from sparselite.quantization.spec import FIXED_OUTPUT_QPARAMS
 
 OP_QUANT = "sparselite_op_quant"
+FIXED_QUANT = "sparselite_fixed_quant"
 
 # Python-level callables -> the op kind TFLite requantizes (the aten op torch.export records).
 _KIND_OF = {}
@@ -37,6 +43,17 @@ for _kind, _names in {
             if hasattr(_owner, _name):
                 _KIND_OF[getattr(_owner, _name)] = _kind
 
+# Python-level callables whose int8 output TFLite puts on a fixed grid (SiLU: its inner sigmoid's).
+_FIXED_KIND_OF = {}
+for _kind, _functions in {
+    "sigmoid": (torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid),
+    "tanh": (torch.tanh, torch.Tensor.tanh, F.tanh),
+    "softmax": (torch.softmax, torch.Tensor.softmax, F.softmax),
+    "silu": (F.silu,),
+}.items():
+    for _function in _functions:
+        _FIXED_KIND_OF[_function] = _kind
+
 # aten op base names -> the same kinds, for export.
 ATEN_KINDS = {"add": "add", "sub": "sub", "mul": "mul", "cat": "cat", "concat": "cat"}  # via export.quantizer.op_kind: in-place ops come as their base kind
 
@@ -49,9 +66,10 @@ def site_name(owner: str, kind: str, index: int) -> str:
 class OpSites:
     """Tracks which module is running and numbers the functional ops each one calls."""
 
-    def __init__(self, model: nn.Module, averaging_constant: float) -> None:
+    def __init__(self, model: nn.Module, averaging_constant: float, fixed: FixedRangeFakeQuant) -> None:
         self.names = {module: name for name, module in model.named_modules()}
         self.averaging_constant = averaging_constant
+        self.fixed = fixed
         self.stack: list[nn.Module] = []
         self.counts: dict[tuple[nn.Module, str], int] = {}
         self.discovering = False
@@ -100,11 +118,21 @@ class _OpMode(TorchFunctionMode):
         self.sites = sites
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        fixed_kind = _FIXED_KIND_OF.get(func)
+        if fixed_kind is not None and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            return self.fixed_grid(fixed_kind, func, args, kwargs or {})
         output = func(*args, **(kwargs or {}))
         kind = _KIND_OF.get(func)
         if kind is not None and isinstance(output, torch.Tensor) and output.is_floating_point():
             output = self.sites.on_op(kind, output)
         return output
+
+    def fixed_grid(self, kind: str, func, args: tuple, kwargs: dict) -> torch.Tensor:
+        # The mode is off inside this handler: the calls below run plain.
+        if kind == "silu":  # export's form: x * LOGISTIC(x)
+            x = args[0]
+            return x * self.sites.fixed(torch.sigmoid(x), *FIXED_OUTPUT_QPARAMS["sigmoid"])
+        return self.sites.fixed(func(*args, **kwargs), *FIXED_OUTPUT_QPARAMS[kind])
 
 
 def _enter(sites: OpSites, module: nn.Module, args: tuple) -> None:
@@ -128,7 +156,8 @@ HOOK_FUNCTIONS = (_enter, _exit, _begin, _end)
 
 def attach_op_sites(model: nn.Module, example_inputs: tuple, averaging_constant: float) -> list[str]:
     """Find the functional-op call sites with one forward pass and give each a fake-quant. Returns their names."""
-    sites = OpSites(model, averaging_constant)
+    model.add_module(FIXED_QUANT, FixedRangeFakeQuant())
+    sites = OpSites(model, averaging_constant, model._modules[FIXED_QUANT])
     model.register_forward_pre_hook(functools.partial(_begin, sites))
     for module in model.modules():
         module.register_forward_pre_hook(functools.partial(_enter, sites))

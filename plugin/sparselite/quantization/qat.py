@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparselite.errors import SparseliteError
-from sparselite.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
+from sparselite.quantization.fake_quant import ActivationFakeQuant, FixedRangeFakeQuant, WeightFakeQuant
 from sparselite.quantization.fusion import FusedChain, find_fused_chains
-from sparselite.quantization.op_points import HOOK_FUNCTIONS, OP_QUANT, attach_op_sites
+from sparselite.quantization.op_points import FIXED_QUANT, HOOK_FUNCTIONS, OP_QUANT, attach_op_sites
 
 WEIGHT_QUANT = "sparselite_weight_quant"
 OUTPUT_QUANT = "sparselite_output_quant"
@@ -150,6 +150,8 @@ class QuantizationSimulator:
         for quant in self._modules(ActivationFakeQuant):
             quant.enabled = active
             quant.observing = active and not frozen
+        for quant in self._modules(FixedRangeFakeQuant):
+            quant.enabled = active
 
 
     def strip(self) -> None:
@@ -163,7 +165,7 @@ def strip_fake_quant(model: nn.Module) -> None:
     for module in model.modules():
         if type(module) in _FLOAT_CLASSES:
             module.__class__ = _FLOAT_CLASSES[type(module)]
-        for name in (WEIGHT_QUANT, OUTPUT_QUANT, INPUT_QUANT, OP_QUANT):
+        for name in (WEIGHT_QUANT, OUTPUT_QUANT, INPUT_QUANT, OP_QUANT, FIXED_QUANT):
             if name in module._modules:
                 del module._modules[name]
         for hooks in (module._forward_hooks, module._forward_pre_hooks):

@@ -13,6 +13,9 @@ WEIGHT_QMIN, WEIGHT_QMAX = -127, 127
 ACT_QMIN, ACT_QMAX = -128, 127
 # litert's quantizer builds its observers with eps=2**-12: the smallest scale it will emit.
 SCALE_EPS = 2.0**-12
+# Ops whose int8 output TFLite fixes, whatever the data: (scale, zero point). LOGISTIC and SOFTMAX map
+# [0, 1) onto the whole int8 range, TANH maps [-1, 1).
+FIXED_OUTPUT_QPARAMS = {"sigmoid": (1.0 / 256, -128), "softmax": (1.0 / 256, -128), "tanh": (1.0 / 128, 0)}
 
 
 def weight_scales(weight: torch.Tensor, fold_factor: torch.Tensor | None = None) -> torch.Tensor:
