@@ -69,7 +69,8 @@ class OpSites:
     def __init__(self, model: nn.Module, averaging_constant: float, fixed: FixedRangeFakeQuant) -> None:
         self.names = {module: name for name, module in model.named_modules()}
         self.averaging_constant = averaging_constant
-        self.fixed = fixed
+        self.fixed: FixedRangeFakeQuant | None = fixed  # None: the model has no op with a fixed grid
+        self.fixed_seen = False
         self.stack: list[nn.Module] = []
         self.counts: dict[tuple[nn.Module, str], int] = {}
         self.discovering = False
@@ -119,7 +120,9 @@ class _OpMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         fixed_kind = _FIXED_KIND_OF.get(func)
-        if fixed_kind is not None and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+        if fixed_kind is not None and self.sites.fixed is not None and args and isinstance(args[0], torch.Tensor) \
+                and args[0].is_floating_point():
+            self.sites.fixed_seen = True
             return self.fixed_grid(fixed_kind, func, args, kwargs or {})
         output = func(*args, **(kwargs or {}))
         kind = _KIND_OF.get(func)
@@ -172,6 +175,9 @@ def attach_op_sites(model: nn.Module, example_inputs: tuple, averaging_constant:
     finally:
         sites.discovering = False
         model.train(was_training)
+    if not sites.fixed_seen:  # nothing to round onto a fixed grid: no module to carry around
+        del model._modules[FIXED_QUANT]
+        sites.fixed = None
     return [site_name(name, key.rsplit("_", 1)[0], int(key.rsplit("_", 1)[1]))
             for name, module in model.named_modules() if OP_QUANT in module._modules
             for key in module._modules[OP_QUANT]]
