@@ -213,6 +213,17 @@ def test_bn_folding_changes_no_int8_weight(fmnist_train):
     assert mismatches == 0
 
 
+class Wrapped(nn.Module):
+    """A root of its own for an nn.Sequential (QAT refuses a Sequential root)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return self.body(x)
+
+
 def test_bn_folding_with_a_tiny_bn_factor_changes_no_int8_weight():
     torch.manual_seed(0)
     conv, bn = nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8)
@@ -225,7 +236,7 @@ def test_bn_folding_with_a_tiny_bn_factor_changes_no_int8_weight():
     assert mismatches == 0
     # ...and QAT's weight fake-quant simulates exactly those values: it rounds on the scale that
     # export will use for the folded weight, mapped back through the BN factor.
-    QuantizationSimulator().prepare(model)
+    QuantizationSimulator().prepare(Wrapped(model))
     quant = model[0].sparselite_weight_quant
     assert quant.batchnorm is model[1]
     scales = weight_scales(model[0].weight, batchnorm_fold_factor(model[1])).reshape(-1, 1, 1, 1)
@@ -299,3 +310,50 @@ def test_sigmoid_tanh_and_silu_insides_train_on_the_grids_tflite_fixes():
     assert torch.allclose(seen["silu"][1], silu_quant(conv_out * inner))  # x * LOGISTIC(x), then its own range
     simulator.strip()
     assert not any("sparselite" in name for name, _ in model.named_modules())
+
+
+def test_pooled_means_and_hardswish_insides_train_on_the_grids_export_derives():
+    """TFLite's MEAN keeps its input's scale, so a pooled mean is rounded onto that grid; hardswish is
+    x * (relu6(x + 3) / 6) with each step on the range export derives from x's learned range."""
+    from sparselite.quantization.spec import activation_qparams
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.act, self.pool = nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.Hardswish(), nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            return self.pool(self.act(self.bn(self.conv(x))))
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(16, 1, 8, 8)
+    simulator = QuantizationSimulator()
+    simulator.prepare(model, (x[:1],))
+    seen = {}
+    for name in ("act", "pool"):
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, (i[0], o)))
+    simulator.step(0)
+    model.train()
+    model(x)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    scale, zero_point = getattr(model.act, "sparselite_output_quant").qparams()
+    pooled = seen["pool"][1] / scale + zero_point
+    assert torch.allclose(pooled, torch.round(pooled), atol=1e-3)  # on the hardswish output's grid
+
+    conv_out = seen["act"][0]
+    low, high = (min(max(v + 3.0, 0.0), 6.0) for v in getattr(model.conv, "sparselite_output_quant").min_max.tolist())
+
+    def on(values, lo, hi):
+        s, z = activation_qparams(torch.tensor(lo), torch.tensor(hi))
+        return torch.fake_quantize_per_tensor_affine(values, float(s), int(z), -128, 127)
+
+    inner = conv_out * on(on(torch.clamp(conv_out + 3, 0, 6), low, high) / 6, low / 6, high / 6)
+    assert torch.allclose(seen["act"][1], getattr(model.act, "sparselite_output_quant")(inner), atol=1e-6)
+
+
+def test_a_sequential_root_is_refused_with_what_to_do():
+    """QAT adds its input fake-quant as a child of the root; an nn.Sequential would run it as a last layer."""
+    with pytest.raises(SparseliteError, match="wrap the nn.Sequential"):
+        QuantizationSimulator().prepare(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()))

@@ -32,18 +32,19 @@ def fake_quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: t
     return _PerTensorFakeQuant.apply(x, scale, zero_point.to(x.dtype), ACT_QMIN, ACT_QMAX)
 
 
-class FixedRangeFakeQuant(nn.Module):
-    """Fake-quant onto a grid TFLite fixes for an op's output (``spec.FIXED_OUTPUT_QPARAMS``): nothing
-    to observe or learn, so no state. ``enabled``: round (QAT's active phases) or pass through."""
+class FixedGridFakeQuant:
+    """Fake-quant onto a grid given per call: one TFLite fixes for an op's output
+    (``spec.FIXED_OUTPUT_QPARAMS``), or one derived from a learned range. No state to save, so not a
+    module (and not a child that an ``nn.Sequential`` root would run as a layer). ``enabled``: round
+    (QAT's active phases) or pass through."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.enabled = True
 
-    def forward(self, x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, scale: float | torch.Tensor, zero_point: int | torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        return fake_quantize_per_tensor(x, torch.tensor(scale, dtype=x.dtype), torch.tensor(zero_point))
+        return fake_quantize_per_tensor(x, torch.as_tensor(scale, dtype=x.dtype), torch.as_tensor(zero_point))
 
 
 class WeightFakeQuant(nn.Module):
@@ -67,6 +68,12 @@ class WeightFakeQuant(nn.Module):
         scale = weight_scales(weight, fold_factor).to(weight.dtype)
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
         return torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX)
+
+
+# The attribute that carries, on each fake-quantized activation, the learned [min, max] buffer it was
+# rounded with: ops the file computes on that grid (a pooled mean, the inside of hardswish) read it
+# (``op_points.py``) in the same forward, before the next batch updates the buffer.
+LEARNED_RANGE_ATTR = "_sparselite_learned_range"
 
 
 class ActivationFakeQuant(nn.Module):
@@ -103,7 +110,9 @@ class ActivationFakeQuant(nn.Module):
         if not self.enabled or not self.initialized:
             return x
         scale, zero_point = self.qparams()
-        return fake_quantize_per_tensor(x, scale.to(x.dtype), zero_point)
+        out = fake_quantize_per_tensor(x, scale.to(x.dtype), zero_point)
+        setattr(out, LEARNED_RANGE_ATTR, self.min_max)
+        return out
 
     def extra_repr(self) -> str:
         return f"min_max={self.min_max.tolist()}, observing={self.observing}, enabled={self.enabled}"

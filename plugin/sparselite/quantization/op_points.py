@@ -1,10 +1,15 @@
 """Fake-quant at the outputs of functional ops (``x + y``, ``x * g``, ``torch.cat``) in eager models.
 
 TFLite requantizes the output of every ADD, SUB, MUL and CONCATENATION, but in an eager model these
-are not modules, so no hook can reach them. The same mode also puts the outputs of sigmoid, tanh and
-softmax on the grid TFLite fixes for them (``spec.FIXED_OUTPUT_QPARAMS``; ``nn.Sigmoid`` calls
-``torch.sigmoid``), and computes SiLU as export writes it, ``x * sigmoid(x)`` with the sigmoid on
-that grid: the int8 file rounds there, so training must too. A ``TorchFunctionMode`` that is active only during the
+are not modules, so no hook can reach them. The same mode rounds wherever else the int8 file does,
+so that training sees what the file computes:
+  - sigmoid, tanh and softmax outputs, on the grid TFLite fixes for them (``spec.FIXED_OUTPUT_QPARAMS``;
+    ``nn.Sigmoid`` calls ``torch.sigmoid``); SiLU as export writes it, ``x * sigmoid(x)`` with the
+    sigmoid on that grid;
+  - a mean or average pooling of a fake-quantized value, on its input's grid (TFLite's int8 MEAN and
+    AVERAGE_POOL_2D keep the input's scale);
+  - the insides of hardsigmoid and hardswish as export writes them, ``relu6(x + 3) / 6`` (times x),
+    each step on the range export derives from x's learned range (``export/ranges.py``). A ``TorchFunctionMode`` that is active only during the
 model's forward sees each such call. A call site is named by the innermost module whose forward
 made it, the op kind and its index among that module's calls of that kind in one forward
 (``block.sparselite_op_quant.add_0``). torch.export records the same module for each aten node in
@@ -24,11 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from sparselite.quantization.fake_quant import ActivationFakeQuant, FixedRangeFakeQuant, WeightFakeQuant
-from sparselite.quantization.spec import FIXED_OUTPUT_QPARAMS
+from sparselite.quantization.fake_quant import (
+    LEARNED_RANGE_ATTR, ActivationFakeQuant, FixedGridFakeQuant, WeightFakeQuant,
+)
+from sparselite.quantization.spec import FIXED_OUTPUT_QPARAMS, activation_qparams
 
 OP_QUANT = "sparselite_op_quant"
-FIXED_QUANT = "sparselite_fixed_quant"
 
 # Python-level callables -> the op kind TFLite requantizes (the aten op torch.export records).
 _KIND_OF = {}
@@ -50,6 +56,10 @@ for _kind, _functions in {
     "tanh": (torch.tanh, torch.Tensor.tanh, F.tanh),
     "softmax": (torch.softmax, torch.Tensor.softmax, F.softmax),
     "silu": (F.silu,),
+    # Rounded on their input's learned grid, or on ranges derived from it.
+    "mean": (torch.mean, torch.Tensor.mean, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.avg_pool1d, F.avg_pool2d),
+    "hardsigmoid": (F.hardsigmoid,),
+    "hardswish": (F.hardswish,),
 }.items():
     for _function in _functions:
         _FIXED_KIND_OF[_function] = _kind
@@ -66,11 +76,10 @@ def site_name(owner: str, kind: str, index: int) -> str:
 class OpSites:
     """Tracks which module is running and numbers the functional ops each one calls."""
 
-    def __init__(self, model: nn.Module, averaging_constant: float, fixed: FixedRangeFakeQuant) -> None:
+    def __init__(self, model: nn.Module, averaging_constant: float, fixed: FixedGridFakeQuant) -> None:
         self.names = {module: name for name, module in model.named_modules()}
         self.averaging_constant = averaging_constant
-        self.fixed: FixedRangeFakeQuant | None = fixed  # None: the model has no op with a fixed grid
-        self.fixed_seen = False
+        self.fixed = fixed
         self.stack: list[nn.Module] = []
         self.counts: dict[tuple[nn.Module, str], int] = {}
         self.discovering = False
@@ -120,9 +129,7 @@ class _OpMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         fixed_kind = _FIXED_KIND_OF.get(func)
-        if fixed_kind is not None and self.sites.fixed is not None and args and isinstance(args[0], torch.Tensor) \
-                and args[0].is_floating_point():
-            self.sites.fixed_seen = True
+        if fixed_kind is not None and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
             return self.fixed_grid(fixed_kind, func, args, kwargs or {})
         output = func(*args, **(kwargs or {}))
         kind = _KIND_OF.get(func)
@@ -132,10 +139,28 @@ class _OpMode(TorchFunctionMode):
 
     def fixed_grid(self, kind: str, func, args: tuple, kwargs: dict) -> torch.Tensor:
         # The mode is off inside this handler: the calls below run plain.
+        x, fixed = args[0], self.sites.fixed
         if kind == "silu":  # export's form: x * LOGISTIC(x)
-            x = args[0]
-            return x * self.sites.fixed(torch.sigmoid(x), *FIXED_OUTPUT_QPARAMS["sigmoid"])
-        return self.sites.fixed(func(*args, **kwargs), *FIXED_OUTPUT_QPARAMS[kind])
+            return x * fixed(torch.sigmoid(x), *FIXED_OUTPUT_QPARAMS["sigmoid"])
+        if kind in FIXED_OUTPUT_QPARAMS:
+            return fixed(func(*args, **kwargs), *FIXED_OUTPUT_QPARAMS[kind])
+        min_max = getattr(x, LEARNED_RANGE_ATTR, None)
+        if min_max is None or not fixed.enabled:  # not on a grid sparselite knows (or QAT not active yet)
+            return func(*args, **kwargs)
+        learned = (float(min_max[0]), float(min_max[1]))
+        if kind == "mean":
+            return _on_range(fixed, func(*args, **kwargs), learned)
+        # hardsigmoid / hardswish: relu6(x + 3), then / 6, each on the range interval arithmetic gives.
+        low, high = (min(max(v + 3.0, 0.0), 6.0) for v in learned)
+        shifted = _on_range(fixed, torch.clamp(x + 3.0, 0.0, 6.0), (low, high))
+        gate = shifted * (1.0 / 6.0)
+        if kind == "hardsigmoid":
+            return gate  # the module's own output fake-quant rounds it
+        return x * _on_range(fixed, gate, (low / 6.0, high / 6.0))
+
+
+def _on_range(grid: FixedGridFakeQuant, x: torch.Tensor, learned: tuple[float, float]) -> torch.Tensor:
+    return grid(x, *activation_qparams(torch.tensor(learned[0]), torch.tensor(learned[1])))
 
 
 def _enter(sites: OpSites, module: nn.Module, args: tuple) -> None:
@@ -157,10 +182,11 @@ def _end(sites: OpSites, module: nn.Module, args: tuple, output: Any) -> None:
 HOOK_FUNCTIONS = (_enter, _exit, _begin, _end)
 
 
-def attach_op_sites(model: nn.Module, example_inputs: tuple, averaging_constant: float) -> list[str]:
-    """Find the functional-op call sites with one forward pass and give each a fake-quant. Returns their names."""
-    model.add_module(FIXED_QUANT, FixedRangeFakeQuant())
-    sites = OpSites(model, averaging_constant, model._modules[FIXED_QUANT])
+def attach_op_sites(model: nn.Module, example_inputs: tuple, averaging_constant: float,
+                    fixed: FixedGridFakeQuant) -> list[str]:
+    """Find the functional-op call sites with one forward pass and give each a fake-quant (``fixed``
+    rounds the ops on fixed or derived grids). Returns their names."""
+    sites = OpSites(model, averaging_constant, fixed)
     model.register_forward_pre_hook(functools.partial(_begin, sites))
     for module in model.modules():
         module.register_forward_pre_hook(functools.partial(_enter, sites))
@@ -175,9 +201,6 @@ def attach_op_sites(model: nn.Module, example_inputs: tuple, averaging_constant:
     finally:
         sites.discovering = False
         model.train(was_training)
-    if not sites.fixed_seen:  # nothing to round onto a fixed grid: no module to carry around
-        del model._modules[FIXED_QUANT]
-        sites.fixed = None
     return [site_name(name, key.rsplit("_", 1)[0], int(key.rsplit("_", 1)[1]))
             for name, module in model.named_modules() if OP_QUANT in module._modules
             for key in module._modules[OP_QUANT]]

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparselite.errors import SparseliteError
-from sparselite.quantization.fake_quant import ActivationFakeQuant, FixedRangeFakeQuant, WeightFakeQuant
+from sparselite.quantization.fake_quant import ActivationFakeQuant, FixedGridFakeQuant, WeightFakeQuant
 from sparselite.quantization.fusion import FusedChain, find_fused_chains
-from sparselite.quantization.op_points import FIXED_QUANT, HOOK_FUNCTIONS, OP_QUANT, attach_op_sites
+from sparselite.quantization.op_points import HOOK_FUNCTIONS, OP_QUANT, attach_op_sites
 
 WEIGHT_QUANT = "sparselite_weight_quant"
 OUTPUT_QUANT = "sparselite_output_quant"
@@ -101,6 +101,7 @@ class QuantizationSimulator:
         self.chains: list[FusedChain] = []
         self.model: nn.Module | None = None
         self.op_sites: list[str] = []
+        self.fixed_grid = FixedGridFakeQuant()  # the ops rounded on fixed or derived grids (op_points.py)
 
     def prepare(self, model: nn.Module, example_inputs: tuple | None = None) -> list[FusedChain]:
         """Attach fake-quant to every conv/linear (exact nn.Conv1d/2d, nn.Linear), every requantizing
@@ -110,6 +111,9 @@ class QuantizationSimulator:
         chains = [c for c in find_fused_chains(model) if type(model.get_submodule(c.producer)) in _QAT_CLASSES]
         if not chains:
             raise SparseliteError("QAT found no nn.Conv1d, nn.Conv2d or nn.Linear to quantize in the model")
+        if isinstance(model, nn.Sequential):
+            raise SparseliteError("QAT attaches its input fake-quant to the root module, which an nn.Sequential would run "
+                                  "as a last layer: wrap the nn.Sequential in a module of its own (e.g. ImageClassifier)")
         tails = {c.output_module for c in chains}
         for chain in chains:
             producer = model.get_submodule(chain.producer)
@@ -126,7 +130,7 @@ class QuantizationSimulator:
         model.add_module(INPUT_QUANT, ActivationFakeQuant(self.averaging_constant))
         model.register_forward_pre_hook(functools.partial(_quantize_input, getattr(model, INPUT_QUANT)))
         if example_inputs is not None:
-            self.op_sites = attach_op_sites(model, tuple(example_inputs), self.averaging_constant)
+            self.op_sites = attach_op_sites(model, tuple(example_inputs), self.averaging_constant, self.fixed_grid)
         self.model, self.chains = model, chains
         self.step(0)
         return chains
@@ -150,8 +154,7 @@ class QuantizationSimulator:
         for quant in self._modules(ActivationFakeQuant):
             quant.enabled = active
             quant.observing = active and not frozen
-        for quant in self._modules(FixedRangeFakeQuant):
-            quant.enabled = active
+        self.fixed_grid.enabled = active
 
 
     def strip(self) -> None:
@@ -165,7 +168,7 @@ def strip_fake_quant(model: nn.Module) -> None:
     for module in model.modules():
         if type(module) in _FLOAT_CLASSES:
             module.__class__ = _FLOAT_CLASSES[type(module)]
-        for name in (WEIGHT_QUANT, OUTPUT_QUANT, INPUT_QUANT, OP_QUANT, FIXED_QUANT):
+        for name in (WEIGHT_QUANT, OUTPUT_QUANT, INPUT_QUANT, OP_QUANT):
             if name in module._modules:
                 del module._modules[name]
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
