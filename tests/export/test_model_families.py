@@ -95,9 +95,9 @@ def test_family_block_exports_fully_int8(family, fmnist_train, fmnist_heldout, t
     assert report.ranges_calibrated == 0, report.calibrated_ranges  # every range learned in QAT (or derived)
     parity = report.parity
     assert parity.trustworthy, parity.degenerate_reference
-    # Up to ~8 LSB: the insides of the hardswish/hardsigmoid rewrites requantize in the file but are not
-    # simulated in training (their ranges are derived); the plain conv chains stay within 2-3.
-    assert parity.top1_agreement >= 0.98 and parity.max_logit_diff_lsb <= 10, parity
+    # The targets: training rounds wherever the file does (fixed grids, pooled means, the
+    # insides of the hardswish/hardsigmoid rewrites), so these blocks stay within 1-4 LSB (8 before).
+    assert parity.top1_agreement >= 0.99 and round(parity.max_logit_diff_lsb) <= 4, parity
 
 
 def test_transformer_block_exports_fully_int8(fmnist_train, fmnist_heldout, tmp_path):
