@@ -32,7 +32,7 @@ def fake_quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: t
     return _PerTensorFakeQuant.apply(x, scale, zero_point.to(x.dtype), ACT_QMIN, ACT_QMAX)
 
 
-class FixedGridFakeQuant:
+class GridFakeQuant:
     """Fake-quant onto a grid given per call: one TFLite fixes for an op's output
     (``spec.FIXED_OUTPUT_QPARAMS``), or one derived from a learned range. No state to save, so not a
     module (and not a child that an ``nn.Sequential`` root would run as a layer). ``enabled``: round

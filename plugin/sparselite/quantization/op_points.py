@@ -1,15 +1,8 @@
-"""Fake-quant at the outputs of functional ops (``x + y``, ``x * g``, ``torch.cat``) in eager models.
+"""Fake-quant at the outputs of functional ops (``x + y``, ``x * g``, ``torch.cat``) in eager models,
+and rounding wherever else the int8 file rounds.
 
 TFLite requantizes the output of every ADD, SUB, MUL and CONCATENATION, but in an eager model these
-are not modules, so no hook can reach them. The same mode rounds wherever else the int8 file does,
-so that training sees what the file computes:
-  - sigmoid, tanh and softmax outputs, on the grid TFLite fixes for them (``spec.FIXED_OUTPUT_QPARAMS``;
-    ``nn.Sigmoid`` calls ``torch.sigmoid``); SiLU as export writes it, ``x * sigmoid(x)`` with the
-    sigmoid on that grid;
-  - a mean or average pooling of a fake-quantized value, on its input's grid (TFLite's int8 MEAN and
-    AVERAGE_POOL_2D keep the input's scale);
-  - the insides of hardsigmoid and hardswish as export writes them, ``relu6(x + 3) / 6`` (times x),
-    each step on the range export derives from x's learned range (``export/ranges.py``). A ``TorchFunctionMode`` that is active only during the
+are not modules, so no hook can reach them. A ``TorchFunctionMode`` that is active only during the
 model's forward sees each such call. A call site is named by the innermost module whose forward
 made it, the op kind and its index among that module's calls of that kind in one forward
 (``block.sparselite_op_quant.add_0``). torch.export records the same module for each aten node in
@@ -17,6 +10,18 @@ program order, so export finds the same name for each node (``ranges.py``).
 
 The sites are found by one forward pass at ``prepare`` time, so their range buffers exist before a
 checkpoint is restored.
+
+The same mode rounds where the file rounds on a grid nobody learns, so that training computes what
+the file computes (no state: nothing to save):
+  - sigmoid, tanh and softmax outputs, on the grid TFLite fixes for them (``spec.FIXED_OUTPUT_QPARAMS``;
+    ``nn.Sigmoid`` calls ``torch.sigmoid``); SiLU as export writes it, ``x * sigmoid(x)`` with the
+    sigmoid on that grid;
+  - a mean or average pooling of a fake-quantized value, on its input's grid (TFLite's int8 MEAN and
+    AVERAGE_POOL_2D keep the input's scale);
+  - the insides of hardsigmoid and hardswish as export writes them, ``relu6(x + 3) / 6`` (times x),
+    each step on the range export derives from x's learned range (``export/ranges.py``).
+Each fake-quantized activation carries the learned range it was rounded with
+(``fake_quant.LEARNED_RANGE_ATTR``): that is how the op after it finds its grid.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from sparselite.quantization.fake_quant import (
-    LEARNED_RANGE_ATTR, ActivationFakeQuant, FixedGridFakeQuant, WeightFakeQuant,
+    LEARNED_RANGE_ATTR, ActivationFakeQuant, GridFakeQuant, WeightFakeQuant,
 )
 from sparselite.quantization.spec import FIXED_OUTPUT_QPARAMS, activation_qparams
 
@@ -49,23 +54,24 @@ for _kind, _names in {
             if hasattr(_owner, _name):
                 _KIND_OF[getattr(_owner, _name)] = _kind
 
-# Python-level callables whose int8 output TFLite puts on a fixed grid (SiLU: its inner sigmoid's).
-_FIXED_KIND_OF = {}
+# Python-level callables whose int8 output the file rounds on a grid no one learns: one TFLite fixes
+# (SiLU: its inner sigmoid's), or one derived from the input's learned range.
+_GRID_KIND_OF = {}
 for _kind, _functions in {
     "sigmoid": (torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid),
     "tanh": (torch.tanh, torch.Tensor.tanh, F.tanh),
     "softmax": (torch.softmax, torch.Tensor.softmax, F.softmax),
     "silu": (F.silu,),
-    # Rounded on their input's learned grid, or on ranges derived from it.
     "mean": (torch.mean, torch.Tensor.mean, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.avg_pool1d, F.avg_pool2d),
     "hardsigmoid": (F.hardsigmoid,),
     "hardswish": (F.hardswish,),
 }.items():
     for _function in _functions:
-        _FIXED_KIND_OF[_function] = _kind
+        _GRID_KIND_OF[_function] = _kind
 
 # aten op base names -> the same kinds, for export.
-ATEN_KINDS = {"add": "add", "sub": "sub", "mul": "mul", "cat": "cat", "concat": "cat"}  # via export.quantizer.op_kind: in-place ops come as their base kind
+# (export.quantizer.op_kind names in-place ops by their out-of-place kind.)
+ATEN_KINDS = {"add": "add", "sub": "sub", "mul": "mul", "cat": "cat", "concat": "cat"}
 
 
 def site_name(owner: str, kind: str, index: int) -> str:
@@ -76,10 +82,10 @@ def site_name(owner: str, kind: str, index: int) -> str:
 class OpSites:
     """Tracks which module is running and numbers the functional ops each one calls."""
 
-    def __init__(self, model: nn.Module, averaging_constant: float, fixed: FixedGridFakeQuant) -> None:
+    def __init__(self, model: nn.Module, averaging_constant: float, grid: GridFakeQuant) -> None:
         self.names = {module: name for name, module in model.named_modules()}
         self.averaging_constant = averaging_constant
-        self.fixed = fixed
+        self.grid = grid
         self.stack: list[nn.Module] = []
         self.counts: dict[tuple[nn.Module, str], int] = {}
         self.discovering = False
@@ -128,38 +134,38 @@ class _OpMode(TorchFunctionMode):
         self.sites = sites
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        fixed_kind = _FIXED_KIND_OF.get(func)
-        if fixed_kind is not None and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
-            return self.fixed_grid(fixed_kind, func, args, kwargs or {})
+        grid_kind = _GRID_KIND_OF.get(func)
+        if grid_kind is not None and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            return self.on_the_files_grid(grid_kind, func, args, kwargs or {})
         output = func(*args, **(kwargs or {}))
         kind = _KIND_OF.get(func)
         if kind is not None and isinstance(output, torch.Tensor) and output.is_floating_point():
             output = self.sites.on_op(kind, output)
         return output
 
-    def fixed_grid(self, kind: str, func, args: tuple, kwargs: dict) -> torch.Tensor:
+    def on_the_files_grid(self, kind: str, func, args: tuple, kwargs: dict) -> torch.Tensor:
         # The mode is off inside this handler: the calls below run plain.
-        x, fixed = args[0], self.sites.fixed
+        x, grid = args[0], self.sites.grid
         if kind == "silu":  # export's form: x * LOGISTIC(x)
-            return x * fixed(torch.sigmoid(x), *FIXED_OUTPUT_QPARAMS["sigmoid"])
+            return x * grid(torch.sigmoid(x), *FIXED_OUTPUT_QPARAMS["sigmoid"])
         if kind in FIXED_OUTPUT_QPARAMS:
-            return fixed(func(*args, **kwargs), *FIXED_OUTPUT_QPARAMS[kind])
+            return grid(func(*args, **kwargs), *FIXED_OUTPUT_QPARAMS[kind])
         min_max = getattr(x, LEARNED_RANGE_ATTR, None)
-        if min_max is None or not fixed.enabled:  # not on a grid sparselite knows (or QAT not active yet)
+        if min_max is None or not grid.enabled:  # not on a grid sparselite knows (or QAT not active yet)
             return func(*args, **kwargs)
         learned = (float(min_max[0]), float(min_max[1]))
         if kind == "mean":
-            return _on_range(fixed, func(*args, **kwargs), learned)
+            return _on_range(grid, func(*args, **kwargs), learned)
         # hardsigmoid / hardswish: relu6(x + 3), then / 6, each on the range interval arithmetic gives.
         low, high = (min(max(v + 3.0, 0.0), 6.0) for v in learned)
-        shifted = _on_range(fixed, torch.clamp(x + 3.0, 0.0, 6.0), (low, high))
+        shifted = _on_range(grid, torch.clamp(x + 3.0, 0.0, 6.0), (low, high))
         gate = shifted * (1.0 / 6.0)
         if kind == "hardsigmoid":
             return gate  # the module's own output fake-quant rounds it
-        return x * _on_range(fixed, gate, (low / 6.0, high / 6.0))
+        return x * _on_range(grid, gate, (low / 6.0, high / 6.0))
 
 
-def _on_range(grid: FixedGridFakeQuant, x: torch.Tensor, learned: tuple[float, float]) -> torch.Tensor:
+def _on_range(grid: GridFakeQuant, x: torch.Tensor, learned: tuple[float, float]) -> torch.Tensor:
     return grid(x, *activation_qparams(torch.tensor(learned[0]), torch.tensor(learned[1])))
 
 
@@ -183,10 +189,10 @@ HOOK_FUNCTIONS = (_enter, _exit, _begin, _end)
 
 
 def attach_op_sites(model: nn.Module, example_inputs: tuple, averaging_constant: float,
-                    fixed: FixedGridFakeQuant) -> list[str]:
-    """Find the functional-op call sites with one forward pass and give each a fake-quant (``fixed``
+                    grid: GridFakeQuant) -> list[str]:
+    """Find the functional-op call sites with one forward pass and give each a fake-quant (``grid``
     rounds the ops on fixed or derived grids). Returns their names."""
-    sites = OpSites(model, averaging_constant, fixed)
+    sites = OpSites(model, averaging_constant, grid)
     model.register_forward_pre_hook(functools.partial(_begin, sites))
     for module in model.modules():
         module.register_forward_pre_hook(functools.partial(_enter, sites))

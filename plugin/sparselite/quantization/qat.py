@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparselite.errors import SparseliteError
-from sparselite.quantization.fake_quant import ActivationFakeQuant, FixedGridFakeQuant, WeightFakeQuant
+from sparselite.quantization.fake_quant import ActivationFakeQuant, GridFakeQuant, WeightFakeQuant
 from sparselite.quantization.fusion import FusedChain, find_fused_chains
 from sparselite.quantization.op_points import HOOK_FUNCTIONS, OP_QUANT, attach_op_sites
 
@@ -101,7 +101,7 @@ class QuantizationSimulator:
         self.chains: list[FusedChain] = []
         self.model: nn.Module | None = None
         self.op_sites: list[str] = []
-        self.fixed_grid = FixedGridFakeQuant()  # the ops rounded on fixed or derived grids (op_points.py)
+        self.grid = GridFakeQuant()  # rounds the ops the file computes on fixed or derived grids (op_points.py)
 
     def prepare(self, model: nn.Module, example_inputs: tuple | None = None) -> list[FusedChain]:
         """Attach fake-quant to every conv/linear (exact nn.Conv1d/2d, nn.Linear), every requantizing
@@ -130,7 +130,7 @@ class QuantizationSimulator:
         model.add_module(INPUT_QUANT, ActivationFakeQuant(self.averaging_constant))
         model.register_forward_pre_hook(functools.partial(_quantize_input, getattr(model, INPUT_QUANT)))
         if example_inputs is not None:
-            self.op_sites = attach_op_sites(model, tuple(example_inputs), self.averaging_constant, self.fixed_grid)
+            self.op_sites = attach_op_sites(model, tuple(example_inputs), self.averaging_constant, self.grid)
         self.model, self.chains = model, chains
         self.step(0)
         return chains
@@ -154,7 +154,7 @@ class QuantizationSimulator:
         for quant in self._modules(ActivationFakeQuant):
             quant.enabled = active
             quant.observing = active and not frozen
-        self.fixed_grid.enabled = active
+        self.grid.enabled = active
 
 
     def strip(self) -> None:
