@@ -66,7 +66,7 @@ def _cached_baseline(path: Path, retrain: bool) -> torch.nn.Module:
     cached = None
     if path.is_file() and not retrain:
         try:
-            cached = torch.load(path, map_location="cpu")
+            cached = torch.load(path, map_location="cpu", weights_only=True)  # a file in a folder users share
         except Exception:  # noqa: BLE001 - an unreadable cache is only a cache: train again
             cached = {}
     if isinstance(cached, dict) and cached.get("fingerprint") == fingerprint:
