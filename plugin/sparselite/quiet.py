@@ -31,8 +31,8 @@ _LIGHTNING_INFO = re.compile(r"^(💡 Tip:|[GTH]PU available: )")
 _DROPPED_MESSAGES = {
     "": re.compile(r"^Your model .*is converted in training mode"),  # litert-torch, about sparselite's own pt2e graph
     # Lightning's rank_zero_info logs through one of these, whichever of its packages loaded last: its
-    # tips, and the accelerator inventory (sparselite trains on the CPU; a GPU that is there but unused
-    # still gets Lightning's own warning, which is not dropped).
+    # tips, and the accelerator inventory (the config says which device trains; a GPU that is there
+    # but unused still gets Lightning's own warning, which is not dropped).
     "lightning.fabric.utilities.rank_zero": _LIGHTNING_INFO,
     "lightning.pytorch.utilities.rank_zero": _LIGHTNING_INFO,
     "lightning.fabric.utilities.seed": re.compile(r"^Seed set to "),  # the config's own seed_everything value
