@@ -119,6 +119,22 @@ def make_trainer(tmp_path: Path, max_steps: int, callbacks: list, checkpointing:
     )
 
 
+def fit_with_checkpoint_at(tmp_path: Path, callbacks: list, total: int, step: int, loader: DataLoader):
+    """Run A of an exact-resume test: the tiny MobileNetLite (seed 0) trained ``total`` steps with
+    ``callbacks``, saving ``<tmp_path>/ckpt/step=<step>.ckpt``. Returns (module, checkpoint path)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from sparselite.models.classifier import ImageClassifier
+
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(tiny_mobilenet(), lr=5e-3)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=step, save_top_k=-1,
+                                 filename="{step}", save_last=False)
+    make_trainer(tmp_path, total, [*callbacks, checkpoint], checkpointing=True, name="a").fit(module, loader)
+    return module, tmp_path / "ckpt" / f"step={step}.ckpt"
+
+
 @pytest.fixture
 def train_loader(fmnist_train) -> DataLoader:
     return make_loader(fmnist_train, 512)

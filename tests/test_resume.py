@@ -5,9 +5,8 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
-from conftest import make_loader, make_trainer, tiny_mobilenet
+from conftest import fit_with_checkpoint_at, make_loader, make_trainer, tiny_mobilenet
 from sparselite import GradualPruning, QuantizationAwareTraining
 from sparselite.models.classifier import ImageClassifier
 from sparselite.pruning.pruner import MASK_BUFFER
@@ -64,14 +63,8 @@ def test_resume_matches_uninterrupted_run_exactly(tmp_path, fmnist_train, resume
     make = (lambda: ResumableLoader(make_loader(fmnist_train, 256))) if resume_step % 8 else (lambda: make_loader(fmnist_train, 256))
 
     # Run A: uninterrupted, with a checkpoint at `resume_step`, mid-schedule for pruning and QAT.
-    pl.seed_everything(0, verbose=False)
-    module_a = ImageClassifier(tiny_mobilenet(), lr=5e-3)
     callbacks_a = compression_callbacks()
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=resume_step, save_top_k=-1,
-                                 filename="{step}", save_last=False)
-    trainer_a = make_trainer(tmp_path, total, [*callbacks_a, checkpoint], checkpointing=True, name="a")
-    trainer_a.fit(module_a, make())
-    ckpt = tmp_path / "ckpt" / f"step={resume_step}.ckpt"
+    module_a, ckpt = fit_with_checkpoint_at(tmp_path, callbacks_a, total, resume_step, make())
     assert ckpt.is_file(), sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     masks_a, last_a, ranges_a, state_a = run_state(module_a, callbacks_a[0])
     assert last_a == 20 and len(ranges_a) == 7  # the input + 6 convs/linear observed

@@ -7,9 +7,8 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
-from conftest import make_loader, make_trainer, tiny_mobilenet
+from conftest import fit_with_checkpoint_at, make_loader, make_trainer, tiny_mobilenet
 from sparselite import ChannelPruning, GradualPruning, QuantizationAwareTraining, SparseliteError, export_tflite
 from sparselite.models.classifier import ImageClassifier
 from sparselite.pruning.channels import CHANNEL_MASK, PLAN_KEY
@@ -82,14 +81,8 @@ def test_the_int8_export_of_the_shrunk_model_is_verified(composed_run):
 def test_resume_matches_uninterrupted_run_exactly(tmp_path, fmnist_train, resume_step):
     make = lambda: ResumableLoader(make_loader(fmnist_train, 256))  # noqa: E731
 
-    pl.seed_everything(0, verbose=False)
-    module_a = ImageClassifier(tiny_mobilenet(), lr=5e-3)
     callbacks_a = recipe()
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=resume_step, save_top_k=-1,
-                                 filename="{step}", save_last=False)
-    trainer_a = make_trainer(tmp_path, TOTAL, [*callbacks_a, checkpoint], checkpointing=True, name="a")
-    trainer_a.fit(module_a, make())
-    ckpt = tmp_path / "ckpt" / f"step={resume_step}.ckpt"
+    module_a, ckpt = fit_with_checkpoint_at(tmp_path, callbacks_a, TOTAL, resume_step, make())
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert (PLAN_KEY in saved["state_dict"]) == (resume_step > CHANNEL_END)
 
