@@ -209,6 +209,20 @@ def torch_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     return top1_accuracy(model, x, y, batch)
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window for this process (Linux: writing 5 to clear_refs resets VmHWM), so
+    ``peak_rss_bytes`` measures one phase (an export) and not the training before it."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since ``reset_peak_rss`` (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (peak RSS is measured on Linux only)")
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

@@ -33,7 +33,9 @@ from pathlib import Path
 import torch
 
 import sparselite  # noqa: F401  (before torchvision: see sparselite/compat/torchvision.py)
-from benchmarks._common import environment, environment_line, fmt, quiet_logs, scale_batchnorm_momentum, table, write_json
+from benchmarks._common import (
+    environment, environment_line, fmt, peak_rss_bytes, quiet_logs, reset_peak_rss, scale_batchnorm_momentum, table, write_json,
+)
 
 RESULTS = Path(__file__).parent / "results"
 RECIPE = Path(__file__).parent.parent / "recipes" / "gmp80_qat_export.yaml"
@@ -153,6 +155,7 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict:
     example = test_x[:1]
 
     int8, fp32, ptq = out_dir / f"{name}_int8.tflite", out_dir / f"{name}_fp32.tflite", out_dir / f"{name}_ptq.tflite"
+    reset_peak_rss()  # the export's own peak, not training's
     start = time.perf_counter()
     try:
         report = export_tflite(module, example, int8, calibration=[calibration], verify_batches=[test_x[: args.verify]],
@@ -161,12 +164,14 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict:
         result["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
         return result
     result["export_s"] = time.perf_counter() - start
+    result["export_peak_rss_gb"] = peak_rss_bytes() / 1e9
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     result["islands"] = [(i.op, i.count) for i in report.float_islands]
     result["ranges"] = {"learned": report.ranges_learned, "derived": report.ranges_derived, "fixed": report.ranges_fixed,
                         "calibrated": report.ranges_calibrated, "calibrated_why": report.calibrated_ranges}
     result["parity"] = {"agreement": report.parity.top1_agreement, "ties": report.parity.ties_excluded,
-                        "max_lsb": report.parity.max_logit_diff_lsb, "degenerate": report.parity.degenerate_reference}
+                        "max_lsb": report.parity.max_logit_diff_lsb, "degenerate": report.parity.degenerate_reference,
+                        "kernel_agreement": report.parity.kernel_agreement, "kernel_max_lsb": report.parity.kernel_max_lsb}
     result["int8_bytes"] = report.file_bytes
     export_float_tflite(module, example, fp32)
     result["fp32_bytes"] = fp32.stat().st_size
@@ -195,8 +200,8 @@ def islands_text(islands) -> str:
 
 
 def print_table(results: list[dict]) -> str:
-    headers = ["model", "export", "islands", "ranges L/D/F/C", "agree", "ties", "LSB", "acc fp32", "acc int8", "int8/fp32",
-               "int8 KiB", "export s", "PTQ islands", "PTQ acc", "PTQ/fp32"]
+    headers = ["model", "export", "islands", "ranges L/D/F/C", "agree", "ties", "LSB", "floor agree", "floor LSB", "acc fp32",
+               "acc int8", "int8/fp32", "int8 KiB", "export s", "export GB", "PTQ islands", "PTQ acc", "PTQ/fp32"]
     rows = []
     for r in results:
         if "error" in r:
@@ -207,13 +212,14 @@ def print_table(results: list[dict]) -> str:
             r["model"], "ok", islands_text(r["islands"]),
             f"{ranges['learned']}/{ranges['derived']}/{ranges['fixed']}/{ranges['calibrated']}",
             f"{r['parity']['agreement']:.2%}", str(r["parity"]["ties"]), fmt(r["parity"]["max_lsb"], ".0f"),
+            fmt(r["parity"].get("kernel_agreement"), ".2%"), fmt(r["parity"].get("kernel_max_lsb"), ".0f"),
             f"{r.get('fp32_acc', 0):.1%}", f"{r.get('int8_acc', 0):.1%}", f"{lat['int8'] / lat['fp32']:.2f}x",
-            f"{r['int8_bytes'] / 1024:.0f}", f"{r['export_s']:.0f}",
+            f"{r['int8_bytes'] / 1024:.0f}", f"{r['export_s']:.0f}", fmt(r.get("export_peak_rss_gb"), ".2f"),
             islands_text(r["ptq_islands"]) if "ptq_islands" in r else r.get("ptq_error", "-")[:30],
             f"{r['ptq_acc']:.1%}" if "ptq_acc" in r else "-",
             f"{lat['ptq'] / lat['fp32']:.2f}x" if "ptq" in lat else "-",
         ])
-    return table(headers, rows, left=(0, 1, 2, 12))
+    return table(headers, rows, left=(0, 1, 2, 15))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from sparselite.data.fashion_mnist import load_split
 from sparselite.errors import SparseliteError
 from sparselite.export.callback import TFLiteExport
-from sparselite.export.tflite import export_float_tflite, fake_quant_reference, verify
+from sparselite.export.parity import fake_quant_reference, verify
+from sparselite.export.tflite import export_float_tflite
 from sparselite.lightning_cli import build_lightning_cli
 from sparselite.models.classifier import top1_accuracy
 from sparselite.runtime.bench import interleaved_benchmark

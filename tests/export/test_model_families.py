@@ -130,5 +130,9 @@ def test_gru_exports_with_float_fallback_and_lists_its_islands(fmnist_train, fmn
     floats = {op for op, t in types.items() if TensorType.FLOAT32 in t and op not in ("QUANTIZE", "DEQUANTIZE")}
     assert {island.op for island in report.float_islands} == floats  # every float island is reported
     assert all(island.modules for island in report.float_islands)
+    # Each island's cost on XNNPACK, timed alone; the whole set, borders included, costs more than any part.
+    assert all(island.latency_share > 0 for island in report.float_islands)
+    assert report.float_islands_latency_share >= max(island.latency_share for island in report.float_islands) * 0.8
+    assert "of the XNNPACK latency" in report.summary()
     assert TensorType.FLOAT32 not in types["FULLY_CONNECTED"] or "FULLY_CONNECTED" in floats
     assert report.parity.top1_agreement >= 0.98

@@ -16,7 +16,8 @@ def report_path(tflite_path: str | Path) -> Path:
 
 
 GATE_RULE = ("top-1 agreement over the examples where neither the file nor the torch model has a tied top "
-             "logit must reach min_agreement; a reference that predicts one class, gives every example the "
+             "logit must reach min_agreement, or (for a model that amplifies int8 rounding) reach the agreement of "
+             "XNNPACK with TFLite's builtin kernels on the same file, when that is at least 90%; a reference that predicts one class, gives every example the "
              "same logits, or ties its top logit on more than 10% of the examples (a saturated output range) is "
              "flagged: agreement with a dead or clipped model proves nothing")
 
@@ -33,6 +34,9 @@ class Parity:
     ties_excluded: int = 0  # examples whose top logit was tied in the file or the torch model
     top1_agreement_all: float | None = None  # over every example, ties counted as they fall
     degenerate_reference: str | None = None  # why the torch model looks dead (then agreement means nothing)
+    # The same file on XNNPACK vs on TFLite's builtin kernels: the runtime's own rounding noise (export/parity.py).
+    kernel_agreement: float | None = None
+    kernel_max_lsb: float | None = None
     rule: str = GATE_RULE
 
     @property
@@ -47,6 +51,8 @@ class FloatIsland:
     op: str  # TFLite op type
     count: int
     modules: list[str]  # the torch modules they come from
+    # Their median XNNPACK latency, timed alone, over the whole file's (runtime/op_cost.py: an estimate).
+    latency_share: float | None = None
 
 
 @dataclass
@@ -76,6 +82,7 @@ class ExportReport:
     dense_int8_xz_bytes: int | None = None  # compressed downloads: compare this with xz_bytes
     gpu: dict[str, Any] | None = None
     float_islands: list[FloatIsland] = field(default_factory=list)
+    float_islands_latency_share: float | None = None  # every island op and the (DE)QUANTIZE ops at their borders
     notes: list[str] = field(default_factory=list)
     channels: dict[str, Any] | None = None  # channel pruning: params, MACs, latency before/after (channel_report.py)
     sha256: str | None = None  # of the file as written: a report describes exactly one file
@@ -98,11 +105,18 @@ class ExportReport:
             ties = f" ({p.ties_excluded} tied examples excluded)" if p.ties_excluded else ""
             lines.append(f"  parity vs {p.reference} torch on {p.examples} examples: top-1 agreement "
                          f"{p.top1_agreement:.2%}{ties}, max |logit diff| {p.max_logit_diff_lsb:.1f} LSB")
+            if p.kernel_agreement is not None:
+                lines.append(f"  noise floor: XNNPACK vs TFLite's builtin kernels on the same file agree on "
+                             f"{p.kernel_agreement:.2%}, max |logit diff| {p.kernel_max_lsb:.1f} LSB")
             if not p.trustworthy:
                 lines.append(f"  WARNING: parity proves nothing here: the torch model {p.degenerate_reference}; "
                              "train longer or check the model before shipping this file")
         for island in self.float_islands:
-            lines.append(f"  float island: {island.count} x {island.op} from {', '.join(island.modules)}")
+            cost = "" if island.latency_share is None else f" ({island.latency_share:.0%} of the XNNPACK latency, timed alone)"
+            lines.append(f"  float island: {island.count} x {island.op} from {', '.join(island.modules)}{cost}")
+        if self.float_islands_latency_share is not None:
+            lines.append(f"  float islands with their QUANTIZE/DEQUANTIZE borders: {self.float_islands_latency_share:.0%} "
+                         "of the XNNPACK latency, timed alone")
         if self.xz_bytes is not None:
             size = f"  size: {self.file_bytes:,} B (xz -9: {self.xz_bytes:,} B)"
             if self.dense_int8_bytes is not None and self.dense_int8_bytes != self.file_bytes:

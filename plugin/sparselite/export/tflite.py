@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import lzma
-import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -24,8 +23,9 @@ from sparselite.tflite import flatbuffer
 from sparselite.export.destination import check_destination, sha256_hex, size_bound, write_model_and_report
 from sparselite.export.io import use_float_io
 from sparselite.export.names import use_module_names
+from sparselite.export.parity import gate_failure, verify
 from sparselite.export.ranges import quantize_pt2e
-from sparselite.export.report import ExportReport, FloatIsland, LayerSparsity, Parity
+from sparselite.export.report import ExportReport, FloatIsland, LayerSparsity
 from sparselite.pruning.pruner import MASK_BUFFER
 from sparselite.quantization.fusion import find_fused_chains, fold_batchnorm
 from sparselite.quantization.qat import learned_ranges, strip_fake_quant
@@ -62,15 +62,6 @@ def float_model_for_export(module: nn.Module) -> nn.Module:
     return model
 
 
-def fake_quant_reference(module: nn.Module) -> tuple[nn.Module, str]:
-    """The torch model the file must agree with: the fake-quant model if QAT ran, else the float model."""
-    model = detached_copy(module).eval()
-    if learned_ranges(model):
-        return model, "fake-quant"
-    strip_fake_quant(model)
-    return model, "float"
-
-
 def _cap_examples(batches: Iterable[torch.Tensor], limit: int) -> list[torch.Tensor]:
     kept, count = [], 0
     for batch in batches:
@@ -81,23 +72,57 @@ def _cap_examples(batches: Iterable[torch.Tensor], limit: int) -> list[torch.Ten
     return kept
 
 
+def island_ops(model_t) -> dict[str, list[int]]:
+    """Indices of the ops that kept float activations, by TFLite op type; "conversions" holds the
+    QUANTIZE / DEQUANTIZE ops at their borders (not the ones at the model's own input and output)."""
+    subgraph = model_t.subgraphs[0]
+    io = set(subgraph.inputs) | set(subgraph.outputs)
+    found: dict[str, list[int]] = {}
+    for index, op in enumerate(subgraph.operators):
+        name = flatbuffer.builtin_name(flatbuffer.builtin_code(model_t, op))
+        if name in _IO_OPS:
+            if not io & (set(op.inputs) | set(op.outputs)):
+                found.setdefault(ISLAND_CONVERSIONS, []).append(index)
+            continue
+        tensors = [subgraph.tensors[i] for i in list(op.inputs) + list(op.outputs) if i >= 0]
+        if any(t.type in _FLOAT_TYPES and model_t.buffers[t.buffer].data is None for t in tensors):  # float activations
+            found.setdefault(name, []).append(index)
+    return found
+
+
+ISLAND_CONVERSIONS = "conversions"
+
+
 def float_islands(model_t) -> list[FloatIsland]:
     """Ops that kept float activations, grouped by op type, with the torch modules they came from.
 
     Reads the tensor names after ``use_module_names`` has folded them back to module paths.
     """
     subgraph = model_t.subgraphs[0]
-    found: dict[str, tuple[int, set[str]]] = {}
-    for op in subgraph.operators:
-        name = flatbuffer.builtin_name(flatbuffer.builtin_code(model_t, op))
-        if name in _IO_OPS:
+    islands = []
+    for name, indices in sorted(island_ops(model_t).items()):
+        if name == ISLAND_CONVERSIONS:
             continue
-        tensors = [subgraph.tensors[i] for i in list(op.inputs) + list(op.outputs) if i >= 0]
-        if any(t.type in _FLOAT_TYPES and model_t.buffers[t.buffer].data is None for t in tensors):  # float activations
-            out = subgraph.tensors[op.outputs[0]].name.decode(errors="replace") if op.outputs else "?"
-            count, modules = found.get(name, (0, set()))
-            found[name] = (count + 1, modules | {_module_of(out)})
-    return [FloatIsland(op, count, sorted(modules)) for op, (count, modules) in sorted(found.items())]
+        outputs = [subgraph.operators[i].outputs for i in indices]
+        modules = {_module_of(subgraph.tensors[out[0]].name.decode(errors="replace")) if len(out) else "?" for out in outputs}
+        islands.append(FloatIsland(name, len(indices), sorted(modules)))
+    return islands
+
+
+def _time_islands(report: ExportReport, dense: bytes) -> None:
+    """Each island op type's share of the file's XNNPACK latency, timed alone (runtime/op_cost.py)."""
+    from sparselite.runtime.op_cost import latency_shares
+
+    model_t = flatbuffer.read_model(dense)
+    ops = island_ops(model_t)
+    try:
+        shares = latency_shares(model_t, dense, ops | {"all": [i for indices in ops.values() for i in indices]})
+    except (ValueError, RuntimeError) as err:  # a cut-out LiteRT cannot run: the file itself is fine
+        report.notes.append(f"float islands could not be timed alone: {str(err).splitlines()[0]}")
+        return
+    for island in report.float_islands:
+        island.latency_share = shares.get(island.op)
+    report.float_islands_latency_share = shares.get("all")
 
 
 def _module_of(tensor_name: str) -> str:
@@ -250,6 +275,8 @@ def export_tflite(
             "sparse storage shrinks the file; it does not speed up XNNPACK on x86, which densifies weights at "
             "load and runs dense int8 kernels (XNNPACK's sparse kernels are fp32/fp16, ARM only)"
         )
+    if islands:
+        _time_islands(report, dense)
     report.file_bytes = len(final)
     report.xz_bytes = len(lzma.compress(final, preset=9))
     report.dense_int8_xz_bytes = report.xz_bytes if final == dense else len(lzma.compress(dense, preset=9))
@@ -261,12 +288,9 @@ def export_tflite(
         candidate.write_bytes(final)
         if verify_batches is not None:
             report.parity = verify(module, candidate, verify_batches, output_scale)
-            if report.parity.top1_agreement < min_agreement:
-                raise SparseliteError(
-                    f"the int8 file agrees with the torch model on only {report.parity.top1_agreement:.2%} of "
-                    f"top-1 predictions without ties (< {min_agreement:.0%}); nothing was written. Train with "
-                    "QAT longer, or calibrate on more batches"
-                )
+            failure = gate_failure(report.parity, min_agreement)
+            if failure:
+                raise SparseliteError(failure)
         if gpu_check or require_gpu:
             from sparselite.runtime.gpu import gpu_compatibility
 
@@ -300,67 +324,6 @@ def _report_sparsity(report: ExportReport, data: bytes, layer_tensors: dict[str,
     missing = sorted(set(train_sparsity) - set(layer_tensors))
     if missing:
         report.notes.append(f"no int8 weight in the file matched pruned layers {missing}")
-
-
-@torch.no_grad()
-def verify(module: nn.Module, path: Path, batches: Iterable[torch.Tensor], output_scale: float) -> Parity:
-    """Top-1 agreement (ties excluded) and max |logit diff| (output LSBs) of the file on XNNPACK vs the torch model."""
-    from sparselite.runtime.litert import LiteRTModel
-
-    reference, kind = fake_quant_reference(module)
-    runtime = LiteRTModel(path, accelerator="xnnpack", threads=min(2, os.cpu_count() or 1))
-    expected, got = [], []
-    for batch in batches:
-        expected.append(reference(batch).float().numpy())
-        got.append(runtime(batch.numpy()))
-    if not expected:
-        raise SparseliteError("verify_batches was empty; pass at least one held-out batch")
-    return compare_logits(np.concatenate(expected), np.concatenate(got), output_scale, kind)
-
-
-def _has_tied_top(logits: np.ndarray) -> np.ndarray:
-    return (logits == logits.max(axis=1, keepdims=True)).sum(axis=1) > 1
-
-
-def compare_logits(expected: np.ndarray, got: np.ndarray, output_scale: float, reference: str) -> Parity:
-    """The parity gate's numbers. An example whose top logit is exactly tied (int8 logits tie often in
-    an undertrained model) has no well-defined top-1, so it is left out of the agreement."""
-    agree = expected.argmax(1) == got.argmax(1)
-    untied = ~(_has_tied_top(expected) | _has_tied_top(got))
-    agreement = float(agree[untied].mean()) if untied.any() else 0.0
-    max_diff = float(np.abs(expected - got).max()) / output_scale
-    return Parity(len(expected), agreement, max_diff, output_scale, reference, ties_excluded=int((~untied).sum()),
-                  top1_agreement_all=float(agree.mean()),
-                  degenerate_reference=degenerate(expected, output_scale) or saturated(expected))
-
-
-# Above this share of tied examples, the agreement over the rest describes too few examples to trust.
-MAX_TIED_SHARE = 0.1
-
-
-def saturated(logits: np.ndarray) -> str | None:
-    """Many examples tied at the very top of the output range mean the int8 output clips the largest logits."""
-    if not len(logits):
-        return None
-    top = logits.max(axis=1)
-    at_ceiling = _has_tied_top(logits) & np.isclose(top, logits.max())
-    share = float(at_ceiling.mean())
-    if share > MAX_TIED_SHARE:
-        return (f"ties its top logit at the ceiling of the output range on {share:.0%} of the examples: the int8 "
-                "output clips the largest logits (train QAT longer, so the learned output range catches up)")
-    return None
-
-
-def degenerate(logits: np.ndarray, output_scale: float) -> str | None:
-    """Why a model's logits show it learned nothing input-dependent (so agreement proves nothing), or None."""
-    if len(logits) < 2:
-        return None
-    if float(logits.std(axis=0).max()) < output_scale:
-        return "gives every example the same logits"
-    counts = np.bincount(logits.argmax(1))
-    if logits.shape[1] > 1 and counts.max() >= 0.99 * len(logits):
-        return f"predicts class {int(counts.argmax())} for {counts.max() / len(logits):.0%} of the examples"
-    return None
 
 
 def export_float_tflite(module: nn.Module, example_inputs: torch.Tensor | tuple, path: str | Path) -> int:

@@ -1,0 +1,77 @@
+"""What a subset of a file's ops costs on XNNPACK: each subset is cut out into a file of its own and
+timed alone, interleaved with the whole file, and reported as a share of the whole file's latency.
+
+LiteRT's Python interpreter has no per-op profiler, so this is how the export report says what each
+float island costs. It is an estimate: ops timed alone skip the hand-over between the delegate and
+TFLite's kernels that a mixed file pays at every island border (so the share is a lower bound for
+ops XNNPACK does not take), and their inputs are random values of the right shape and type.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema
+
+from sparselite.tflite.flatbuffer import write_model
+
+
+def ops_alone(model: schema.ModelT, keep: Iterable[int]) -> bytes:
+    """A file that runs only operators ``keep`` of the first subgraph: what they read from the rest of
+    the graph becomes an input, what the rest read from them (or the graph returned) an output."""
+    keep = set(keep)
+    cut = copy.deepcopy(model)
+    graph = cut.subgraphs[0]
+    kept = [op for i, op in enumerate(graph.operators) if i in keep]
+    produced = {t for op in kept for t in op.outputs if t >= 0}
+    read = {t for op in kept for t in op.inputs if t >= 0}
+    read_elsewhere = {t for i, op in enumerate(graph.operators) if i not in keep for t in op.inputs if t >= 0}
+
+    def constant(t: int) -> bool:
+        return cut.buffers[graph.tensors[t].buffer].data is not None
+
+    graph.inputs = sorted(t for t in read - produced if not constant(t))
+    graph.outputs = sorted(t for t in produced if t not in read or t in read_elsewhere or t in set(model.subgraphs[0].outputs))
+    graph.operators = kept
+    cut.signatureDefs = []  # they name the whole graph's inputs and outputs
+    return write_model(cut)
+
+
+def _interpreter(content: bytes, threads: int):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=content, num_threads=threads)
+    interpreter.allocate_tensors()
+    rng = np.random.default_rng(0)
+    for detail in interpreter.get_input_details():
+        dtype, shape = detail["dtype"], detail["shape"]
+        if np.issubdtype(dtype, np.floating):
+            value = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.int8:
+            value = rng.integers(-128, 128, shape).astype(np.int8)
+        else:  # indices and sizes: zeros are in range for any of them
+            value = np.zeros(shape, dtype)
+        interpreter.set_tensor(detail["index"], value)
+    return interpreter
+
+
+def latency_shares(model: schema.ModelT, whole: bytes, subsets: dict[str, list[int]], threads: int = 1,
+                   rounds: int = 5, runs_per_round: int = 20) -> dict[str, float]:
+    """Each subset's median XNNPACK latency, timed alone, over the whole file's, in interleaved rounds."""
+    interpreters = {"": _interpreter(whole, threads)}
+    interpreters |= {name: _interpreter(ops_alone(model, ops), threads) for name, ops in subsets.items() if ops}
+    for interpreter in interpreters.values():
+        for _ in range(3):
+            interpreter.invoke()
+    samples: dict[str, list[float]] = {name: [] for name in interpreters}
+    for _ in range(rounds):
+        for name, interpreter in interpreters.items():
+            for _ in range(runs_per_round):
+                start = time.perf_counter()
+                interpreter.invoke()
+                samples[name].append(time.perf_counter() - start)
+    whole_ms = float(np.median(samples.pop("")))
+    return {name: float(np.median(times)) / whole_ms for name, times in samples.items()}
