@@ -208,3 +208,15 @@ def assert_quiet(result: subprocess.CompletedProcess) -> None:
     for noise in ("Failed to load", "Tip:", "Warning", "warn", "WARNING", "absl", "oneDNN", "flatbuffer_export"):
         assert noise not in result.stderr, result.stderr[-3000:]
     assert "LiteRT-Torch Convert" not in result.stdout + result.stderr
+
+
+def test_allow_float_ops_takes_an_optional_runtime():
+    from sparselite.cli import _parser
+
+    def parsed(*flags):
+        return _parser().parse_args(["export", "run.ckpt", *flags]).allow_float_ops
+
+    assert (parsed(), parsed("--allow-float-ops"), parsed("--allow-float-ops", "xnnpack")) == (False, True, "xnnpack")
+    with pytest.raises(SystemExit) as info:
+        parsed("--allow-float-ops", "gpu")
+    assert info.value.code == 2

@@ -224,8 +224,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-batches", type=int, default=8)
     p.add_argument("--gpu-check", action="store_true", help="add a GPU compatibility report")
     p.add_argument("--require-gpu", action="store_true", help="fail unless every op runs on the GPU accelerator")
-    p.add_argument("--allow-float-ops", action="store_true",
-                   help="keep ops with no int8 TFLite kernel in float (mixed precision; listed in the report)")
+    p.add_argument("--allow-float-ops", nargs="?", const=True, default=False, choices=("xnnpack",),
+                   help="keep ops with no int8 TFLite kernel in float (mixed precision; listed in the report); "
+                        "'--allow-float-ops xnnpack' also the modules whose int8 ops XNNPACK does not run "
+                        "(LayerNorm, attention)")
     p.set_defaults(func=export_command)
 
     p = sub.add_parser("shrink", help="remove the channels a ChannelPruning run masked; write a smaller checkpoint")

@@ -16,6 +16,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from sparselite.errors import SparseliteError
+from sparselite.runtime.litert import xnnpack_delegated_ops
 from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model, tensor_name, tensor_type_name
 from sparselite.tflite.sparse import describe_layout, sparse_payload_bytes, tensor_values
 
@@ -111,7 +112,7 @@ def inspect_tflite(path: str | Path) -> InspectReport:
         report.tensors = _constant_tensors(model, graph)
     except (ValueError, IndexError) as err:  # a buffer or sparse index that doesn't match its tensor
         raise SparseliteError(f"{path} has a constant tensor that does not decode ({err}); re-export it") from None
-    delegated, report.xnnpack_error = _xnnpack_ops(data)
+    delegated, report.xnnpack_error = xnnpack_delegated_ops(data)
     report.ops = [
         OpInfo(index=i, op=builtin_name(builtin_code(model, op)), xnnpack=None if delegated is None else i in delegated)
         for i, op in enumerate(graph.operators)
@@ -162,39 +163,3 @@ def _constant_tensors(model: schema.ModelT, graph: schema.SubGraphT) -> list[Con
             stored_bytes=sparse_payload_bytes(model, tensor),
         ))
     return rows
-
-
-def _xnnpack_ops(data: bytes) -> tuple[set[int] | None, str | None]:
-    """Indices of the ops the XNNPACK delegate replaced, measured on a loaded interpreter.
-
-    The interpreter lists every original node plus one DELEGATE node per partition; a partition is
-    the set of ops that produce its outputs from its inputs, so walk back from each DELEGATE's
-    outputs to its inputs.
-    """
-    from ai_edge_litert.interpreter import Interpreter
-
-    try:
-        interpreter = Interpreter(model_content=data, num_threads=1)
-        interpreter.allocate_tensors()
-    except (RuntimeError, ValueError) as err:
-        return None, str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    details = interpreter._get_ops_details()
-    originals = [d for d in details if d["op_name"] != "DELEGATE"]
-    producer = {int(t): d["index"] for d in originals for t in d["outputs"]}
-    by_index = {d["index"]: d for d in originals}
-    delegated: set[int] = set()
-    for node in details:
-        if node["op_name"] != "DELEGATE":
-            continue
-        boundary = {int(t) for t in node["inputs"]}
-        pending = [producer[int(t)] for t in node["outputs"] if int(t) in producer]
-        while pending:
-            op_index = pending.pop()
-            if op_index in delegated:
-                continue
-            delegated.add(op_index)
-            for t in by_index[op_index]["inputs"]:
-                t = int(t)
-                if t not in boundary and t in producer:
-                    pending.append(producer[t])
-    return delegated, None

@@ -100,7 +100,7 @@ def test_family_block_exports_fully_int8(family, fmnist_train, fmnist_heldout, t
     assert parity.top1_agreement >= 0.99 and round(parity.max_logit_diff_lsb) <= 4, parity
 
 
-def test_transformer_block_exports_fully_int8(fmnist_train, fmnist_heldout, tmp_path):
+def test_transformer_block_exports_fully_int8_or_float_where_xnnpack_has_no_int8(fmnist_train, fmnist_heldout, tmp_path):
     """LayerNorm (as MEAN, SUB, MUL, RSQRT) and attention (BATCH_MATMUL, SOFTMAX) in int8 too."""
     torch.manual_seed(0)
     model = train_with_qat(TransformerBlockNet(), fmnist_train)
@@ -114,6 +114,17 @@ def test_transformer_block_exports_fully_int8(fmnist_train, fmnist_heldout, tmp_
     assert report.ranges_calibrated == len(report.calibrated_ranges) > 0
     assert all("norm" in why or "attn" in why for why in report.calibrated_ranges.values())
     assert report.parity.top1_agreement >= 0.98
+
+    # XNNPACK has no int8 kernel for RSQRT, SOFTMAX or BATCH_MATMUL: 'xnnpack' keeps those modules float.
+    fallback = tmp_path / "vit_xnnpack.tflite"
+    mixed = export_tflite(model, images[:1], fallback, calibration=[fmnist_train[0][:256]], verify_batches=[images],
+                          float_fallback="xnnpack")  # the default gate
+    types = op_tensor_types(fallback)
+    assert all(types[op] == {TensorType.FLOAT32} for op in ("RSQRT", "SOFTMAX", "BATCH_MATMUL"))
+    assert {"norm1", "norm2", "attn"} <= {m for i in mixed.float_islands for m in i.modules}
+    assert xnnpack_partitions(fallback) < xnnpack_partitions(tmp_path / "vit.tflite")
+    assert mixed.ranges_calibrated < report.ranges_calibrated
+    assert mixed.parity.top1_agreement >= 0.99 and all(i.latency_share is not None for i in mixed.float_islands)
 
 
 def test_gru_exports_with_float_fallback_and_lists_its_islands(fmnist_train, fmnist_heldout, tmp_path):

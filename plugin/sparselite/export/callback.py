@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparselite.errors import SparseliteError
+from sparselite.export.report import FLOAT_FALLBACKS, FloatFallback
 
 
 class TFLiteExport(pl.Callback):
@@ -25,12 +26,13 @@ class TFLiteExport(pl.Callback):
         min_agreement: top-1 agreement below which the export fails.
         gpu_check / require_gpu: add a GPU compatibility report / fail if not fully delegated.
         float_fallback: keep ops that have no int8 TFLite kernel in float (a mixed-precision file, its
-            float islands listed in the report) instead of failing.
+            float islands listed in the report) instead of failing; 'xnnpack' also keeps float the modules
+            whose int8 ops XNNPACK does not delegate (LayerNorm, attention: faster on XNNPACK).
     """
 
     def __init__(self, path: str = "model.tflite", io_dtype: Literal["float32", "int8"] = "float32", sparse: bool = True,
                  verify_batches: int = 8, calibration_batches: int = 8, min_agreement: float = 0.98,
-                 gpu_check: bool = False, require_gpu: bool = False, float_fallback: bool = False) -> None:
+                 gpu_check: bool = False, require_gpu: bool = False, float_fallback: FloatFallback = False) -> None:
         if io_dtype not in ("float32", "int8"):
             raise SparseliteError(f"io_dtype='{io_dtype}' must be 'float32' or 'int8'")
         if verify_batches < 1 or calibration_batches < 0:
@@ -42,6 +44,8 @@ class TFLiteExport(pl.Callback):
         if not 0.0 <= min_agreement <= 1.0:
             raise SparseliteError(f"min_agreement={min_agreement} must be in [0, 1]")
         self.min_agreement, self.gpu_check, self.require_gpu = min_agreement, gpu_check, require_gpu
+        if float_fallback not in FLOAT_FALLBACKS:
+            raise SparseliteError(f"float_fallback={float_fallback!r} must be false, true or 'xnnpack'")
         self.float_fallback = float_fallback
         self.report = None
 

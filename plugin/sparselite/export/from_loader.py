@@ -14,7 +14,7 @@ from torch import nn
 
 from sparselite.errors import SparseliteError
 from sparselite.export.destination import check_destination
-from sparselite.export.report import ExportReport, report_path
+from sparselite.export.report import ExportReport, FloatFallback, report_path
 from sparselite.export.tflite import export_tflite
 
 
@@ -30,7 +30,7 @@ def export_from_loader(
     min_agreement: float = 0.98,
     gpu_check: bool = False,
     require_gpu: bool = False,
-    float_fallback: bool = False,
+    float_fallback: FloatFallback = False,
 ) -> ExportReport:
     """The first ``verify_batches`` batches of ``loader`` check the file, the next ``calibration_batches``
     calibrate ranges QAT did not learn; writes ``path`` and its report (``report_path(path)``).

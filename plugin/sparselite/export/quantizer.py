@@ -171,12 +171,19 @@ _DECOMPOSITIONS = {
 }
 
 
-def decompose_for_int8(model: GraphModule) -> GraphModule:
-    """Rewrite ops with no int8 TFLite kernel into exact forms that have one (before annotation)."""
+def innermost_module(node: Node) -> str | None:
+    """The path of the module whose own ``forward`` called the op (``encoder.layers.0.ln_1``)."""
+    stack = node.meta.get("nn_module_stack")
+    return next(reversed(stack.values()))[0] if stack else None
+
+
+def decompose_for_int8(model: GraphModule, float_modules: frozenset[str] = frozenset()) -> GraphModule:
+    """Rewrite ops with no int8 TFLite kernel into exact forms that have one (before annotation);
+    ops that stay float (``float_modules``) keep their one float TFLite op."""
     graph = model.graph
     for node in list(graph.nodes):
         kind = op_kind(node)
-        if kind not in _DECOMPOSITIONS:
+        if kind not in _DECOMPOSITIONS or innermost_module(node) in float_modules:
             continue
         with graph.inserting_before(node):
             new_nodes = _DECOMPOSITIONS[kind](graph, node)
@@ -220,29 +227,39 @@ def _constants_at_operand_rank(model: GraphModule) -> GraphModule:
 
 
 class FullInt8Quantizer(PT2EQuantizer):
-    """``PT2EQuantizer`` with litert's weight annotators and an op-kind table for everything else."""
+    """``PT2EQuantizer`` with litert's weight annotators and an op-kind table for everything else.
+
+    ``float_modules``: paths of modules whose own ops stay float (not their submodules' ops): the
+    export's float fallback for ops a runtime cannot run in int8 (``export_tflite(float_fallback="xnnpack")``).
+    """
 
     STATIC_OPS = WEIGHT_ANNOTATORS
     STATIC_QAT_ONLY_OPS: list[str] = []
 
-    def __init__(self) -> None:
+    def __init__(self, float_modules: frozenset[str] = frozenset()) -> None:
         super().__init__()
+        self.float_modules = frozenset(float_modules)
         self.set_global(get_symmetric_quantization_config(is_per_channel=True))
 
     def transform_for_annotation(self, model: GraphModule) -> GraphModule:
         # Decompose first: litert's pass then turns the new scalar operands into constant tensors.
-        return _constants_at_operand_rank(super().transform_for_annotation(decompose_for_int8(model)))
+        decomposed = decompose_for_int8(model, self.float_modules)
+        return _constants_at_operand_rank(super().transform_for_annotation(decomposed))
 
     def annotate(self, model: GraphModule) -> GraphModule:
         super().annotate(model)
-        annotate_by_op_kind(model, self.global_config.input_activation, self.global_config.output_activation)
+        for node in model.graph.nodes:  # before the op table runs, so nothing outside shares their ranges
+            if innermost_module(node) in self.float_modules:
+                node.meta.pop("quantization_annotation", None)
+        annotate_by_op_kind(model, self.global_config.input_activation, self.global_config.output_activation,
+                            self.float_modules)
         return model
 
 
-def annotate_by_op_kind(model: GraphModule, input_spec, output_spec) -> None:
+def annotate_by_op_kind(model: GraphModule, input_spec, output_spec, float_modules: frozenset[str] = frozenset()) -> None:
     """Annotate every not-yet-annotated op of a known kind, in graph order (inputs before users)."""
     for node in model.graph.nodes:
-        if node.op != "call_function" or _annotation(node) is not None:
+        if node.op != "call_function" or _annotation(node) is not None or innermost_module(node) in float_modules:
             continue
         kind = op_kind(node)
         inputs = _tensor_inputs(node)

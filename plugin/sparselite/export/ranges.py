@@ -191,10 +191,12 @@ def _describe(source: torch.fx.Node) -> str:
 
 
 def quantize_pt2e(float_model: torch.nn.Module, example_inputs: tuple, ranges: Mapping[str, tuple[float, float]],
-                  calibration: Iterable[torch.Tensor] = ()) -> tuple[torch.fx.GraphModule, FullInt8Quantizer, RangeInjection]:
-    """torch.export -> prepare_pt2e -> forward passes -> learned ranges in -> convert_pt2e."""
+                  calibration: Iterable[torch.Tensor] = (), float_modules: frozenset[str] = frozenset(),
+                  ) -> tuple[torch.fx.GraphModule, FullInt8Quantizer, RangeInjection]:
+    """torch.export -> prepare_pt2e -> forward passes -> learned ranges in -> convert_pt2e (the own ops
+    of ``float_modules`` stay float)."""
     exported = torch.export.export(float_model, example_inputs).module()
-    quantizer = FullInt8Quantizer()
+    quantizer = FullInt8Quantizer(float_modules)
     prepared = prepare_pt2e(exported, quantizer)
     # Not named_children(): it de-duplicates, and pt2e registers one observer under several names
     # where ops share quantization (conv -> in-place relu). Every alias must get the learned range.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 from sparselite.tflite.flatbuffer import write_atomically
 
@@ -20,6 +20,12 @@ GATE_RULE = ("top-1 agreement over the examples where neither the file nor the t
              "XNNPACK with TFLite's builtin kernels on the same file, when that is at least 90%; a reference that predicts one class, gives every example the "
              "same logits, or ties its top logit on more than 10% of the examples (a saturated output range) is "
              "flagged: agreement with a dead or clipped model proves nothing")
+
+
+def shortened(names: list[str], shown: int = 4) -> str:
+    """'a, b, c, d and 3 more': module lists in one line."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 @dataclass
@@ -42,6 +48,12 @@ class Parity:
     @property
     def trustworthy(self) -> bool:
         return self.degenerate_reference is None
+
+
+# What may stay float in an export: False, nothing (the export fails, naming the ops); True, ops with
+# no int8 TFLite kernel; "xnnpack", also the modules whose int8 ops XNNPACK does not delegate.
+FloatFallback = Union[bool, Literal["xnnpack"]]
+FLOAT_FALLBACKS = (False, True, "xnnpack")
 
 
 @dataclass
@@ -113,7 +125,7 @@ class ExportReport:
                              "train longer or check the model before shipping this file")
         for island in self.float_islands:
             cost = "" if island.latency_share is None else f" ({island.latency_share:.0%} of the XNNPACK latency, timed alone)"
-            lines.append(f"  float island: {island.count} x {island.op} from {', '.join(island.modules)}{cost}")
+            lines.append(f"  float island: {island.count} x {island.op} from {shortened(island.modules)}{cost}")
         if self.float_islands_latency_share is not None:
             lines.append(f"  float islands with their QUANTIZE/DEQUANTIZE borders: {self.float_islands_latency_share:.0%} "
                          "of the XNNPACK latency, timed alone")

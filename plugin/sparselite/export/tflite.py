@@ -6,6 +6,7 @@ fold BN -> torch.export -> pt2e prepare (litert quantizer) -> learned ranges in 
 
 from __future__ import annotations
 
+import copy
 import logging
 import lzma
 import tempfile
@@ -24,8 +25,9 @@ from sparselite.export.destination import check_destination, sha256_hex, size_bo
 from sparselite.export.io import use_float_io
 from sparselite.export.names import use_module_names
 from sparselite.export.parity import gate_failure, verify
+from sparselite.runtime.litert import xnnpack_delegated_ops
 from sparselite.export.ranges import quantize_pt2e
-from sparselite.export.report import ExportReport, FloatIsland, LayerSparsity
+from sparselite.export.report import FLOAT_FALLBACKS, ExportReport, FloatFallback, FloatIsland, LayerSparsity, shortened
 from sparselite.pruning.pruner import MASK_BUFFER
 from sparselite.quantization.fusion import find_fused_chains, fold_batchnorm
 from sparselite.quantization.qat import learned_ranges, strip_fake_quant
@@ -70,6 +72,52 @@ def _cap_examples(batches: Iterable[torch.Tensor], limit: int) -> list[torch.Ten
         kept.append(batch[: limit - count])
         count += len(kept[-1])
     return kept
+
+
+def _quantize_and_convert(float_model: nn.Module, example_inputs: tuple, ranges, calibration: list[torch.Tensor],
+                          float_modules: frozenset[str] = frozenset()):
+    """The int8 flatbuffer (object API, converter's tensor names) and how each range was set."""
+    try:
+        converted, quantizer, injection = quantize_pt2e(float_model, example_inputs, ranges, calibration, float_modules)
+    except _untraceable_model_errors() as err:  # only the model's own problems; a sparselite bug keeps its traceback
+        raise SparseliteError(f"torch.export cannot trace this model: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+    if injection.calibrated and not calibration:
+        raise SparseliteError(
+            f"{len(injection.calibrated)} activation range(s) were not learned in QAT (e.g. "
+            f"{next(iter(injection.calibrated.values()))}) and no calibration batches were given; pass calibration=[...]"
+        )
+
+    import litert_torch
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    try:
+        edge = litert_torch.convert(converted, example_inputs, quant_config=QuantConfig(pt2e_quantizer=quantizer))
+        data = edge.model_content()
+    except Exception as err:
+        raise SparseliteError(f"litert-torch could not convert the quantized model: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+    return flatbuffer.read_model(data), injection
+
+
+def _modules_xnnpack_runs_slower_in_int8(model_t, float_model: nn.Module) -> frozenset[str]:
+    """The modules whose int8 ops XNNPACK does not delegate, read from the loaded file. Each such op
+    runs on TFLite's own kernel and splits the delegate's graph (int8 RSQRT, SOFTMAX, GELU and
+    BATCH_MATMUL in XNNPACK 2.3); in float, XNNPACK runs them, so those modules' ops stay float."""
+    named = copy.deepcopy(model_t)
+    use_module_names(named)
+    delegated, _ = xnnpack_delegated_ops(flatbuffer.write_model(named))
+    if delegated is None:  # XNNPACK cannot load the file at all: verification says so
+        return frozenset()
+    modules = dict(float_model.named_modules())
+    graph = named.subgraphs[0]
+    slow = set()
+    for index, op in enumerate(graph.operators):
+        if index in delegated or flatbuffer.builtin_name(flatbuffer.builtin_code(named, op)) in _IO_OPS:
+            continue
+        for output in op.outputs:
+            module = _module_of(graph.tensors[output].name.decode(errors="replace"))
+            if module in modules:
+                slow.add(module)
+    return frozenset(slow)
 
 
 def island_ops(model_t) -> dict[str, list[int]]:
@@ -131,10 +179,7 @@ def _module_of(tensor_name: str) -> str:
 
 
 def _islands_error(islands: list[FloatIsland]) -> str:
-    shown = []
-    for island in islands:
-        more = f" and {len(island.modules) - 4} more" if len(island.modules) > 4 else ""
-        shown.append(f"{island.op} x{island.count} ({', '.join(island.modules[:4])}{more})")
+    shown = [f"{island.op} x{island.count} ({shortened(island.modules)})" for island in islands]
     return (f"{sum(i.count for i in islands)} op(s) have no int8 TFLite kernel: {'; '.join(shown)}. Pass "
             "float_fallback=True (CLI: --allow-float-ops) to keep them in float in a mixed-precision file, "
             "or replace those modules")
@@ -183,7 +228,7 @@ def export_tflite(
     sparse: bool = True,
     gpu_check: bool = False,
     require_gpu: bool = False,
-    float_fallback: bool = False,
+    float_fallback: FloatFallback = False,
     report_path: str | Path | None = None,
 ) -> ExportReport:
     """Export ``module`` (a LightningModule or a plain nn.Module) to a fully int8 ``.tflite`` at ``path``.
@@ -197,9 +242,11 @@ def export_tflite(
             torch model; below ``min_agreement`` top-1 agreement the export fails and writes nothing.
         sparse: store pruned weights in TFLite's sparse format where that saves bytes.
         gpu_check / require_gpu: compile GPU-only and report unsupported ops; fail if not delegable.
-        float_fallback: ops with no int8 TFLite kernel (LayerNorm's variance, attention, GRU cells)
-            stay in float in a mixed-precision file, listed in ``report.float_islands``; by default
-            they fail the export, named once per op type with their torch modules.
+        float_fallback: ops with no int8 TFLite kernel (GRU/LSTM cells, masked attention) stay in float
+            in a mixed-precision file, listed in ``report.float_islands`` with their share of the
+            latency; by default they fail the export, named once per op type with their torch modules.
+            'xnnpack' also keeps float the modules whose int8 ops XNNPACK does not delegate
+            (LayerNorm, attention and GELU in XNNPACK 2.3): faster on XNNPACK, and exact there.
         report_path: also write the report (JSON) there, with the model as one unit
             (``destination.write_model_and_report``).
 
@@ -207,6 +254,8 @@ def export_tflite(
     not be a folder or an existing file other than a model, and have room for the file.
     ``report.sha256`` is the written file's.
     """
+    if float_fallback not in FLOAT_FALLBACKS:
+        raise SparseliteError(f"float_fallback={float_fallback!r} must be False, True or 'xnnpack'")
     if io_dtype not in ("float32", "int8"):
         raise SparseliteError(f"io_dtype='{io_dtype}' must be 'float32' or 'int8'")
     if not 0.0 <= min_agreement <= 1.0:
@@ -222,26 +271,15 @@ def export_tflite(
     if not ranges and not calibration:
         raise SparseliteError("the model has no QAT ranges and no calibration batches were given; pass calibration=[...] (a few batches)")
     log.info("quantizing with %d learned ranges, %d calibration batches", len(ranges), len(calibration))
-    try:
-        converted, quantizer, injection = quantize_pt2e(float_model, example_inputs, ranges, calibration)
-    except _untraceable_model_errors() as err:  # only the model's own problems; a sparselite bug keeps its traceback
-        raise SparseliteError(f"torch.export cannot trace this model: {type(err).__name__}: {str(err).splitlines()[0]}") from err
-    if injection.calibrated and not calibration:
-        raise SparseliteError(
-            f"{len(injection.calibrated)} activation range(s) were not learned in QAT (e.g. "
-            f"{next(iter(injection.calibrated.values()))}) and no calibration batches were given; pass calibration=[...]"
-        )
-
-    import litert_torch
-    from litert_torch.quantize.quant_config import QuantConfig
-
-    try:
-        edge = litert_torch.convert(converted, example_inputs, quant_config=QuantConfig(pt2e_quantizer=quantizer))
-        data = edge.model_content()
-    except Exception as err:
-        raise SparseliteError(f"litert-torch could not convert the quantized model: {type(err).__name__}: {str(err).splitlines()[0]}") from err
-
-    model_t = flatbuffer.read_model(data)
+    model_t, injection = _quantize_and_convert(float_model, example_inputs, ranges, calibration)
+    kept_float = _modules_xnnpack_runs_slower_in_int8(model_t, float_model) if float_fallback == "xnnpack" else frozenset()
+    still_int8: frozenset[str] = frozenset()
+    if kept_float:
+        log.info("keeping %d module(s) float: XNNPACK does not run their int8 ops", len(kept_float))
+        model_t, injection = _quantize_and_convert(float_model, example_inputs, ranges, calibration, kept_float)
+        # The converter fuses a lone float op between two int8 neighbours back into int8 (GELU between two
+        # linears): those stay on TFLite's kernels, and the report says so.
+        still_int8 = _modules_xnnpack_runs_slower_in_int8(model_t, float_model)
     output_scale = _output_scale(model_t)
     layer_tensors = _match_layers(model_t, float_model, pruned)
     renamed = use_module_names(model_t)
@@ -249,6 +287,11 @@ def export_tflite(
     islands = float_islands(model_t)
     if islands and not float_fallback:
         raise SparseliteError(_islands_error(islands))
+    notes = [f"float_fallback='xnnpack': kept float the ops of {len(kept_float - still_int8)} module(s) whose int8 ops "
+             f"XNNPACK leaves to TFLite's kernels: {', '.join(sorted(kept_float - still_int8))}"] if kept_float else []
+    if still_int8:
+        notes.append(f"XNNPACK still leaves int8 ops of {', '.join(sorted(still_int8))} to TFLite's kernels: the converter "
+                     "fuses a single float op between two int8 ops back into int8")
     if io_dtype == "float32":
         use_float_io(model_t)
     from sparselite.export.quantization_sharing import share_quantization_tables
@@ -260,7 +303,7 @@ def export_tflite(
                           ranges_learned=len(injection.learned), ranges_calibrated=len(injection.calibrated),
                           ranges_derived=len(injection.derived), ranges_fixed=len(injection.fixed),
                           calibrated_ranges=dict(injection.calibrated) if ranges else {},
-                          dense_int8_bytes=len(dense))
+                          dense_int8_bytes=len(dense), notes=notes)
     final = dense
     if sparse and require_gpu:
         sparse = False
@@ -280,7 +323,7 @@ def export_tflite(
     report.file_bytes = len(final)
     report.xz_bytes = len(lzma.compress(final, preset=9))
     report.dense_int8_xz_bytes = report.xz_bytes if final == dense else len(lzma.compress(dense, preset=9))
-    _report_sparsity(report, final, layer_tensors, train_sparsity, float_model)
+    _report_sparsity(report, final, layer_tensors, train_sparsity, float_model, kept_float)
 
     # Verify on the runtime before the file replaces anything at ``path``.
     with tempfile.TemporaryDirectory() as tmp:
@@ -308,7 +351,7 @@ def export_tflite(
 
 
 def _report_sparsity(report: ExportReport, data: bytes, layer_tensors: dict[str, str],
-                     train_sparsity: dict[str, float], float_model: nn.Module) -> None:
+                     train_sparsity: dict[str, float], float_model: nn.Module, kept_float: frozenset[str]) -> None:
     """Per-layer sparsity decoded from the final file's weights (sparse-encoded or dense)."""
     if not layer_tensors:
         return
@@ -322,7 +365,11 @@ def _report_sparsity(report: ExportReport, data: bytes, layer_tensors: dict[str,
         zeros, total = zeros + sparsity * count, total + count
     report.overall_sparsity_in_file = zeros / max(total, 1)
     missing = sorted(set(train_sparsity) - set(layer_tensors))
-    if missing:
+    in_float = [layer for layer in missing if any(layer == m or layer.startswith(m + ".") for m in kept_float)]
+    if in_float:
+        report.notes.append(f"pruned layers kept float by float_fallback='xnnpack' (their sparsity is not read from "
+                            f"the file): {in_float}")
+    if missing := [layer for layer in missing if layer not in in_float]:
         report.notes.append(f"no int8 weight in the file matched pruned layers {missing}")
 
 

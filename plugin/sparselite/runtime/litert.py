@@ -105,3 +105,39 @@ class LiteRTModel:
             correct += int((logits.argmax(1) == np.asarray(labels)).sum())
             total += len(labels)
         return {"accuracy": correct / max(total, 1), "examples": total}
+
+
+def xnnpack_delegated_ops(data: bytes) -> tuple[set[int] | None, str | None]:
+    """Indices of the ops the XNNPACK delegate replaced, measured on a loaded interpreter.
+
+    The interpreter lists every original node plus one DELEGATE node per partition; a partition is
+    the set of ops that produce its outputs from its inputs, so walk back from each DELEGATE's
+    outputs to its inputs.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        interpreter = Interpreter(model_content=data, num_threads=1)
+        interpreter.allocate_tensors()
+    except (RuntimeError, ValueError) as err:
+        return None, str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    details = interpreter._get_ops_details()
+    originals = [d for d in details if d["op_name"] != "DELEGATE"]
+    producer = {int(t): d["index"] for d in originals for t in d["outputs"]}
+    by_index = {d["index"]: d for d in originals}
+    delegated: set[int] = set()
+    for node in details:
+        if node["op_name"] != "DELEGATE":
+            continue
+        boundary = {int(t) for t in node["inputs"]}
+        pending = [producer[int(t)] for t in node["outputs"] if int(t) in producer]
+        while pending:
+            op_index = pending.pop()
+            if op_index in delegated:
+                continue
+            delegated.add(op_index)
+            for t in by_index[op_index]["inputs"]:
+                t = int(t)
+                if t not in boundary and t in producer:
+                    pending.append(producer[t])
+    return delegated, None
