@@ -142,6 +142,7 @@ def file_accuracy(path: Path, images: torch.Tensor, labels: torch.Tensor) -> flo
 
 def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict:
     from sparselite.data.fashion_mnist import load_split, resize_images
+    from sparselite.export.parity import measure_noise_floor
     from sparselite.export.tflite import export_float_tflite, export_tflite, float_model_for_export
     from sparselite.runtime.bench import interleaved_benchmark
 
@@ -166,6 +167,7 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict:
         return result
     result["export_s"] = time.perf_counter() - start
     result["export_peak_rss_gb"] = peak_rss_bytes() / 1e9
+    measure_noise_floor(report.parity, int8, [test_x[: args.verify]])  # what the gate compares with, always
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     result["islands"] = [(i.op, i.count) for i in report.float_islands]
     result["ranges"] = {"learned": report.ranges_learned, "derived": report.ranges_derived, "fixed": report.ranges_fixed,

@@ -5,8 +5,9 @@ when QAT ran). Two int8 runtimes of one file do not agree to the bit either: XNN
 builtin kernels round requantizations differently, and a deep net amplifies those 1-LSB differences
 into several output LSBs and flipped near-ties (mobilenet-class nets at 200 training steps: 94-96%
 top-1 agreement between the two runtimes on the same file). So the same file is also run on the
-builtin kernels, and that agreement, the runtime's own noise floor, is reported beside the parity
-and lets a file through that is as faithful as the runtimes are to each other. A broken export
+builtin kernels when the file falls short of ``min_agreement``; that agreement, the runtime's own
+noise floor, is reported beside the parity and lets a file through that is as faithful as the
+runtimes are to each other. A broken export
 (a wrong scale, a dropped op) is wrong on both runtimes alike: it cannot hide under the floor.
 """
 
@@ -43,25 +44,36 @@ def fake_quant_reference(module: nn.Module) -> tuple[nn.Module, str]:
 
 @torch.no_grad()
 def verify(module: nn.Module, path: Path, batches: Iterable[torch.Tensor], output_scale: float) -> Parity:
-    """The file on XNNPACK vs the torch model (top-1 agreement without ties, max |logit diff| in output
-    LSBs), and the file on XNNPACK vs the file on TFLite's builtin kernels (the noise floor)."""
+    """The file on XNNPACK vs the torch model: top-1 agreement without ties, max |logit diff| in output LSBs."""
     from sparselite.runtime.litert import LiteRTModel
 
     reference, kind = fake_quant_reference(module)
-    threads = min(2, os.cpu_count() or 1)
-    xnnpack = LiteRTModel(path, accelerator="xnnpack", threads=threads)
-    builtin = LiteRTModel(path, accelerator="reference", threads=threads)
-    expected, got, got_builtin = [], [], []
+    runtime = LiteRTModel(path, accelerator="xnnpack", threads=_threads())
+    expected, got = [], []
     for batch in batches:
         expected.append(reference(batch).float().numpy())
-        got.append(xnnpack(batch.numpy()))
-        got_builtin.append(builtin(batch.numpy()))
+        got.append(runtime(batch.numpy()))
     if not expected:
         raise SparseliteError("verify_batches was empty; pass at least one held-out batch")
-    parity = compare_logits(np.concatenate(expected), np.concatenate(got), output_scale, kind)
-    floor = compare_logits(np.concatenate(got_builtin), np.concatenate(got), output_scale, "builtin kernels")
+    return compare_logits(np.concatenate(expected), np.concatenate(got), output_scale, kind)
+
+
+def measure_noise_floor(parity: Parity, path: Path, batches: Iterable[torch.Tensor]) -> None:
+    """Run the file on XNNPACK and on TFLite's builtin kernels and set ``parity.kernel_agreement`` and
+    ``kernel_max_lsb``. The builtin kernels are several times slower than XNNPACK, so the export
+    measures this only when the gate needs it (agreement below ``min_agreement``)."""
+    from sparselite.runtime.litert import LiteRTModel
+
+    xnnpack = LiteRTModel(path, accelerator="xnnpack", threads=_threads())
+    builtin = LiteRTModel(path, accelerator="reference", threads=_threads())
+    inputs = [batch.numpy() for batch in batches]
+    floor = compare_logits(np.concatenate([builtin(x) for x in inputs]), np.concatenate([xnnpack(x) for x in inputs]),
+                           parity.output_scale, "builtin kernels")
     parity.kernel_agreement, parity.kernel_max_lsb = floor.top1_agreement, floor.max_logit_diff_lsb
-    return parity
+
+
+def _threads() -> int:
+    return min(2, os.cpu_count() or 1)
 
 
 def gate_failure(parity: Parity, min_agreement: float) -> str | None:

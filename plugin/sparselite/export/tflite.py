@@ -24,7 +24,7 @@ from sparselite.tflite import flatbuffer
 from sparselite.export.destination import check_destination, sha256_hex, size_bound, write_model_and_report
 from sparselite.export.io import use_float_io
 from sparselite.export.names import use_module_names
-from sparselite.export.parity import gate_failure, verify
+from sparselite.export.parity import gate_failure, measure_noise_floor, verify
 from sparselite.runtime.litert import xnnpack_delegated_ops
 from sparselite.export.ranges import quantize_pt2e
 from sparselite.export.report import FLOAT_FALLBACKS, ExportReport, FloatFallback, FloatIsland, LayerSparsity, shortened
@@ -330,7 +330,10 @@ def export_tflite(
         candidate = Path(tmp) / path.name
         candidate.write_bytes(final)
         if verify_batches is not None:
+            verify_batches = list(verify_batches)  # read twice when the noise floor is measured
             report.parity = verify(module, candidate, verify_batches, output_scale)
+            if report.parity.top1_agreement < min_agreement:
+                measure_noise_floor(report.parity, candidate, verify_batches)
             failure = gate_failure(report.parity, min_agreement)
             if failure:
                 raise SparseliteError(failure)
