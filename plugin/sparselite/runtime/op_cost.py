@@ -2,9 +2,16 @@
 timed alone, interleaved with the whole file, and reported as a share of the whole file's latency.
 
 LiteRT's Python interpreter has no per-op profiler, so this is how the export report says what each
-float island costs. It is an estimate: ops timed alone skip the hand-over between the delegate and
-TFLite's kernels that a mixed file pays at every island border (so the share is a lower bound for
-ops XNNPACK does not take), and their inputs are random values of the right shape and type.
+float island costs. It is an estimate, and it errs both ways:
+- ops timed alone skip the hand-over between the delegate and TFLite's kernels that a mixed file
+  pays at every island border (too low for ops XNNPACK does not take);
+- an op that XNNPACK fuses into its neighbour costs more alone than in the file: mobilenet_v3_small's
+  five int8 PADs take 73% of the file's latency alone, and nothing next to the convolutions they are
+  fused into (PADs + convolutions cut out together: 13%, the convolutions alone: 13%). Float islands
+  sit between a DEQUANTIZE and a QUANTIZE, which XNNPACK fuses with neither, so their own ops are timed
+  as they run; subtracting neighbours instead was tried and fails the other way (the neighbours,
+  timed without their fusion partners, cost more than the ops did).
+Inputs are random values of the right shape and type.
 """
 
 from __future__ import annotations
