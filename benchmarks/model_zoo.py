@@ -123,7 +123,7 @@ def litert_ptq(float_model: torch.nn.Module, example: torch.Tensor, calibration:
 def file_islands(path: Path) -> list:
     from sparselite.tflite.flatbuffer import read_model
     from sparselite.export.names import use_module_names
-    from sparselite.export.tflite import float_islands
+    from sparselite.export.islands import float_islands
 
     model = read_model(path)
     use_module_names(model)

@@ -1,12 +1,12 @@
 """``export_tflite``: a (pruned, QAT-trained) torch model -> a fully int8, verified ``.tflite``.
 
 fold BN -> torch.export -> pt2e prepare (litert quantizer) -> learned ranges in -> convert_pt2e
--> litert-torch convert -> int8 check -> float I/O -> sparse encoding -> verify on XNNPACK -> write.
+-> litert-torch convert [-> again, with the modules XNNPACK cannot run in int8 kept float] -> int8
+check (islands.py) -> float I/O -> sparse encoding -> verify on XNNPACK (parity.py) -> write.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import lzma
 import tempfile
@@ -24,10 +24,10 @@ from sparselite.tflite import flatbuffer
 from sparselite.export.destination import check_destination, sha256_hex, size_bound, write_model_and_report
 from sparselite.export.io import use_float_io
 from sparselite.export.names import use_module_names
+from sparselite.export.islands import float_islands, islands_error, modules_xnnpack_runs_slower_in_int8, time_islands
 from sparselite.export.parity import gate_failure, measure_noise_floor, verify
-from sparselite.runtime.litert import xnnpack_delegated_ops
 from sparselite.export.ranges import quantize_pt2e
-from sparselite.export.report import FLOAT_FALLBACKS, ExportReport, FloatFallback, FloatIsland, LayerSparsity, shortened
+from sparselite.export.report import FLOAT_FALLBACKS, ExportReport, FloatFallback, LayerSparsity
 from sparselite.pruning.pruner import MASK_BUFFER
 from sparselite.quantization.fusion import find_fused_chains, fold_batchnorm
 from sparselite.quantization.qat import learned_ranges, strip_fake_quant
@@ -37,11 +37,6 @@ log = logging.getLogger("sparselite")
 
 # Post-training calibration runs the batch-1 graph once per example; this many give stable ranges.
 MAX_CALIBRATION_EXAMPLES = 256
-
-_FLOAT_TYPES = (TensorType.FLOAT32, TensorType.FLOAT16)
-
-# Ops allowed to carry float tensors in an int8 model: the I/O conversions we add ourselves.
-_IO_OPS = {"QUANTIZE", "DEQUANTIZE"}
 
 
 def _untraceable_model_errors() -> tuple[type[BaseException], ...]:
@@ -96,93 +91,6 @@ def _quantize_and_convert(float_model: nn.Module, example_inputs: tuple, ranges,
     except Exception as err:
         raise SparseliteError(f"litert-torch could not convert the quantized model: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     return flatbuffer.read_model(data), injection
-
-
-def _modules_xnnpack_runs_slower_in_int8(model_t, float_model: nn.Module) -> frozenset[str]:
-    """The modules whose int8 ops XNNPACK does not delegate, read from the loaded file. Each such op
-    runs on TFLite's own kernel and splits the delegate's graph (int8 RSQRT, SOFTMAX, GELU and
-    BATCH_MATMUL in XNNPACK 2.3); in float, XNNPACK runs them, so those modules' ops stay float."""
-    named = copy.deepcopy(model_t)
-    use_module_names(named)
-    delegated, _ = xnnpack_delegated_ops(flatbuffer.write_model(named))
-    if delegated is None:  # XNNPACK cannot load the file at all: verification says so
-        return frozenset()
-    modules = dict(float_model.named_modules())
-    graph = named.subgraphs[0]
-    slow = set()
-    for index, op in enumerate(graph.operators):
-        if index in delegated or flatbuffer.builtin_name(flatbuffer.builtin_code(named, op)) in _IO_OPS:
-            continue
-        for output in op.outputs:
-            module = _module_of(graph.tensors[output].name.decode(errors="replace"))
-            if module in modules:
-                slow.add(module)
-    return frozenset(slow)
-
-
-def island_ops(model_t) -> dict[str, list[int]]:
-    """Indices of the ops that kept float activations, by TFLite op type; "conversions" holds the
-    QUANTIZE / DEQUANTIZE ops at their borders (not the ones at the model's own input and output)."""
-    subgraph = model_t.subgraphs[0]
-    io = set(subgraph.inputs) | set(subgraph.outputs)
-    found: dict[str, list[int]] = {}
-    for index, op in enumerate(subgraph.operators):
-        name = flatbuffer.builtin_name(flatbuffer.builtin_code(model_t, op))
-        if name in _IO_OPS:
-            if not io & (set(op.inputs) | set(op.outputs)):
-                found.setdefault(ISLAND_CONVERSIONS, []).append(index)
-            continue
-        tensors = [subgraph.tensors[i] for i in list(op.inputs) + list(op.outputs) if i >= 0]
-        if any(t.type in _FLOAT_TYPES and model_t.buffers[t.buffer].data is None for t in tensors):  # float activations
-            found.setdefault(name, []).append(index)
-    return found
-
-
-ISLAND_CONVERSIONS = "conversions"
-
-
-def float_islands(model_t) -> list[FloatIsland]:
-    """Ops that kept float activations, grouped by op type, with the torch modules they came from.
-
-    Reads the tensor names after ``use_module_names`` has folded them back to module paths.
-    """
-    subgraph = model_t.subgraphs[0]
-    islands = []
-    for name, indices in sorted(island_ops(model_t).items()):
-        if name == ISLAND_CONVERSIONS:
-            continue
-        outputs = [subgraph.operators[i].outputs for i in indices]
-        modules = {_module_of(subgraph.tensors[out[0]].name.decode(errors="replace")) if len(out) else "?" for out in outputs}
-        islands.append(FloatIsland(name, len(indices), sorted(modules)))
-    return islands
-
-
-def _time_islands(report: ExportReport, dense: bytes) -> None:
-    """Each island op type's share of the file's XNNPACK latency, timed alone (runtime/op_cost.py)."""
-    from sparselite.runtime.op_cost import latency_shares
-
-    model_t = flatbuffer.read_model(dense)
-    ops = island_ops(model_t)
-    try:
-        shares = latency_shares(model_t, dense, ops | {"all": [i for indices in ops.values() for i in indices]})
-    except (ValueError, RuntimeError) as err:  # a cut-out LiteRT cannot run: the file itself is fine
-        report.notes.append(f"float islands could not be timed alone: {str(err).splitlines()[0]}")
-        return
-    for island in report.float_islands:
-        island.latency_share = shares.get(island.op)
-    report.float_islands_latency_share = shares.get("all")
-
-
-def _module_of(tensor_name: str) -> str:
-    """'blocks.0.mlp.act;2' -> 'blocks.0.mlp.act'; the converter's own names stay as they are."""
-    return tensor_name.split(";")[0] or tensor_name or "?"
-
-
-def _islands_error(islands: list[FloatIsland]) -> str:
-    shown = [f"{island.op} x{island.count} ({shortened(island.modules)})" for island in islands]
-    return (f"{sum(i.count for i in islands)} op(s) have no int8 TFLite kernel: {'; '.join(shown)}. Pass "
-            "float_fallback=True (CLI: --allow-float-ops) to keep them in float in a mixed-precision file, "
-            "or replace those modules")
 
 
 def _output_scale(model_t) -> float:
@@ -272,21 +180,21 @@ def export_tflite(
         raise SparseliteError("the model has no QAT ranges and no calibration batches were given; pass calibration=[...] (a few batches)")
     log.info("quantizing with %d learned ranges, %d calibration batches", len(ranges), len(calibration))
     model_t, injection = _quantize_and_convert(float_model, example_inputs, ranges, calibration)
-    kept_float = _modules_xnnpack_runs_slower_in_int8(model_t, float_model) if float_fallback == "xnnpack" else frozenset()
+    kept_float = modules_xnnpack_runs_slower_in_int8(model_t, float_model) if float_fallback == "xnnpack" else frozenset()
     still_int8: frozenset[str] = frozenset()
     if kept_float:
         log.info("keeping %d module(s) float: XNNPACK does not run their int8 ops", len(kept_float))
         model_t, injection = _quantize_and_convert(float_model, example_inputs, ranges, calibration, kept_float)
         # The converter fuses a lone float op between two int8 neighbours back into int8 (GELU between two
         # linears): those stay on TFLite's kernels, and the report says so.
-        still_int8 = _modules_xnnpack_runs_slower_in_int8(model_t, float_model)
+        still_int8 = modules_xnnpack_runs_slower_in_int8(model_t, float_model)
     output_scale = _output_scale(model_t)
     layer_tensors = _match_layers(model_t, float_model, pruned)
     renamed = use_module_names(model_t)
     layer_tensors = {layer: renamed.get(tensor, tensor) for layer, tensor in layer_tensors.items()}
     islands = float_islands(model_t)
     if islands and not float_fallback:
-        raise SparseliteError(_islands_error(islands))
+        raise SparseliteError(islands_error(islands))
     notes = [f"float_fallback='xnnpack': kept float the ops of {len(kept_float - still_int8)} module(s) whose int8 ops "
              f"XNNPACK leaves to TFLite's kernels: {', '.join(sorted(kept_float - still_int8))}"] if kept_float else []
     if still_int8:
@@ -319,7 +227,7 @@ def export_tflite(
             "load and runs dense int8 kernels (XNNPACK's sparse kernels are fp32/fp16, ARM only)"
         )
     if islands:
-        _time_islands(report, dense)
+        time_islands(report, dense)
     report.file_bytes = len(final)
     report.xz_bytes = len(lzma.compress(final, preset=9))
     report.dense_int8_xz_bytes = report.xz_bytes if final == dense else len(lzma.compress(dense, preset=9))
