@@ -23,6 +23,7 @@ Run (from the repo root):
     .venv/bin/python -m benchmarks.memory                       # ~2 min on 2 busy cores
     .venv/bin/python -m benchmarks.memory --repeats 3 --fit-steps 50 --json out.json
     .venv/bin/python -m benchmarks.memory --only import --demo    # the whole demo: trains 2 x 1200 steps (long)
+    .venv/bin/python -m benchmarks.memory --only "import,export sparse" --torchvision resnet50   # the zoo's largest export
 """
 
 from __future__ import annotations
@@ -50,15 +51,14 @@ def peak_rss_mib() -> float:
 
 
 def _imports() -> None:
+    import sparselite  # noqa: F401  (first: with torchvision installed, see sparselite/compat/torchvision.py)
     import lightning  # noqa: F401
     import litert_torch  # noqa: F401
     import torch  # noqa: F401
     from ai_edge_litert.interpreter import Interpreter  # noqa: F401
 
-    import sparselite  # noqa: F401
 
-
-def _compressed_model(prune: bool, qat: bool):
+def _compressed_model(prune: bool, qat: bool, torchvision: str | None = None):
     import torch
 
     from benchmarks import _common as C
@@ -68,8 +68,16 @@ def _compressed_model(prune: bool, qat: bool):
     from sparselite.quantization.qat import QuantizationSimulator
 
     torch.manual_seed(0)
-    model = MobileNetLite()
     data = C.load_data()
+    if torchvision:  # the zoo's setting: 64x64 RGB, 10 classes, no pretrained weights
+        import torchvision.models as tvm
+
+        from sparselite.data.fashion_mnist import resize_images
+
+        model = getattr(tvm, torchvision)(weights=None, num_classes=10)
+        data = C.Data(*(resize_images(v[:1024], 64, 3) if k.endswith("_x") else v[:1024] for k, v in vars(data).items()))
+    else:
+        model = MobileNetLite()
     if prune:
         pruner = MagnitudePruner(PolynomialDecay(final_sparsity=0.8, begin_step=0, end_step=1, frequency=1))
         pruner.prepare(model)
@@ -85,7 +93,7 @@ def _compressed_model(prune: bool, qat: bool):
     return model, data
 
 
-def child(what: str, fit_steps: int) -> dict:
+def child(what: str, fit_steps: int, torchvision: str | None = None) -> dict:
     """Runs in the subprocess: do ``what`` once, return timings and the peak RSS."""
     start = time.perf_counter()
     _imports()
@@ -97,11 +105,11 @@ def child(what: str, fit_steps: int) -> dict:
 
         from sparselite import export_tflite
 
-        model, data = _compressed_model(prune=what != "export PTQ", qat=what != "export PTQ")
+        model, data = _compressed_model(prune=what != "export PTQ", qat=what != "export PTQ", torchvision=torchvision)
         held_out = list(data.val_x[:512].split(128))
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            report = export_tflite(model, torch.zeros(1, 1, 28, 28), Path(tmp) / "model.tflite",
+            report = export_tflite(model, held_out[0][:1], Path(tmp) / "model.tflite",
                                    sparse=what != "export dense", verify_batches=held_out, min_agreement=0.0,
                                    calibration=held_out if what == "export PTQ" else None)
             info["export_seconds"] = time.perf_counter() - t0
@@ -134,10 +142,11 @@ def child(what: str, fit_steps: int) -> dict:
     return info
 
 
-def measure(what: str, fit_steps: int) -> dict:
+def measure(what: str, fit_steps: int, torchvision: str | None = None) -> dict:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--child", what, "--fit-steps", str(fit_steps)],
+    model = ["--torchvision", torchvision] if torchvision else []
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--child", what, "--fit-steps", str(fit_steps), *model],
                           capture_output=True, text=True, env=env, check=False, cwd=Path(__file__).resolve().parents[1])
     wall = time.perf_counter() - start
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -174,10 +183,12 @@ def main() -> None:
     parser.add_argument("--fit-steps", type=int, default=20, help="training steps in the 'fit + export' measurement")
     parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(MEASUREMENTS)}")
     parser.add_argument("--demo", action="store_true", help="also run `sparselite demo` and report its peak (long)")
+    parser.add_argument("--torchvision", metavar="NAME",
+                        help="the export measurements use this torchvision model (64x64 RGB, as in the zoo) instead of MobileNetLite")
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(demo_child() if args.child == "sparselite demo" else child(args.child, args.fit_steps)))
+        print(json.dumps(demo_child() if args.child == "sparselite demo" else child(args.child, args.fit_steps, args.torchvision)))
         return
 
     import statistics
@@ -192,7 +203,7 @@ def main() -> None:
     for what in chosen:
         runs = []
         for _ in range(1 if what == "sparselite demo" else args.repeats):
-            runs.append(measure(what, args.fit_steps))
+            runs.append(measure(what, args.fit_steps, args.torchvision))
             print(f"  {what}: {runs[-1]}", file=sys.stderr, flush=True)
         good = [r for r in runs if "error" not in r]
         results[what] = {"runs": runs, "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in good) if good else None,

@@ -170,6 +170,8 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict:
     measure_noise_floor(report.parity, int8, [test_x[: args.verify]])  # what the gate compares with, always
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     result["islands"] = [(i.op, i.count) for i in report.float_islands]
+    result["island_latency_shares"] = {i.op: i.latency_share for i in report.float_islands}
+    result["islands_latency_share"] = report.float_islands_latency_share  # all of them, with their borders
     result["ranges"] = {"learned": report.ranges_learned, "derived": report.ranges_derived, "fixed": report.ranges_fixed,
                         "calibrated": report.ranges_calibrated, "calibrated_why": report.calibrated_ranges}
     result["parity"] = {"agreement": report.parity.top1_agreement, "ties": report.parity.ties_excluded,

@@ -89,23 +89,26 @@ def islands_error(islands: list[FloatIsland]) -> str:
             "or replace those modules")
 
 
-def modules_xnnpack_runs_slower_in_int8(model_t, float_model: nn.Module) -> frozenset[str]:
-    """The modules whose int8 ops XNNPACK does not delegate, read from the loaded file. Each such op
-    runs on TFLite's own kernel and splits the delegate's graph (int8 RSQRT, SOFTMAX, GELU and
-    BATCH_MATMUL in XNNPACK 2.3); in float, XNNPACK runs them, so those modules' ops stay float."""
+def modules_xnnpack_runs_slower_in_int8(model_t, float_model: nn.Module) -> dict[str, set[str]]:
+    """The modules whose int8 ops XNNPACK does not delegate, with those ops' types, read from the
+    loaded file. Each such op runs on TFLite's own kernel and splits the delegate's graph (int8 RSQRT,
+    SOFTMAX, GELU and BATCH_MATMUL in XNNPACK 2.3); in float, XNNPACK runs those, so
+    ``float_fallback="xnnpack"`` keeps those modules' ops float."""
     named = copy.deepcopy(model_t)
     use_module_names(named)
     delegated, _ = xnnpack_delegated_ops(flatbuffer.write_model(named))
     if delegated is None:  # XNNPACK cannot load the file at all: verification says so
-        return frozenset()
+        return {}
     modules = dict(float_model.named_modules())
     graph = named.subgraphs[0]
-    slow = set()
+    already_float = {i for indices in island_ops(named).values() for i in indices}
+    slow: dict[str, set[str]] = {}
     for index, op in enumerate(graph.operators):
-        if index in delegated or flatbuffer.builtin_name(flatbuffer.builtin_code(named, op)) in _IO_OPS:
+        name = flatbuffer.builtin_name(flatbuffer.builtin_code(named, op))
+        if index in delegated or index in already_float or name in _IO_OPS:
             continue
         for output in op.outputs:
             module = module_of(graph.tensors[output].name.decode(errors="replace"))
             if module in modules:
-                slow.add(module)
-    return frozenset(slow)
+                slow.setdefault(module, set()).add(name)
+    return slow

@@ -180,13 +180,13 @@ def export_tflite(
         raise SparseliteError("the model has no QAT ranges and no calibration batches were given; pass calibration=[...] (a few batches)")
     log.info("quantizing with %d learned ranges, %d calibration batches", len(ranges), len(calibration))
     model_t, injection = _quantize_and_convert(float_model, example_inputs, ranges, calibration)
-    kept_float = modules_xnnpack_runs_slower_in_int8(model_t, float_model) if float_fallback == "xnnpack" else frozenset()
-    still_int8: frozenset[str] = frozenset()
+    kept_float = frozenset(modules_xnnpack_runs_slower_in_int8(model_t, float_model)) if float_fallback == "xnnpack" else frozenset()
+    still_int8: dict[str, set[str]] = {}
     if kept_float:
         log.info("keeping %d module(s) float: XNNPACK does not run their int8 ops", len(kept_float))
         model_t, injection = _quantize_and_convert(float_model, example_inputs, ranges, calibration, kept_float)
-        # The converter fuses a lone float op between two int8 neighbours back into int8 (GELU between two
-        # linears): those stay on TFLite's kernels, and the report says so.
+        # Some stay: an op XNNPACK takes in neither form (a 28-input CONCATENATION), or a lone float op
+        # between two int8 neighbours, which the converter fuses back into int8 (GELU between two linears).
         still_int8 = modules_xnnpack_runs_slower_in_int8(model_t, float_model)
     output_scale = _output_scale(model_t)
     layer_tensors = _match_layers(model_t, float_model, pruned)
@@ -195,11 +195,11 @@ def export_tflite(
     islands = float_islands(model_t)
     if islands and not float_fallback:
         raise SparseliteError(islands_error(islands))
-    notes = [f"float_fallback='xnnpack': kept float the ops of {len(kept_float - still_int8)} module(s) whose int8 ops "
-             f"XNNPACK leaves to TFLite's kernels: {', '.join(sorted(kept_float - still_int8))}"] if kept_float else []
+    notes = [f"float_fallback='xnnpack': kept float the ops of {len(kept_float - set(still_int8))} module(s) whose int8 "
+             f"ops XNNPACK leaves to TFLite's kernels: {', '.join(sorted(kept_float - set(still_int8)))}"] if kept_float - set(still_int8) else []
     if still_int8:
-        notes.append(f"XNNPACK still leaves int8 ops of {', '.join(sorted(still_int8))} to TFLite's kernels: the converter "
-                     "fuses a single float op between two int8 ops back into int8")
+        left = sorted({f"{op} ({module})" for module, ops in still_int8.items() for op in ops})
+        notes.append(f"XNNPACK still leaves these int8 ops to TFLite's kernels: {', '.join(left)}")
     if io_dtype == "float32":
         use_float_io(model_t)
     from sparselite.export.quantization_sharing import share_quantization_tables
