@@ -84,7 +84,7 @@ def _compressed_model(prune: bool, qat: bool, torchvision: str | None = None):
         pruner.step(1)  # one-shot to 80%: memory does not depend on how the zeros got there
     if qat:
         simulator = QuantizationSimulator(start_step=0)
-        simulator.prepare(model)
+        simulator.prepare(model, (data.train_x[:1],))  # the example finds functional ops' sites (residual adds)
         model.train()
         with torch.no_grad():  # observe activation ranges on real batches
             for batch in data.train_x[:1024].split(128):
