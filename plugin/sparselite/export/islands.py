@@ -22,27 +22,26 @@ _FLOAT_TYPES = (TensorType.FLOAT32, TensorType.FLOAT16)
 
 # Ops allowed to carry float tensors in an int8 model: the I/O conversions we add ourselves.
 _IO_OPS = {"QUANTIZE", "DEQUANTIZE"}
+ISLAND_CONVERSIONS = "conversions"  # island_ops' key for the QUANTIZE / DEQUANTIZE at island borders
 
 
 def island_ops(model_t) -> dict[str, list[int]]:
-    """Indices of the ops that kept float activations, by TFLite op type; "conversions" holds the
-    QUANTIZE / DEQUANTIZE ops at their borders (not the ones at the model's own input and output)."""
+    """Indices of the ops that kept float activations, by TFLite op type; ``ISLAND_CONVERSIONS`` holds
+    the QUANTIZE / DEQUANTIZE ops at their borders (not the model's own input and output conversions,
+    nor an int8 -> int8 QUANTIZE, which requantizes)."""
     subgraph = model_t.subgraphs[0]
     io = set(subgraph.inputs) | set(subgraph.outputs)
     found: dict[str, list[int]] = {}
     for index, op in enumerate(subgraph.operators):
         name = flatbuffer.builtin_name(flatbuffer.builtin_code(model_t, op))
-        if name in _IO_OPS:
-            if not io & (set(op.inputs) | set(op.outputs)):
-                found.setdefault(ISLAND_CONVERSIONS, []).append(index)
-            continue
         tensors = [subgraph.tensors[i] for i in list(op.inputs) + list(op.outputs) if i >= 0]
-        if any(t.type in _FLOAT_TYPES and model_t.buffers[t.buffer].data is None for t in tensors):  # float activations
+        if not any(t.type in _FLOAT_TYPES and model_t.buffers[t.buffer].data is None for t in tensors):
+            continue  # no float activation
+        if name not in _IO_OPS:
             found.setdefault(name, []).append(index)
+        elif not io & (set(op.inputs) | set(op.outputs)):
+            found.setdefault(ISLAND_CONVERSIONS, []).append(index)
     return found
-
-
-ISLAND_CONVERSIONS = "conversions"
 
 
 def float_islands(model_t) -> list[FloatIsland]:
@@ -112,3 +111,17 @@ def modules_xnnpack_runs_slower_in_int8(model_t, float_model: nn.Module) -> dict
             if module in modules:
                 slow.setdefault(module, set()).add(name)
     return slow
+
+
+def xnnpack_fallback_notes(kept_float: frozenset[str], still_int8: dict[str, set[str]]) -> list[str]:
+    """What ``float_fallback="xnnpack"`` did, for the report: the modules it kept float, and the int8
+    ops XNNPACK still leaves to TFLite's kernels (a lone op the converter fused back into int8, or one
+    XNNPACK takes in neither form)."""
+    notes = []
+    if kept := sorted(kept_float - set(still_int8)):
+        notes.append(f"float_fallback='xnnpack': kept float the ops of {len(kept)} module(s) whose int8 ops XNNPACK "
+                     f"leaves to TFLite's kernels: {', '.join(kept)}")
+    if still_int8:
+        left = sorted({f"{op} ({module})" for module, ops in still_int8.items() for op in ops})
+        notes.append(f"XNNPACK still leaves these int8 ops to TFLite's kernels: {', '.join(left)}")
+    return notes

@@ -24,7 +24,9 @@ from sparselite.tflite import flatbuffer
 from sparselite.export.destination import check_destination, sha256_hex, size_bound, write_model_and_report
 from sparselite.export.io import use_float_io
 from sparselite.export.names import use_module_names
-from sparselite.export.islands import float_islands, islands_error, modules_xnnpack_runs_slower_in_int8, time_islands
+from sparselite.export.islands import (
+    float_islands, islands_error, modules_xnnpack_runs_slower_in_int8, time_islands, xnnpack_fallback_notes,
+)
 from sparselite.export.parity import gate_failure, measure_noise_floor, verify
 from sparselite.export.ranges import quantize_pt2e
 from sparselite.export.report import FLOAT_FALLBACKS, ExportReport, FloatFallback, LayerSparsity
@@ -147,14 +149,16 @@ def export_tflite(
         calibration: input batches for post-training calibration of ranges QAT did not learn
             (all of them for a model trained without QAT).
         verify_batches: held-out input batches; the file is run on XNNPACK and compared with the
-            torch model; below ``min_agreement`` top-1 agreement the export fails and writes nothing.
+            torch model; below ``min_agreement`` top-1 agreement the export fails and writes nothing,
+            unless the file agrees as well as XNNPACK and TFLite's builtin kernels agree with each
+            other on it (``parity.gate_failure``).
         sparse: store pruned weights in TFLite's sparse format where that saves bytes.
         gpu_check / require_gpu: compile GPU-only and report unsupported ops; fail if not delegable.
         float_fallback: ops with no int8 TFLite kernel (GRU/LSTM cells, masked attention) stay in float
             in a mixed-precision file, listed in ``report.float_islands`` with their share of the
             latency; by default they fail the export, named once per op type with their torch modules.
             'xnnpack' also keeps float the modules whose int8 ops XNNPACK does not delegate
-            (LayerNorm, attention and GELU in XNNPACK 2.3): faster on XNNPACK, and exact there.
+            (LayerNorm and attention in XNNPACK 2.3): faster on XNNPACK, and exact there.
         report_path: also write the report (JSON) there, with the model as one unit
             (``destination.write_model_and_report``).
 
@@ -195,11 +199,6 @@ def export_tflite(
     islands = float_islands(model_t)
     if islands and not float_fallback:
         raise SparseliteError(islands_error(islands))
-    notes = [f"float_fallback='xnnpack': kept float the ops of {len(kept_float - set(still_int8))} module(s) whose int8 "
-             f"ops XNNPACK leaves to TFLite's kernels: {', '.join(sorted(kept_float - set(still_int8)))}"] if kept_float - set(still_int8) else []
-    if still_int8:
-        left = sorted({f"{op} ({module})" for module, ops in still_int8.items() for op in ops})
-        notes.append(f"XNNPACK still leaves these int8 ops to TFLite's kernels: {', '.join(left)}")
     if io_dtype == "float32":
         use_float_io(model_t)
     from sparselite.export.quantization_sharing import share_quantization_tables
@@ -211,7 +210,7 @@ def export_tflite(
                           ranges_learned=len(injection.learned), ranges_calibrated=len(injection.calibrated),
                           ranges_derived=len(injection.derived), ranges_fixed=len(injection.fixed),
                           calibrated_ranges=dict(injection.calibrated) if ranges else {},
-                          dense_int8_bytes=len(dense), notes=notes)
+                          dense_int8_bytes=len(dense), notes=xnnpack_fallback_notes(kept_float, still_int8))
     final = dense
     if sparse and require_gpu:
         sparse = False
