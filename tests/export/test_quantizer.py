@@ -72,6 +72,23 @@ def test_every_activation_op_gets_a_range(block):
     assert kinds
 
 
+def test_float_modules_stay_float_and_so_do_the_shape_ops_after_them():
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.drop, self.fc2 = nn.Linear(16, 32), nn.GELU(), nn.Dropout(0.1), nn.Linear(32, 16)
+
+        def forward(self, x):
+            return self.fc2(self.drop(self.act(self.fc1(x))).reshape(1, 5, 32))
+
+    quantizer = FullInt8Quantizer(float_modules=frozenset({"act"}))
+    graph_module = quantizer.annotate(quantizer.transform_for_annotation(exported(Mlp(), shape=(1, 5, 16))))
+    kinds = annotated(graph_module)
+    assert kinds["gelu"] == [False]  # the module kept float
+    assert not any(kinds.get("dropout", []) + kinds.get("view", []) + kinds.get("reshape", []))  # nor a border right after it
+    assert any(kinds["linear"])  # the rest is int8 as before
+
+
 def test_upstream_litert_gru_annotator_raises_without_h0():
     """litert-torch 0.10's ``gru_io_only`` annotator reads ``input_nodes[1]`` as the hidden state, so a GRU
     called without h0 raises IndexError (docs/upstream/litert_gru_annotator.md). sparselite's quantizer

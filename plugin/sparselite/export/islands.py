@@ -3,12 +3,16 @@
 An int8 file's float island is DEQUANTIZE -> float op(s) -> QUANTIZE. ``float_islands`` lists them by
 TFLite op type with the torch modules they come from (read from the tensor names after
 ``names.use_module_names``), ``time_islands`` adds each type's share of the XNNPACK latency, and
-``modules_xnnpack_runs_slower_in_int8`` finds the modules ``float_fallback="xnnpack"`` keeps float.
+``keep_float_where_xnnpack_lacks_int8`` is ``float_fallback="xnnpack"``: which modules stay float.
 """
 
 from __future__ import annotations
 
 import copy
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from ai_edge_litert.schema_py_generated import TensorType
 from torch import nn
@@ -88,40 +92,100 @@ def islands_error(islands: list[FloatIsland]) -> str:
             "or replace those modules")
 
 
-def modules_xnnpack_runs_slower_in_int8(model_t, float_model: nn.Module) -> dict[str, set[str]]:
-    """The modules whose int8 ops XNNPACK does not delegate, with those ops' types, read from the
-    loaded file. Each such op runs on TFLite's own kernel and splits the delegate's graph (int8 RSQRT,
-    SOFTMAX, GELU and BATCH_MATMUL in XNNPACK 2.3); in float, XNNPACK runs those, so
-    ``float_fallback="xnnpack"`` keeps those modules' ops float."""
+@dataclass(frozen=True)
+class LeftOut:
+    """An int8 op that XNNPACK leaves to TFLite's own kernels: it runs there and splits the delegate's graph."""
+
+    op: str  # TFLite op type
+    module: str  # the module whose own forward called it
+    consumers: frozenset[str]  # the modules of the ops that read its output
+
+
+def int8_ops_xnnpack_leaves_out(model_t, float_model: nn.Module) -> list[LeftOut]:
+    """Read from the file loaded in XNNPACK (int8 RSQRT, SOFTMAX, GELU and BATCH_MATMUL in XNNPACK 2.3);
+    float islands and the model's own (de)quantization are not counted."""
     named = copy.deepcopy(model_t)
     use_module_names(named)
     delegated, _ = xnnpack_delegated_ops(flatbuffer.write_model(named))
     if delegated is None:  # XNNPACK cannot load the file at all: verification says so
-        return {}
+        return []
     modules = dict(float_model.named_modules())
     graph = named.subgraphs[0]
+
+    def module(tensor: int) -> str | None:
+        name = module_of(graph.tensors[tensor].name.decode(errors="replace"))
+        return name if name in modules else None
+
     already_float = {i for indices in island_ops(named).values() for i in indices}
-    slow: dict[str, set[str]] = {}
+    left = []
     for index, op in enumerate(graph.operators):
         name = flatbuffer.builtin_name(flatbuffer.builtin_code(named, op))
-        if index in delegated or index in already_float or name in _IO_OPS:
+        if index in delegated or index in already_float or name in _IO_OPS or not len(op.outputs):
             continue
-        for output in op.outputs:
-            module = module_of(graph.tensors[output].name.decode(errors="replace"))
-            if module in modules:
-                slow.setdefault(module, set()).add(name)
-    return slow
+        owner = module(op.outputs[0])
+        if owner is None:
+            continue
+        consumers = {module(reader.outputs[0]) for reader in graph.operators
+                     if len(reader.outputs) and set(reader.inputs) & set(op.outputs)}
+        left.append(LeftOut(name, owner, frozenset(consumers - {None, owner})))
+    return left
 
 
-def xnnpack_fallback_notes(kept_float: frozenset[str], still_int8: dict[str, set[str]]) -> list[str]:
-    """What ``float_fallback="xnnpack"`` did, for the report: the modules it kept float, and the int8
-    ops XNNPACK still leaves to TFLite's kernels (a lone op the converter fused back into int8, or one
-    XNNPACK takes in neither form)."""
-    notes = []
-    if kept := sorted(kept_float - set(still_int8)):
-        notes.append(f"float_fallback='xnnpack': kept float the ops of {len(kept)} module(s) whose int8 ops XNNPACK "
-                     f"leaves to TFLite's kernels: {', '.join(kept)}")
-    if still_int8:
-        left = sorted({f"{op} ({module})" for module, ops in still_int8.items() for op in ops})
-        notes.append(f"XNNPACK still leaves these int8 ops to TFLite's kernels: {', '.join(left)}")
+def keep_float_where_xnnpack_lacks_int8(convert: Callable[[frozenset[str]], tuple], float_model: nn.Module, converted: tuple
+                                        ) -> tuple[tuple, frozenset[str], list[LeftOut], str]:
+    """``float_fallback="xnnpack"``: the fastest file on XNNPACK among the all-int8 one (``converted``, from
+    ``convert(frozenset())`` -> (model_t, ...)), one with the modules whose int8 ops XNNPACK leaves out kept
+    float (in float, XNNPACK runs LayerNorm and attention), and one that also keeps float the modules
+    reading from what is still left out: the converter fuses a lone unannotated op between two
+    quantized neighbours back into int8 (GELU between two linears). Float costs compute where int8
+    costs hand-overs to TFLite's kernels, so the candidates are timed, not counted. Returns the chosen
+    result, the modules kept float, what XNNPACK still leaves out there, and a note with the timings."""
+    left = int8_ops_xnnpack_leaves_out(converted[0], float_model)
+    kept = frozenset(item.module for item in left)
+    if not kept:
+        return converted, kept, left, ""
+    candidates = [(converted, frozenset(), left)]
+    narrow = convert(kept)
+    candidates.append((narrow, kept, int8_ops_xnnpack_leaves_out(narrow[0], float_model)))
+    wider = kept | {module for item in candidates[-1][2] for module in item.consumers}
+    if wider != kept:
+        wide = convert(wider)
+        candidates.append((wide, wider, int8_ops_xnnpack_leaves_out(wide[0], float_model)))
+    latency = _xnnpack_latencies([flatbuffer.write_model(result[0]) for result, _, _ in candidates])
+    # More float must win clearly: a near tie would make the same model export differently run to run.
+    best = 0
+    for index in range(1, len(candidates)):
+        if latency[index] < latency[best] * (1 - MIN_GAIN):
+            best = index
+    result, float_modules, left = candidates[best]
+    timed = "; ".join(f"{len(modules)} module(s) float: {ms:.3f} ms" for (_, modules, _), ms in zip(candidates, latency))
+    return result, float_modules, left, f"float_fallback='xnnpack' timed each candidate on XNNPACK (1 thread): {timed}"
+
+
+MIN_GAIN = 0.05  # a candidate with more modules float is kept only if this much faster
+
+
+def _xnnpack_latencies(files: list[bytes]) -> list[float]:
+    """Median XNNPACK latency of each file, 1 thread, timed in interleaved rounds."""
+    from sparselite.runtime.bench import interleaved_benchmark
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for index, data in enumerate(files):
+            paths[str(index)] = Path(tmp) / f"candidate{index}.tflite"
+            paths[str(index)].write_bytes(data)
+        timed = interleaved_benchmark({k: str(p) for k, p in paths.items()}, threads=1, warmup=5, rounds=5, runs_per_round=10)
+    return [timed[str(index)].median_ms for index in range(len(files))]
+
+
+def xnnpack_fallback_notes(kept_float: frozenset[str], left: list[LeftOut], timings: str) -> list[str]:
+    """What ``float_fallback="xnnpack"`` did, for the report: the candidates' timings, the modules it
+    kept float, and the int8 ops XNNPACK still leaves to TFLite's kernels."""
+    notes = [timings] if timings else []
+    if kept_float:
+        notes.append(f"float_fallback='xnnpack': kept float the ops of {len(kept_float)} module(s) whose int8 ops "
+                     f"XNNPACK leaves to TFLite's kernels (or that read from one): {', '.join(sorted(kept_float))}")
+    if left:
+        shown = sorted({f"{item.op} ({item.module})" for item in left})
+        notes.append(f"XNNPACK still leaves these int8 ops to TFLite's kernels: {', '.join(shown)}")
     return notes

@@ -257,15 +257,25 @@ class FullInt8Quantizer(PT2EQuantizer):
 
 
 def annotate_by_op_kind(model: GraphModule, input_spec, output_spec, float_modules: frozenset[str] = frozenset()) -> None:
-    """Annotate every not-yet-annotated op of a known kind, in graph order (inputs before users)."""
+    """Annotate every not-yet-annotated op of a known kind, in graph order (inputs before users).
+
+    The ops of ``float_modules`` stay float, and so do the shape ops and activations after them that
+    keep their input's range (a dropout after a float GELU): quantizing there would put the border right
+    after the float op, and the converter would fuse that op back into int8."""
+    float_nodes: set[Node] = set()
     for node in model.graph.nodes:
-        if node.op != "call_function" or _annotation(node) is not None or innermost_module(node) in float_modules:
+        if node.op != "call_function" or _annotation(node) is not None:
+            continue
+        if innermost_module(node) in float_modules:
+            float_nodes.add(node)
             continue
         kind = op_kind(node)
         inputs = _tensor_inputs(node)
         if not inputs:
             continue
-        if kind in SHARES_INPUT_RANGE and is_float_tensor(node):
+        if kind in SHARES_INPUT_RANGE and inputs[0] in float_nodes:
+            float_nodes.add(node)
+        elif kind in SHARES_INPUT_RANGE and is_float_tensor(node):
             _annotate_shared(node, inputs[0], input_spec)
         elif kind in OWN_RANGE and is_float_tensor(node):
             node.meta["quantization_annotation"] = QuantizationAnnotation(

@@ -25,7 +25,7 @@ from sparselite.export.destination import check_destination, sha256_hex, size_bo
 from sparselite.export.io import use_float_io
 from sparselite.export.names import use_module_names
 from sparselite.export.islands import (
-    float_islands, islands_error, modules_xnnpack_runs_slower_in_int8, time_islands, xnnpack_fallback_notes,
+    float_islands, islands_error, keep_float_where_xnnpack_lacks_int8, time_islands, xnnpack_fallback_notes,
 )
 from sparselite.export.parity import gate_failure, measure_noise_floor, verify
 from sparselite.export.ranges import quantize_pt2e
@@ -183,15 +183,13 @@ def export_tflite(
     if not ranges and not calibration:
         raise SparseliteError("the model has no QAT ranges and no calibration batches were given; pass calibration=[...] (a few batches)")
     log.info("quantizing with %d learned ranges, %d calibration batches", len(ranges), len(calibration))
-    model_t, injection = _quantize_and_convert(float_model, example_inputs, ranges, calibration)
-    kept_float = frozenset(modules_xnnpack_runs_slower_in_int8(model_t, float_model)) if float_fallback == "xnnpack" else frozenset()
-    still_int8: dict[str, set[str]] = {}
-    if kept_float:
-        log.info("keeping %d module(s) float: XNNPACK does not run their int8 ops", len(kept_float))
-        model_t, injection = _quantize_and_convert(float_model, example_inputs, ranges, calibration, kept_float)
-        # Some stay: an op XNNPACK takes in neither form (a 28-input CONCATENATION), or a lone float op
-        # between two int8 neighbours, which the converter fuses back into int8 (GELU between two linears).
-        still_int8 = modules_xnnpack_runs_slower_in_int8(model_t, float_model)
+    def convert(float_modules: frozenset[str] = frozenset()):
+        return _quantize_and_convert(float_model, example_inputs, ranges, calibration, float_modules)
+
+    (model_t, injection), kept_float, left_out, timings = convert(), frozenset(), [], ""
+    if float_fallback == "xnnpack":
+        (model_t, injection), kept_float, left_out, timings = keep_float_where_xnnpack_lacks_int8(
+            convert, float_model, (model_t, injection))
     output_scale = _output_scale(model_t)
     layer_tensors = _match_layers(model_t, float_model, pruned)
     renamed = use_module_names(model_t)
@@ -210,7 +208,7 @@ def export_tflite(
                           ranges_learned=len(injection.learned), ranges_calibrated=len(injection.calibrated),
                           ranges_derived=len(injection.derived), ranges_fixed=len(injection.fixed),
                           calibrated_ranges=dict(injection.calibrated) if ranges else {},
-                          dense_int8_bytes=len(dense), notes=xnnpack_fallback_notes(kept_float, still_int8))
+                          dense_int8_bytes=len(dense), notes=xnnpack_fallback_notes(kept_float, left_out, timings))
     final = dense
     if sparse and require_gpu:
         sparse = False
