@@ -16,10 +16,11 @@ def report_path(tflite_path: str | Path) -> Path:
 
 
 GATE_RULE = ("top-1 agreement over the examples where neither the file nor the torch model has a tied top "
-             "logit must reach min_agreement, or (for a model that amplifies int8 rounding) reach the agreement of "
-             "XNNPACK with TFLite's builtin kernels on the same file, when that is at least 90%; a reference that predicts one class, gives every example the "
-             "same logits, or ties its top logit on more than 10% of the examples (a saturated output range) is "
-             "flagged: agreement with a dead or clipped model proves nothing")
+             "logit must reach min_agreement, or (for a model that amplifies int8 rounding) reach the agreement "
+             "of XNNPACK with TFLite's builtin kernels on the same file, when that is at least 90%; a reference "
+             "that predicts one class, gives every example the same logits, or ties its top logit on more than "
+             "10% of the examples (a saturated output range) is flagged: agreement with a dead or clipped model "
+             "proves nothing")
 
 
 def shortened(names: list[str], shown: int = 4) -> str:
