@@ -9,10 +9,8 @@ TFLite op type with the torch modules they come from (read from the tensor names
 from __future__ import annotations
 
 import copy
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from ai_edge_litert.schema_py_generated import TensorType
 from torch import nn
@@ -20,6 +18,7 @@ from torch import nn
 from sparselite.export.names import use_module_names
 from sparselite.export.report import ExportReport, FloatIsland, shortened
 from sparselite.runtime.litert import xnnpack_delegated_ops
+from sparselite.runtime.op_cost import latency_shares, median_latencies
 from sparselite.tflite import flatbuffer
 
 _FLOAT_TYPES = (TensorType.FLOAT32, TensorType.FLOAT16)
@@ -66,8 +65,6 @@ def float_islands(model_t) -> list[FloatIsland]:
 
 def time_islands(report: ExportReport, dense: bytes) -> None:
     """Each island op type's share of the file's XNNPACK latency, timed alone (runtime/op_cost.py)."""
-    from sparselite.runtime.op_cost import latency_shares
-
     model_t = flatbuffer.read_model(dense)
     ops = island_ops(model_t)
     try:
@@ -151,7 +148,9 @@ def keep_float_where_xnnpack_lacks_int8(convert: Callable[[frozenset[str]], tupl
     if wider != kept:
         wide = convert(wider)
         candidates.append((wide, wider, int8_ops_xnnpack_leaves_out(wide[0], float_model)))
-    latency = _xnnpack_latencies([flatbuffer.write_model(result[0]) for result, _, _ in candidates])
+    files = {str(i): flatbuffer.write_model(result[0]) for i, (result, _, _) in enumerate(candidates)}
+    seconds = median_latencies(files, rounds=5, runs_per_round=10)
+    latency = [seconds[str(i)] * 1e3 for i in range(len(candidates))]
     # More float must win clearly: a near tie would make the same model export differently run to run.
     best = 0
     for index in range(1, len(candidates)):
@@ -163,19 +162,6 @@ def keep_float_where_xnnpack_lacks_int8(convert: Callable[[frozenset[str]], tupl
 
 
 MIN_GAIN = 0.05  # a candidate with more modules float is kept only if this much faster
-
-
-def _xnnpack_latencies(files: list[bytes]) -> list[float]:
-    """Median XNNPACK latency of each file, 1 thread, timed in interleaved rounds."""
-    from sparselite.runtime.bench import interleaved_benchmark
-
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = {}
-        for index, data in enumerate(files):
-            paths[str(index)] = Path(tmp) / f"candidate{index}.tflite"
-            paths[str(index)].write_bytes(data)
-        timed = interleaved_benchmark({k: str(p) for k, p in paths.items()}, threads=1, warmup=5, rounds=5, runs_per_round=10)
-    return [timed[str(index)].median_ms for index in range(len(files))]
 
 
 def xnnpack_fallback_notes(kept_float: frozenset[str], left: list[LeftOut], timings: str) -> list[str]:

@@ -6,7 +6,9 @@ ratios, and quote medians.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -35,6 +37,23 @@ def _random_input(model: LiteRTModel) -> np.ndarray:
     return rng.standard_normal(model.input_shape).astype(np.float32)
 
 
+def interleaved_seconds(runners: dict[str, Callable[[], object]], warmup: int, rounds: int,
+                        runs_per_round: int) -> dict[str, list[float]]:
+    """Call each runner ``warmup`` times, then in alternating rounds, so machine noise hits them alike;
+    returns the seconds of every timed call."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            for _ in range(runs_per_round):
+                t0 = time.perf_counter()
+                run()
+                samples[name].append(time.perf_counter() - t0)
+    return samples
+
+
 def interleaved_benchmark(paths: dict[str, str], accelerator: str = "xnnpack", threads: int = 1,
                           warmup: int = 20, rounds: int = 10, runs_per_round: int = 30) -> dict[str, Latency]:
     """Time several models in alternating rounds, so machine noise hits them alike (for ratios)."""
@@ -43,17 +62,8 @@ def interleaved_benchmark(paths: dict[str, str], accelerator: str = "xnnpack", t
         start = time.perf_counter()
         models[name] = LiteRTModel(path, accelerator=accelerator, threads=threads)
         load_ms[name] = (time.perf_counter() - start) * 1e3
-    inputs = {name: _random_input(model) for name, model in models.items()}
-    for name, model in models.items():
-        for _ in range(warmup):
-            model.run_raw(inputs[name])
-    samples: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            for _ in range(runs_per_round):
-                t0 = time.perf_counter()
-                model.run_raw(inputs[name])
-                samples[name].append(time.perf_counter() - t0)
+    runners = {name: functools.partial(model.run_raw, _random_input(model)) for name, model in models.items()}
+    samples = interleaved_seconds(runners, warmup, rounds, runs_per_round)
     return {
         name: Latency(accelerator, threads, len(times), float(np.median(times) * 1e3),
                       float(np.percentile(times, 90) * 1e3), load_ms[name])

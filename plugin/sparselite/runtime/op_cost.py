@@ -17,12 +17,12 @@ Inputs are random values of the right shape and type.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Iterable
 
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
+from sparselite.runtime.bench import interleaved_seconds
 from sparselite.tflite.flatbuffer import write_model
 
 
@@ -65,20 +65,17 @@ def _interpreter(content: bytes, threads: int):
     return interpreter
 
 
+def median_latencies(files: dict[str, bytes], threads: int = 1, warmup: int = 3, rounds: int = 5,
+                     runs_per_round: int = 20) -> dict[str, float]:
+    """Median XNNPACK latency (seconds) of each file, any number of inputs, timed in interleaved rounds."""
+    runners = {name: _interpreter(content, threads).invoke for name, content in files.items()}
+    return {name: float(np.median(times)) for name, times in interleaved_seconds(runners, warmup, rounds, runs_per_round).items()}
+
+
 def latency_shares(model: schema.ModelT, whole: bytes, subsets: dict[str, list[int]], threads: int = 1,
                    rounds: int = 5, runs_per_round: int = 20) -> dict[str, float]:
     """Each subset's median XNNPACK latency, timed alone, over the whole file's, in interleaved rounds."""
-    interpreters = {"": _interpreter(whole, threads)}
-    interpreters |= {name: _interpreter(ops_alone(model, ops), threads) for name, ops in subsets.items() if ops}
-    for interpreter in interpreters.values():
-        for _ in range(3):
-            interpreter.invoke()
-    samples: dict[str, list[float]] = {name: [] for name in interpreters}
-    for _ in range(rounds):
-        for name, interpreter in interpreters.items():
-            for _ in range(runs_per_round):
-                start = time.perf_counter()
-                interpreter.invoke()
-                samples[name].append(time.perf_counter() - start)
-    whole_ms = float(np.median(samples.pop("")))
-    return {name: float(np.median(times)) / whole_ms for name, times in samples.items()}
+    files = {"": whole} | {name: ops_alone(model, ops) for name, ops in subsets.items() if ops}
+    medians = median_latencies(files, threads, rounds=rounds, runs_per_round=runs_per_round)
+    whole_s = medians.pop("")
+    return {name: seconds / whole_s for name, seconds in medians.items()}
