@@ -11,10 +11,10 @@ from torch import nn
 
 from conftest import tiny_mobilenet
 from sparselite.errors import SparseliteError
-from sparselite.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
+from sparselite.quantization.fake_quant import LEARNED_RANGE_ATTR, ActivationFakeQuant, WeightFakeQuant
 from sparselite.quantization.fusion import FusedChain, find_fused_chains, fold_batchnorm
 from sparselite.quantization.qat import QuantizationSimulator, learned_ranges, strip_fake_quant
-from sparselite.quantization.spec import SCALE_EPS, batchnorm_fold_factor, quantize_weight, weight_scales
+from sparselite.quantization.spec import SCALE_EPS, activation_qparams, batchnorm_fold_factor, quantize_weight, weight_scales
 
 RELU6_CHAINS = ["features.0.0", "features.1.0", "features.2.0", "features.3.0", "features.4.0"]
 
@@ -211,6 +211,58 @@ def test_bn_folding_changes_no_int8_weight(fmnist_train):
     assert floored == 0, "a folded channel reached the 2**-12 scale floor; that case has its own test below"
     assert total == 72 + 72 + 128 + 144 + 512
     assert mismatches == 0
+
+
+def test_eval_mode_adds_the_bias_on_tflites_int32_grid(fmnist_train):
+    """In eval mode a conv -> BN chain computes what the file does: int8 weights of the folded conv
+    plus the folded bias rounded to the int32 grid input scale x weight scale. Without that rounding
+    deep nets miss the file by several output LSBs (docs/quantization.md)."""
+    torch.manual_seed(0)
+    model = tiny_mobilenet()
+    simulator = QuantizationSimulator(averaging_constant=0.1)
+    simulator.prepare(model)
+    train(model, simulator, fmnist_train, steps=12)
+    conv, bn = model.get_submodule("features.2.0"), model.get_submodule("features.2.1")
+    with torch.no_grad():
+        bn.weight[3] = -abs(float(bn.weight[3])) - 0.5  # a negative gain too
+    seen = {}
+    conv.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    bn.register_forward_hook(lambda m, args, out: seen.update(out=out.clone()))  # before an in-place ReLU
+    with torch.no_grad():
+        model.eval()(fmnist_train[0][:8])
+    x = seen["x"]
+    input_scale, _ = activation_qparams(*getattr(x, LEARNED_RANGE_ATTR))
+    gain = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    weight_scale = (weight_scales(conv.weight, batchnorm_fold_factor(bn)) * batchnorm_fold_factor(bn)).double()
+    int8_weight = torch.round(conv.weight.detach().double() * gain.double().reshape(-1, 1, 1, 1) / weight_scale.reshape(-1, 1, 1, 1))
+    folded_bias = (bn.bias.detach() - bn.running_mean * gain).double()
+    int32_bias = torch.round(folded_bias / (input_scale.double() * weight_scale))
+    file = F.conv2d(x.double(), int8_weight * weight_scale.reshape(-1, 1, 1, 1), int32_bias * input_scale.double() * weight_scale,
+                    conv.stride, conv.padding, conv.dilation, conv.groups)
+    unrounded = F.conv2d(x.double(), int8_weight * weight_scale.reshape(-1, 1, 1, 1), folded_bias,
+                         conv.stride, conv.padding, conv.dilation, conv.groups)
+    rounding = float((unrounded - file).abs().max())
+    assert rounding > 1e-6  # there is a rounding to see
+    assert float((seen["out"].double() - file).abs().max()) <= rounding / 20  # float32 arithmetic is close to exact
+    model.train()
+    with torch.no_grad():
+        model(fmnist_train[0][:8])
+    assert float((seen["out"].double() - file).abs().max()) > rounding  # training: batch statistics, no fold
+
+
+def test_layers_after_pooling_and_reshapes_find_their_inputs_grid():
+    """The int32 bias of a linear after max-pool and flatten is on the grid of the conv chain before them
+    (TFLite keeps the scale through both), which training passes on with the tensor."""
+    model = Wrapped(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 13 * 13, 3)))
+    simulator = QuantizationSimulator()
+    example = torch.randn(2, 1, 28, 28)
+    simulator.prepare(model, (example,))
+    model(example)  # observe ranges
+    seen = {}
+    model.body[4].register_forward_pre_hook(lambda m, args: seen.update(grid=getattr(args[0], LEARNED_RANGE_ATTR, None)))
+    with torch.no_grad():
+        model.eval()(example)
+    assert seen["grid"] is model.body[0].sparselite_output_quant.min_max
 
 
 class Wrapped(nn.Module):

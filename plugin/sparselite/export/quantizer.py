@@ -30,19 +30,10 @@ from torchao.quantization.pt2e.quantizer import (
     FixedQParamsQuantizationSpec, QuantizationAnnotation, SharedQuantizationSpec,
 )
 
-from sparselite.quantization.spec import ACT_QMAX, ACT_QMIN, FIXED_OUTPUT_QPARAMS
+from sparselite.quantization.spec import ACT_QMAX, ACT_QMIN, FIXED_OUTPUT_QPARAMS, SHARES_INPUT_RANGE, SPLITS
 
 aten = torch.ops.aten
 
-SHARES_INPUT_RANGE = {
-    "relu", "hardtanh", "relu6", "clamp", "clamp_min", "clamp_max",
-    "max_pool1d", "max_pool2d", "max_pool2d_with_indices", "adaptive_max_pool2d", "avg_pool1d", "avg_pool2d",
-    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d", "mean",
-    "view", "_unsafe_view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "t",
-    "contiguous", "clone", "alias", "detach", "dropout", "expand", "slice", "select", "narrow",
-    "pad", "constant_pad_nd", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
-    "flip", "roll", "_to_copy", "to", "upsample_nearest2d", "upsample_bilinear2d", "max",
-}
 # Only ops with an int8 TFLite kernel: DIV, POW and SQRT have none (division by a constant is
 # rewritten as a multiplication below).
 OWN_RANGE = {
@@ -53,7 +44,6 @@ OWN_RANGE = {
 # (training simulates the same grids: quantization/op_points.py).
 FIXED_RANGE = {**FIXED_OUTPUT_QPARAMS, "_softmax": FIXED_OUTPUT_QPARAMS["softmax"]}
 CONCATENATION = {"cat", "concat", "stack"}
-SPLITS = {"split", "split_with_sizes", "chunk", "unbind", "tensor_split", "unsafe_split"}
 
 # litert's annotators that this quantizer keeps: the ones that carry weights and biases. Its
 # activation patterns are replaced by the op table above (see the module docstring).

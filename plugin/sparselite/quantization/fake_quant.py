@@ -10,6 +10,13 @@ from sparselite.quantization.spec import (
 )
 
 
+# The attribute that carries, on each fake-quantized activation, the learned [min, max] buffer it was
+# rounded with: ops the file computes on that grid (a pooled mean, the inside of hardswish, a layer's
+# int32 bias) read it (``op_points.py``, ``BiasFakeQuant``) in the same forward, before the next batch
+# updates the buffer. Ops that keep their input's grid (reshapes, pooling) pass it on.
+LEARNED_RANGE_ATTR = "_sparselite_learned_range"
+
+
 class _PerTensorFakeQuant(torch.autograd.Function):
     """Bit-identical to ``torch.fake_quantize_per_tensor_affine`` (values, and gradients zeroed where
     the rounded value falls outside [qmin, qmax]), built from in-place vectorized ops. Torch's CPU
@@ -70,10 +77,47 @@ class WeightFakeQuant(nn.Module):
         return torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX)
 
 
-# The attribute that carries, on each fake-quantized activation, the learned [min, max] buffer it was
-# rounded with: ops the file computes on that grid (a pooled mean, the inside of hardswish) read it
-# (``op_points.py``) in the same forward, before the next batch updates the buffer.
-LEARNED_RANGE_ATTR = "_sparselite_learned_range"
+class BiasFakeQuant(nn.Module):
+    """TFLite's int32 bias, in eval mode: the file adds the bias, folded with the BN, rounded to the
+    grid input scale x folded weight scale of each output channel. That grid is coarse next to the
+    output's (a tenth of an output LSB in a depthwise conv), and a model that skips the rounding
+    misses the file by 5-15 output LSBs on deep nets. In training, BatchNorm's batch statistics stand
+    in for the fold the bias belongs to, so there is nothing to simulate. No state, like the weight's.
+
+    ``batchnorm``: the BN that export will fold into the layer (see ``WeightFakeQuant``).
+    """
+
+    def __init__(self, batchnorm: nn.modules.batchnorm._BatchNorm | None = None) -> None:
+        super().__init__()
+        self.enabled = True
+        self.__dict__["batchnorm"] = batchnorm  # the model's, not this quantizer's (see WeightFakeQuant)
+
+    def forward(self, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                channel_dim: int) -> torch.Tensor:
+        """``out``, the layer's output for input ``x``, plus the rounding, when ``x`` is on a known int8
+        grid (``LEARNED_RANGE_ATTR``)."""
+        min_max = getattr(x, LEARNED_RANGE_ATTR, None)
+        if self.training or not self.enabled or min_max is None:
+            return out
+        rounding = self.rounding(weight, bias, activation_qparams(min_max[0], min_max[1])[0])
+        return out + rounding.reshape(-1, *([1] * (out.dim() - channel_dim % out.dim() - 1)))
+
+    @torch.no_grad()
+    def rounding(self, weight: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor) -> torch.Tensor:
+        """Per output channel, what the int32 bias adds to the layer's output, in front of its BN."""
+        bias = bias.detach() if bias is not None else weight.new_zeros(weight.shape[0])
+        if self.batchnorm is None:
+            folded, gain, weight_scale = bias, torch.ones_like(bias), weight_scales(weight)
+        else:
+            bn = self.batchnorm
+            gain = torch.rsqrt(bn.running_var + bn.eps) * (bn.weight.detach() if bn.affine else 1.0)
+            folded = (bias - bn.running_mean) * gain + (bn.bias.detach() if bn.affine else 0.0)
+            factor = batchnorm_fold_factor(bn)
+            weight_scale = weight_scales(weight, factor) * factor
+        grid = input_scale * weight_scale
+        error = torch.round(folded / grid) * grid - folded
+        # Mapped back through the BN's gain; a channel the BN zeroes has nothing to add.
+        return torch.where(gain.abs() > 1e-12, error / torch.where(gain == 0, 1.0, gain), 0.0).to(weight.dtype)
 
 
 class ActivationFakeQuant(nn.Module):

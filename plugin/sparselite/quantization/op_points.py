@@ -35,9 +35,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from sparselite.quantization.fake_quant import (
-    LEARNED_RANGE_ATTR, ActivationFakeQuant, GridFakeQuant, WeightFakeQuant,
+    LEARNED_RANGE_ATTR, ActivationFakeQuant, BiasFakeQuant, GridFakeQuant, WeightFakeQuant,
 )
-from sparselite.quantization.spec import FIXED_OUTPUT_QPARAMS, activation_qparams
+from sparselite.quantization.spec import FIXED_OUTPUT_QPARAMS, SHARES_INPUT_RANGE, SPLITS, activation_qparams
 
 OP_QUANT = "sparselite_op_quant"
 
@@ -110,7 +110,7 @@ class OpSites:
             self.mode = None
 
     def on_op(self, kind: str, output: torch.Tensor) -> torch.Tensor:
-        if not self.stack or isinstance(self.stack[-1], (ActivationFakeQuant, WeightFakeQuant)):
+        if not self.stack or isinstance(self.stack[-1], (ActivationFakeQuant, WeightFakeQuant, BiasFakeQuant)):
             return output  # the fake-quant's own arithmetic
         owner = self.stack[-1]
         index = self.counts.get((owner, kind), 0)
@@ -141,6 +141,8 @@ class _OpMode(TorchFunctionMode):
         kind = _KIND_OF.get(func)
         if kind is not None and isinstance(output, torch.Tensor) and output.is_floating_point():
             output = self.sites.on_op(kind, output)
+        elif args and _keeps_input_grid(func):
+            _pass_grid_on(args[0], output)
         return output
 
     def on_the_files_grid(self, kind: str, func, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -155,7 +157,9 @@ class _OpMode(TorchFunctionMode):
             return func(*args, **kwargs)
         learned = (float(min_max[0]), float(min_max[1]))
         if kind == "mean":
-            return _on_range(grid, func(*args, **kwargs), learned)
+            out = _on_range(grid, func(*args, **kwargs), learned)
+            setattr(out, LEARNED_RANGE_ATTR, min_max)  # TFLite's int8 MEAN keeps its input's scale
+            return out
         # hardsigmoid / hardswish: relu6(x + 3), then / 6, each on the range interval arithmetic gives.
         low, high = (min(max(v + 3.0, 0.0), 6.0) for v in learned)
         shifted = _on_range(grid, torch.clamp(x + 3.0, 0.0, 6.0), (low, high))
@@ -163,6 +167,24 @@ class _OpMode(TorchFunctionMode):
         if kind == "hardsigmoid":
             return gate  # the module's own output fake-quant rounds it
         return x * _on_range(grid, gate, (low / 6.0, high / 6.0))
+
+
+def _keeps_input_grid(func) -> bool:
+    """A call TFLite's int8 form keeps on its input's grid (``spec.SHARES_INPUT_RANGE``, by base name:
+    ``Tensor.view``, ``F.max_pool2d``'s ``_max_pool2d``, in-place ``relu_``), or a slice of it."""
+    name = getattr(func, "__name__", "").strip("_")
+    return name in SHARES_INPUT_RANGE or name in SPLITS or name == "getitem"
+
+
+def _pass_grid_on(source: Any, output: Any) -> None:
+    """Tag ``output`` (or each tensor of a split) with the learned range ``source`` was rounded with, so
+    that a layer after a reshape or a pooling still finds its input's grid (its int32 bias is on it)."""
+    min_max = getattr(source, LEARNED_RANGE_ATTR, None) if isinstance(source, torch.Tensor) else None
+    if min_max is None:
+        return
+    for out in output if isinstance(output, (tuple, list)) else (output,):
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and out is not source:
+            setattr(out, LEARNED_RANGE_ATTR, min_max)
 
 
 def _on_range(grid: GridFakeQuant, x: torch.Tensor, learned: tuple[float, float]) -> torch.Tensor:

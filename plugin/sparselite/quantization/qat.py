@@ -3,6 +3,7 @@
 Eager fake-quant (not a pt2e GraphModule): the model stays a normal nn.Module, so train()/eval(),
 checkpoints and DDP behave as usual. State lives in submodules named ``sparselite_*``:
   - ``<conv|linear>.sparselite_weight_quant``: per-channel fake-quant of the (unfolded) weight;
+  - ``<conv|linear>.sparselite_bias_quant``: in eval mode, the int32 rounding of the (folded) bias;
   - ``<conv|linear>.sparselite_output_quant``: the range of the fused op's output, observed after BN
     and activation (a forward hook on the chain's last module applies it);
   - ``<activation>.sparselite_output_quant``: the output of an activation TFLite requantizes
@@ -24,28 +25,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparselite.errors import SparseliteError
-from sparselite.quantization.fake_quant import ActivationFakeQuant, GridFakeQuant, WeightFakeQuant
+from sparselite.quantization.fake_quant import ActivationFakeQuant, BiasFakeQuant, GridFakeQuant, WeightFakeQuant
 from sparselite.quantization.fusion import FusedChain, find_fused_chains
 from sparselite.quantization.op_points import HOOK_FUNCTIONS, OP_QUANT, attach_op_sites
 
 WEIGHT_QUANT = "sparselite_weight_quant"
+BIAS_QUANT = "sparselite_bias_quant"
 OUTPUT_QUANT = "sparselite_output_quant"
 INPUT_QUANT = "sparselite_input_quant"
 
 
 class _QATConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, getattr(self, WEIGHT_QUANT)(self.weight), self.bias)
+        out = self._conv_forward(x, getattr(self, WEIGHT_QUANT)(self.weight), self.bias)
+        return getattr(self, BIAS_QUANT)(out, x, self.weight, self.bias, 1)
 
 
 class _QATConv1d(nn.Conv1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, getattr(self, WEIGHT_QUANT)(self.weight), self.bias)
+        out = self._conv_forward(x, getattr(self, WEIGHT_QUANT)(self.weight), self.bias)
+        return getattr(self, BIAS_QUANT)(out, x, self.weight, self.bias, 1)
 
 
 class _QATLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, getattr(self, WEIGHT_QUANT)(self.weight), self.bias)
+        out = F.linear(x, getattr(self, WEIGHT_QUANT)(self.weight), self.bias)
+        return getattr(self, BIAS_QUANT)(out, x, self.weight, self.bias, -1)
 
 
 _QAT_CLASSES = {nn.Conv1d: _QATConv1d, nn.Conv2d: _QATConv2d, nn.Linear: _QATLinear}
@@ -119,6 +124,7 @@ class QuantizationSimulator:
             producer = model.get_submodule(chain.producer)
             batchnorm = model.get_submodule(chain.batchnorm) if chain.batchnorm else None
             producer.add_module(WEIGHT_QUANT, WeightFakeQuant(batchnorm))
+            producer.add_module(BIAS_QUANT, BiasFakeQuant(batchnorm))
             producer.add_module(OUTPUT_QUANT, ActivationFakeQuant(self.averaging_constant))
             producer.__class__ = _QAT_CLASSES[type(producer)]
             tail = model.get_submodule(chain.output_module)
@@ -135,7 +141,7 @@ class QuantizationSimulator:
         self.step(0)
         return chains
 
-    def _modules(self, kind: type[nn.Module]) -> list[nn.Module]:
+    def _modules(self, kind: type[nn.Module] | tuple[type[nn.Module], ...]) -> list[nn.Module]:
         return [m for m in self.model.modules() if isinstance(m, kind)]
 
     def step(self, step: int) -> None:
@@ -149,7 +155,7 @@ class QuantizationSimulator:
         """
         active = step >= self.start_step
         frozen = self.freeze_step is not None and step >= self.freeze_step
-        for quant in self._modules(WeightFakeQuant):
+        for quant in self._modules((WeightFakeQuant, BiasFakeQuant)):
             quant.enabled = active
         for quant in self._modules(ActivationFakeQuant):
             quant.enabled = active
@@ -168,7 +174,7 @@ def strip_fake_quant(model: nn.Module) -> None:
     for module in model.modules():
         if type(module) in _FLOAT_CLASSES:
             module.__class__ = _FLOAT_CLASSES[type(module)]
-        for name in (WEIGHT_QUANT, OUTPUT_QUANT, INPUT_QUANT, OP_QUANT):
+        for name in (WEIGHT_QUANT, BIAS_QUANT, OUTPUT_QUANT, INPUT_QUANT, OP_QUANT):
             if name in module._modules:
                 del module._modules[name]
         for hooks in (module._forward_hooks, module._forward_pre_hooks):

@@ -2,7 +2,8 @@
 
 Training and export must agree bit for bit on scales and zero points, so both sides compute them here.
   - weights: per output channel, symmetric, int8 in [-127, 127], scale from the current weights;
-  - activations: per tensor, affine, int8 in [-128, 127].
+  - activations: per tensor, affine, int8 in [-128, 127];
+  - biases: int32, per output channel on the grid input scale x weight scale (of the BN-folded weight).
 """
 
 from __future__ import annotations
@@ -16,6 +17,20 @@ SCALE_EPS = 2.0**-12
 # Ops whose int8 output TFLite fixes, whatever the data: (scale, zero point). LOGISTIC and SOFTMAX map
 # [0, 1) onto the whole int8 range, TANH maps [-1, 1).
 FIXED_OUTPUT_QPARAMS = {"sigmoid": (1.0 / 256, -128), "softmax": (1.0 / 256, -128), "tanh": (1.0 / 128, 0)}
+# Ops (aten base names) whose int8 output TFLite keeps on its input's grid: activations that fuse or
+# clamp, pooling, every shape op. Export shares their input's observer; training passes the input's
+# grid on to them (``quantization/op_points.py``).
+SHARES_INPUT_RANGE = {
+    "relu", "hardtanh", "relu6", "clamp", "clamp_min", "clamp_max",
+    "max_pool1d", "max_pool2d", "max_pool2d_with_indices", "adaptive_max_pool2d", "avg_pool1d", "avg_pool2d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d", "mean",
+    "view", "_unsafe_view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "t",
+    "contiguous", "clone", "alias", "detach", "dropout", "expand", "slice", "select", "narrow",
+    "pad", "constant_pad_nd", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
+    "flip", "roll", "_to_copy", "to", "upsample_nearest2d", "upsample_bilinear2d", "max",
+}
+# Ops whose outputs are pieces of their input, each on the input's grid.
+SPLITS = {"split", "split_with_sizes", "chunk", "unbind", "tensor_split", "unsafe_split"}
 
 
 def weight_scales(weight: torch.Tensor, fold_factor: torch.Tensor | None = None) -> torch.Tensor:
