@@ -405,6 +405,62 @@ def test_pooled_means_and_hardswish_insides_train_on_the_grids_export_derives():
     assert torch.allclose(seen["act"][1], getattr(model.act, "sparselite_output_quant")(inner), atol=1e-6)
 
 
+def test_pooled_means_round_ties_half_to_even_on_the_integers():
+    """XNNPACK's int8 MEAN averages the integers and rounds a tie half to even (measured on a file's
+    MEAN: every one of 279 ties). The same mean taken in float lands a tie on either side by the float
+    error of the sum, so training averages the integers too."""
+    from sparselite.quantization.op_points import _mean_on_input_grid
+    from sparselite.quantization.spec import activation_qparams
+
+    torch.manual_seed(0)
+    learned = (-1.3, 2.9)  # a scale that is no power of two: float sums of its multiples are inexact
+    scale, zero_point = activation_qparams(torch.tensor(learned[0]), torch.tensor(learned[1]))
+    integers = torch.randint(-128, 128, (64, 256, 2, 2)) - zero_point  # on the grid, zero point taken out
+    x = integers.float() * scale
+    exact = integers.sum(dim=(2, 3)).double() / 4
+    assert int((exact - exact.floor() == 0.5).sum()) > 1000  # a quarter of the means are ties
+    pooled = _mean_on_input_grid(torch.mean, (x, (2, 3)), {}, learned)
+    assert torch.equal(torch.round(pooled.double() / float(scale)), torch.round(exact))
+    in_float = torch.round(x.mean(dim=(2, 3)) / scale).double()
+    assert not torch.equal(in_float, torch.round(exact))  # what the float mean got wrong
+
+
+def test_a_value_read_only_by_a_concatenation_is_rounded_once_on_its_grid():
+    """The converter writes such a value straight onto the concatenation's scale (a fire module's
+    expand convs), so training leaves its rounding to the concatenation; a value read elsewhere too
+    keeps its own."""
+
+    class Fire(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.squeeze, self.left, self.right = nn.Conv2d(1, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, padding=1)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            s = torch.relu(self.squeeze(x))
+            right = self.right(s)
+            out = torch.cat([self.left(s), right], 1) + right.mean()  # right is read twice
+            return self.head(out.mean((2, 3)))
+
+    model = Fire()
+    simulator = QuantizationSimulator()
+    simulator.prepare(model, (torch.randn(1, 1, 8, 8),))
+    assert model.left.sparselite_output_quant.rounded_by_consumer
+    assert not model.right.sparselite_output_quant.rounded_by_consumer
+    assert not model.squeeze.sparselite_output_quant.rounded_by_consumer
+    model.train()
+    model(torch.randn(4, 1, 8, 8))  # observe
+    model.eval()
+    seen = {}
+    model.left.register_forward_hook(lambda m, args, out: seen.update(left=out))
+    with torch.no_grad():
+        model(torch.randn(2, 1, 8, 8))
+    assert model.left.sparselite_output_quant.initialized
+    scale, zero_point = model.left.sparselite_output_quant.qparams()
+    off_grid = seen["left"] / scale + zero_point
+    assert not torch.allclose(off_grid, torch.round(off_grid), atol=1e-3)  # not rounded on its own range
+
+
 def test_a_sequential_root_is_refused_with_what_to_do():
     """QAT adds its input fake-quant as a child of the root; an nn.Sequential would run it as a last layer."""
     with pytest.raises(SparseliteError, match="wrap the nn.Sequential"):

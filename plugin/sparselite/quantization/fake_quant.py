@@ -15,6 +15,9 @@ from sparselite.quantization.spec import (
 # int32 bias) read it (``op_points.py``, ``BiasFakeQuant``) in the same forward, before the next batch
 # updates the buffer. Ops that keep their input's grid (reshapes, pooling) pass it on.
 LEARNED_RANGE_ATTR = "_sparselite_learned_range"
+# The attribute that names, on each value an ActivationFakeQuant returns, that fake-quant (how
+# ``op_points`` finds which values feed a concatenation alone).
+PRODUCER_ATTR = "_sparselite_fake_quant"
 
 
 class _PerTensorFakeQuant(torch.autograd.Function):
@@ -132,6 +135,10 @@ class ActivationFakeQuant(nn.Module):
         self.register_buffer("min_max", torch.tensor([float("inf"), float("-inf")]))
         self.observing = True
         self.enabled = True
+        # Set when the value's one consumer is a concatenation: the converter then writes the value
+        # straight onto the concatenation's grid (no requantization in between), so the file rounds
+        # it once, there (``op_points.fold_into_concatenations``). Not state: found at prepare.
+        self.rounded_by_consumer = False
 
     @property
     def initialized(self) -> bool:
@@ -151,12 +158,15 @@ class ActivationFakeQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing and self.training:
             self.observe(x)
-        if not self.enabled or not self.initialized:
-            return x
-        scale, zero_point = self.qparams()
-        out = fake_quantize_per_tensor(x, scale.to(x.dtype), zero_point)
-        setattr(out, LEARNED_RANGE_ATTR, self.min_max)
+        if not self.enabled or not self.initialized or self.rounded_by_consumer:
+            out = x
+        else:
+            scale, zero_point = self.qparams()
+            out = fake_quantize_per_tensor(x, scale.to(x.dtype), zero_point)
+            setattr(out, LEARNED_RANGE_ATTR, self.min_max)
+        setattr(out, PRODUCER_ATTR, self)
         return out
 
     def extra_repr(self) -> str:
-        return f"min_max={self.min_max.tolist()}, observing={self.observing}, enabled={self.enabled}"
+        folded = ", rounded_by_consumer=True" if self.rounded_by_consumer else ""
+        return f"min_max={self.min_max.tolist()}, observing={self.observing}, enabled={self.enabled}{folded}"
