@@ -405,24 +405,26 @@ def test_pooled_means_and_hardswish_insides_train_on_the_grids_export_derives():
     assert torch.allclose(seen["act"][1], getattr(model.act, "sparselite_output_quant")(inner), atol=1e-6)
 
 
-def test_pooled_means_round_ties_half_to_even_on_the_integers():
-    """XNNPACK's int8 MEAN averages the integers and rounds a tie half to even (measured on a file's
-    MEAN: every one of 279 ties). The same mean taken in float lands a tie on either side by the float
-    error of the sum, so training averages the integers too."""
+def test_pooled_means_round_ties_as_xnnpacks_mean_does():
+    """XNNPACK's int8 MEAN averages the integers, adds the zero point and rounds half to even (measured
+    on MEANs cut out of files: all ties). The same mean taken in float lands a tie on either side by
+    the float error of the sum, so training averages the integers too."""
     from sparselite.quantization.op_points import _mean_on_input_grid
     from sparselite.quantization.spec import activation_qparams
 
     torch.manual_seed(0)
-    learned = (-1.3, 2.9)  # a scale that is no power of two: float sums of its multiples are inexact
+    learned = (-1.3, 2.9)  # no power-of-two scale (float sums of its multiples are inexact), an odd zero point
     scale, zero_point = activation_qparams(torch.tensor(learned[0]), torch.tensor(learned[1]))
+    assert int(zero_point) % 2 == 1
     integers = torch.randint(-128, 128, (64, 256, 2, 2)) - zero_point  # on the grid, zero point taken out
     x = integers.float() * scale
     exact = integers.sum(dim=(2, 3)).double() / 4
     assert int((exact - exact.floor() == 0.5).sum()) > 1000  # a quarter of the means are ties
     pooled = _mean_on_input_grid(torch.mean, (x, (2, 3)), {}, learned)
-    assert torch.equal(torch.round(pooled.double() / float(scale)), torch.round(exact))
-    in_float = torch.round(x.mean(dim=(2, 3)) / scale).double()
-    assert not torch.equal(in_float, torch.round(exact))  # what the float mean got wrong
+    xnnpack = torch.round(exact + int(zero_point)) - int(zero_point)
+    assert torch.equal(torch.round(pooled.double() / float(scale)), xnnpack)
+    assert not torch.equal(torch.round(exact), xnnpack)  # half to even before the zero point: the other way
+    assert not torch.equal(torch.round(x.mean(dim=(2, 3)) / scale).double(), xnnpack)  # the float mean
 
 
 def test_a_value_read_only_by_a_concatenation_is_rounded_once_on_its_grid():

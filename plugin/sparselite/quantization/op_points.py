@@ -254,15 +254,16 @@ def _pass_grid_on(source: Any, output: Any) -> None:
 
 def _mean_on_input_grid(func, args: tuple, kwargs: dict, learned: tuple[float, float]) -> torch.Tensor:
     """A mean (or average pooling) of values on the grid ``learned``, rounded as XNNPACK's int8 MEAN
-    rounds it: the integers are averaged and the mean rounded half to even. The same mean taken in
-    float and rounded after lands a tie (a mean of 2x2 integers is one a quarter of the time) on
-    either side by the float error of the sum; that was 1 LSB off XNNPACK in ~7% of the pooled values.
-    Gradients: the float mean's (straight through)."""
+    rounds it: the integers are averaged, the zero point added, and the sum rounded half to even
+    (so a tie goes to the odd side when the zero point is odd: measured on a MEAN cut out of a file,
+    this rule matched all of 244 ties, exact half-to-even none of them). The same mean taken in float
+    lands a tie (a mean of 2x2 integers is one a quarter of the time) on either side by the float
+    error of the sum. Gradients: the float mean's (straight through)."""
     out = func(*args, **kwargs)
     scale, zero_point = activation_qparams(torch.tensor(learned[0]), torch.tensor(learned[1]))
-    integers = torch.round(args[0].detach() * (1.0 / scale))  # exact: the input is on this grid
-    mean = torch.round(func(integers, *args[1:], **kwargs)).clamp_(ACT_QMIN - zero_point, ACT_QMAX - zero_point)
-    return out + (mean * scale.to(out.dtype) - out).detach()
+    integers = torch.round(args[0].detach() * (1.0 / scale))  # q - zero point, exactly: the input is on this grid
+    q = torch.round(func(integers, *args[1:], **kwargs) + zero_point).clamp_(ACT_QMIN, ACT_QMAX)
+    return out + ((q - zero_point) * scale.to(out.dtype) - out).detach()
 
 
 def _on_range(grid: GridFakeQuant, x: torch.Tensor, learned: tuple[float, float]) -> torch.Tensor:
