@@ -100,12 +100,16 @@ def test_family_block_exports_fully_int8(family, fmnist_train, fmnist_heldout, t
     assert parity.top1_agreement >= 0.99 and round(parity.max_logit_diff_lsb) <= 4, parity
 
 
-@pytest.mark.parametrize("family", ["fire_concat", "channel_shuffle"])
-def test_a_concatenation_block_computes_what_the_file_computes(family, fmnist_train, fmnist_heldout, tmp_path):
-    """SqueezeNet's fire module: the file writes both expand convs straight onto the concatenation's
-    scale. ShuffleNet's unit: the file requantizes the slice it passes through with XNNPACK's
-    8-bit-multiplier QUANTIZE. Training rounds both as the file does, so the fake-quant model and the
-    file agree on every logit to the LSB (before: 75-95% and 79-99% of them, varying with the weights)."""
+# The Conv1d net's 1-D mean over 28 rounds its ties by a rule none of those tried matches (docs/quantization.md).
+EXACT_FAMILIES = sorted(set(FAMILY_OPS) - {"conv1d"})
+
+
+@pytest.mark.parametrize("family", EXACT_FAMILIES)
+def test_each_family_block_computes_what_the_file_computes(family, fmnist_train, fmnist_heldout, tmp_path):
+    """The fake-quant model rounds where the file rounds, as XNNPACK rounds: the int32 bias, MEAN's
+    ties, SqueezeNet's expand convs written straight onto the concatenation's scale, ShuffleNet's slice
+    requantized with XNNPACK's 8-bit-multiplier QUANTIZE. So it agrees with the file on every logit to
+    the LSB (before: 75-95% of a fire block's, 79-99% of a shuffle unit's, varying with the weights)."""
     from sparselite.export.parity import fake_quant_reference
     from sparselite.runtime.litert import LiteRTModel
 

@@ -200,7 +200,7 @@ def fold_into_concatenations(uses: dict[ActivationFakeQuant, list[str]]) -> None
     """A value whose one reader is a concatenation is written by its op straight onto the
     concatenation's grid: the converter folds the requantization between them into the producer (a
     SqueezeNet fire module's two expand convs write the concatenation's scale). The file rounds it
-    once, where training rounded it twice (its own range, then the concatenation's): 23% of a fire
+    once, where training rounded it twice (its own range, then the concatenation's): 5-25% of a fire
     block's logits were off the file by an LSB. Its fake-quant keeps observing (the range is still
     exported, and folded away by the converter) but leaves the rounding to the concatenation."""
     for quant, kinds in uses.items():
