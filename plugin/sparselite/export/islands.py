@@ -128,6 +128,9 @@ def int8_ops_xnnpack_leaves_out(model_t, float_model: nn.Module) -> list[LeftOut
     return left
 
 
+MIN_GAIN = 0.05  # a candidate with more modules float is kept only if this much faster
+
+
 def keep_float_where_xnnpack_lacks_int8(convert: Callable[[frozenset[str]], tuple], float_model: nn.Module, converted: tuple
                                         ) -> tuple[tuple, frozenset[str], list[LeftOut], str]:
     """``float_fallback="xnnpack"``: the fastest file on XNNPACK among the all-int8 one (``converted``, from
@@ -159,9 +162,6 @@ def keep_float_where_xnnpack_lacks_int8(convert: Callable[[frozenset[str]], tupl
     result, float_modules, left = candidates[best]
     timed = "; ".join(f"{len(modules)} module(s) float: {ms:.3f} ms" for (_, modules, _), ms in zip(candidates, latency))
     return result, float_modules, left, f"float_fallback='xnnpack' timed each candidate on XNNPACK (1 thread): {timed}"
-
-
-MIN_GAIN = 0.05  # a candidate with more modules float is kept only if this much faster
 
 
 def xnnpack_fallback_notes(kept_float: frozenset[str], left: list[LeftOut], timings: str) -> list[str]:

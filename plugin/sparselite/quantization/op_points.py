@@ -42,6 +42,7 @@ from sparselite.quantization.spec import (
 )
 
 OP_QUANT = "sparselite_op_quant"
+_FAKE_QUANT_TYPES = (ActivationFakeQuant, WeightFakeQuant, BiasFakeQuant)
 
 # Python-level callables -> the op kind TFLite requantizes (the aten op torch.export records).
 _KIND_OF = {}
@@ -112,10 +113,14 @@ class OpSites:
             self.mode.__exit__(None, None, None)
             self.mode = None
 
+    def in_fake_quant(self) -> bool:
+        """Whether the running call is a fake-quant module's own arithmetic (or outside any module)."""
+        return not self.stack or isinstance(self.stack[-1], _FAKE_QUANT_TYPES)
+
     def count_uses(self, kind: str, args: tuple) -> None:
         """Discovery: which call reads each fake-quantized value (``PRODUCER_ATTR``), outside the
         fake-quant modules' own arithmetic."""
-        if self.stack and isinstance(self.stack[-1], (ActivationFakeQuant, WeightFakeQuant, BiasFakeQuant)):
+        if self.in_fake_quant():
             return
         for arg in args:
             for value in arg if isinstance(arg, (tuple, list)) else (arg,):
@@ -125,7 +130,7 @@ class OpSites:
 
     def next_site(self, kind: str) -> ActivationFakeQuant | None:
         """The fake-quant of the ``kind`` call about to run, if it has one (the counter is not moved)."""
-        if not self.stack or isinstance(self.stack[-1], (ActivationFakeQuant, WeightFakeQuant, BiasFakeQuant)):
+        if self.in_fake_quant():
             return None
         owner = self.stack[-1]
         points = owner._modules.get(OP_QUANT)
@@ -133,8 +138,8 @@ class OpSites:
         return points[key] if points is not None and key in points else None
 
     def on_op(self, kind: str, output: torch.Tensor) -> torch.Tensor:
-        if not self.stack or isinstance(self.stack[-1], (ActivationFakeQuant, WeightFakeQuant, BiasFakeQuant)):
-            return output  # the fake-quant's own arithmetic
+        if self.in_fake_quant():
+            return output
         owner = self.stack[-1]
         index = self.counts.get((owner, kind), 0)
         self.counts[(owner, kind)] = index + 1
@@ -234,6 +239,7 @@ def _requantized_as_xnnpack_does(inputs, site: ActivationFakeQuant | None) -> li
     return out
 
 
+@functools.lru_cache(maxsize=None)  # called on every torch call of every forward
 def _keeps_input_grid(func) -> bool:
     """A call TFLite's int8 form keeps on its input's grid (``spec.SHARES_INPUT_RANGE``, by base name:
     ``Tensor.view``, ``F.max_pool2d``'s ``_max_pool2d``, in-place ``relu_``), or a slice of it."""
