@@ -56,10 +56,10 @@ def test_functional_ops_and_hardsigmoid_insides_take_learned_or_derived_ranges()
         model(x)
     model.eval()
     ranges = learned_ranges(model)
-    assert {"block.0.sparselite_op_quant.add_0", "block.1.sparselite_op_quant.mul_0", "block.1.gate"} <= set(ranges)
+    assert {"sparselite_op_quant.block/0/add_0", "sparselite_op_quant.block/1/mul_0", "block.1.gate"} <= set(ranges)
     _, _, injection = quantize_pt2e(float_model_for_export(model), (x[:1],), ranges)
     assert injection.calibrated == {}
-    assert {"block.0.sparselite_op_quant.add_0", "block.1.sparselite_op_quant.mul_0"} <= set(injection.learned.values())
+    assert {"sparselite_op_quant.block/0/add_0", "sparselite_op_quant.block/1/mul_0"} <= set(injection.learned.values())
     assert any("fc2" in how and "add 3" in how for how in injection.derived.values())
 
 

@@ -130,13 +130,14 @@ def test_strip_restores_plain_classes_and_removes_hooks(fmnist_train):
     float_keys = set(model.state_dict())
     simulator = QuantizationSimulator()
     simulator.prepare(model, (fmnist_train[0][:1],))  # functional-op sites too: the residual adds
-    assert simulator.op_sites == ["block1.sparselite_op_quant.add_0", "block2.sparselite_op_quant.add_0"]
+    assert simulator.op_sites == ["sparselite_op_quant.block1/add_0", "sparselite_op_quant.block2/add_0"]
     train(model, simulator, fmnist_train, steps=2)
     assert any(len(m._forward_hooks) for m in model.modules())
     strip_fake_quant(model)
     for name, module in model.named_modules():
         assert "sparselite_" not in name
         assert not module._forward_hooks and not module._forward_pre_hooks, name
+        assert not module._load_state_dict_pre_hooks, name
     assert type(model.stem[0]) is nn.Conv2d and type(model.classifier) is nn.Linear
     assert set(model.state_dict()) == float_keys
     torch.manual_seed(0)
@@ -144,6 +145,61 @@ def test_strip_restores_plain_classes_and_removes_hooks(fmnist_train):
     fresh.load_state_dict(model.state_dict())
     x = fmnist_train[0][:8]
     assert torch.equal(model.eval()(x), fresh.eval()(x))
+
+
+class _DenseBlock(nn.ModuleDict):
+    """DenseNet's block: a container whose forward runs each of its children on the concatenation of
+    everything before it."""
+
+    def __init__(self) -> None:
+        super().__init__({f"layer{i}": nn.Sequential(nn.Conv2d(4 + 4 * i, 4, 3, padding=1), nn.ReLU()) for i in range(2)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in self.values():
+            features.append(layer(torch.cat(features, 1)))
+        return torch.cat(features, 1)
+
+
+class _DenseNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, stride=2)
+        self.block = _DenseBlock()
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
+def test_containers_that_run_their_children_run_only_the_models_own(fmnist_train):
+    """The concatenations' fake-quants sit in the root's registry, not in the container whose forward
+    calls them: there, the container's loop would run one as a layer (DenseNet failed so)."""
+    torch.manual_seed(0)
+    model = _DenseNet()
+    simulator = QuantizationSimulator()
+    simulator.prepare(model, (fmnist_train[0][:1],))
+    assert simulator.op_sites == [f"sparselite_op_quant.block/cat_{i}" for i in range(3)]
+    assert set(model.block.keys()) == {"layer0", "layer1"}
+    train(model, simulator, fmnist_train, steps=2)
+    assert set(learned_ranges(model)) >= set(simulator.op_sites)
+
+
+def test_checkpoints_with_sites_in_their_calling_modules_still_load(fmnist_train):
+    """Before the registry, a site's fake-quant was a child of its calling module; those checkpoints load."""
+    from model_blocks import InvertedResidualNet
+
+    torch.manual_seed(0)
+    model = InvertedResidualNet()
+    QuantizationSimulator().prepare(model, (fmnist_train[0][:1],))
+    state = model.state_dict()
+    state["sparselite_op_quant.block1/add_0.min_max"] = torch.tensor([-1.5, 2.5])
+    old_layout = {k.replace("sparselite_op_quant.block1/", "block1.sparselite_op_quant."): v for k, v in state.items()}
+    assert "block1.sparselite_op_quant.add_0.min_max" in old_layout
+    fresh = InvertedResidualNet()
+    QuantizationSimulator().prepare(fresh, (fmnist_train[0][:1],))
+    fresh.load_state_dict(old_layout)  # strict
+    assert learned_ranges(fresh)["sparselite_op_quant.block1/add_0"] == (-1.5, 2.5)
 
 
 def test_strip_fake_quant_works_on_a_deep_copy(tiny_model, fmnist_train):

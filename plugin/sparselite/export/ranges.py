@@ -6,7 +6,7 @@ quantization (fused activations, pooling, reshapes) to the value's origin:
   - the model input ('');
   - a conv/linear (its fused chain's output range);
   - a module whose output training observed (Hardswish, SiLU, ...: the last op inside it);
-  - a functional op's call site (``block.sparselite_op_quant.add_0``), numbered as in training.
+  - a functional op's call site (``sparselite_op_quant.block/add_0``), numbered as in training.
 An add/sub/mul of a constant takes its range from its input's by interval arithmetic (the inside of
 a decomposed hardsigmoid). Fixed-range ops (LOGISTIC, SOFTMAX, TANH) keep the range their int8
 kernels require. Everything else keeps the range calibrated on real batches, with the reason.

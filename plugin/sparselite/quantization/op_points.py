@@ -78,14 +78,34 @@ ATEN_KINDS = {"add": "add", "sub": "sub", "mul": "mul", "cat": "cat", "concat": 
 
 
 def site_name(owner: str, kind: str, index: int) -> str:
-    """The range's key in ``learned_ranges``: the fake-quant module's path."""
-    return f"{owner + '.' if owner else ''}{OP_QUANT}.{kind}_{index}"
+    """The range's key in ``learned_ranges``: the fake-quant module's path
+    (``sparselite_op_quant.layer1/0/add_0`` for the first add in ``layer1.0``'s forward).
+
+    Every site's fake-quant sits in one registry on the root, keyed by the calling module's path with
+    '/' for '.' (a module name cannot hold a '.'). Not in the calling module itself: a container that
+    runs its children in its own forward (DenseNet's ``_DenseBlock``, an ``nn.ModuleDict`` whose
+    forward concatenates what each child returns) would run that child too."""
+    return f"{OP_QUANT}.{_site_key(owner, kind, index)}"
+
+
+def _site_key(owner: str, kind: str, index: int) -> str:
+    return f"{owner.replace('.', '/') + '/' if owner else ''}{kind}_{index}"
+
+
+def _moved_site_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """A load_state_dict pre-hook: checkpoints written when each site's fake-quant sat in its calling
+    module (``layer1.0.sparselite_op_quant.add_0.min_max``) load into the root's registry."""
+    marker = f".{OP_QUANT}."
+    for key in [k for k in state_dict if k.startswith(prefix) and marker in k[len(prefix):]]:
+        owner, rest = key[len(prefix):].split(marker, 1)
+        state_dict[f"{prefix}{OP_QUANT}.{owner.replace('.', '/')}/{rest}"] = state_dict.pop(key)
 
 
 class OpSites:
     """Tracks which module is running and numbers the functional ops each one calls."""
 
     def __init__(self, model: nn.Module, averaging_constant: float, grid: GridFakeQuant) -> None:
+        self.root = model
         self.names = {module: name for name, module in model.named_modules()}
         self.averaging_constant = averaging_constant
         self.grid = grid
@@ -133,8 +153,8 @@ class OpSites:
         if self.in_fake_quant():
             return None
         owner = self.stack[-1]
-        points = owner._modules.get(OP_QUANT)
-        key = f"{kind}_{self.counts.get((owner, kind), 0)}"
+        points = self.root._modules.get(OP_QUANT)
+        key = _site_key(self.names[owner], kind, self.counts.get((owner, kind), 0))
         return points[key] if points is not None and key in points else None
 
     def on_op(self, kind: str, output: torch.Tensor) -> torch.Tensor:
@@ -143,12 +163,12 @@ class OpSites:
         owner = self.stack[-1]
         index = self.counts.get((owner, kind), 0)
         self.counts[(owner, kind)] = index + 1
-        points = owner._modules.get(OP_QUANT)
-        key = f"{kind}_{index}"
+        points = self.root._modules.get(OP_QUANT)
+        key = _site_key(self.names[owner], kind, index)
         if self.discovering:
             if points is None:
                 points = nn.ModuleDict()
-                owner.add_module(OP_QUANT, points)
+                self.root.add_module(OP_QUANT, points)
             if key not in points:
                 points[key] = ActivationFakeQuant(self.averaging_constant)
         if points is None or key not in points:
@@ -293,6 +313,7 @@ def _end(sites: OpSites, module: nn.Module, args: tuple, output: Any) -> None:
 
 
 HOOK_FUNCTIONS = (_enter, _exit, _begin, _end)
+LOAD_HOOK_FUNCTIONS = (_moved_site_keys,)
 
 
 def attach_op_sites(model: nn.Module, example_inputs: tuple, averaging_constant: float,
@@ -315,6 +336,5 @@ def attach_op_sites(model: nn.Module, example_inputs: tuple, averaging_constant:
         sites.discovering = False
         model.train(was_training)
     fold_into_concatenations(sites.uses)
-    return [site_name(name, key.rsplit("_", 1)[0], int(key.rsplit("_", 1)[1]))
-            for name, module in model.named_modules() if OP_QUANT in module._modules
-            for key in module._modules[OP_QUANT]]
+    model.register_load_state_dict_pre_hook(_moved_site_keys)
+    return [f"{OP_QUANT}.{key}" for key in model._modules.get(OP_QUANT, {})]

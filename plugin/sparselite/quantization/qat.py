@@ -8,8 +8,8 @@ checkpoints and DDP behave as usual. State lives in submodules named ``sparselit
     and activation (a forward hook on the chain's last module applies it);
   - ``<activation>.sparselite_output_quant``: the output of an activation TFLite requantizes
     (Hardswish, SiLU, ...) that no chain fuses;
-  - ``<module>.sparselite_op_quant.<op>_<i>``: the outputs of functional ops (add, mul, cat, ...)
-    called in that module's forward (``op_points.py``);
+  - ``<root>.sparselite_op_quant.<module path, '/' for '.'>/<op>_<i>``: the outputs of functional ops
+    (add, mul, cat, ...) called in that module's forward (``op_points.py``);
   - ``<root>.sparselite_input_quant``: the range of the model input.
 Per-channel symmetric weight quantization is invariant to BN's per-channel scale, so fake-quant of
 the unfolded weight gives the same int8 values as the folded weight exported later.
@@ -27,7 +27,7 @@ from torch import nn
 from sparselite.errors import SparseliteError
 from sparselite.quantization.fake_quant import ActivationFakeQuant, BiasFakeQuant, GridFakeQuant, WeightFakeQuant
 from sparselite.quantization.fusion import FusedChain, find_fused_chains
-from sparselite.quantization.op_points import HOOK_FUNCTIONS, OP_QUANT, attach_op_sites
+from sparselite.quantization.op_points import HOOK_FUNCTIONS, LOAD_HOOK_FUNCTIONS, OP_QUANT, attach_op_sites
 
 WEIGHT_QUANT = "sparselite_weight_quant"
 BIAS_QUANT = "sparselite_bias_quant"
@@ -182,6 +182,9 @@ def strip_fake_quant(model: nn.Module) -> None:
                 if isinstance(hook, functools.partial) and hook.func in (_quantize_output, _quantize_input, *HOOK_FUNCTIONS):
                     del hooks[key]
                     module._forward_hooks_always_called.pop(key, None)
+        for key, wrapped in list(module._load_state_dict_pre_hooks.items()):
+            if getattr(wrapped, "hook", None) in LOAD_HOOK_FUNCTIONS:
+                del module._load_state_dict_pre_hooks[key]
 
 
 def learned_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
