@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparselite.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
-from sparselite.quantization.spec import SCALE_EPS, activation_qparams, quantize_weight, weight_scales
+from sparselite.quantization.spec import SCALE_EPS, activation_qparams, batchnorm_fold_factor, quantize_weight, weight_scales
 
 
 @pytest.fixture
@@ -156,3 +156,24 @@ def test_per_tensor_fake_quant_is_bit_identical_to_torch_kernel_in_values_and_gr
         upstream = torch.randn_like(x)
         assert torch.equal(torch.autograd.grad((got * upstream).sum(), x)[0],
                            torch.autograd.grad((expected * upstream).sum(), x)[0])
+
+
+def test_weight_fake_quant_is_bit_identical_to_torch_kernel_in_values_and_gradients(weight):
+    """Also with a BN fold factor, whose eps floor makes some scales larger than amax / 127."""
+    from torch import nn
+
+    bn = nn.BatchNorm2d(weight.shape[0])
+    bn.running_var.uniform_(1e-9, 4.0)
+    bn.weight.data.uniform_(-2.0, 2.0)
+    bn.weight.data[2] = 1e-9
+    for batchnorm in (None, bn):
+        w = (weight * 3).requires_grad_()
+        quant = WeightFakeQuant(batchnorm)
+        factor = batchnorm_fold_factor(bn) if batchnorm is not None else None
+        scales = weight_scales(w, factor)
+        expected = torch.fake_quantize_per_channel_affine(w, scales, torch.zeros(len(scales), dtype=torch.int32), 0, -127, 127)
+        got = quant(w)
+        assert torch.equal(got, expected)
+        upstream = torch.randn_like(w)
+        assert torch.equal(torch.autograd.grad((got * upstream).sum(), w)[0],
+                           torch.autograd.grad((expected * upstream).sum(), w)[0])

@@ -23,14 +23,19 @@ PRODUCER_ATTR = "_sparselite_fake_quant"
 class _PerTensorFakeQuant(torch.autograd.Function):
     """Bit-identical to ``torch.fake_quantize_per_tensor_affine`` (values, and gradients zeroed where
     the rounded value falls outside [qmin, qmax]), built from in-place vectorized ops. Torch's CPU
-    kernel is a scalar loop about 2.5x slower, and activation fake-quant dominates QAT's step overhead."""
+    kernel is a scalar loop about 2.5x slower, and activation fake-quant dominates QAT's step overhead.
+    The zero point moves the clamp bounds instead of the values (integers are exact in float): two
+    passes over the tensor fewer than adding and subtracting it."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax):
-        q = torch.round(x * (1.0 / scale)).add_(zero_point)
-        outside = (q < qmin) | (q > qmax)
+        low, high = qmin - zero_point, qmax - zero_point
+        if x.device.type == "cpu":  # a 0-d tensor bound makes CPU clamp ~15% slower; elsewhere float() would sync
+            low, high = float(low), float(high)
+        q = torch.mul(x, 1.0 / scale).round_()
+        outside = (q < low).logical_or_(q > high)
         ctx.save_for_backward(outside)
-        return q.clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+        return q.clamp_(low, high).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
@@ -40,6 +45,21 @@ class _PerTensorFakeQuant(torch.autograd.Function):
 
 def fake_quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     return _PerTensorFakeQuant.apply(x, scale, zero_point.to(x.dtype), ACT_QMIN, ACT_QMAX)
+
+
+class _SymmetricWeightFakeQuant(torch.autograd.Function):
+    """Bit-identical to ``torch.fake_quantize_per_channel_affine`` with zero points 0 and [-127, 127],
+    for scales from ``spec.weight_scales``: those are at least amax / 127, so no weight rounds outside
+    the range, torch's clamp changes nothing and its gradient mask passes everything. Torch's CPU kernel
+    is a scalar loop: 5 ns a weight, 16 ms of MobileNetLite's step (1.07M weights); this is 1.8x faster."""
+
+    @staticmethod
+    def forward(ctx, weight, scales):
+        return torch.mul(weight, 1.0 / scales).round_().clamp_(WEIGHT_QMIN, WEIGHT_QMAX).mul_(scales)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 class GridFakeQuant:
@@ -75,9 +95,8 @@ class WeightFakeQuant(nn.Module):
         if not self.enabled:
             return weight
         fold_factor = batchnorm_fold_factor(self.batchnorm) if self.batchnorm is not None else None
-        scale = weight_scales(weight, fold_factor).to(weight.dtype)
-        zero_point = torch.zeros_like(scale, dtype=torch.int32)
-        return torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX)
+        scales = weight_scales(weight, fold_factor).to(weight.dtype)
+        return _SymmetricWeightFakeQuant.apply(weight, scales.reshape(-1, *([1] * (weight.dim() - 1))))
 
 
 class BiasFakeQuant(nn.Module):
