@@ -148,14 +148,18 @@ def test_per_tensor_fake_quant_is_bit_identical_to_torch_kernel_in_values_and_gr
 
     torch.manual_seed(0)
     scale, zero_point = torch.tensor(0.02), torch.tensor(-30, dtype=torch.int32)
-    for spread in (1.0, 50.0):  # mostly inside the int8 range, then mostly clipped
-        x = (torch.randn(4, 8, 5, 5) * spread).requires_grad_()
+    # Inside the int8 range, mostly clipped, and the edge: the largest value rounds onto qmax itself
+    # (with its [min, max] given, the mask is skipped only when nothing is clamped).
+    for spread in (0.5, 50.0, (127 + 30 + 0.49) * 0.02):
+        x = torch.randn(4, 8, 5, 5)
+        x = (x / x.abs().max() * spread).requires_grad_()
         expected = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, -128, 127)
-        got = fake_quantize_per_tensor(x, scale, zero_point)
-        assert torch.equal(got, expected)
         upstream = torch.randn_like(x)
-        assert torch.equal(torch.autograd.grad((got * upstream).sum(), x)[0],
-                           torch.autograd.grad((expected * upstream).sum(), x)[0])
+        expected_grad = torch.autograd.grad((expected * upstream).sum(), x)[0]
+        for extremes in (None, torch.stack(torch.aminmax(x.detach()))):
+            got = fake_quantize_per_tensor(x, scale, zero_point, extremes)
+            assert torch.equal(got, expected)
+            assert torch.equal(torch.autograd.grad((got * upstream).sum(), x)[0], expected_grad)
 
 
 def test_weight_fake_quant_is_bit_identical_to_torch_kernel_in_values_and_gradients(weight):

@@ -25,26 +25,44 @@ class _PerTensorFakeQuant(torch.autograd.Function):
     the rounded value falls outside [qmin, qmax]), built from in-place vectorized ops. Torch's CPU
     kernel is a scalar loop about 2.5x slower, and activation fake-quant dominates QAT's step overhead.
     The zero point moves the clamp bounds instead of the values (integers are exact in float): two
-    passes over the tensor fewer than adding and subtracting it."""
+    passes over the tensor fewer than adding and subtracting it.
+
+    ``extremes``: the value's [min, max], when the caller has them. Scaling and rounding are monotonic,
+    so when both land inside the bounds no element is clamped and the gradient passes everywhere: the
+    mask (two comparisons in the forward, a masked_fill in the backward: 15 of MobileNetLite's 36 ms
+    of activation fake-quant a step) is built only when some element is clamped."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax):
+    def forward(ctx, x, scale, zero_point, qmin, qmax, extremes=None):
         low, high = qmin - zero_point, qmax - zero_point
-        if x.device.type == "cpu":  # a 0-d tensor bound makes CPU clamp ~15% slower; elsewhere float() would sync
+        on_cpu = x.device.type == "cpu"
+        if on_cpu:  # a 0-d tensor bound makes CPU clamp ~15% slower; elsewhere float() would sync
             low, high = float(low), float(high)
-        q = torch.mul(x, 1.0 / scale).round_()
-        outside = (q < low).logical_or_(q > high)
-        ctx.save_for_backward(outside)
+        inverse = 1.0 / scale
+        q = torch.mul(x, inverse).round_()
+        ctx.clamps_nothing = not ctx.needs_input_grad[0] or (
+            on_cpu and extremes is not None and extremes.dtype == x.dtype
+            and _inside(torch.mul(extremes, inverse).round_().tolist(), low, high))
+        if not ctx.clamps_nothing:
+            ctx.save_for_backward((q < low).logical_or_(q > high))
         return q.clamp_(low, high).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.clamps_nothing:
+            return grad, None, None, None, None, None
         (outside,) = ctx.saved_tensors
-        return grad.masked_fill(outside, 0.0), None, None, None, None
+        return grad.masked_fill(outside, 0.0), None, None, None, None, None
 
 
-def fake_quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    return _PerTensorFakeQuant.apply(x, scale, zero_point.to(x.dtype), ACT_QMIN, ACT_QMAX)
+def _inside(rounded_extremes: list[float], low: float, high: float) -> bool:
+    return low <= rounded_extremes[0] and rounded_extremes[1] <= high
+
+
+def fake_quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                             extremes: torch.Tensor | None = None) -> torch.Tensor:
+    """``extremes``: ``x``'s [min, max] if at hand (see ``_PerTensorFakeQuant``)."""
+    return _PerTensorFakeQuant.apply(x, scale, zero_point.to(x.dtype), ACT_QMIN, ACT_QMAX, extremes)
 
 
 class _SymmetricWeightFakeQuant(torch.autograd.Function):
@@ -165,24 +183,27 @@ class ActivationFakeQuant(nn.Module):
         return bool(torch.isfinite(self.min_max).all())
 
     @torch.no_grad()
-    def observe(self, x: torch.Tensor) -> None:
-        batch = torch.stack(torch.aminmax(x.detach())).float()
+    def observe(self, extremes: torch.Tensor) -> None:
+        """Move the range towards a batch's [min, max]."""
         if not self.initialized:
-            self.min_max.copy_(batch)
+            self.min_max.copy_(extremes)
         else:
-            self.min_max.lerp_(batch, self.averaging_constant)
+            self.min_max.lerp_(extremes.float(), self.averaging_constant)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return activation_qparams(self.min_max[0], self.min_max[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The batch's extremes: observed, and they spare the gradient mask when nothing is clamped.
+        wanted = self.observing or (x.requires_grad and x.device.type == "cpu")
+        extremes = torch.stack(torch.aminmax(x.detach())) if self.training and wanted else None
         if self.observing and self.training:
-            self.observe(x)
+            self.observe(extremes)
         if not self.enabled or not self.initialized or self.rounded_by_consumer:
             out = x
         else:
             scale, zero_point = self.qparams()
-            out = fake_quantize_per_tensor(x, scale.to(x.dtype), zero_point)
+            out = fake_quantize_per_tensor(x, scale.to(x.dtype), zero_point, extremes)
             setattr(out, LEARNED_RANGE_ATTR, self.min_max)
         setattr(out, PRODUCER_ATTR, self)
         return out
