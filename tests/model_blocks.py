@@ -2,7 +2,9 @@
 
 Each is a few thousand parameters, so tests can train and export them in seconds; together they cover
 what users bring: inverted residuals (MobileNetV2), basic residual blocks (ResNet), squeeze-excite
-with hardsigmoid (MobileNetV3), SiLU (EfficientNet), concat and channel shuffle (ShuffleNet, SqueezeNet).
+with hardsigmoid (MobileNetV3), SiLU (EfficientNet), concat and channel shuffle (ShuffleNet, SqueezeNet),
+DenseNet's block (a container that runs its children, concatenating more inputs than XNNPACK takes at
+once) and VGG's fixed-size adaptive pooling over a smaller feature map.
 """
 
 from __future__ import annotations
@@ -158,6 +160,34 @@ class MBConvSiLU(nn.Module):
         return x + self.project(self.se(self.depthwise(self.expand(x))))
 
 
+class DenseBlock(nn.ModuleDict):
+    """DenseNet's block, as torchvision writes it: an ``nn.ModuleDict`` whose forward runs each of its
+    layers on the concatenation of the block input and every earlier layer's output."""
+
+    def __init__(self, channels: int, growth: int = 4, layers: int = 6) -> None:
+        super().__init__({f"layer{i}": conv_bn(channels + i * growth, growth, 3) for i in range(layers)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in self.values():
+            features.append(layer(torch.cat(features, 1)))
+        return torch.cat(features, 1)  # 7 inputs: more than the 5 XNNPACK concatenates at once
+
+
+class AdaptivePoolHead(nn.Module):
+    """VGG's head: a fixed 7x7 adaptive average pool (over a 7x7 map at 224x224) on a map that does not
+    tile into it (6x6 here, 2x2 for VGG at 64x64), flattened into the classifier."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(conv_bn(1, 8, 3, 2), conv_bn(8, 8, 3, 2), nn.MaxPool2d(2))
+        self.pool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Linear(8 * 7 * 7, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
 def family_models() -> dict[str, nn.Module]:
     """One small model per architecture family, keyed by the block it tests."""
     return {
@@ -168,6 +198,8 @@ def family_models() -> dict[str, nn.Module]:
         "mbconv_silu": BlockNet(MBConvSiLU(16), 16, stem_act=nn.SiLU),
         "fire_concat": BlockNet(FireConcat(16, 8, 16), 16),
         "channel_shuffle": BlockNet(ShuffleUnit(16), 16),
+        "dense_block": BlockNet(DenseBlock(16), 16),
+        "adaptive_pool": AdaptivePoolHead(),
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -129,6 +130,47 @@ def test_upstream_xnnpack_does_not_delegate_int8_hardswish(monkeypatch, tmp_path
     monkeypatch.delitem(quantizer._DECOMPOSITIONS, "hardswish")
     export_tflite(model, x[:1], tmp_path / "stock.tflite", calibration=[x])
     assert xnnpack_partitions(tmp_path / "stock.tflite") == 2
+
+
+class _ConcatenationOfOne(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([torch.relu(self.conv1(x))], 1)
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+def test_upstream_litert_keeps_the_bias_grid_of_a_dropped_single_input_concatenation(monkeypatch, tmp_path):
+    """litert-torch 0.10 drops ``torch.cat([x])`` but leaves the next layer's int32 bias on the grid of the
+    concatenation's scale while the layer reads x on x's (docs/upstream/litert_single_input_concatenation.md).
+    sparselite removes such concatenations before quantizing. When this test fails, the two files agree,
+    upstream is fixed, and ``quantizer._drop_concatenations_of_one`` can go."""
+    from sparselite.export import quantizer
+    from sparselite.export.tflite import _quantize_and_convert
+    from sparselite.runtime.litert import LiteRTModel
+    from sparselite.tflite.flatbuffer import write_model
+
+    torch.manual_seed(0)
+    model = _ConcatenationOfOne().eval()
+    x = torch.randn(64, 1, 12, 12)
+    with torch.no_grad():
+        logits = model(x)
+    # The concatenation's range twice its input's: the two scales differ, as QAT's two points may.
+    ranges = {"": (-4.0, 4.0), "conv1": (0.0, 3.0), "sparselite_op_quant.cat_0": (0.0, 6.0), "conv2": (0.0, 3.0),
+              "fc": (float(logits.min()), float(logits.max()))}
+    files = {}
+    for name in ("workaround", "stock"):
+        if name == "stock":
+            monkeypatch.setattr(quantizer, "_drop_concatenations_of_one", lambda graph: None)
+        model_t, _ = _quantize_and_convert(model, (x[:1],), ranges, [])
+        (tmp_path / f"{name}.tflite").write_bytes(write_model(model_t))
+        files[name] = LiteRTModel(tmp_path / f"{name}.tflite")
+    workaround, stock = files["workaround"], files["stock"]
+    scale = workaround.output_quantization[0]
+    q = np.clip(np.round(x.numpy() / (8.0 / 255)) - 128 + 128, -128, 127).astype(np.int8)  # on the input grid
+    assert np.abs(workaround(q) - stock(q)).max() > 4 * scale  # the stock file's layer after the concatenation is off
 
 
 def test_upstream_litert_scalar_operands_keep_ops_in_nchw_between_transposes():

@@ -1,17 +1,24 @@
-"""Layout changes the converter leaves in front of a mean, removed.
+"""Graph forms XNNPACK runs faster, or at all: changes to a converted file that leave every value it
+computes as it was. Applied to the int8 and the fp32 exports alike, so that their latency ratio
+compares quantization only.
 
-litert-torch runs the graph in NHWC, but a mean that torch code writes over NCHW's spatial axes
-(``x.mean((2, 3))``, ShuffleNet's head) comes out as TRANSPOSE to NCHW, then MEAN over axes 2 and 3.
-The mean of the untransposed value over the same axes (1 and 2 in NHWC) computes the same numbers in
-the same output layout, without the transpose: on shufflenet_v2_x1_0 at 64x64, XNNPACK ran the int8
-file 4% faster and the fp32 file 1.6% (the same files with and without the transpose, interleaved,
-1 thread). The int8 outputs are identical: the mean keeps its input's scale, and the transpose
-changed none of its integers.
-
-Applied to the int8 and the fp32 exports alike, so that their latency ratio compares quantization only.
+- ``fold_transposes_into_means``: litert-torch runs the graph in NHWC, but a mean that torch code
+  writes over NCHW's spatial axes (``x.mean((2, 3))``, ShuffleNet's head) comes out as TRANSPOSE to
+  NCHW, then MEAN over axes 2 and 3. The mean of the untransposed value over the same axes (1 and 2
+  in NHWC) computes the same numbers in the same output layout, without the transpose: on
+  shufflenet_v2_x1_0 at 64x64, XNNPACK ran the int8 file 4% faster and the fp32 file 1.6% (the same
+  files with and without the transpose, interleaved, 1 thread). The int8 outputs are identical: the
+  mean keeps its input's scale, and the transpose changed none of its integers.
+- ``split_wide_concatenations``: XNNPACK (ai-edge-litert 2.3) delegates a CONCATENATION of at most 5
+  inputs (measured: 5 inputs, one partition; 6, two); a wider one (DenseNet's, of every earlier
+  layer's output; a decomposed adaptive pooling's) runs on TFLite's own kernel and splits the graph.
+  It becomes a tree of concatenations of at most 5. Every input of an int8 concatenation is on its
+  output's scale (TFLite requires it), so the groups take that scale and copy integers unchanged.
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
@@ -80,3 +87,62 @@ def fold_transposes_into_means(model: schema.ModelT) -> int:
         removed.add(index)
     subgraph.operators = [op for index, op in enumerate(subgraph.operators) if index not in removed]
     return len(removed)
+
+
+XNNPACK_MAX_CONCAT_INPUTS = 5
+
+
+def _part_of(model: schema.ModelT, whole: schema.TensorT, shape: list[int], name: bytes) -> int:
+    """A new tensor of ``whole``'s type and quantization, with ``shape``; returns its index."""
+    buffer = schema.BufferT()
+    model.buffers.append(buffer)
+    part = schema.TensorT()
+    part.shape = np.array(shape, dtype=np.int32)
+    part.type = whole.type
+    part.quantization = copy.deepcopy(whole.quantization)
+    part.buffer = len(model.buffers) - 1
+    part.name = name
+    subgraph = model.subgraphs[0]
+    subgraph.tensors.append(part)
+    return len(subgraph.tensors) - 1
+
+
+def split_wide_concatenations(model: schema.ModelT) -> int:
+    """Make every CONCATENATION of more than ``XNNPACK_MAX_CONCAT_INPUTS`` inputs read concatenations
+    of groups of them instead, in place; returns how many."""
+    subgraph = model.subgraphs[0]
+    operators, split = [], 0
+    for op in subgraph.operators:
+        parts = [] if op.inputs is None else [int(i) for i in op.inputs]
+        if builtin_code(model, op) != schema.BuiltinOperator.CONCATENATION or len(parts) <= XNNPACK_MAX_CONCAT_INPUTS:
+            operators.append(op)
+            continue
+        whole = subgraph.tensors[int(op.outputs[0])]
+        axis = op.builtinOptions.axis % len(whole.shape)
+        while len(parts) > XNNPACK_MAX_CONCAT_INPUTS:
+            grouped = []
+            for start in range(0, len(parts), XNNPACK_MAX_CONCAT_INPUTS):
+                chunk = parts[start : start + XNNPACK_MAX_CONCAT_INPUTS]
+                if len(chunk) > 1:
+                    shape = [int(d) for d in subgraph.tensors[chunk[0]].shape]
+                    shape[axis] = sum(int(subgraph.tensors[i].shape[axis]) for i in chunk)
+                    group = schema.OperatorT()
+                    group.opcodeIndex, group.inputs = op.opcodeIndex, chunk
+                    group.outputs = [_part_of(model, whole, shape, (whole.name or b"") + f"_group{len(operators)}".encode())]
+                    group.builtinOptionsType = schema.BuiltinOptions.ConcatenationOptions
+                    group.builtinOptions = schema.ConcatenationOptionsT()
+                    group.builtinOptions.axis = axis
+                    operators.append(group)
+                    chunk = list(group.outputs)
+                grouped.extend(chunk)
+            parts = grouped
+        op.inputs = parts
+        operators.append(op)
+        split += 1
+    subgraph.operators = operators
+    return split
+
+
+def use_xnnpack_forms(model: schema.ModelT) -> int:
+    """Both changes above, in place; returns how many ops changed."""
+    return fold_transposes_into_means(model) + split_wide_concatenations(model)

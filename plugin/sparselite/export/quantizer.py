@@ -153,11 +153,56 @@ def _attention(graph: Graph, node: Node) -> list[Node] | None:
     return [keys, scores, scaled, weights, graph.call_function(aten.matmul.default, (weights, v))]
 
 
+def _pooling_windows(size: int, out: int) -> list[tuple[int, int]]:
+    """Adaptive pooling's windows along one axis: [floor(i * size / out), ceil((i + 1) * size / out))."""
+    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
+def _adaptive_average(graph: Graph, node: Node) -> list[Node] | None:
+    """Adaptive average pooling whose windows do not tile its input (VGG's 7x7 pool over a 2x2 map): each
+    distinct window as a slice and a MEAN, concatenated. litert lowers it to GATHER_ND, SELECT and SUM
+    ops that stay float. Every window is averaged once, on the input's grid, as training's fake-quant
+    model averages it (``op_points._mean_on_input_grid``); pools whose windows tile the input convert
+    to AVERAGE_POOL_2D or MEAN as they are."""
+    x, output_size = node.args[0], list(node.args[1])
+    sizes = list(x.meta["val"].shape[-len(output_size):])
+    if all(size % out == 0 for size, out in zip(sizes, output_size)):
+        return None
+    dims = list(range(x.meta["val"].dim() - len(output_size), x.meta["val"].dim()))
+    nodes: list[Node] = []
+    windows: dict[tuple, Node] = {}
+
+    def window(bounds: tuple[tuple[int, int], ...]) -> Node:
+        if bounds not in windows:
+            value = x
+            for dim, (start, end) in zip(dims, bounds):
+                value = graph.call_function(aten.slice.Tensor, (value, dim, start, end))
+                nodes.append(value)
+            if any(end - start > 1 for start, end in bounds):
+                value = graph.call_function(aten.mean.dim, (value, dims, True))
+                nodes.append(value)
+            windows[bounds] = value
+        return windows[bounds]
+
+    def pooled(axis: int, prefix: tuple) -> Node:
+        """The pooled values for every window along ``dims[axis:]``, given the windows before it."""
+        if axis == len(dims):
+            return window(prefix)
+        parts = [pooled(axis + 1, (*prefix, bounds)) for bounds in _pooling_windows(sizes[axis], output_size[axis])]
+        nodes.append(graph.call_function(aten.cat.default, (parts, dims[axis])))
+        return nodes[-1]
+
+    pooled(0, ())
+    return nodes
+
+
 # Ops with no int8 TFLite kernel, and their exact forms that have one.
 _DECOMPOSITIONS = {
     "silu": _silu, "hardsigmoid": _hardsigmoid, "hardswish": _hardswish,
     "layer_norm": _layer_norm, "scaled_dot_product_attention": _attention,
     "div": _divide_by_constant,
+    "adaptive_avg_pool2d": _adaptive_average, "_adaptive_avg_pool2d": _adaptive_average,
+    "adaptive_avg_pool1d": _adaptive_average,
 }
 
 
@@ -171,6 +216,7 @@ def decompose_for_int8(model: GraphModule, float_modules: frozenset[str] = froze
     """Rewrite ops with no int8 TFLite kernel into exact forms that have one (before annotation);
     ops that stay float (``float_modules``) keep their one float TFLite op."""
     graph = model.graph
+    _drop_concatenations_of_one(graph)
     for node in list(graph.nodes):
         kind = op_kind(node)
         if kind not in _DECOMPOSITIONS or innermost_module(node) in float_modules:
@@ -189,6 +235,17 @@ def decompose_for_int8(model: GraphModule, float_modules: frozenset[str] = froze
     graph.lint()
     model.recompile()
     return model
+
+
+def _drop_concatenations_of_one(graph: Graph) -> None:
+    """``torch.cat([x])`` is ``x``. Left in, litert-torch drops the CONCATENATION but keeps the int32 bias
+    of the layer that reads it on the grid of the concatenation's own scale, while the layer reads x
+    on x's: DenseNet's first dense layer came out up to 15 output LSBs off (docs/upstream/
+    litert_single_input_concatenation.md). Training does not count it as a call site either."""
+    for node in list(graph.nodes):
+        if op_kind(node) in ("cat", "concat") and isinstance(node.args[0], (list, tuple)) and len(node.args[0]) == 1:
+            node.replace_all_uses_with(node.args[0][0])
+            graph.erase_node(node)
 
 
 def _constants_at_operand_rank(model: GraphModule) -> GraphModule:

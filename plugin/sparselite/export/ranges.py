@@ -21,7 +21,7 @@ import torch
 from torchao.quantization.pt2e.observer import FixedQParamsObserver, MinMaxObserver, ObserverBase
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-from sparselite.export.quantizer import SHARES_INPUT_RANGE, SPLITS, FullInt8Quantizer, op_kind
+from sparselite.export.quantizer import CONCATENATION, SHARES_INPUT_RANGE, SPLITS, FullInt8Quantizer, op_kind
 from sparselite.quantization.op_points import ATEN_KINDS, site_name
 from sparselite.quantization.spec import ACT_QMAX, ACT_QMIN, SCALE_EPS
 
@@ -81,8 +81,19 @@ class PointResolver:
                 node = node.args[0]
             elif op_kind(node) == "getitem" and op_kind(node.args[0]) in SPLITS:
                 node = node.args[0].args[0]
+            elif (common := self._pieces_of_one_value(node)) is not None:
+                node = common
             else:
                 return node
+
+    def _pieces_of_one_value(self, node: torch.fx.Node) -> torch.fx.Node | None:
+        """The one value that a concatenation export wrote (a decomposed adaptive pooling) puts back
+        together from slices and means of it; None for anything else. A concatenation in the user's
+        code has a range of its own, learned at its call site."""
+        if op_kind(node) not in CONCATENATION or not node.meta.get("sparselite_decomposed"):
+            return None
+        sources = {self.source(part) for part in node.args[0]}
+        return sources.pop() if len(sources) == 1 else None
 
     def point(self, node: torch.fx.Node) -> str | None:
         """The training point of the value ``node`` computes, or None."""

@@ -23,7 +23,7 @@ from sparselite.module_copy import detached_copy
 from sparselite.tflite import flatbuffer
 from sparselite.export.destination import check_destination, sha256_hex, size_bound, write_model_and_report
 from sparselite.export.io import use_float_io
-from sparselite.export.layout import fold_transposes_into_means
+from sparselite.export.layout import use_xnnpack_forms
 from sparselite.export.names import use_module_names
 from sparselite.export.islands import (
     float_islands, islands_error, keep_float_where_xnnpack_lacks_int8, time_islands, xnnpack_fallback_notes,
@@ -198,7 +198,7 @@ def export_tflite(
     islands = float_islands(model_t)
     if islands and not float_fallback:
         raise SparseliteError(islands_error(islands))
-    fold_transposes_into_means(model_t)
+    use_xnnpack_forms(model_t)
     if io_dtype == "float32":
         use_float_io(model_t)
     from sparselite.export.quantization_sharing import share_quantization_tables
@@ -294,7 +294,7 @@ def export_float_tflite(module: nn.Module, example_inputs: torch.Tensor | tuple,
     except Exception as err:
         raise SparseliteError(f"litert-torch could not convert the float model: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     model_t = flatbuffer.read_model(data)
-    if fold_transposes_into_means(model_t):  # as in the int8 export: their latency ratio compares quantization only
+    if use_xnnpack_forms(model_t):  # as in the int8 export: their latency ratio compares quantization only
         data = flatbuffer.write_model(model_t)
     flatbuffer.write_atomically(path, data)
     return len(data)

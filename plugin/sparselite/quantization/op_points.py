@@ -182,12 +182,18 @@ class _OpMode(TorchFunctionMode):
         self.sites = sites
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kind = _KIND_OF.get(func)
+        if kind == "cat" and args and isinstance(args[0], (tuple, list)) and len(args[0]) == 1:
+            # A concatenation of one value (DenseNet's first layer concatenates the block input alone)
+            # is that value: export drops it (``quantizer.decompose_for_int8``), so it is no call site.
+            output = func(*args, **(kwargs or {}))
+            _pass_grid_on(args[0][0], output)
+            return output
         if self.sites.discovering:
-            self.sites.count_uses(_KIND_OF.get(func, getattr(func, "__name__", "")), args)
+            self.sites.count_uses(kind or getattr(func, "__name__", ""), args)
         grid_kind = _GRID_KIND_OF.get(func)
         if grid_kind is not None and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
             return self.on_the_files_grid(grid_kind, func, args, kwargs or {})
-        kind = _KIND_OF.get(func)
         if kind == "cat" and args and isinstance(args[0], (tuple, list)):
             args = (_requantized_as_xnnpack_does(args[0], self.sites.next_site("cat")), *args[1:])
         output = func(*args, **(kwargs or {}))
