@@ -162,10 +162,13 @@ class MBConvSiLU(nn.Module):
 
 class DenseBlock(nn.ModuleDict):
     """DenseNet's block, as torchvision writes it: an ``nn.ModuleDict`` whose forward runs each of its
-    layers on the concatenation of the block input and every earlier layer's output."""
+    layers (BatchNorm, ReLU, conv) on the concatenation of the block input and every earlier layer's output."""
 
     def __init__(self, channels: int, growth: int = 4, layers: int = 6) -> None:
-        super().__init__({f"layer{i}": conv_bn(channels + i * growth, growth, 3) for i in range(layers)})
+        # Pre-activation, as DenseNet's layers: BatchNorm -> ReLU -> conv, a BN that follows no conv.
+        super().__init__({f"layer{i}": nn.Sequential(nn.BatchNorm2d(channels + i * growth), nn.ReLU(),
+                                                     nn.Conv2d(channels + i * growth, growth, 3, padding=1))
+                          for i in range(layers)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = [x]

@@ -32,7 +32,7 @@ from sparselite.export.parity import gate_failure, measure_noise_floor, verify
 from sparselite.export.ranges import quantize_pt2e
 from sparselite.export.report import FLOAT_FALLBACKS, ExportReport, FloatFallback, LayerSparsity
 from sparselite.pruning.pruner import MASK_BUFFER
-from sparselite.quantization.fusion import find_fused_chains, fold_batchnorm
+from sparselite.quantization.fusion import batchnorm_as_depthwise, find_fused_chains, fold_batchnorm
 from sparselite.quantization.qat import learned_ranges, strip_fake_quant
 from sparselite.quantization.spec import quantize_weight
 
@@ -52,13 +52,15 @@ def _untraceable_model_errors() -> tuple[type[BaseException], ...]:
 
 
 def float_model_for_export(module: nn.Module) -> nn.Module:
-    """A float copy: fake-quant and masks stripped, BN folded into convs, eval mode."""
+    """A float copy: fake-quant and masks stripped, BN folded into convs (or a depthwise 1x1 conv where
+    it follows none), eval mode."""
     model = detached_copy(module).eval()
     strip_fake_quant(model)
     for sub in model.modules():
         if MASK_BUFFER in sub._buffers:
             sub.weight.data.mul_(sub._buffers.pop(MASK_BUFFER))
     fold_batchnorm(model, find_fused_chains(model))
+    batchnorm_as_depthwise(model)  # the BNs that follow no conv
     return model
 
 

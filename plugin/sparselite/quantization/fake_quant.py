@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparselite.quantization.fusion import batchnorm_affine
 from sparselite.quantization.spec import (
     ACT_QMAX, ACT_QMIN, WEIGHT_QMAX, WEIGHT_QMIN, activation_qparams, batchnorm_fold_factor, weight_scales,
 )
@@ -159,6 +160,23 @@ class BiasFakeQuant(nn.Module):
         error = torch.round(folded / grid) * grid - folded
         # Mapped back through the BN's gain; a channel the BN zeroes has nothing to add.
         return torch.where(gain.abs() > 1e-12, error / torch.where(gain == 0, 1.0, gain), 0.0).to(weight.dtype)
+
+
+class BatchNormShiftFakeQuant(BiasFakeQuant):
+    """A BatchNorm2d that follows no conv, which export writes as a depthwise 1x1 conv
+    (``fusion.batchnorm_as_depthwise``): in eval mode, its shift added as that conv adds its int32
+    bias, rounded to input scale x weight scale per channel. The arithmetic runs in this module, a
+    fake-quant, so that ``op_points`` does not take it for the model's own ops."""
+
+    def __init__(self, normalization: nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.__dict__["normalization"] = normalization  # the model's, not this quantizer's (see WeightFakeQuant)
+
+    def forward(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.training or not self.enabled:
+            return out
+        gain, shift = batchnorm_affine(self.normalization)
+        return super().forward(out, x, gain.reshape(-1, 1, 1, 1), shift, 1)
 
 
 class ActivationFakeQuant(nn.Module):

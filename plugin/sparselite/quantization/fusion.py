@@ -2,6 +2,11 @@
 
 TFLite quantizes the output of the fused op, i.e. after the activation. Training must put its
 activation fake-quant in the same place, or its ranges span values the int8 model never holds.
+
+A BatchNorm2d that follows no conv (DenseNet's and pre-activation ResNets' BN -> ReLU -> conv) has
+nothing to fold into: export writes it as what it computes in eval mode, a depthwise 1x1 conv (its
+scale per channel the weight, its shift the bias), which runs in int8 and fuses its activation. So
+it heads a chain of its own.
 """
 
 from __future__ import annotations
@@ -75,7 +80,36 @@ def find_fused_chains(model: nn.Module) -> list[FusedChain]:
         if (act := sole_module_user(tail, ACTIVATION_TYPES)) and calls[act.target] == 1:
             activation = act.target
         chains.append(FusedChain(node.target, batchnorm, activation))
+    folded = {c.batchnorm for c in chains}
+    for node in graph.nodes:
+        if node.op == "call_module" and type(modules[node.target]) is nn.BatchNorm2d and node.target not in folded \
+                and calls[node.target] == 1:
+            act = sole_module_user(node, ACTIVATION_TYPES)
+            chains.append(FusedChain(node.target, None, act.target if act is not None and calls[act.target] == 1 else None))
     return chains
+
+
+@torch.no_grad()
+def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gain, shift) per channel: what an eval-mode BN computes, ``x * gain + shift``."""
+    gain = torch.rsqrt(bn.running_var + bn.eps) * (bn.weight.detach() if bn.affine else 1.0)
+    return gain, (bn.bias.detach() if bn.affine else 0.0) - bn.running_mean * gain
+
+
+def batchnorm_as_depthwise(model: nn.Module) -> nn.Module:
+    """Replace, in place, every BatchNorm2d left after ``fold_batchnorm`` with the depthwise 1x1 conv
+    that computes the same in eval mode. Model must be in eval()."""
+    for name, bn in list(model.named_modules()):
+        if type(bn) is not nn.BatchNorm2d:
+            continue
+        gain, shift = batchnorm_affine(bn)
+        conv = nn.Conv2d(bn.num_features, bn.num_features, 1, groups=bn.num_features).to(bn.running_var.device)
+        with torch.no_grad():
+            conv.weight.copy_(gain.reshape(-1, 1, 1, 1))
+            conv.bias.copy_(shift)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, conv.eval())
+    return model
 
 
 def fold_batchnorm(model: nn.Module, chains: list[FusedChain]) -> nn.Module:

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparselite.errors import SparseliteError
-from sparselite.quantization.fake_quant import ActivationFakeQuant, BiasFakeQuant, GridFakeQuant, WeightFakeQuant
+from sparselite.quantization.fake_quant import (
+    ActivationFakeQuant, BatchNormShiftFakeQuant, BiasFakeQuant, GridFakeQuant, WeightFakeQuant,
+)
 from sparselite.quantization.fusion import FusedChain, find_fused_chains
 from sparselite.quantization.op_points import HOOK_FUNCTIONS, LOAD_HOOK_FUNCTIONS, OP_QUANT, attach_op_sites
 
@@ -61,6 +63,10 @@ _FLOAT_CLASSES = {v: k for k, v in _QAT_CLASSES.items()}
 
 def _quantize_output(quant: ActivationFakeQuant, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
     return quant(output)
+
+
+def _shift_on_int32_grid(quant: BatchNormShiftFakeQuant, module: nn.BatchNorm2d, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    return quant(output, inputs[0])
 
 
 def _quantize_input(quant: ActivationFakeQuant, module: nn.Module, args: tuple) -> tuple | None:
@@ -113,13 +119,25 @@ class QuantizationSimulator:
         activation, and the model input; with ``example_inputs``, also to functional ops (add, mul, cat)."""
         if self.model is not None:
             return self.chains
-        chains = [c for c in find_fused_chains(model) if type(model.get_submodule(c.producer)) in _QAT_CLASSES]
+        found = find_fused_chains(model)
+        chains = [c for c in found if type(model.get_submodule(c.producer)) in _QAT_CLASSES]
+        # BatchNorms that follow no conv: export writes each as a depthwise 1x1 conv (fusion.py), whose
+        # output, after its activation, is one int8 tensor. In training they normalize with batch
+        # statistics, as the BNs folded into convs do, so only that output is fake-quantized.
+        normalizations = [c for c in found if type(model.get_submodule(c.producer)) is nn.BatchNorm2d]
         if not chains:
             raise SparseliteError("QAT found no nn.Conv1d, nn.Conv2d or nn.Linear to quantize in the model")
         if isinstance(model, nn.Sequential):
             raise SparseliteError("QAT attaches its input fake-quant to the root module, which an nn.Sequential would run "
                                   "as a last layer: wrap the nn.Sequential in a module of its own (e.g. ImageClassifier)")
-        tails = {c.output_module for c in chains}
+        tails = {c.output_module for c in chains + normalizations}
+        for chain in normalizations:
+            batchnorm = model.get_submodule(chain.producer)
+            batchnorm.add_module(BIAS_QUANT, BatchNormShiftFakeQuant(batchnorm))
+            batchnorm.register_forward_hook(functools.partial(_shift_on_int32_grid, getattr(batchnorm, BIAS_QUANT)))
+            batchnorm.add_module(OUTPUT_QUANT, ActivationFakeQuant(self.averaging_constant))
+            tail = model.get_submodule(chain.output_module)
+            tail.register_forward_hook(functools.partial(_quantize_output, getattr(batchnorm, OUTPUT_QUANT)))
         for chain in chains:
             producer = model.get_submodule(chain.producer)
             batchnorm = model.get_submodule(chain.batchnorm) if chain.batchnorm else None
@@ -179,7 +197,7 @@ def strip_fake_quant(model: nn.Module) -> None:
                 del module._modules[name]
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key, hook in list(hooks.items()):
-                if isinstance(hook, functools.partial) and hook.func in (_quantize_output, _quantize_input, *HOOK_FUNCTIONS):
+                if isinstance(hook, functools.partial) and hook.func in (_quantize_output, _quantize_input, _shift_on_int32_grid, *HOOK_FUNCTIONS):
                     del hooks[key]
                     module._forward_hooks_always_called.pop(key, None)
         for key, wrapped in list(module._load_state_dict_pre_hooks.items()):
