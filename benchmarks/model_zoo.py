@@ -18,6 +18,7 @@ Conv1d and GRU models read the 28x28 rows):
 Run from the repo root (needs the test extra, which has torchvision):
     .venv/bin/python -m benchmarks.model_zoo                                  # all models, ~40 min on 2 cores
     .venv/bin/python -m benchmarks.model_zoo --models resnet18 mobilenet_v2 --steps 100
+    .venv/bin/python -m benchmarks.model_zoo --models densenet121 vgg11_bn --steps 30 --txt other.txt --json other.json
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def build_model(name: str) -> tuple[torch.nn.Module, tuple[int, int, int]]:
         return tvm.VisionTransformer(image_size=64, patch_size=8, num_layers=2, num_heads=4, hidden_dim=96,
                                      mlp_dim=192, num_classes=10), (3, 64, 64)
     return getattr(tvm, name)(weights=None, num_classes=10), (3, 64, 64)
+
+
+def torchvision_classifiers() -> list[str]:
+    import torchvision.models as tvm
+
+    return tvm.list_models(module=tvm)
 
 
 MODELS = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x1_0", "squeezenet1_1",
@@ -229,7 +236,9 @@ def print_table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=MODELS, metavar="MODEL",
+                        help=f"from {', '.join(MODELS)}, or any other torchvision classification model "
+                             "(its default constructor, weights=None, 10 classes: how the generality check runs)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--verify", type=int, default=512, help="held-out test images for the parity gate")
@@ -241,6 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--txt", default=str(RESULTS / "model_zoo.txt"))
     parser.add_argument("--from-json", help="print the table of a saved run instead of running")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.models if name not in MODELS and name not in torchvision_classifiers()]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}: pick from {', '.join(MODELS)} or torchvision.models.list_models()")
     if args.from_json:
         print(print_table(json.loads(Path(args.from_json).read_text())["results"]))
         return

@@ -12,8 +12,11 @@ from torch import nn
 from sparselite.errors import SparseliteError
 
 
+AUXILIARY_LOSS_WEIGHT = 0.3
+
+
 class ImageClassifier(pl.LightningModule):
-    """Wraps any image classifier ``nn.Module``.
+    """Wraps any image classifier ``nn.Module`` (one that returns logits, or logits and auxiliary logits).
 
     Args:
         model: the network (``class_path``/``init_args`` in YAML).
@@ -43,7 +46,13 @@ class ImageClassifier(pl.LightningModule):
     def _step(self, batch, stage: str) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels)
+        auxiliary: tuple = ()
+        if isinstance(logits, (tuple, list)):
+            # GoogLeNet and Inception v3 return (logits, auxiliary logits...) in training mode: the
+            # auxiliary classifiers add to the loss with GoogLeNet's weight 0.3 (they are gone in eval
+            # mode, so export never sees them).
+            logits, auxiliary = logits[0], tuple(a for a in logits[1:] if isinstance(a, torch.Tensor))
+        loss = F.cross_entropy(logits, labels) + sum(AUXILIARY_LOSS_WEIGHT * F.cross_entropy(a, labels) for a in auxiliary)
         acc = (logits.argmax(1) == labels).float().mean()
         self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc}, prog_bar=stage != "train", on_epoch=stage != "train", on_step=stage == "train")
         return loss
