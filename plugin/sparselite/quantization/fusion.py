@@ -82,11 +82,16 @@ def find_fused_chains(model: nn.Module) -> list[FusedChain]:
         chains.append(FusedChain(node.target, batchnorm, activation))
     folded = {c.batchnorm for c in chains}
     for node in graph.nodes:
-        if node.op == "call_module" and type(modules[node.target]) is nn.BatchNorm2d and node.target not in folded \
+        if node.op == "call_module" and _is_foldable_batchnorm(modules[node.target]) and node.target not in folded \
                 and calls[node.target] == 1:
             act = sole_module_user(node, ACTIVATION_TYPES)
             chains.append(FusedChain(node.target, None, act.target if act is not None and calls[act.target] == 1 else None))
     return chains
+
+
+def _is_foldable_batchnorm(module: nn.Module) -> bool:
+    """A BatchNorm2d with running statistics (without, it normalizes each batch in eval mode too)."""
+    return type(module) is nn.BatchNorm2d and module.running_var is not None
 
 
 @torch.no_grad()
@@ -100,7 +105,7 @@ def batchnorm_as_depthwise(model: nn.Module) -> nn.Module:
     """Replace, in place, every BatchNorm2d left after ``fold_batchnorm`` with the depthwise 1x1 conv
     that computes the same in eval mode. Model must be in eval()."""
     for name, bn in list(model.named_modules()):
-        if type(bn) is not nn.BatchNorm2d:
+        if not _is_foldable_batchnorm(bn):
             continue
         gain, shift = batchnorm_affine(bn)
         conv = nn.Conv2d(bn.num_features, bn.num_features, 1, groups=bn.num_features).to(bn.running_var.device)

@@ -8,6 +8,9 @@ checkpoints and DDP behave as usual. State lives in submodules named ``sparselit
     and activation (a forward hook on the chain's last module applies it);
   - ``<activation>.sparselite_output_quant``: the output of an activation TFLite requantizes
     (Hardswish, SiLU, ...) that no chain fuses;
+  - ``<batchnorm>.sparselite_output_quant`` and ``.sparselite_bias_quant``, for a BatchNorm2d that
+    follows no conv (a depthwise 1x1 conv in the file, ``fusion.py``): its output after its activation,
+    and in eval mode its shift on that conv's int32 bias grid;
   - ``<root>.sparselite_op_quant.<module path, '/' for '.'>/<op>_<i>``: the outputs of functional ops
     (add, mul, cat, ...) called in that module's forward (``op_points.py``);
   - ``<root>.sparselite_input_quant``: the range of the model input.
@@ -124,7 +127,7 @@ class QuantizationSimulator:
         # BatchNorms that follow no conv: export writes each as a depthwise 1x1 conv (fusion.py), whose
         # output, after its activation, is one int8 tensor. In training they normalize with batch
         # statistics, as the BNs folded into convs do, so only that output is fake-quantized.
-        normalizations = [c for c in found if type(model.get_submodule(c.producer)) is nn.BatchNorm2d]
+        normalizations = [c for c in found if isinstance(model.get_submodule(c.producer), nn.BatchNorm2d)]
         if not chains:
             raise SparseliteError("QAT found no nn.Conv1d, nn.Conv2d or nn.Linear to quantize in the model")
         if isinstance(model, nn.Sequential):
