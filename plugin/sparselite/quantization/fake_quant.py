@@ -70,7 +70,8 @@ class _SymmetricWeightFakeQuant(torch.autograd.Function):
     """Bit-identical to ``torch.fake_quantize_per_channel_affine`` with zero points 0 and [-127, 127],
     for scales from ``spec.weight_scales``: those are at least amax / 127, so no weight rounds outside
     the range, torch's clamp changes nothing and its gradient mask passes everything. Torch's CPU kernel
-    is a scalar loop: 5 ns a weight, 16 ms of MobileNetLite's step (1.07M weights); this is 1.8x faster."""
+    is a scalar loop: forward and backward over MobileNetLite's 1.07M weights took 7.6 ms (16 ms of a
+    120 ms step on one core, counting what surrounds it); this takes 2.4 ms."""
 
     @staticmethod
     def forward(ctx, weight, scales):
