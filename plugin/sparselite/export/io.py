@@ -16,22 +16,14 @@ import copy
 
 from ai_edge_litert import schema_py_generated as schema
 
-from sparselite.tflite.flatbuffer import builtin_code, operator_code_index
+from sparselite.tflite.flatbuffer import append_tensor, builtin_code, operator_code_index
 
 
 def _float_twin(model: schema.ModelT, tensor: schema.TensorT, suffix: str) -> int:
     """A float32 tensor with the same shape, appended to the subgraph; returns its index."""
-    subgraph = model.subgraphs[0]
-    twin = schema.TensorT()
-    twin.shape = list(tensor.shape)
-    twin.shapeSignature = copy.copy(tensor.shapeSignature)
-    twin.type = schema.TensorType.FLOAT32
-    twin.name = (tensor.name or b"") + suffix.encode()
-    empty = schema.BufferT()
-    model.buffers.append(empty)
-    twin.buffer = len(model.buffers) - 1
-    subgraph.tensors.append(twin)
-    return len(subgraph.tensors) - 1
+    index = append_tensor(model, tensor.shape, schema.TensorType.FLOAT32, (tensor.name or b"") + suffix.encode())
+    model.subgraphs[0].tensors[index].shapeSignature = copy.copy(tensor.shapeSignature)
+    return index
 
 
 # Up to this many channels innermost, the input is transposed in float (see the module docstring).

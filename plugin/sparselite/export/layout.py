@@ -23,27 +23,12 @@ import copy
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
-from sparselite.tflite.flatbuffer import builtin_code
+from sparselite.tflite.flatbuffer import append_tensor, builtin_code
 
 
 def _constant(model: schema.ModelT, tensor: int) -> np.ndarray | None:
     data = model.buffers[model.subgraphs[0].tensors[tensor].buffer].data
     return None if data is None else np.asarray(data, dtype=np.uint8).view(np.int32)
-
-
-def _int32_constant(model: schema.ModelT, values: np.ndarray, name: bytes) -> int:
-    """A new constant int32 tensor in the first subgraph; returns its index."""
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(values.astype("<i4").tobytes(), dtype=np.uint8)
-    model.buffers.append(buffer)
-    tensor = schema.TensorT()
-    tensor.shape = np.array([len(values)], dtype=np.int32)
-    tensor.type = schema.TensorType.INT32
-    tensor.buffer = len(model.buffers) - 1
-    tensor.name = name
-    subgraph = model.subgraphs[0]
-    subgraph.tensors.append(tensor)
-    return len(subgraph.tensors) - 1
 
 
 def _axes_before(perm: np.ndarray, axes: np.ndarray) -> np.ndarray | None:
@@ -83,28 +68,15 @@ def fold_transposes_into_means(model: schema.ModelT) -> int:
         before = _axes_before(perm, axes)
         if before is None:
             continue
-        mean.inputs = [int(op.inputs[0]), _int32_constant(model, before, b"mean_axes_before_transpose")]
+        axes_index = append_tensor(model, [len(before)], schema.TensorType.INT32, b"mean_axes_before_transpose",
+                                   data=before.astype("<i4").tobytes())
+        mean.inputs = [int(op.inputs[0]), axes_index]
         removed.add(index)
     subgraph.operators = [op for index, op in enumerate(subgraph.operators) if index not in removed]
     return len(removed)
 
 
 XNNPACK_MAX_CONCAT_INPUTS = 5
-
-
-def _part_of(model: schema.ModelT, whole: schema.TensorT, shape: list[int], name: bytes) -> int:
-    """A new tensor of ``whole``'s type and quantization, with ``shape``; returns its index."""
-    buffer = schema.BufferT()
-    model.buffers.append(buffer)
-    part = schema.TensorT()
-    part.shape = np.array(shape, dtype=np.int32)
-    part.type = whole.type
-    part.quantization = copy.deepcopy(whole.quantization)
-    part.buffer = len(model.buffers) - 1
-    part.name = name
-    subgraph = model.subgraphs[0]
-    subgraph.tensors.append(part)
-    return len(subgraph.tensors) - 1
 
 
 def split_wide_concatenations(model: schema.ModelT) -> int:
@@ -128,7 +100,8 @@ def split_wide_concatenations(model: schema.ModelT) -> int:
                     shape[axis] = sum(int(subgraph.tensors[i].shape[axis]) for i in chunk)
                     group = schema.OperatorT()
                     group.opcodeIndex, group.inputs = op.opcodeIndex, chunk
-                    group.outputs = [_part_of(model, whole, shape, (whole.name or b"") + f"_group{len(operators)}".encode())]
+                    name = (whole.name or b"") + f"_group{len(operators)}".encode()
+                    group.outputs = [append_tensor(model, shape, whole.type, name, copy.deepcopy(whole.quantization))]
                     group.builtinOptionsType = schema.BuiltinOptions.ConcatenationOptions
                     group.builtinOptions = schema.ConcatenationOptionsT()
                     group.builtinOptions.axis = axis

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import flatbuffers
+import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from sparselite.errors import SparseliteError
@@ -61,6 +62,24 @@ def write_model(model: schema.ModelT) -> bytes:
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=_FILE_IDENTIFIER)
     return bytes(builder.Output())
+
+
+def append_tensor(model: schema.ModelT, shape, tensor_type: int, name: bytes,
+                  quantization: schema.QuantizationParametersT | None = None, data: bytes | None = None) -> int:
+    """A new tensor in the first subgraph, with a buffer of its own (holding ``data`` for a constant);
+    returns its index."""
+    buffer = schema.BufferT()
+    if data is not None:
+        buffer.data = np.frombuffer(data, dtype=np.uint8)
+    model.buffers.append(buffer)
+    tensor = schema.TensorT()
+    tensor.shape = np.array(shape, dtype=np.int32)
+    tensor.type = tensor_type
+    tensor.quantization = quantization
+    tensor.buffer = len(model.buffers) - 1
+    tensor.name = name
+    model.subgraphs[0].tensors.append(tensor)
+    return len(model.subgraphs[0].tensors) - 1
 
 
 def builtin_code(model: schema.ModelT, op: schema.OperatorT) -> int:
