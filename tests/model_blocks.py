@@ -3,11 +3,14 @@
 Each is a few thousand parameters, so tests can train and export them in seconds; together they cover
 what users bring: inverted residuals (MobileNetV2), basic residual blocks (ResNet), squeeze-excite
 with hardsigmoid (MobileNetV3), SiLU (EfficientNet), concat and channel shuffle (ShuffleNet, SqueezeNet),
-DenseNet's block (a container that runs its children, concatenating more inputs than XNNPACK takes at
-once) and VGG's fixed-size adaptive pooling over a smaller feature map.
+clamps on a learned grid, DenseNet's block (a container that runs its children, concatenating
+more inputs than XNNPACK takes at once), VGG's fixed-size adaptive pooling over a smaller
+feature map, CBAM's max-based attention and a U-Net's decoder.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -127,6 +130,22 @@ class ChainedResidual(nn.Module):
         return x + self.g(x)
 
 
+class ClampedResidual(nn.Module):
+    """Clamps of values already on a learned grid: one ``nn.Hardtanh`` run on two convs' outputs (called
+    twice, it fuses with neither) and a ``torch.clamp`` after a residual add. Their bounds (-1, 1) fall
+    between grid values. (Bounds that no fused activation has, ``clamp(0, 2)``, become an int8 MINIMUM,
+    which XNNPACK leaves to TFLite's kernels.)"""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.a = conv_bn(channels, channels, 3, act=None)
+        self.b = conv_bn(channels, channels, 3, act=None)
+        self.clamp = nn.Hardtanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x + self.clamp(self.b(self.clamp(self.a(x)))), -1.0, 1.0)
+
+
 class BlockNet(nn.Module):
     """Stem -> one block -> pooled classifier, so each family's block is tested in a whole model."""
 
@@ -191,18 +210,62 @@ class AdaptivePoolHead(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-def family_models() -> dict[str, nn.Module]:
-    """One small model per architecture family, keyed by the block it tests."""
+class SpatialAttentionMaxHead(nn.Module):
+    """CBAM's spatial attention (the channel mean and channel max, concatenated, a 7x7 conv, a sigmoid
+    gate) and a global max pooling head (``nn.AdaptiveMaxPool2d``, which litert-torch cannot lower)."""
+
+    def __init__(self, channels: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = conv_bn(1, channels, 3, 2)
+        self.spatial = nn.Conv2d(2, 1, 7, padding=3)
+        self.tanh_conv = conv_bn(channels, channels, 3, act=nn.Tanh)  # TANH's fixed grid, read by a conv
+        self.conv = conv_bn(channels, channels, 3)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        described = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+        x = x * torch.sigmoid(self.spatial(described))
+        return self.classifier(self.pool(self.conv(self.tanh_conv(x))).flatten(1))
+
+
+class EncoderDecoder(nn.Module):
+    """A U-Net's decoder: a transposed conv (with BN and ReLU) and a nearest upsampling back to the skip
+    connection's size, concatenated with it."""
+
+    def __init__(self, channels: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = conv_bn(1, channels, 3, 2)
+        self.down = conv_bn(channels, channels, 3, 2)
+        self.up = nn.Sequential(nn.ConvTranspose2d(channels, channels, 2, 2, bias=False), nn.BatchNorm2d(channels), nn.ReLU())
+        self.mix = conv_bn(3 * channels, channels, 3)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.stem(x)
+        low = self.down(skip)
+        x = torch.cat([skip, self.up(low), nn.functional.interpolate(low, scale_factor=2.0, mode="nearest")], 1)
+        return self.classifier(self.pool(self.mix(x)).flatten(1))
+
+
+def family_models() -> dict[str, Callable[[], nn.Module]]:
+    """How to build one small model per architecture family, keyed by the block it tests (built on
+    demand, so that a family's initial weights do not depend on which other families exist)."""
     return {
-        "basic_residual": BlockNet(BasicResidual(16), 16),
-        "inverted_residual": InvertedResidualNet(),
-        "chained_residual": BlockNet(ChainedResidual(16), 16),
-        "squeeze_excite_hardsigmoid": BlockNet(nn.Sequential(conv_bn(16, 16, 3, act=nn.Hardswish), SqueezeExcite(16)), 16, stem_act=nn.Hardswish),
-        "mbconv_silu": BlockNet(MBConvSiLU(16), 16, stem_act=nn.SiLU),
-        "fire_concat": BlockNet(FireConcat(16, 8, 16), 16),
-        "channel_shuffle": BlockNet(ShuffleUnit(16), 16),
-        "dense_block": BlockNet(DenseBlock(16), 16),
-        "adaptive_pool": AdaptivePoolHead(),
+        "basic_residual": lambda: BlockNet(BasicResidual(16), 16),
+        "inverted_residual": InvertedResidualNet,
+        "chained_residual": lambda: BlockNet(ChainedResidual(16), 16),
+        "clamped_residual": lambda: BlockNet(ClampedResidual(16), 16),
+        "squeeze_excite_hardsigmoid": lambda: BlockNet(nn.Sequential(conv_bn(16, 16, 3, act=nn.Hardswish), SqueezeExcite(16)), 16, stem_act=nn.Hardswish),
+        "mbconv_silu": lambda: BlockNet(MBConvSiLU(16), 16, stem_act=nn.SiLU),
+        "fire_concat": lambda: BlockNet(FireConcat(16, 8, 16), 16),
+        "channel_shuffle": lambda: BlockNet(ShuffleUnit(16), 16),
+        "dense_block": lambda: BlockNet(DenseBlock(16), 16),
+        "adaptive_pool": AdaptivePoolHead,
+        "max_attention": SpatialAttentionMaxHead,
+        "encoder_decoder": EncoderDecoder,
     }
 
 

@@ -9,6 +9,8 @@ every tensor they touch is int8, that every activation range came from training,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,7 @@ FAMILY_OPS = {
     "basic_residual": {"ADD"},
     "inverted_residual": {"ADD", "MUL"},  # hardswish as x * relu6(x + 3) / 6: XNNPACK runs it in int8
     "chained_residual": {"ADD"},
+    "clamped_residual": {"ADD"},  # each clamp fuses into its op (RELU_N1_TO_1)
     "squeeze_excite_hardsigmoid": {"MUL", "ADD", "MEAN"},
     "mbconv_silu": {"LOGISTIC", "MUL", "ADD"},
     "fire_concat": {"CONCATENATION"},
@@ -35,11 +38,13 @@ FAMILY_OPS = {
     "conv1d": {"CONV_2D", "MEAN"},
     "dense_block": {"CONCATENATION"},
     "adaptive_pool": {"SLICE", "MEAN", "CONCATENATION"},  # each window of the 7x7 pool over a 3x3 map
+    "max_attention": {"REDUCE_MAX", "LOGISTIC", "TANH", "MUL"},  # channel max, spatial gate, global max pool
+    "encoder_decoder": {"TRANSPOSE_CONV", "DEPTH_TO_SPACE", "CONCATENATION"},  # nearest upsampling: copies, DEPTH_TO_SPACE
 }
 
 
-def models() -> dict[str, torch.nn.Module]:
-    return {**family_models(), "conv1d": KeywordSpotter()}
+def models() -> dict[str, Callable[[], torch.nn.Module]]:
+    return {**family_models(), "conv1d": KeywordSpotter}
 
 
 def train_with_qat(model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> torch.nn.Module:
@@ -79,7 +84,7 @@ def op_count(path, name: str) -> int:
 @pytest.mark.parametrize("family", sorted(FAMILY_OPS))
 def test_family_block_exports_fully_int8(family, fmnist_train, fmnist_heldout, tmp_path):
     torch.manual_seed(0)
-    model = train_with_qat(models()[family], fmnist_train)
+    model = train_with_qat(models()[family](), fmnist_train)
     path = tmp_path / f"{family}.tflite"
     images = fmnist_heldout[0]
     report = export_tflite(model, images[:1], path, verify_batches=[images], min_agreement=0.0)
@@ -116,7 +121,7 @@ def test_each_family_block_computes_what_the_file_computes(family, fmnist_train,
     from sparselite.runtime.litert import LiteRTModel
 
     torch.manual_seed(0)
-    model = train_with_qat(models()[family], fmnist_train)
+    model = train_with_qat(models()[family](), fmnist_train)
     images = fmnist_heldout[0]
     path = tmp_path / f"{family}.tflite"
     report = export_tflite(model, images[:1], path, verify_batches=[images], min_agreement=0.0)

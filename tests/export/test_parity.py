@@ -51,3 +51,14 @@ def test_the_noise_floor_lets_nothing_through_when_the_runtimes_disagree_too_muc
     low = MIN_KERNEL_AGREEMENT - 0.05
     message = gate_failure(parity(low + 0.01, low), 0.98)
     assert "amplifies int8 rounding too much" in message
+
+
+def test_a_dense_output_is_compared_at_every_position():
+    """A segmentation head's [N, C, H, W] scores: top-1 over the channels at each position."""
+    rng = np.random.default_rng(0)
+    expected = rng.normal(size=(4, 3, 5, 5)).astype(np.float32)
+    got = expected.copy()
+    got[0, :, 0, 0] = [0.0, 0.0, 10.0] if expected[0, :, 0, 0].argmax() != 2 else [10.0, 0.0, 0.0]
+    parity = compare_logits(expected, got, 0.1, "fake-quant")
+    assert parity.examples == 4
+    assert parity.top1_agreement == pytest.approx(1 - 1 / 100)

@@ -41,6 +41,18 @@ def test_silu_and_hardsigmoid_become_ops_with_int8_kernels():
     assert torch.allclose(decomposed(x), model(x), atol=1e-6)  # exact rewrites
 
 
+def test_a_prelu_with_one_slope_becomes_a_leaky_relu():
+    """One slope (nn.PReLU's default): LEAKY_RELU, which has an int8 kernel. One per channel: left as it is."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 1), nn.PReLU(), nn.Conv2d(8, 8, 1), nn.PReLU(8))
+    with torch.no_grad():
+        model[1].weight.fill_(0.3)
+    rewritten = decompose_for_int8(exported(model))
+    kinds = [op_kind(n) for n in rewritten.graph.nodes if n.op == "call_function"]
+    assert kinds.count("leaky_relu") == 1 and kinds.count("prelu") == 1
+    x = torch.randn(1, 8, 6, 6)
+    assert torch.equal(rewritten(x), model(x))
+
+
 def test_layer_norm_and_attention_rewrites_are_exact():
     norm = nn.LayerNorm(16)
     attention = nn.MultiheadAttention(16, 2, batch_first=True).eval()

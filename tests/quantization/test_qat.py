@@ -223,7 +223,7 @@ def test_invalid_arguments_and_models():
         QuantizationSimulator(start_step=5, freeze_step=5)
     with pytest.raises(SparseliteError, match="averaging_constant=0"):
         QuantizationSimulator(averaging_constant=0)
-    with pytest.raises(SparseliteError, match="no nn.Conv1d, nn.Conv2d or nn.Linear"):
+    with pytest.raises(SparseliteError, match="no nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d/2d or nn.Linear"):
         QuantizationSimulator().prepare(nn.Sequential(nn.ReLU(), nn.Flatten()))
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ai_edge_litert.schema_py_generated import TensorType
 from torch import nn
 
+from sparselite.export.layout import use_xnnpack_forms
 from sparselite.export.names import use_module_names
 from sparselite.export.report import ExportReport, FloatIsland, shortened
 from sparselite.runtime.litert import xnnpack_delegated_ops
@@ -100,18 +101,21 @@ class LeftOut:
 
 def int8_ops_xnnpack_leaves_out(model_t, float_model: nn.Module) -> list[LeftOut]:
     """Read from the file loaded in XNNPACK (int8 RSQRT, SOFTMAX, GELU and BATCH_MATMUL in XNNPACK 2.3);
-    float islands and the model's own (de)quantization are not counted."""
-    named = copy.deepcopy(model_t)
+    float islands and the model's own (de)quantization are not counted. The file as export writes it:
+    with the forms XNNPACK takes (``layout.use_xnnpack_forms``: a 7-input concatenation is left out
+    before it is split, not after)."""
+    named = as_written(model_t)
     use_module_names(named)
     delegated, _ = xnnpack_delegated_ops(flatbuffer.write_model(named))
     if delegated is None:  # XNNPACK cannot load the file at all: verification says so
         return []
     modules = dict(float_model.named_modules())
     graph = named.subgraphs[0]
+    root_type = f"{type(float_model).__module__}.{type(float_model).__qualname__}"  # the converter's name for the root's own ops
 
     def module(tensor: int) -> str | None:
         name = module_of(graph.tensors[tensor].name.decode(errors="replace"))
-        return name if name in modules else None
+        return name if name in modules else "" if name == root_type else None
 
     already_float = {i for indices in island_ops(named).values() for i in indices}
     left = []
@@ -126,6 +130,13 @@ def int8_ops_xnnpack_leaves_out(model_t, float_model: nn.Module) -> list[LeftOut
                      if len(reader.outputs) and set(reader.inputs) & set(op.outputs)}
         left.append(LeftOut(name, owner, frozenset(consumers - {None, owner})))
     return left
+
+
+def as_written(model_t):
+    """A copy of a converted model in the forms export writes for XNNPACK."""
+    written = copy.deepcopy(model_t)
+    use_xnnpack_forms(written)
+    return written
 
 
 MIN_GAIN = 0.05  # a candidate with more modules float is kept only if this much faster
@@ -151,7 +162,7 @@ def keep_float_where_xnnpack_lacks_int8(convert: Callable[[frozenset[str]], tupl
     if wider != kept:
         wide = convert(wider)
         candidates.append((wide, wider, int8_ops_xnnpack_leaves_out(wide[0], float_model)))
-    files = {str(i): flatbuffer.write_model(result[0]) for i, (result, _, _) in enumerate(candidates)}
+    files = {str(i): flatbuffer.write_model(as_written(result[0])) for i, (result, _, _) in enumerate(candidates)}
     seconds = median_latencies(files, rounds=5, runs_per_round=10)
     latency = [seconds[str(i)] * 1e3 for i in range(len(candidates))]
     # More float must win clearly: a near tie would make the same model export differently run to run.
@@ -165,13 +176,13 @@ def keep_float_where_xnnpack_lacks_int8(convert: Callable[[frozenset[str]], tupl
 
 
 def xnnpack_fallback_notes(kept_float: frozenset[str], left: list[LeftOut], timings: str) -> list[str]:
-    """What ``float_fallback="xnnpack"`` did, for the report: the candidates' timings, the modules it
-    kept float, and the int8 ops XNNPACK still leaves to TFLite's kernels."""
+    """For the report: what ``float_fallback="xnnpack"`` did (the candidates' timings, the modules it
+    kept float) and, in any mode, the int8 ops XNNPACK leaves to TFLite's kernels."""
     notes = [timings] if timings else []
     if kept_float:
         notes.append(f"float_fallback='xnnpack': kept float the ops of {len(kept_float)} module(s) whose int8 ops "
                      f"XNNPACK leaves to TFLite's kernels (or that read from one): {', '.join(sorted(kept_float))}")
     if left:
-        shown = sorted({f"{item.op} ({item.module})" for item in left})
-        notes.append(f"XNNPACK still leaves these int8 ops to TFLite's kernels: {', '.join(shown)}")
+        shown = sorted({f"{item.op} ({item.module or 'the top-level forward'})" for item in left})
+        notes.append(f"XNNPACK leaves these int8 ops to TFLite's kernels, each a break in its graph: {', '.join(shown)}")
     return notes

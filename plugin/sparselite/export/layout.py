@@ -23,7 +23,7 @@ import copy
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
-from sparselite.tflite.flatbuffer import append_tensor, builtin_code
+from sparselite.tflite.flatbuffer import append_tensor, builtin_code, operator_code_index
 
 
 def _constant(model: schema.ModelT, tensor: int) -> np.ndarray | None:
@@ -116,6 +116,118 @@ def split_wide_concatenations(model: schema.ModelT) -> int:
     return split
 
 
+def _readers(subgraph: schema.SubGraphT) -> dict[int, list[int]]:
+    readers: dict[int, list[int]] = {}
+    for index, op in enumerate(subgraph.operators):
+        for tensor in op.inputs if op.inputs is not None else []:
+            readers.setdefault(int(tensor), []).append(index)
+    return readers
+
+
+def _same_quantization(a: schema.TensorT, b: schema.TensorT) -> bool:
+    def params(t):
+        q = t.quantization
+        if q is None or q.scale is None or not len(q.scale):
+            return None
+        return [float(v) for v in q.scale], [int(v) for v in q.zeroPoint]
+    return a.type == b.type and params(a) == params(b)
+
+
+def nearest_upsampling_as_depth_to_space(model: schema.ModelT) -> int:
+    """Rewrite, in place, each RESIZE_NEAREST_NEIGHBOR that upsamples height and width by one integer
+    factor k (torch's ``interpolate(mode="nearest")``, a U-Net's or an FPN's upsampling): XNNPACK
+    (ai-edge-litert 2.3) delegates it in neither fp32 nor int8, so it ran on TFLite's kernel and split
+    the graph. It becomes a CONCATENATION of k * k copies along the channels and a DEPTH_TO_SPACE of
+    block k, which both run in XNNPACK: output pixel (h*k + i, w*k + j) reads channel block i*k + j, a
+    copy of input pixel (h, w). Copies of integers: the same values, int8 or fp32. Returns how many."""
+    subgraph = model.subgraphs[0]
+    operators, rewritten = [], 0
+    for op in subgraph.operators:
+        if builtin_code(model, op) != schema.BuiltinOperator.RESIZE_NEAREST_NEIGHBOR:
+            operators.append(op)
+            continue
+        source, target = subgraph.tensors[int(op.inputs[0])], subgraph.tensors[int(op.outputs[0])]
+        options = op.builtinOptions
+        (n, h, w, c), (_, out_h, out_w, _) = [int(d) for d in source.shape], [int(d) for d in target.shape]
+        factor = out_h // h if h else 0
+        # With an integer factor, half-pixel centers (as litert writes torch's "nearest") pick the same
+        # pixel, floor((o + 0.5) / k) = floor(o / k); corners aligned would not.
+        if (getattr(options, "alignCorners", False) or factor < 2 or out_h != h * factor or out_w != w * factor or not _same_quantization(source, target)):
+            operators.append(op)
+            continue
+        copies = schema.OperatorT()
+        copies.opcodeIndex = operator_code_index(model, schema.BuiltinOperator.CONCATENATION)
+        copies.inputs = [int(op.inputs[0])] * factor * factor
+        copies.outputs = [append_tensor(model, [n, h, w, c * factor * factor], source.type, (target.name or b"") + b"_copies",
+                                        copy.deepcopy(source.quantization))]
+        copies.builtinOptionsType = schema.BuiltinOptions.ConcatenationOptions
+        copies.builtinOptions = schema.ConcatenationOptionsT()
+        copies.builtinOptions.axis = 3
+        spread = schema.OperatorT()
+        spread.opcodeIndex = operator_code_index(model, schema.BuiltinOperator.DEPTH_TO_SPACE)
+        if source.type == schema.TensorType.INT8:  # TFLite's DEPTH_TO_SPACE takes int8 from version 2
+            model.operatorCodes[spread.opcodeIndex].version = max(model.operatorCodes[spread.opcodeIndex].version, 2)
+        spread.inputs, spread.outputs = list(copies.outputs), [int(op.outputs[0])]
+        spread.builtinOptionsType = schema.BuiltinOptions.DepthToSpaceOptions
+        spread.builtinOptions = schema.DepthToSpaceOptionsT()
+        spread.builtinOptions.blockSize = factor
+        operators.extend([copies, spread])
+        rewritten += 1
+    subgraph.operators = operators
+    return rewritten
+
+
+_FUSABLE_ACTIVATIONS = {
+    schema.BuiltinOperator.RELU: schema.ActivationFunctionType.RELU,
+    schema.BuiltinOperator.RELU6: schema.ActivationFunctionType.RELU6,
+    schema.BuiltinOperator.RELU_N1_TO_1: schema.ActivationFunctionType.RELU_N1_TO_1,
+}
+
+
+def fuse_activations_into_transpose_convs(model: schema.ModelT) -> int:
+    """A TRANSPOSE_CONV followed by its own RELU / RELU6 / RELU_N1_TO_1 (possibly after a QUANTIZE onto
+    the activation's grid), which litert-torch's int8 conversion leaves as separate ops (its fp32
+    conversion fuses them), becomes one TRANSPOSE_CONV with that fused activation, writing the
+    activation's output tensor. In an int8 file the activation
+    often requantizes onto the grid of a concatenation that reads it, which XNNPACK's clamp does not
+    take (it ran on TFLite's kernel and split the graph); fused, the convolution rounds once, onto
+    that grid, as the fake-quant model does (``op_points.fold_into_concatenations``). Returns how many."""
+    subgraph = model.subgraphs[0]
+    readers = _readers(subgraph)
+    outputs = {int(t) for t in subgraph.outputs}
+    removed, fusions = set(), 0
+    for op in subgraph.operators:
+        if builtin_code(model, op) != schema.BuiltinOperator.TRANSPOSE_CONV:
+            continue
+        options = op.builtinOptions
+        if options is None or options.fusedActivationFunction != schema.ActivationFunctionType.NONE:
+            continue
+        between, written = [], int(op.outputs[0])
+        while True:
+            users = readers.get(written, [])
+            if len(users) != 1 or written in outputs:
+                break
+            reader = subgraph.operators[users[0]]
+            if builtin_code(model, reader) != schema.BuiltinOperator.QUANTIZE or between or \
+                    subgraph.tensors[written].type != subgraph.tensors[int(reader.outputs[0])].type:  # not a float island's border
+                break
+            between.append(users[0])  # a requantization onto the activation's grid: the conv writes that grid
+            written = int(reader.outputs[0])
+        if len(users) != 1 or written in outputs:
+            continue
+        activation = subgraph.operators[users[0]]
+        fused = _FUSABLE_ACTIVATIONS.get(builtin_code(model, activation))
+        if fused is None:
+            continue
+        options.fusedActivationFunction = fused
+        op.outputs = [int(activation.outputs[0])]
+        removed.update([*between, users[0]])
+        fusions += 1
+    subgraph.operators = [op for index, op in enumerate(subgraph.operators) if index not in removed]
+    return fusions
+
+
 def use_xnnpack_forms(model: schema.ModelT) -> int:
-    """Both changes above, in place; returns how many ops changed."""
-    return fold_transposes_into_means(model) + split_wide_concatenations(model)
+    """The changes above, in place; returns how many ops changed."""
+    return (fold_transposes_into_means(model) + fuse_activations_into_transpose_convs(model)
+            + nearest_upsampling_as_depth_to_space(model) + split_wide_concatenations(model))

@@ -99,14 +99,25 @@ def _has_tied_top(logits: np.ndarray) -> np.ndarray:
     return (logits == logits.max(axis=1, keepdims=True)).sum(axis=1) > 1
 
 
+def _as_rows(outputs: np.ndarray) -> np.ndarray:
+    """One row of scores per prediction: a classifier's [N, C] as it is; a dense output ([N, C, H, W]:
+    segmentation, detection heads) gives a row per position, its channels the classes."""
+    if outputs.ndim == 1:
+        return outputs.reshape(-1, 1)
+    return np.moveaxis(outputs, 1, -1).reshape(-1, outputs.shape[1]) if outputs.ndim > 2 else outputs
+
+
 def compare_logits(expected: np.ndarray, got: np.ndarray, output_scale: float, reference: str) -> Parity:
     """The parity gate's numbers. An example whose top logit is exactly tied (int8 logits tie often in
-    an undertrained model) has no well-defined top-1, so it is left out of the agreement."""
+    an undertrained model) has no well-defined top-1, so it is left out of the agreement. A dense
+    output is compared at every position (``_as_rows``)."""
+    examples = len(expected)
+    expected, got = _as_rows(expected), _as_rows(got)
     agree = expected.argmax(1) == got.argmax(1)
     untied = ~(_has_tied_top(expected) | _has_tied_top(got))
     agreement = float(agree[untied].mean()) if untied.any() else 0.0
     max_diff = float(np.abs(expected - got).max()) / output_scale
-    return Parity(len(expected), agreement, max_diff, output_scale, reference, ties_excluded=int((~untied).sum()),
+    return Parity(examples, agreement, max_diff, output_scale, reference, ties_excluded=int((~untied).sum()),
                   top1_agreement_all=float(agree.mean()),
                   degenerate_reference=degenerate(expected, output_scale) or saturated(expected))
 

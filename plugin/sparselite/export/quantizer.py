@@ -30,6 +30,7 @@ from torchao.quantization.pt2e.quantizer import (
     FixedQParamsQuantizationSpec, QuantizationAnnotation, SharedQuantizationSpec,
 )
 
+from sparselite.export.lowering import innermost_module, lower_for_litert, rewrite_ops, window_pooling
 from sparselite.quantization.spec import ACT_QMAX, ACT_QMIN, FIXED_OUTPUT_QPARAMS, SHARES_INPUT_RANGE, SPLITS
 
 aten = torch.ops.aten
@@ -44,6 +45,7 @@ OWN_RANGE = {
 # (training simulates the same grids: quantization/op_points.py).
 FIXED_RANGE = {**FIXED_OUTPUT_QPARAMS, "_softmax": FIXED_OUTPUT_QPARAMS["softmax"]}
 CONCATENATION = {"cat", "concat", "stack"}
+TRANSPOSED_CONVOLUTIONS = {"conv_transpose1d", "conv_transpose2d"}
 
 # litert's annotators that this quantizer keeps: the ones that carry weights and biases. Its
 # activation patterns are replaced by the op table above (see the module docstring).
@@ -114,6 +116,19 @@ def _divide_by_constant(graph: Graph, node: Node) -> list[Node] | None:
     return [graph.call_function(aten.mul.Tensor, (node.args[0], 1.0 / float(divisor)))]
 
 
+def _prelu(graph: Graph, node: Node) -> list[Node] | None:
+    """A PReLU with one slope is a leaky ReLU with that slope (LEAKY_RELU has an int8 kernel; litert
+    lowers PReLU to float RELU, MUL and SUB ops). One slope per channel stays as it is."""
+    weight = node.args[1]
+    if not isinstance(weight, Node) or weight.op != "get_attr":
+        return None
+    owner, _, name = weight.target.rpartition(".")
+    slope = getattr(graph.owning_module.get_submodule(owner), name, None)
+    if not isinstance(slope, torch.Tensor) or slope.numel() != 1:
+        return None
+    return [graph.call_function(aten.leaky_relu.default, (node.args[0], float(slope)))]
+
+
 def _layer_norm(graph: Graph, node: Node) -> list[Node]:
     """MEAN, SUB, MUL, MEAN, ADD, RSQRT, MUL (+ affine MUL, ADD): TFLite's own int8 form of LayerNorm."""
     x, shape = node.args[0], node.args[1]
@@ -153,11 +168,6 @@ def _attention(graph: Graph, node: Node) -> list[Node] | None:
     return [keys, scores, scaled, weights, graph.call_function(aten.matmul.default, (weights, v))]
 
 
-def _pooling_windows(size: int, out: int) -> list[tuple[int, int]]:
-    """Adaptive pooling's windows along one axis: [floor(i * size / out), ceil((i + 1) * size / out))."""
-    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
-
-
 def _adaptive_average(graph: Graph, node: Node) -> list[Node] | None:
     """Adaptive average pooling whose windows do not tile its input (VGG's 7x7 pool over a 2x2 map): each
     distinct window as a slice and a MEAN, concatenated. litert lowers it to GATHER_ND, SELECT and SUM
@@ -169,70 +179,28 @@ def _adaptive_average(graph: Graph, node: Node) -> list[Node] | None:
     if all(size % out == 0 for size, out in zip(sizes, output_size)):
         return None
     dims = list(range(x.meta["val"].dim() - len(output_size), x.meta["val"].dim()))
-    nodes: list[Node] = []
-    windows: dict[tuple, Node] = {}
-
-    def window(bounds: tuple[tuple[int, int], ...]) -> Node:
-        if bounds not in windows:
-            value = x
-            for dim, (start, end) in zip(dims, bounds):
-                value = graph.call_function(aten.slice.Tensor, (value, dim, start, end))
-                nodes.append(value)
-            if any(end - start > 1 for start, end in bounds):
-                value = graph.call_function(aten.mean.dim, (value, dims, True))
-                nodes.append(value)
-            windows[bounds] = value
-        return windows[bounds]
-
-    def pooled(axis: int, prefix: tuple) -> Node:
-        """The pooled values for every window along ``dims[axis:]``, given the windows before it."""
-        if axis == len(dims):
-            return window(prefix)
-        parts = [pooled(axis + 1, (*prefix, bounds)) for bounds in _pooling_windows(sizes[axis], output_size[axis])]
-        nodes.append(graph.call_function(aten.cat.default, (parts, dims[axis])))
-        return nodes[-1]
-
-    pooled(0, ())
-    return nodes
+    return window_pooling(graph, x, output_size, lambda value: graph.call_function(aten.mean.dim, (value, dims, True)))
 
 
 # Ops with no int8 TFLite kernel, and their exact forms that have one.
 _DECOMPOSITIONS = {
     "silu": _silu, "hardsigmoid": _hardsigmoid, "hardswish": _hardswish,
     "layer_norm": _layer_norm, "scaled_dot_product_attention": _attention,
-    "div": _divide_by_constant,
+    "div": _divide_by_constant, "prelu": _prelu,
     "adaptive_avg_pool2d": _adaptive_average, "_adaptive_avg_pool2d": _adaptive_average,
     "adaptive_avg_pool1d": _adaptive_average,
 }
 
 
-def innermost_module(node: Node) -> str | None:
-    """The path of the module whose own ``forward`` called the op (``encoder.layers.0.ln_1``)."""
-    stack = node.meta.get("nn_module_stack")
-    return next(reversed(stack.values()))[0] if stack else None
-
-
 def decompose_for_int8(model: GraphModule, float_modules: frozenset[str] = frozenset()) -> GraphModule:
     """Rewrite ops with no int8 TFLite kernel into exact forms that have one (before annotation);
-    ops that stay float (``float_modules``) keep their one float TFLite op."""
-    graph = model.graph
-    _drop_concatenations_of_one(graph)
-    for node in list(graph.nodes):
-        kind = op_kind(node)
-        if kind not in _DECOMPOSITIONS or innermost_module(node) in float_modules:
-            continue
-        with graph.inserting_before(node):
-            new_nodes = _DECOMPOSITIONS[kind](graph, node)
-        if not new_nodes:
-            continue
-        for new in new_nodes:
-            # The module stack names the op in reports; the fake value carries the dtype.
-            new.meta.update({k: node.meta[k] for k in ("nn_module_stack", "val", "stack_trace") if k in node.meta})
-            new.meta["sparselite_decomposed"] = kind  # not a call site of the user's code (see ranges.op_sites)
-        node.replace_all_uses_with(new_nodes[-1])
-        graph.erase_node(node)
-    graph.eliminate_dead_code()
-    graph.lint()
+    ops that stay float (``float_modules``) keep their one float TFLite op. Ops litert-torch cannot
+    lower at all are rewritten in any case (``lowering.py``)."""
+    _drop_concatenations_of_one(model.graph)
+    lower_for_litert(model)
+    rewrite_ops(model, _DECOMPOSITIONS, keep=lambda node: innermost_module(node) in float_modules)
+    model.graph.eliminate_dead_code()
+    model.graph.lint()
     model.recompile()
     return model
 
@@ -324,6 +292,8 @@ def annotate_by_op_kind(model: GraphModule, input_spec, output_spec, float_modul
             float_nodes.add(node)
         elif kind in SHARES_INPUT_RANGE and is_float_tensor(node):
             _annotate_shared(node, inputs[0], input_spec)
+        elif kind in SHARES_INPUT_RANGE:  # values and indices (max pooling, a max over a dim): the values share it
+            _annotate_split(node, inputs[0], input_spec)
         elif kind in OWN_RANGE and is_float_tensor(node):
             node.meta["quantization_annotation"] = QuantizationAnnotation(
                 input_qspec_map={i: _input_qspec(i, input_spec) for i in inputs}, output_qspec=output_spec, _annotated=True)
@@ -341,6 +311,12 @@ def annotate_by_op_kind(model: GraphModule, input_spec, output_spec, float_modul
                 input_qspec_map={first: input_spec, **{i: shared for i in inputs[1:]}}, output_qspec=shared, _annotated=True)
         elif kind in SPLITS:
             _annotate_split(node, inputs[0], input_spec)
+        elif kind in TRANSPOSED_CONVOLUTIONS and is_float_tensor(node):
+            # litert's conv annotator skips them. Input and output only: given int8 on both sides, the
+            # converter quantizes the weight per output channel (dim 1 of torch's [in, out, k...]) and the
+            # bias on input scale x weight scale, as QAT simulates (``qat._QATConvTranspose``).
+            node.meta["quantization_annotation"] = QuantizationAnnotation(
+                input_qspec_map={inputs[0]: _input_qspec(inputs[0], input_spec)}, output_qspec=output_spec, _annotated=True)
 
 
 def _input_qspec(source: Node, input_spec):

@@ -25,7 +25,7 @@ from sparselite.export.quantizer import CONCATENATION, SHARES_INPUT_RANGE, SPLIT
 from sparselite.quantization.op_points import ATEN_KINDS, site_name
 from sparselite.quantization.spec import ACT_QMAX, ACT_QMIN, SCALE_EPS
 
-_PRODUCERS = {"conv1d", "conv2d", "linear", "convolution"}
+_PRODUCERS = {"conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "linear", "convolution"}
 
 
 @dataclass
@@ -79,7 +79,7 @@ class PointResolver:
                 node = node.args[0]
             elif node.op == "call_function" and op_kind(node) in SHARES_INPUT_RANGE:
                 node = node.args[0]
-            elif op_kind(node) == "getitem" and op_kind(node.args[0]) in SPLITS:
+            elif _piece_of_input(node):
                 node = node.args[0].args[0]
             elif (common := self._pieces_of_one_value(node)) is not None:
                 node = common
@@ -141,7 +141,7 @@ class PointResolver:
             low, high = (0.0, float("inf")) if kind.startswith("relu") else _clamp_bounds(node)
             (lo, hi), how = inner
             return (min(max(lo, low), high), max(min(hi, high), low)), f"clamp({how})"
-        if kind in SHARES_INPUT_RANGE or (kind == "getitem" and op_kind(node.args[0]) in SPLITS):
+        if kind in SHARES_INPUT_RANGE or _piece_of_input(node):
             return self._interval(node.args[0] if kind != "getitem" else node.args[0].args[0], depth + 1)
         point = self.point(node)
         if point is not None and point in self.ranges:
@@ -165,6 +165,12 @@ class PointResolver:
         return (lo, hi), f"{how} {kind} {value:g}"
 
 
+def _piece_of_input(node: torch.fx.Node) -> bool:
+    """A piece of a split, or the values (not the indices) of a max pooling or a max over a dim: on
+    the grid of the op's input."""
+    return op_kind(node) == "getitem" and (op_kind(node.args[0]) in SPLITS or op_kind(node.args[0]) in SHARES_INPUT_RANGE)
+
+
 def _clamp_bounds(node: torch.fx.Node) -> tuple[float, float]:
     if op_kind(node).startswith("hardtanh"):
         low = node.args[1] if len(node.args) > 1 else -1.0
@@ -183,6 +189,16 @@ def _constant(arg: object, graph: torch.fx.Graph) -> float | None:
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             return float(value)
     return None
+
+
+def _fixed_range_read(node: torch.fx.Node, observers: Mapping[str, torch.nn.Module]) -> tuple[float, float] | None:
+    """The range of a fixed-range observer that this observer reads: pt2e gives a conv's input an
+    observer of its own after a TANH, whose fixed grid litert's conv annotation does not share."""
+    observer = observers.get(node.target) if node.op == "call_module" else None
+    if not isinstance(observer, FixedQParamsObserver):
+        return None
+    scale, zero_point = float(observer.scale), int(observer.zero_point)
+    return (ACT_QMIN - zero_point) * scale, (ACT_QMAX - zero_point) * scale
 
 
 def _fixed_range_observer(min_val: float, max_val: float) -> MinMaxObserver:
@@ -227,6 +243,9 @@ def quantize_pt2e(float_model: torch.nn.Module, example_inputs: tuple, ranges: M
         point = resolver.point(node.args[0])
         if node.args[0].op == "get_attr":
             injection.derived[node.target] = "a constant operand: its range is its value's"
+        elif (fixed := _fixed_range_read(node.args[0], observers)) is not None:
+            replacements[node.target] = fixed
+            injection.derived[node.target] = "reads a fixed-range output (TANH, LOGISTIC) on its grid"
         elif point is not None and point in ranges:
             replacements[node.target] = ranges[point]
             injection.learned[node.target] = point or "<input>"

@@ -24,9 +24,11 @@ from sparselite.tflite import flatbuffer
 from sparselite.export.destination import check_destination, sha256_hex, size_bound, write_model_and_report
 from sparselite.export.io import use_float_io
 from sparselite.export.layout import use_xnnpack_forms
+from sparselite.export.lowering import lower_for_litert
 from sparselite.export.names import use_module_names
 from sparselite.export.islands import (
-    float_islands, islands_error, keep_float_where_xnnpack_lacks_int8, time_islands, xnnpack_fallback_notes,
+    float_islands, int8_ops_xnnpack_leaves_out, islands_error, keep_float_where_xnnpack_lacks_int8, time_islands,
+    xnnpack_fallback_notes,
 )
 from sparselite.export.parity import gate_failure, measure_noise_floor, verify
 from sparselite.export.ranges import quantize_pt2e
@@ -193,6 +195,8 @@ def export_tflite(
     if float_fallback == "xnnpack":
         (model_t, injection), kept_float, left_out, timings = keep_float_where_xnnpack_lacks_int8(
             convert, float_model, (model_t, injection))
+    else:  # still worth a note: an int8 op XNNPACK does not take runs on TFLite's kernels
+        left_out = int8_ops_xnnpack_leaves_out(model_t, float_model)
     output_scale = _output_scale(model_t)
     layer_tensors = _match_layers(model_t, float_model, pruned)
     renamed = use_module_names(model_t)
@@ -292,6 +296,9 @@ def export_float_tflite(module: nn.Module, example_inputs: torch.Tensor | tuple,
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     float_model = float_model_for_export(module)
     try:
+        exported = torch.export.export(float_model, example_inputs).module()
+        if lower_for_litert(exported):  # else the eager model, as before: the fp32 baseline keeps its exact form
+            float_model = exported
         data = litert_torch.convert(float_model, example_inputs).model_content()
     except Exception as err:
         raise SparseliteError(f"litert-torch could not convert the float model: {type(err).__name__}: {str(err).splitlines()[0]}") from err

@@ -19,9 +19,10 @@ import torch.fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
 ACTIVATION_TYPES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
-_BATCHNORM_OF = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d}
+_BATCHNORM_OF = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d,
+                 nn.ConvTranspose1d: nn.BatchNorm1d, nn.ConvTranspose2d: nn.BatchNorm2d}
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def fold_batchnorm(model: nn.Module, chains: list[FusedChain]) -> nn.Module:
             continue
         conv = model.get_submodule(chain.producer)
         bn = model.get_submodule(chain.batchnorm)
-        fused = fuse_conv_bn_eval(conv, bn)
+        fused = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.modules.conv._ConvTransposeNd))
         conv.weight, conv.bias = fused.weight, fused.bias
         parent_name, _, child = chain.batchnorm.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())

@@ -18,6 +18,8 @@ the file computes (no state: nothing to save):
     sigmoid on that grid;
   - a mean or average pooling of a fake-quantized value, on its input's grid (TFLite's int8 MEAN and
     AVERAGE_POOL_2D keep the input's scale);
+  - a clamp (hardtanh, relu6, ``clamp``) of a fake-quantized value, on its input's grid: its bounds
+    are rounded onto it;
   - the insides of hardsigmoid and hardswish as export writes them, ``relu6(x + 3) / 6`` (times x),
     each step on the range export derives from x's learned range (``export/ranges.py``).
 Each fake-quantized activation carries the learned range it was rounded with
@@ -68,9 +70,15 @@ for _kind, _functions in {
     "mean": (torch.mean, torch.Tensor.mean, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.avg_pool1d, F.avg_pool2d),
     "hardsigmoid": (F.hardsigmoid,),
     "hardswish": (F.hardswish,),
+    # A clamp keeps its input's grid; the file clamps at the bounds rounded onto it.
+    "clamp": (F.hardtanh, F.relu6, torch.clamp, torch.Tensor.clamp, torch.clip, torch.Tensor.clip),
 }.items():
     for _function in _functions:
         _GRID_KIND_OF[_function] = _kind
+
+# The grids TFLite fixes, as the (min, max) ranges that give them (spec.activation_qparams).
+_FIXED_RANGES = {kind: torch.tensor([(ACT_QMIN - zero_point) * scale, (ACT_QMAX - zero_point) * scale])
+                 for kind, (scale, zero_point) in FIXED_OUTPUT_QPARAMS.items()}
 
 # aten op base names -> the same kinds, for export.
 # (export.quantizer.op_kind names in-place ops by their out-of-place kind.)
@@ -101,6 +109,15 @@ def _moved_site_keys(module: nn.Module, state_dict: dict, prefix: str, *args) ->
         state_dict[f"{prefix}{OP_QUANT}.{owner.replace('.', '/')}/{rest}"] = state_dict.pop(key)
 
 
+class _MeanSite:
+    """A mean (or average pooling) call. No state: whether its one reader is a concatenation, found at
+    prepare; the converter then writes the MEAN straight onto the concatenation's grid, so the
+    concatenation rounds it, once (as ``ActivationFakeQuant.rounded_by_consumer``)."""
+
+    def __init__(self) -> None:
+        self.rounded_by_consumer = False
+
+
 class OpSites:
     """Tracks which module is running and numbers the functional ops each one calls."""
 
@@ -112,7 +129,8 @@ class OpSites:
         self.stack: list[nn.Module] = []
         self.counts: dict[tuple[nn.Module, str], int] = {}
         self.discovering = False
-        self.uses: dict[ActivationFakeQuant, list[str]] = {}  # filled during discovery
+        self.uses: dict[ActivationFakeQuant | _MeanSite, list[str]] = {}  # filled during discovery
+        self.means: dict[str, _MeanSite] = {}
         self.mode: _OpMode | None = None
 
     def enter_module(self, module: nn.Module) -> None:
@@ -157,6 +175,18 @@ class OpSites:
         key = _site_key(self.names[owner], kind, self.counts.get((owner, kind), 0))
         return points[key] if points is not None and key in points else None
 
+    def mean_site(self) -> _MeanSite | None:
+        """The mean call now running (numbered as the call sites are; made during discovery)."""
+        if self.in_fake_quant():
+            return None
+        owner = self.stack[-1]
+        index = self.counts.get((owner, "mean"), 0)
+        self.counts[(owner, "mean")] = index + 1
+        key = _site_key(self.names[owner], "mean", index)
+        if self.discovering and key not in self.means:
+            self.means[key] = _MeanSite()
+        return self.means.get(key)
+
     def on_op(self, kind: str, output: torch.Tensor) -> torch.Tensor:
         if self.in_fake_quant():
             return output
@@ -199,7 +229,7 @@ class _OpMode(TorchFunctionMode):
         output = func(*args, **(kwargs or {}))
         if kind is not None and isinstance(output, torch.Tensor) and output.is_floating_point():
             output = self.sites.on_op(kind, output)
-        elif args and _keeps_input_grid(func):
+        elif args and (_keeps_input_grid(func) or _nearest_interpolation(func, args, kwargs or {})):
             _pass_grid_on(args[0], output)
         return output
 
@@ -209,14 +239,25 @@ class _OpMode(TorchFunctionMode):
         if kind == "silu":  # export's form: x * LOGISTIC(x)
             return x * grid(torch.sigmoid(x), *FIXED_OUTPUT_QPARAMS["sigmoid"])
         if kind in FIXED_OUTPUT_QPARAMS:
-            return grid(func(*args, **kwargs), *FIXED_OUTPUT_QPARAMS[kind])
+            out = grid(func(*args, **kwargs), *FIXED_OUTPUT_QPARAMS[kind])
+            if grid.enabled:  # a conv reading a TANH has its int32 bias on this grid
+                setattr(out, LEARNED_RANGE_ATTR, _FIXED_RANGES[kind])
+            return out
+        if kind == "mean":
+            return self.mean(func, args, kwargs)
         min_max = getattr(x, LEARNED_RANGE_ATTR, None)
         if min_max is None or not grid.enabled:  # not on a grid sparselite knows (or QAT not active yet)
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if kind == "clamp":
+                _pass_grid_on(x, out)
+            return out
         learned = (float(min_max[0]), float(min_max[1]))
-        if kind == "mean":
-            out = _mean_on_input_grid(func, args, kwargs, learned)
-            setattr(out, LEARNED_RANGE_ATTR, min_max)  # TFLite's int8 MEAN keeps its input's scale
+        if kind == "clamp":
+            # TFLite clamps int8 values at the bounds quantized onto the input's grid (a fused
+            # activation's range, MINIMUM/MAXIMUM with a constant); the float clamp's bound 1.0 or 6.0
+            # sits between two grid values (10 LSB of logits apart on a hardtanh run on a conv's output).
+            out = _on_range(grid, func(*args, **kwargs), learned)
+            setattr(out, LEARNED_RANGE_ATTR, min_max)
             return out
         # hardsigmoid / hardswish: relu6(x + 3), then / 6, each on the range interval arithmetic gives.
         low, high = (min(max(v + 3.0, 0.0), 6.0) for v in learned)
@@ -227,13 +268,27 @@ class _OpMode(TorchFunctionMode):
         return x * _on_range(grid, gate, (low / 6.0, high / 6.0))
 
 
-def fold_into_concatenations(uses: dict[ActivationFakeQuant, list[str]]) -> None:
+    def mean(self, func, args: tuple, kwargs: dict) -> torch.Tensor:
+        x, site = args[0], self.sites.mean_site()
+        min_max = getattr(x, LEARNED_RANGE_ATTR, None)
+        if min_max is None or not self.sites.grid.enabled or (site is not None and site.rounded_by_consumer):
+            out = func(*args, **kwargs)
+        else:
+            out = _mean_on_input_grid(func, args, kwargs, (float(min_max[0]), float(min_max[1])))
+            setattr(out, LEARNED_RANGE_ATTR, min_max)  # TFLite's int8 MEAN keeps its input's scale
+        if self.sites.discovering and site is not None:
+            setattr(out, PRODUCER_ATTR, site)
+        return out
+
+
+def fold_into_concatenations(uses: dict[ActivationFakeQuant | _MeanSite, list[str]]) -> None:
     """A value whose one reader is a concatenation is written by its op straight onto the
     concatenation's grid: the converter folds the requantization between them into the producer (a
-    SqueezeNet fire module's two expand convs write the concatenation's scale). The file rounds it
-    once, where training rounded it twice (its own range, then the concatenation's): 5-25% of a fire
-    block's logits were off the file by an LSB. Its fake-quant keeps observing (the range is still
-    exported, and folded away by the converter) but leaves the rounding to the concatenation."""
+    SqueezeNet fire module's two expand convs write the concatenation's scale; CBAM's channel mean is
+    written by its MEAN). The file rounds it once, where training rounded it twice (its own range, then
+    the concatenation's): 5-25% of a fire block's logits were off the file by an LSB, 18% of a CBAM
+    block's. Its fake-quant keeps observing (the range is still exported, and folded away by the
+    converter) but leaves the rounding to the concatenation."""
     for quant, kinds in uses.items():
         quant.rounded_by_consumer = kinds == ["cat"]
 
@@ -271,6 +326,11 @@ def _keeps_input_grid(func) -> bool:
     ``Tensor.view``, ``F.max_pool2d``'s ``_max_pool2d``, in-place ``relu_``), or a slice of it."""
     name = getattr(func, "__name__", "").strip("_")
     return name in SHARES_INPUT_RANGE or name in SPLITS or name == "getitem"
+
+
+def _nearest_interpolation(func, args: tuple, kwargs: dict) -> bool:
+    """``F.interpolate(x, mode="nearest")``: copies of x's values (a RESIZE_NEAREST_NEIGHBOR on x's grid)."""
+    return func is F.interpolate and kwargs.get("mode", args[3] if len(args) > 3 else "nearest") == "nearest"
 
 
 def _pass_grid_on(source: Any, output: Any) -> None:

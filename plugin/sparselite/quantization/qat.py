@@ -2,7 +2,8 @@
 
 Eager fake-quant (not a pt2e GraphModule): the model stays a normal nn.Module, so train()/eval(),
 checkpoints and DDP behave as usual. State lives in submodules named ``sparselite_*``:
-  - ``<conv|linear>.sparselite_weight_quant``: per-channel fake-quant of the (unfolded) weight;
+  - ``<conv|linear>.sparselite_weight_quant``: per-channel fake-quant of the (unfolded) weight (per
+    output channel: dim 1 of a transposed conv's);
   - ``<conv|linear>.sparselite_bias_quant``: in eval mode, the int32 rounding of the (folded) bias;
   - ``<conv|linear>.sparselite_output_quant``: the range of the fused op's output, observed after BN
     and activation (a forward hook on the chain's last module applies it);
@@ -58,10 +59,40 @@ class _QATLinear(nn.Linear):
         return getattr(self, BIAS_QUANT)(out, x, self.weight, self.bias, -1)
 
 
-_QAT_CLASSES = {nn.Conv1d: _QATConv1d, nn.Conv2d: _QATConv2d, nn.Linear: _QATLinear}
+class _QATConvTranspose(nn.modules.conv._ConvTransposeNd):
+    """A transposed conv's weight is [in, out, k...]: its output channels, which TFLite's TRANSPOSE_CONV
+    quantizes per channel, are dim 1 (groups == 1 only: ``_quantizable``)."""
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        dims = x.dim() - 2
+        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, dims, self.dilation)
+        weight = getattr(self, WEIGHT_QUANT)(self.weight.transpose(0, 1)).transpose(0, 1)
+        transposed_conv = F.conv_transpose2d if dims == 2 else F.conv_transpose1d
+        out = transposed_conv(x, weight, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation)
+        return getattr(self, BIAS_QUANT)(out, x, self.weight.transpose(0, 1), self.bias, 1)
+
+
+class _QATConvTranspose1d(_QATConvTranspose, nn.ConvTranspose1d):
+    pass
+
+
+class _QATConvTranspose2d(_QATConvTranspose, nn.ConvTranspose2d):
+    pass
+
+
+_QAT_CLASSES = {nn.Conv1d: _QATConv1d, nn.Conv2d: _QATConv2d, nn.Linear: _QATLinear,
+                nn.ConvTranspose1d: _QATConvTranspose1d, nn.ConvTranspose2d: _QATConvTranspose2d}
 # Modules whose int8 TFLite form requantizes (own output range), unless fused into a conv chain.
 REQUANTIZING_MODULES = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.PReLU, nn.LayerNorm)
 _FLOAT_CLASSES = {v: k for k, v in _QAT_CLASSES.items()}
+
+
+def _quantizable(module: nn.Module) -> bool:
+    """An exact nn.Conv1d/2d, nn.Linear, or a transposed conv without groups (whose per-output-channel
+    weight scales span the groups' blocks of dim 1)."""
+    if type(module) not in _QAT_CLASSES:
+        return False
+    return not isinstance(module, nn.modules.conv._ConvTransposeNd) or module.groups == 1
 
 
 def _quantize_output(quant: ActivationFakeQuant, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -118,18 +149,18 @@ class QuantizationSimulator:
         self.grid = GridFakeQuant()  # rounds the ops the file computes on fixed or derived grids (op_points.py)
 
     def prepare(self, model: nn.Module, example_inputs: tuple | None = None) -> list[FusedChain]:
-        """Attach fake-quant to every conv/linear (exact nn.Conv1d/2d, nn.Linear), every requantizing
+        """Attach fake-quant to every conv/linear (exact nn.Conv1d/2d, nn.ConvTranspose1d/2d, nn.Linear), every requantizing
         activation, and the model input; with ``example_inputs``, also to functional ops (add, mul, cat)."""
         if self.model is not None:
             return self.chains
         found = find_fused_chains(model)
-        chains = [c for c in found if type(model.get_submodule(c.producer)) in _QAT_CLASSES]
+        chains = [c for c in found if _quantizable(model.get_submodule(c.producer))]
         # BatchNorms that follow no conv: export writes each as a depthwise 1x1 conv (fusion.py), whose
         # output, after its activation, is one int8 tensor. In training they normalize with batch
         # statistics, as the BNs folded into convs do, so only that output is fake-quantized.
         normalizations = [c for c in found if isinstance(model.get_submodule(c.producer), nn.BatchNorm2d)]
         if not chains:
-            raise SparseliteError("QAT found no nn.Conv1d, nn.Conv2d or nn.Linear to quantize in the model")
+            raise SparseliteError("QAT found no nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d/2d or nn.Linear to quantize in the model")
         if isinstance(model, nn.Sequential):
             raise SparseliteError("QAT attaches its input fake-quant to the root module, which an nn.Sequential would run "
                                   "as a last layer: wrap the nn.Sequential in a module of its own (e.g. ImageClassifier)")

@@ -27,7 +27,7 @@ SHARES_INPUT_RANGE = {
     "view", "_unsafe_view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "t",
     "contiguous", "clone", "alias", "detach", "dropout", "expand", "slice", "select", "narrow",
     "pad", "constant_pad_nd", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
-    "flip", "roll", "_to_copy", "to", "upsample_nearest2d", "upsample_bilinear2d", "max",
+    "flip", "roll", "_to_copy", "to", "upsample_nearest2d", "upsample_bilinear2d", "max", "min", "amax", "amin",
 }
 # Ops whose outputs are pieces of their input, each on the input's grid.
 SPLITS = {"split", "split_with_sizes", "chunk", "unbind", "tensor_split", "unsafe_split"}

@@ -1,0 +1,153 @@
+"""What each of export's file rewrites for XNNPACK (``sparselite/export/layout.py``) buys, per precision.
+
+For each rewrite, a small model that has the pattern it targets (random weights: the rewrites leave every
+value as it was, so training would change nothing measured here) is exported twice, in fp32 and in int8
+(calibrated), once as export writes it and once with that one rewrite switched off. The four files are
+timed interleaved on XNNPACK, 1 thread; the table gives medians, the ratio of each form to its own
+precision's old form, and the op types and XNNPACK partitions that differ.
+
+    .venv/bin/python -m benchmarks.layout_forms [--size 128] [--rounds 7] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks._common import environment, environment_line, fmt, quiet_logs, table, write_json
+from sparselite import export_tflite
+from sparselite.export import layout
+from sparselite.export.tflite import export_float_tflite
+from sparselite.runtime.bench import interleaved_benchmark
+from sparselite.runtime.litert import xnnpack_delegated_ops
+from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class TopDown(nn.Module):
+    """An FPN's top-down path: two nearest 2x upsamplings, each added to the finer map."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = _conv(3, width, 2), _conv(width, width, 2), _conv(width, width, 2)
+        self.m2, self.m1, self.head = _conv(width, width), _conv(width, width), nn.Conv2d(width, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c1 = self.c1(x)
+        c2 = self.c2(c1)
+        p2 = self.m2(c2 + F.interpolate(self.c3(c2), scale_factor=2.0, mode="nearest"))
+        return self.head(self.m1(c1 + F.interpolate(p2, scale_factor=2.0, mode="nearest")))
+
+
+class Decoder(nn.Module):
+    """A U-Net's decoder: transposed convs (BN, ReLU) back up, each concatenated with its skip."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = _conv(3, width, 2), _conv(width, width, 2), _conv(width, width, 2)
+        self.up3 = nn.Sequential(nn.ConvTranspose2d(width, width, 2, 2, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.up2 = nn.Sequential(nn.ConvTranspose2d(2 * width, width, 2, 2, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.head = nn.Conv2d(2 * width, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c1 = self.c1(x)
+        c2 = self.c2(c1)
+        u2 = torch.cat([c2, self.up3(self.c3(c2))], 1)
+        return self.head(torch.cat([c1, self.up2(u2)], 1))
+
+
+# rewrite (a function of export/layout.py) -> the model with its pattern
+CASES = {
+    "nearest_upsampling_as_depth_to_space": TopDown,
+    "fuse_activations_into_transpose_convs": Decoder,
+}
+
+
+@contextmanager
+def _switched_off(name: str):
+    original = getattr(layout, name)
+    setattr(layout, name, lambda model: 0)
+    try:
+        yield
+    finally:
+        setattr(layout, name, original)
+
+
+def _ops(path: Path) -> dict[str, int]:
+    model = read_model(path)
+    counts: dict[str, int] = {}
+    for op in model.subgraphs[0].operators:
+        name = builtin_name(builtin_code(model, op))
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _partitions(path: Path) -> str:
+    """Ops XNNPACK does not take (each splits its graph)."""
+    delegated, _ = xnnpack_delegated_ops(path.read_bytes())
+    model = read_model(path)
+    left = [builtin_name(builtin_code(model, op)) for i, op in enumerate(model.subgraphs[0].operators)
+            if delegated is not None and i not in delegated and builtin_name(builtin_code(model, op)) not in ("QUANTIZE", "DEQUANTIZE")]
+    return ", ".join(sorted(set(left))) or "-"
+
+
+def measure(name: str, size: int, rounds: int, runs: int, folder: Path) -> dict:
+    torch.manual_seed(0)
+    model = CASES[name]().eval()
+    images = torch.randn(16, 3, size, size)
+    files = {}
+    for form in ("new", "old"):
+        with _switched_off(name) if form == "old" else nullcontext():
+            files[f"fp32_{form}"] = folder / f"{name}_fp32_{form}.tflite"
+            export_float_tflite(model, images[:1], files[f"fp32_{form}"])
+            files[f"int8_{form}"] = folder / f"{name}_int8_{form}.tflite"
+            export_tflite(model, images[:1], files[f"int8_{form}"], calibration=[images], verify_batches=[images],
+                          min_agreement=0.0)
+    latency = interleaved_benchmark({k: str(v) for k, v in files.items()}, threads=1, rounds=rounds, runs_per_round=runs)
+    result = {"rewrite": name, "model": CASES[name].__name__, "size": size}
+    for key, path in files.items():
+        result[key] = {"median_ms": latency[key].median_ms, "ops": _ops(path), "left_to_tflite": _partitions(path)}
+    for precision in ("fp32", "int8"):
+        result[f"{precision}_ratio"] = latency[f"{precision}_new"].median_ms / latency[f"{precision}_old"].median_ms
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=128, help="input height and width (3 channels)")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=20, help="runs per file per round")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    quiet_logs()
+    env = environment()
+    print(environment_line(env))
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name in CASES:
+            results.append(measure(name, args.size, args.rounds, args.runs, Path(folder)))
+    rows = []
+    for r in results:
+        for precision in ("fp32", "int8"):
+            old, new = r[f"{precision}_old"], r[f"{precision}_new"]
+            changed = sorted(op for op in set(old["ops"]) | set(new["ops"]) if old["ops"].get(op) != new["ops"].get(op))
+            rows.append([r["rewrite"], precision, fmt(old["median_ms"], ".4f"), fmt(new["median_ms"], ".4f"),
+                         fmt(r[f"{precision}_ratio"], ".3f") + "x", old["left_to_tflite"], new["left_to_tflite"],
+                         ", ".join(f"{op} {old['ops'].get(op, 0)}->{new['ops'].get(op, 0)}" for op in changed)])
+    print(f"\n{results[0]['size']}x{results[0]['size']} input, XNNPACK, 1 thread, {args.rounds} interleaved rounds; medians")
+    print(table(["rewrite", "precision", "without ms", "with ms", "with/without", "left to TFLite without",
+                 "left to TFLite with", "ops changed"], rows, left=(0, 1, 5, 6, 7)))
+    write_json(args.json, {"environment": env, "results": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The report's notes on int8 ops XNNPACK leaves to TFLite's own kernels, read from the real runtime."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model_blocks import DenseBlock, conv_bn
+from sparselite import export_tflite
+from sparselite.export.islands import int8_ops_xnnpack_leaves_out
+from sparselite.export.tflite import float_model_for_export
+from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model
+
+
+class ClampToTwo(nn.Module):
+    """A clamp whose bounds no fused activation has: an int8 MINIMUM in the file, which XNNPACK
+    (ai-edge-litert 2.3) does not delegate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(1, 8, 3, 2)
+        self.branch = conv_bn(8, 8, 3, act=None)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(torch.clamp(x + self.branch(x), 0.0, 2.0).mean((2, 3)))
+
+
+def test_strict_export_notes_the_int8_ops_xnnpack_leaves_out(fmnist_train, tmp_path):
+    model = ClampToTwo().eval()
+    images = fmnist_train[0][:64]
+    report = export_tflite(model, images[:1], tmp_path / "m.tflite", calibration=[images], verify_batches=[images])
+    ops = {builtin_name(builtin_code(read_model(tmp_path / "m.tflite"), op))
+           for op in read_model(tmp_path / "m.tflite").subgraphs[0].operators}
+    assert "MINIMUM" in ops and report.float_islands == []
+    assert any("XNNPACK leaves these int8 ops to TFLite's kernels" in note and "MINIMUM (the top-level forward)" in note
+               for note in report.notes), report.notes
+
+
+def test_a_concatenation_export_splits_for_xnnpack_is_not_reported_left_out(fmnist_train):
+    """DenseNet's 7-input concatenation is split into XNNPACK's 5-input form when the file is written,
+    so the check reads the file in that form (it used to report 'CONCATENATION (block)')."""
+    from sparselite.export.tflite import _quantize_and_convert
+
+    model = nn.Sequential(conv_bn(1, 8, 3, 2), DenseBlock(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    images = fmnist_train[0][:32]
+    float_model = float_model_for_export(model)
+    model_t, _ = _quantize_and_convert(float_model, (images[:1],), {}, [images], frozenset())
+    assert any(len(op.inputs) > 5 for op in model_t.subgraphs[0].operators)  # the converter's one wide concatenation
+    assert int8_ops_xnnpack_leaves_out(model_t, float_model) == []

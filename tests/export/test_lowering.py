@@ -1,0 +1,51 @@
+"""Ops litert-torch cannot lower, rewritten into ones it can (``export/lowering.py``), and the upstream gap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sparselite.export.lowering import lower_for_litert, needs_lowering
+from sparselite.export.tflite import export_float_tflite
+from sparselite.runtime.litert import LiteRTModel
+from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model
+
+
+def test_upstream_litert_cannot_lower_adaptive_max_pool():
+    """docs/upstream/litert_adaptive_max_pool.md. When this test fails, upstream converts the op."""
+    import litert_torch
+
+    with pytest.raises(Exception, match="Lowering not found: aten.adaptive_max_pool2d"):
+        litert_torch.convert(nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveMaxPool2d(1)).eval(), (torch.zeros(1, 1, 8, 8),))
+
+
+@pytest.mark.parametrize("output_size", [1, (2, 3), (3, 3), (6, 6)])  # global, non-tiling, tiling (6 | 6)
+def test_adaptive_max_pool_rewrite_is_exact(output_size):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveMaxPool2d(output_size)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    graph = torch.export.export(model, (x[:1],)).module()
+    assert needs_lowering(graph)
+    assert lower_for_litert(graph) == 1 and not needs_lowering(graph)
+    assert torch.equal(graph(x[:1]), model(x[:1]))
+
+
+def test_float_export_of_a_global_max_pooling_head(tmp_path):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    x = torch.randn(4, 1, 8, 8)
+    export_float_tflite(model, x[:1], tmp_path / "m.tflite")
+    file = read_model(tmp_path / "m.tflite")
+    assert "REDUCE_MAX" in {builtin_name(builtin_code(file, op)) for op in file.subgraphs[0].operators}
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert abs(LiteRTModel(tmp_path / "m.tflite", accelerator="xnnpack", threads=1)(x.numpy()) - expected).max() < 1e-5
+
+
+def test_indices_that_are_read_are_left_to_litert():
+    class WithIndices(nn.Module):
+        def forward(self, x):
+            values, indices = nn.functional.adaptive_max_pool2d(x, 1, return_indices=True)
+            return values + indices.float()
+
+    graph = torch.export.export(WithIndices(), (torch.randn(1, 2, 4, 4),)).module()
+    assert lower_for_litert(graph) == 0
