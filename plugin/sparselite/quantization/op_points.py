@@ -267,8 +267,8 @@ class _OpMode(TorchFunctionMode):
             return gate  # the module's own output fake-quant rounds it
         return x * _on_range(grid, gate, (low / 6.0, high / 6.0))
 
-
     def mean(self, func, args: tuple, kwargs: dict) -> torch.Tensor:
+        """On the input's grid, as XNNPACK's MEAN rounds; unrounded where a concatenation rounds it."""
         x, site = args[0], self.sites.mean_site()
         min_max = getattr(x, LEARNED_RANGE_ATTR, None)
         if min_max is None or not self.sites.grid.enabled or (site is not None and site.rounded_by_consumer):
