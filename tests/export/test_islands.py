@@ -8,7 +8,7 @@ from torch import nn
 from model_blocks import DenseBlock, conv_bn
 from sparselite import export_tflite
 from sparselite.export.islands import int8_ops_xnnpack_leaves_out
-from sparselite.export.tflite import float_model_for_export
+from sparselite.export.tflite import _quantize_and_convert, float_model_for_export
 from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model
 
 
@@ -31,8 +31,8 @@ def test_strict_export_notes_the_int8_ops_xnnpack_leaves_out(fmnist_train, tmp_p
     model = ClampToTwo().eval()
     images = fmnist_train[0][:64]
     report = export_tflite(model, images[:1], tmp_path / "m.tflite", calibration=[images], verify_batches=[images])
-    ops = {builtin_name(builtin_code(read_model(tmp_path / "m.tflite"), op))
-           for op in read_model(tmp_path / "m.tflite").subgraphs[0].operators}
+    file = read_model(tmp_path / "m.tflite")
+    ops = {builtin_name(builtin_code(file, op)) for op in file.subgraphs[0].operators}
     assert "MINIMUM" in ops and report.float_islands == []
     assert any("XNNPACK leaves these int8 ops to TFLite's kernels" in note and "MINIMUM (the top-level forward)" in note
                for note in report.notes), report.notes
@@ -41,8 +41,6 @@ def test_strict_export_notes_the_int8_ops_xnnpack_leaves_out(fmnist_train, tmp_p
 def test_a_concatenation_export_splits_for_xnnpack_is_not_reported_left_out(fmnist_train):
     """DenseNet's 7-input concatenation is split into XNNPACK's 5-input form when the file is written,
     so the check reads the file in that form (it used to report 'CONCATENATION (block)')."""
-    from sparselite.export.tflite import _quantize_and_convert
-
     model = nn.Sequential(conv_bn(1, 8, 3, 2), DenseBlock(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
     images = fmnist_train[0][:32]
     float_model = float_model_for_export(model)

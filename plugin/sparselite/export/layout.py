@@ -14,6 +14,11 @@ compares quantization only.
   layer's output; a decomposed adaptive pooling's) runs on TFLite's own kernel and splits the graph.
   It becomes a tree of concatenations of at most 5. Every input of an int8 concatenation is on its
   output's scale (TFLite requires it), so the groups take that scale and copy integers unchanged.
+- ``nearest_upsampling_as_depth_to_space``: RESIZE_NEAREST_NEIGHBOR, which XNNPACK delegates in
+  neither precision, as copies and DEPTH_TO_SPACE.
+- ``fuse_activations_into_transpose_convs``: the RELU that litert-torch's int8 conversion leaves after
+  a TRANSPOSE_CONV, as its fused activation.
+``benchmarks/layout_forms.py`` times the last two with and without.
 """
 
 from __future__ import annotations
@@ -152,7 +157,8 @@ def nearest_upsampling_as_depth_to_space(model: schema.ModelT) -> int:
         factor = out_h // h if h else 0
         # With an integer factor, half-pixel centers (as litert writes torch's "nearest") pick the same
         # pixel, floor((o + 0.5) / k) = floor(o / k); corners aligned would not.
-        if (getattr(options, "alignCorners", False) or factor < 2 or out_h != h * factor or out_w != w * factor or not _same_quantization(source, target)):
+        if (getattr(options, "alignCorners", False) or factor < 2 or out_h != h * factor or out_w != w * factor
+                or not _same_quantization(source, target)):
             operators.append(op)
             continue
         copies = schema.OperatorT()
@@ -188,10 +194,10 @@ def fuse_activations_into_transpose_convs(model: schema.ModelT) -> int:
     """A TRANSPOSE_CONV followed by its own RELU / RELU6 / RELU_N1_TO_1 (possibly after a QUANTIZE onto
     the activation's grid), which litert-torch's int8 conversion leaves as separate ops (its fp32
     conversion fuses them), becomes one TRANSPOSE_CONV with that fused activation, writing the
-    activation's output tensor. In an int8 file the activation
-    often requantizes onto the grid of a concatenation that reads it, which XNNPACK's clamp does not
-    take (it ran on TFLite's kernel and split the graph); fused, the convolution rounds once, onto
-    that grid, as the fake-quant model does (``op_points.fold_into_concatenations``). Returns how many."""
+    activation's output tensor. In an int8 file the activation often requantizes onto the grid of a
+    concatenation that reads it, which XNNPACK's clamp does not take (it ran on TFLite's kernel and split
+    the graph); fused, the convolution rounds once, onto that grid, as the fake-quant model does
+    (``op_points.fold_into_concatenations``). Returns how many."""
     subgraph = model.subgraphs[0]
     readers = _readers(subgraph)
     outputs = {int(t) for t in subgraph.outputs}
