@@ -253,6 +253,21 @@ def test_untraceable_model_is_a_user_error_with_its_cause(tmp_path):
     assert info.value.__cause__ is not None  # the API keeps torch's error; the CLI prints one line
 
 
+def test_a_model_whose_output_verification_cannot_run_is_refused_before_the_conversion(tmp_path):
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return {"out": self.fc(x), "aux": x}
+
+    with pytest.raises(SparseliteError, match=r"one tensor output, but forward returned a dict with keys \['aux', 'out'\]"):
+        export_tflite(TwoHeads(), torch.ones(1, 4), tmp_path / "m.tflite", calibration=[torch.ones(2, 4)],
+                      verify_batches=[torch.ones(2, 4)])
+    assert not (tmp_path / "m.tflite").exists()
+
+
 def test_a_bug_in_sparselite_keeps_its_own_type_and_traceback(float_module, monkeypatch, tmp_path):
     from sparselite.export import tflite
 

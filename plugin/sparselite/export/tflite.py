@@ -76,6 +76,20 @@ def _cap_examples(batches: Iterable[torch.Tensor], limit: int) -> list[torch.Ten
     return kept
 
 
+def _check_verifiable(float_model: nn.Module, example_inputs: tuple) -> None:
+    """Verification runs the file in ``LiteRTModel``, which takes one input and one output: say so before
+    the conversion (a forward of the example), not after it."""
+    if len(example_inputs) != 1:
+        raise SparseliteError(f"verify_batches needs a model with one input, got {len(example_inputs)} example inputs; "
+                              "pass verify_batches=None to skip the parity check, or wrap the model")
+    with torch.no_grad():
+        output = float_model(*example_inputs)
+    if not isinstance(output, torch.Tensor):
+        what = f"a dict with keys {sorted(map(str, output))}" if isinstance(output, dict) else type(output).__name__
+        raise SparseliteError(f"verify_batches needs a model with one tensor output, but forward returned {what}; wrap "
+                              "the model so that forward returns the tensor to run on the device, or pass verify_batches=None")
+
+
 def _quantize_and_convert(float_model: nn.Module, example_inputs: tuple, ranges, calibration: list[torch.Tensor],
                           float_modules: frozenset[str] = frozenset()):
     """The int8 flatbuffer (object API, converter's tensor names) and how each range was set."""
@@ -184,6 +198,8 @@ def export_tflite(
     train_sparsity = {name: float((module.get_submodule(name).weight == 0).float().mean()) for name in pruned}
 
     float_model = float_model_for_export(module)
+    if verify_batches is not None:
+        _check_verifiable(float_model, example_inputs)
     calibration = _cap_examples(calibration or [], MAX_CALIBRATION_EXAMPLES)
     if not ranges and not calibration:
         raise SparseliteError("the model has no QAT ranges and no calibration batches were given; pass calibration=[...] (a few batches)")
