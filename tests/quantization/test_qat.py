@@ -525,3 +525,30 @@ def test_a_sequential_root_is_refused_with_what_to_do():
     """QAT adds its input fake-quant as a child of the root; an nn.Sequential would run it as a last layer."""
     with pytest.raises(SparseliteError, match="wrap the nn.Sequential"):
         QuantizationSimulator().prepare(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()))
+
+
+def test_a_grouped_transposed_conv_keeps_its_batchnorm_apart(tmp_path):
+    """Its weight is [in, out / groups, k, k]: the BN after it cannot fold per output channel (torch's
+    fold raised at export), so it stays a BN of its own, with its own chain; an ungrouped one folds."""
+    from sparselite import export_tflite
+
+    class Upsampler(nn.Module):
+        def __init__(self, groups: int) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3, 2, 1)
+            self.up = nn.ConvTranspose2d(8, 8, 2, 2, groups=groups, bias=False)
+            self.bn = nn.BatchNorm2d(8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.bn(self.up(self.conv(x)))).mean((2, 3)))
+
+    assert FusedChain("up", "bn", None) in find_fused_chains(Upsampler(groups=1))
+    grouped = Upsampler(groups=8)
+    assert FusedChain("bn", None, None) in find_fused_chains(grouped)
+    x = torch.randn(16, 1, 8, 8)
+    simulator = QuantizationSimulator()
+    simulator.prepare(grouped, (x[:1],))
+    grouped(x)
+    report = export_tflite(grouped.eval(), x[:1], tmp_path / "m.tflite", calibration=[x], verify_batches=[x], min_agreement=0.0)
+    assert report.float_islands == []

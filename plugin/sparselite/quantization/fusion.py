@@ -43,7 +43,7 @@ def find_fused_chains(model: nn.Module) -> list[FusedChain]:
     is still correct, just with ranges taken before the activation.
     """
     modules = dict(model.named_modules())
-    producers = [name for name, m in modules.items() if type(m) in PRODUCER_TYPES or isinstance(m, PRODUCER_TYPES)]
+    producers = [name for name, m in modules.items() if _is_producer(m)]
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception:
@@ -88,6 +88,15 @@ def find_fused_chains(model: nn.Module) -> list[FusedChain]:
             act = sole_module_user(node, ACTIVATION_TYPES)
             chains.append(FusedChain(node.target, None, act.target if act is not None and calls[act.target] == 1 else None))
     return chains
+
+
+def _is_producer(module: nn.Module) -> bool:
+    """A conv or linear whose BN folds per output channel. Not a grouped transposed conv: its weight is
+    [in, out / groups, k...], which torch's fold (and TFLite's per-channel scales) cannot index by output
+    channel; a BN after it stays a BN of its own (a depthwise 1x1 conv in the file)."""
+    if not isinstance(module, PRODUCER_TYPES):
+        return False
+    return not isinstance(module, nn.modules.conv._ConvTransposeNd) or module.groups == 1
 
 
 def _is_foldable_batchnorm(module: nn.Module) -> bool:
