@@ -36,6 +36,14 @@ def _constant(model: schema.ModelT, tensor: int) -> np.ndarray | None:
     return None if data is None else np.asarray(data, dtype=np.uint8).view(np.int32)
 
 
+def _readers(subgraph: schema.SubGraphT) -> dict[int, list[int]]:
+    readers: dict[int, list[int]] = {}
+    for index, op in enumerate(subgraph.operators):
+        for tensor in op.inputs if op.inputs is not None else []:
+            readers.setdefault(int(tensor), []).append(index)
+    return readers
+
+
 def _axes_before(perm: np.ndarray, axes: np.ndarray) -> np.ndarray | None:
     """The axes of the transpose's input that ``axes`` of its output are, when the axes the mean
     keeps stay in the same order (so the mean's output is laid out the same); None otherwise."""
@@ -52,10 +60,7 @@ def fold_transposes_into_means(model: schema.ModelT) -> int:
     permuted), in place, where the transpose has no other reader and the mean keeps no reduced
     dimension; the transposes go. Returns how many."""
     subgraph = model.subgraphs[0]
-    readers: dict[int, list[int]] = {}
-    for index, op in enumerate(subgraph.operators):
-        for tensor in op.inputs if op.inputs is not None else []:
-            readers.setdefault(int(tensor), []).append(index)
+    readers = _readers(subgraph)
     outputs = {int(t) for t in subgraph.outputs}
     removed = set()
     for index, op in enumerate(subgraph.operators):
@@ -119,14 +124,6 @@ def split_wide_concatenations(model: schema.ModelT) -> int:
         split += 1
     subgraph.operators = operators
     return split
-
-
-def _readers(subgraph: schema.SubGraphT) -> dict[int, list[int]]:
-    readers: dict[int, list[int]] = {}
-    for index, op in enumerate(subgraph.operators):
-        for tensor in op.inputs if op.inputs is not None else []:
-            readers.setdefault(int(tensor), []).append(index)
-    return readers
 
 
 def _same_quantization(a: schema.TensorT, b: schema.TensorT) -> bool:

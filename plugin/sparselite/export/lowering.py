@@ -24,10 +24,16 @@ def innermost_module(node: Node) -> str | None:
     return next(reversed(stack.values()))[0] if stack else None
 
 
-def _base_name(node: Node) -> str:
-    """The aten op's base name, in-place ops by their out-of-place one (``hardswish_`` -> ``hardswish``)."""
+def op_kind(node: Node) -> str:
+    """The aten op's base name ('add' for aten.add.Tensor and for in-place aten.add_.Tensor), '' for
+    anything that is not an op call. In-place ops name their out-of-place kind: an int8 file has no
+    in-place ops, and a model's ``nn.Dropout(inplace=True)`` or ``x += y`` must quantize like the rest."""
+    if node.op != "call_function":
+        return ""
+    if node.target is operator.getitem:
+        return "getitem"
     packet = getattr(node.target, "_overloadpacket", None)
-    name = getattr(packet, "__name__", "").split(".")[-1] if node.op == "call_function" else ""
+    name = getattr(packet, "__name__", getattr(node.target, "__name__", "")).split(".")[-1]
     return name[:-1] if name.endswith("_") and not name.endswith("__") else name
 
 
@@ -38,7 +44,7 @@ def rewrite_ops(model: GraphModule, rewrites: Mapping[str, Rewrite], keep: Calla
     graph = model.graph
     replaced = 0
     for node in list(graph.nodes):
-        rewrite = rewrites.get(_base_name(node))
+        rewrite = rewrites.get(op_kind(node))
         if rewrite is None or keep(node):
             continue
         with graph.inserting_before(node):
@@ -51,7 +57,7 @@ def rewrite_ops(model: GraphModule, rewrites: Mapping[str, Rewrite], keep: Calla
             # for an op that also returns indices).
             new.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
             new.meta["val"] = value[0] if isinstance(value, (tuple, list)) else value
-            new.meta["sparselite_decomposed"] = _base_name(node)  # not a call site of the user's code (see ranges.op_sites)
+            new.meta["sparselite_decomposed"] = op_kind(node)  # not a call site of the user's code (see ranges.op_sites)
         node.replace_all_uses_with(new_nodes[-1])
         graph.erase_node(node)
         replaced += 1
@@ -104,7 +110,7 @@ def _adaptive_max(graph: Graph, node: Node) -> list[Node] | None:
     for a global pool, otherwise each distinct window as a slice and a max (REDUCE_MAX), as adaptive
     average pooling does in int8. A max keeps its input's grid, so training needs nothing. Not when
     the indices are read."""
-    values = [user for user in node.users if user.target is operator.getitem and user.args[1] == 0]
+    values = [user for user in node.users if op_kind(user) == "getitem" and user.args[1] == 0]
     if any(user not in values and user.users for user in node.users):
         return None
     x, output_size = node.args[0], list(node.args[1])
@@ -125,7 +131,7 @@ LOWERINGS: dict[str, Rewrite] = {"adaptive_max_pool2d": _adaptive_max, "adaptive
 
 
 def needs_lowering(model: GraphModule) -> bool:
-    return any(_base_name(node) in LOWERINGS for node in model.graph.nodes)
+    return any(op_kind(node) in LOWERINGS for node in model.graph.nodes)
 
 
 def lower_for_litert(model: GraphModule) -> int:

@@ -21,7 +21,6 @@ island, which the exporter reports by name (and refuses unless float fallback is
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
@@ -30,7 +29,7 @@ from torchao.quantization.pt2e.quantizer import (
     FixedQParamsQuantizationSpec, QuantizationAnnotation, SharedQuantizationSpec,
 )
 
-from sparselite.export.lowering import innermost_module, lower_for_litert, rewrite_ops, window_pooling
+from sparselite.export.lowering import innermost_module, lower_for_litert, op_kind, rewrite_ops, window_pooling
 from sparselite.quantization.spec import ACT_QMAX, ACT_QMIN, FIXED_OUTPUT_QPARAMS, SHARES_INPUT_RANGE, SPLITS
 
 aten = torch.ops.aten
@@ -50,19 +49,6 @@ TRANSPOSED_CONVOLUTIONS = {"conv_transpose1d", "conv_transpose2d"}
 # litert's annotators that this quantizer keeps: the ones that carry weights and biases. Its
 # activation patterns are replaced by the op table above (see the module docstring).
 WEIGHT_ANNOTATORS = ["linear", "addmm", "conv_relu", "conv"]
-
-
-def op_kind(node: Node) -> str:
-    """The aten op's base name ('add' for aten.add.Tensor and for in-place aten.add_.Tensor), '' for
-    anything that is not an op call. In-place ops name their out-of-place kind: an int8 file has no
-    in-place ops, and a model's ``nn.Dropout(inplace=True)`` or ``x += y`` must quantize like the rest."""
-    if node.op != "call_function":
-        return ""
-    if node.target is operator.getitem:
-        return "getitem"
-    packet = getattr(node.target, "_overloadpacket", None)
-    name = getattr(packet, "__name__", getattr(node.target, "__name__", "")).split(".")[-1]
-    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
 
 
 def is_float_tensor(node: object) -> bool:

@@ -21,7 +21,8 @@ import torch
 from torchao.quantization.pt2e.observer import FixedQParamsObserver, MinMaxObserver, ObserverBase
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-from sparselite.export.quantizer import CONCATENATION, SHARES_INPUT_RANGE, SPLITS, FullInt8Quantizer, op_kind
+from sparselite.export.lowering import op_kind
+from sparselite.export.quantizer import CONCATENATION, SHARES_INPUT_RANGE, SPLITS, FullInt8Quantizer
 from sparselite.quantization.op_points import ATEN_KINDS, site_name
 from sparselite.quantization.spec import ACT_QMAX, ACT_QMIN, SCALE_EPS
 
