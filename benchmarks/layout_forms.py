@@ -1,7 +1,7 @@
 """What each of export's file rewrites for XNNPACK (``sparselite/export/layout.py``) buys, per precision.
 
 For each rewrite, a small model that has the pattern it targets (random weights: the rewrites leave every
-value as it was, so training would change nothing measured here) is exported twice, in fp32 and in int8
+value as it was but the int8 averages' ties, so training would change nothing measured here) is exported twice, in fp32 and in int8
 (calibrated), once as export writes it and once with that one rewrite switched off. The four files are
 timed interleaved on XNNPACK, 1 thread; the table gives medians, the ratio of each form to its own
 precision's old form, and the op types and XNNPACK partitions that differ.
@@ -65,10 +65,55 @@ class Decoder(nn.Module):
         return self.head(torch.cat([c1, self.up2(u2)], 1))
 
 
+class _SqueezeExcite(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.reduce, self.expand = nn.Conv2d(width, width // 4, 1), nn.Conv2d(width // 4, width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * F.hardsigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+
+
+class PooledTail(nn.Module):
+    """Averages over small maps: a DenseNet-style transition (2x2 average pool), squeeze-excites over
+    4x4 and 2x2 (MobileNetV3's last stages at 64x64), the classifier's global mean over 2x2."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.c1, self.c2 = _conv(3, width, 2), _conv(width, width, 2)
+        self.c3, self.c4, self.c5 = _conv(width, width, 2), _conv(width, width, 2), _conv(width, width, 2)
+        self.se4, self.se5, self.fc = _SqueezeExcite(width), _SqueezeExcite(width), nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.avg_pool2d(self.c2(self.c1(x)), 2)
+        x = self.se5(self.c5(self.se4(self.c4(self.c3(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+class WideKernelTail(nn.Module):
+    """MobileNetV3-small's last blocks as they run at 64x64: 96 -> 576 -> 96 channels around a 5x5
+    depthwise conv over a 2x2 map (the input brought down to 2x2 by strided convs that cost little)."""
+
+    def __init__(self, width: int = 96, wide: int = 576, blocks: int = 3) -> None:
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(3, width, 8, 8), nn.ReLU(), nn.Conv2d(width, width, 4, 4), nn.ReLU(),
+                                  nn.Conv2d(width, width, 2, 2), nn.ReLU())  # 128 -> 2
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Conv2d(width, wide, 1), nn.ReLU(),
+                                                    nn.Conv2d(wide, wide, 5, padding=2, groups=wide), nn.ReLU(),
+                                                    nn.Conv2d(wide, width, 1))
+                                      for _ in range(blocks)])
+        self.fc = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(self.down(x)).mean((2, 3)))
+
+
 # rewrite (a function of export/layout.py) -> the model with its pattern
 CASES = {
     "nearest_upsampling_as_depth_to_space": TopDown,
     "fuse_activations_into_transpose_convs": Decoder,
+    "averages_as_depthwise_convs": PooledTail,
+    "crop_kernels_to_their_input": WideKernelTail,
 }
 
 

@@ -146,6 +146,23 @@ class ClampedResidual(nn.Module):
         return torch.clamp(x + self.clamp(self.b(self.clamp(self.a(x)))), -1.0, 1.0)
 
 
+class AveragePools(nn.Module):
+    """Averages over small windows, which export writes as depthwise convs of ones: DenseNet's
+    transition (a conv, then a 2x2 average pool), Inception's padded 3x3 pool, and a squeeze-excite over
+    a 4x4 map (and the classifier's pool over it). No activation before them: ties of the integers'
+    means go either way with the zero point inside the range."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.transition = nn.Sequential(conv_bn(channels, channels, 1, act=None), nn.AvgPool2d(2))
+        self.branch = nn.AvgPool2d(3, 1, 1)
+        self.down = conv_bn(channels, channels, 3, 2, act=None)
+        self.se = SqueezeExcite(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.se(self.down(self.branch(self.transition(x))))
+
+
 class BlockNet(nn.Module):
     """Stem -> one block -> pooled classifier, so each family's block is tested in a whole model."""
 
@@ -264,6 +281,7 @@ def family_models() -> dict[str, Callable[[], nn.Module]]:
         "channel_shuffle": lambda: BlockNet(ShuffleUnit(16), 16),
         "dense_block": lambda: BlockNet(DenseBlock(16), 16),
         "adaptive_pool": AdaptivePoolHead,
+        "average_pools": lambda: BlockNet(AveragePools(16), 16),
         "max_attention": SpatialAttentionMaxHead,
         "encoder_decoder": EncoderDecoder,
     }

@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import pt2e_int8_tflite, xnnpack_partitions
 from sparselite.export.layout import (
-    _axes_before, fold_transposes_into_means, fuse_activations_into_transpose_convs, nearest_upsampling_as_depth_to_space,
+    _axes_before, averages_as_depthwise_convs, crop_kernels_to_their_input, fold_transposes_into_means, fuse_activations_into_transpose_convs, nearest_upsampling_as_depth_to_space,
     split_wide_concatenations,
 )
 from sparselite.export.tflite import _quantize_and_convert, float_model_for_export
@@ -121,3 +121,139 @@ def test_a_transposed_convs_activation_is_fused_into_it(tmp_path):
     (tmp_path / "fused.tflite").write_bytes(write_model(model_t))
     raw, fused = LiteRTModel(tmp_path / "raw.tflite"), LiteRTModel(tmp_path / "fused.tflite")
     np.testing.assert_array_equal(raw(x.numpy()), fused(x.numpy()))  # the ReLU kept its input's grid here
+
+
+class _Averages(nn.Module):
+    """The averages export rewrites: DenseNet's transition (a 2x2 average pool), a padded 3x3 pool, a
+    squeeze-excite's squeeze over 4x4 (keeping dims) and a classifier's global mean over 2x2 written
+    against NCHW; and one it keeps, a mean over 7x7 (49 values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.mid, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, 2, 1), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))  # 14x14
+        wide = x.mean((2, 3), keepdim=True)  # 49 values: stays a MEAN
+        x = nn.functional.avg_pool2d(nn.functional.avg_pool2d(x, 2), 3, 1, 1) + wide  # 7x7
+        x = self.mid(x)  # 4x4, no ReLU: a zero point inside the range (ties go either way)
+        x = x * torch.sigmoid(x.mean((2, 3), keepdim=True))
+        x = nn.functional.avg_pool2d(x, 2)  # 2x2
+        return self.fc(x.mean((2, 3)))
+
+
+def test_small_averages_become_depthwise_convs_that_round_the_integers_mean(tmp_path):
+    from sparselite.runtime.op_cost import ops_alone
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 14, 14)
+    model_t = _int8_file(_Averages().eval(), x)
+    (tmp_path / "raw.tflite").write_bytes(write_model(model_t))
+    assert _count(model_t, schema.BuiltinOperator.AVERAGE_POOL_2D) == 3
+    assert xnnpack_partitions(tmp_path / "raw.tflite") > 1  # XNNPACK leaves int8 AVERAGE_POOL_2D to TFLite
+    means = _count(model_t, schema.BuiltinOperator.MEAN)
+
+    assert averages_as_depthwise_convs(model_t) == 3 + means - 1
+    assert _count(model_t, schema.BuiltinOperator.AVERAGE_POOL_2D) == 0
+    assert _count(model_t, schema.BuiltinOperator.MEAN) == 1  # the 7x7 one
+    (tmp_path / "rewritten.tflite").write_bytes(write_model(model_t))
+    assert xnnpack_partitions(tmp_path / "rewritten.tflite") == 1
+    LiteRTModel(tmp_path / "rewritten.tflite")(x.numpy())  # runs, NHWC-transposed mean included
+
+    # Each conv, cut out and fed every int8 value: the integers' mean rounded half to even, then the zero point.
+    graph = model_t.subgraphs[0]
+    rng = np.random.default_rng(0)
+    checked, ties_the_mean_rounds_otherwise = 0, 0
+    for index, op in enumerate(graph.operators):
+        if builtin_code(model_t, op) != schema.BuiltinOperator.DEPTHWISE_CONV_2D or graph.tensors[op.inputs[1]].name[-5:] != b"_ones":
+            continue
+        source = graph.tensors[op.inputs[0]]
+        (tmp_path / "conv.tflite").write_bytes(ops_alone(model_t, [index]))
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_path=str(tmp_path / "conv.tflite"), num_threads=1)
+        interpreter.allocate_tensors()
+        q = rng.integers(-128, 128, [int(d) for d in source.shape]).astype(np.int8)
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], q)
+        interpreter.invoke()
+        got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).astype(np.int64)
+        zero_point = int(source.quantization.zeroPoint[0])
+        options = op.builtinOptions
+        kh, kw = (int(d) for d in graph.tensors[op.inputs[1]].shape[1:3])
+        windows = np.lib.stride_tricks.sliding_window_view(q.astype(np.int64) - zero_point, (kh, kw), axis=(1, 2))
+        windows = windows[:, :: options.strideH, :: options.strideW]
+        expected = np.round(windows.mean(axis=(-2, -1))) + zero_point  # numpy rounds half to even
+        np.testing.assert_array_equal(got, np.clip(expected, -128, 127))
+        ties_the_mean_rounds_otherwise += int((np.round(windows.mean(axis=(-2, -1)) + zero_point) != expected).sum())
+        checked += 1
+    assert checked == 5
+    assert ties_the_mean_rounds_otherwise > 0  # an odd zero point: MEAN's rule would have failed this
+
+
+def test_upstream_xnnpack_does_not_delegate_int8_average_pooling(tmp_path):
+    """docs/upstream/xnnpack_int8_average.md: when this fails, XNNPACK delegates int8 AVERAGE_POOL_2D."""
+    from sparselite.tflite.flatbuffer import append_tensor, operator_code_index
+
+    def one_pool(tensor_type: int) -> bytes:
+        model_t = schema.ModelT()
+        model_t.version, model_t.buffers, model_t.operatorCodes = 3, [schema.BufferT()], []
+        model_t.subgraphs = [schema.SubGraphT()]
+        model_t.subgraphs[0].tensors, model_t.subgraphs[0].operators = [], []
+        quantization = None
+        if tensor_type == schema.TensorType.INT8:
+            quantization = schema.QuantizationParametersT()
+            quantization.scale, quantization.zeroPoint = np.array([0.05], np.float32), np.array([3], np.int64)
+        source = append_tensor(model_t, [1, 8, 8, 16], tensor_type, b"x", quantization)
+        target = append_tensor(model_t, [1, 4, 4, 16], tensor_type, b"y", quantization)
+        pool = schema.OperatorT()
+        pool.opcodeIndex = operator_code_index(model_t, schema.BuiltinOperator.AVERAGE_POOL_2D)
+        model_t.operatorCodes[pool.opcodeIndex].version = 2 if quantization else 1
+        pool.inputs, pool.outputs = [source], [target]
+        options = schema.Pool2DOptionsT()
+        options.padding, options.strideH, options.strideW, options.filterHeight, options.filterWidth = schema.Padding.VALID, 2, 2, 2, 2
+        pool.builtinOptionsType, pool.builtinOptions = schema.BuiltinOptions.Pool2DOptions, options
+        model_t.subgraphs[0].operators, model_t.subgraphs[0].inputs, model_t.subgraphs[0].outputs = [pool], [source], [target]
+        return write_model(model_t)
+
+    for tensor_type, partitions in ((schema.TensorType.FLOAT32, 1), (schema.TensorType.INT8, 0)):
+        path = tmp_path / f"pool{tensor_type}.tflite"
+        path.write_bytes(one_pool(tensor_type))
+        assert xnnpack_partitions(path) == partitions
+
+
+class _WideKernelsOnSmallMaps(nn.Module):
+    """MobileNetV3's last blocks at 64x64: a 5x5 depthwise conv over a 2x2 map; a 3x3 conv over 1x1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 16, 3, 4, 1)  # 8x8 -> 2x2
+        self.depthwise = nn.Conv2d(16, 16, 5, padding=2, groups=16)
+        self.squeeze = nn.Conv2d(16, 16, 2)  # -> 1x1
+        self.conv = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.relu(self.squeeze(torch.relu(self.depthwise(torch.relu(self.down(x)))))))
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_kernels_wider_than_their_input_uses_are_cropped_with_the_same_values(precision, tmp_path):
+    import litert_torch
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    model = _WideKernelsOnSmallMaps().eval()
+    model_t = _int8_file(model, x) if precision == "int8" else read_model(litert_torch.convert(model, (x[:1],)).model_content())
+    (tmp_path / "raw.tflite").write_bytes(write_model(model_t))
+
+    assert crop_kernels_to_their_input(model_t) == 2
+    graph = model_t.subgraphs[0]
+    kernels = sorted(tuple(int(d) for d in graph.tensors[op.inputs[1]].shape[1:3]) for op in graph.operators
+                     if builtin_code(model_t, op) in (schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D))
+    assert kernels == [(1, 1), (2, 2), (3, 3), (3, 3)]  # the 5x5 over 2x2 kept its middle 3x3, the 3x3 over 1x1 its middle tap
+    (tmp_path / "cropped.tflite").write_bytes(write_model(model_t))
+    raw, cropped = LiteRTModel(tmp_path / "raw.tflite"), LiteRTModel(tmp_path / "cropped.tflite")
+    if precision == "int8":  # the same int32 sums
+        np.testing.assert_array_equal(raw(x.numpy()), cropped(x.numpy()))
+    else:  # the same products; a kernel of another size may add them in another order
+        np.testing.assert_allclose(raw(x.numpy()), cropped(x.numpy()), rtol=1e-5, atol=1e-6)
+    assert crop_kernels_to_their_input(model_t) == 0  # nothing left to crop

@@ -37,7 +37,8 @@ FAMILY_OPS = {
     "channel_shuffle": {"CONCATENATION", "TRANSPOSE", "RESHAPE"},
     "conv1d": {"CONV_2D", "MEAN"},
     "dense_block": {"CONCATENATION"},
-    "adaptive_pool": {"SLICE", "MEAN", "CONCATENATION"},  # each window of the 7x7 pool over a 3x3 map
+    "adaptive_pool": {"SLICE", "DEPTHWISE_CONV_2D", "CONCATENATION"},  # each window of the 7x7 pool over a 3x3 map
+    "average_pools": {"DEPTHWISE_CONV_2D", "MUL"},  # every average (4, 9, 16 values) as a conv of ones
     "max_attention": {"REDUCE_MAX", "LOGISTIC", "TANH", "MUL"},  # channel max, spatial gate, global max pool
     "encoder_decoder": {"TRANSPOSE_CONV", "DEPTH_TO_SPACE", "CONCATENATION"},  # nearest upsampling: copies, DEPTH_TO_SPACE
 }

@@ -14,7 +14,10 @@ from sparselite.errors import SparseliteError
 from sparselite.quantization.fake_quant import LEARNED_RANGE_ATTR, ActivationFakeQuant, WeightFakeQuant
 from sparselite.quantization.fusion import FusedChain, find_fused_chains, fold_batchnorm
 from sparselite.quantization.qat import QuantizationSimulator, learned_ranges, strip_fake_quant
-from sparselite.quantization.spec import SCALE_EPS, activation_qparams, batchnorm_fold_factor, quantize_weight, weight_scales
+from sparselite.quantization.op_points import _mean_on_input_grid, _window_sizes
+from sparselite.quantization.spec import (
+    SCALE_EPS, activation_qparams, average_as_depthwise, batchnorm_fold_factor, quantize_weight, weight_scales,
+)
 
 RELU6_CHAINS = ["features.0.0", "features.1.0", "features.2.0", "features.3.0", "features.4.0"]
 
@@ -463,26 +466,64 @@ def test_pooled_means_and_hardswish_insides_train_on_the_grids_export_derives():
     assert torch.allclose(seen["act"][1], getattr(model.act, "sparselite_output_quant")(inner), atol=1e-6)
 
 
-def test_pooled_means_round_ties_as_xnnpacks_mean_does():
-    """XNNPACK's int8 MEAN averages the integers, adds the zero point and rounds half to even (measured
-    on MEANs cut out of files: all ties). The same mean taken in float lands a tie on either side by
-    the float error of the sum, so training averages the integers too."""
-    from sparselite.quantization.op_points import _mean_on_input_grid
-    from sparselite.quantization.spec import activation_qparams
-
-    torch.manual_seed(0)
+def _tied_means(size: int):
+    """Values on a grid with an odd zero point, in windows of ``size`` x ``size``: (learned range, scale,
+    zero point, x, the exact means of its integers)."""
     learned = (-1.3, 2.9)  # no power-of-two scale (float sums of its multiples are inexact), an odd zero point
     scale, zero_point = activation_qparams(torch.tensor(learned[0]), torch.tensor(learned[1]))
     assert int(zero_point) % 2 == 1
-    integers = torch.randint(-128, 128, (64, 256, 2, 2)) - zero_point  # on the grid, zero point taken out
-    x = integers.float() * scale
-    exact = integers.sum(dim=(2, 3)).double() / 4
-    assert int((exact - exact.floor() == 0.5).sum()) > 1000  # a quarter of the means are ties
+    integers = torch.randint(-128, 128, (64, 256, size, size)) - zero_point  # on the grid, zero point taken out
+    exact = integers.sum(dim=(2, 3)).double() / size**2
+    return learned, scale, int(zero_point), integers.float() * scale, exact
+
+
+def test_means_the_file_keeps_round_ties_as_xnnpacks_mean_does():
+    """XNNPACK's int8 MEAN averages the integers, adds the zero point and rounds half to even (measured
+    on MEANs cut out of files: all ties). The same mean taken in float lands a tie on either side by
+    the float error of the sum, so training averages the integers too. A 6x6 window stays a MEAN
+    (a depthwise conv's float scale of 1/36 would decide its ties)."""
+    torch.manual_seed(0)
+    learned, scale, zero_point, x, exact = _tied_means(6)
+    assert int((exact - exact.floor() == 0.5).sum()) > 100
     pooled = _mean_on_input_grid(torch.mean, (x, (2, 3)), {}, learned)
-    xnnpack = torch.round(exact + int(zero_point)) - int(zero_point)
+    xnnpack = torch.round(exact + zero_point) - zero_point
     assert torch.equal(torch.round(pooled.double() / float(scale)), xnnpack)
     assert not torch.equal(torch.round(exact), xnnpack)  # half to even before the zero point: the other way
     assert not torch.equal(torch.round(x.mean(dim=(2, 3)) / scale).double(), xnnpack)  # the float mean
+
+
+@pytest.mark.parametrize("average, args, kwargs", [
+    (torch.mean, ((2, 3),), {}), (torch.Tensor.mean, ((-1, -2),), {"keepdim": True}), (F.adaptive_avg_pool2d, (1,), {}),
+    (F.avg_pool2d, (2,), {}), (F.avg_pool2d, ((2, 2), 2, 0), {}),
+])
+def test_small_windows_round_as_the_depthwise_conv_export_writes_them(average, args, kwargs):
+    """Export writes an average over at most 25 values, odd or a power of two in number, as a depthwise
+    conv of ones (``export/layout.py``), which rounds the integers' mean half to even, then adds the
+    zero point: the tied means of 2x2 windows go the other way from MEAN's."""
+    torch.manual_seed(0)
+    learned, scale, zero_point, x, exact = _tied_means(2)
+    assert int((exact - exact.floor() == 0.5).sum()) > 1000  # a quarter of the means are ties
+    pooled = _mean_on_input_grid(average, (x, *args), kwargs, learned)
+    assert torch.equal(torch.round(pooled.double() / float(scale)).reshape(exact.shape), torch.round(exact))
+
+
+def test_which_averages_export_writes_as_depthwise_convs():
+    x = torch.zeros(1, 4, 6, 6)
+    assert [average_as_depthwise(n) for n in (1, 2, 4, 9, 16, 25)] == [True] * 6
+    assert [average_as_depthwise(n) for n in (6, 12, 36, 49, 64)] == [False] * 5
+    assert int(_window_sizes(torch.mean, (x, (2, 3)), {}, x.mean((2, 3)))) == 36
+    assert _window_sizes(torch.mean, (x, 1), {}, x.mean(1)) is None  # a channel mean: a MEAN over channels
+    # Padding left out of the count (SAME), a window ceil_mode cuts short: AVERAGE_POOL_2Ds with other counts.
+    assert _window_sizes(F.avg_pool2d, (x, 3, 1, 1), {"count_include_pad": False}, x[..., :6, :6]) is None
+    assert _window_sizes(F.avg_pool2d, (x, 3, 2), {"ceil_mode": True}, F.avg_pool2d(x, 3, 2, ceil_mode=True)) is None
+    assert int(_window_sizes(F.avg_pool2d, (x, 3, 1, 1), {}, F.avg_pool2d(x, 3, 1, 1))) == 9  # PAD, then VALID
+    # An adaptive pool over a map it does not tile (5 -> 3: windows of 2, 3 and 2 pixels): each window's
+    # count, as torch's windows have them (which pixels reach each output).
+    x = torch.zeros(1, 4, 5, 5)
+    counts = _window_sizes(F.adaptive_avg_pool2d, (x, 3), {}, F.adaptive_avg_pool2d(x, 3))
+    one_pixel_each = torch.eye(25).reshape(25, 1, 5, 5)
+    assert torch.equal(counts, (F.adaptive_avg_pool2d(one_pixel_each, 3) > 0).sum(0)[0])
+    assert counts.tolist() == [[4, 6, 4], [6, 9, 6], [4, 6, 4]]
 
 
 def test_a_value_read_only_by_a_concatenation_is_rounded_once_on_its_grid():

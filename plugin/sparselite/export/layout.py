@@ -1,6 +1,7 @@
 """Graph forms XNNPACK runs faster, or at all: changes to a converted file that leave every value it
-computes as it was. Applied to the int8 and the fp32 exports alike, so that their latency ratio
-compares quantization only.
+computes as it was (but one, whose rounding training follows). Applied to the int8 and the fp32
+exports alike, so that their latency ratio compares quantization only; the one that touches int8 ops
+only is there because XNNPACK's fp32 op is already as fast.
 
 - ``fold_transposes_into_means``: litert-torch runs the graph in NHWC, but a mean that torch code
   writes over NCHW's spatial axes (``x.mean((2, 3))``, ShuffleNet's head) comes out as TRANSPOSE to
@@ -18,7 +19,11 @@ compares quantization only.
   neither precision, as copies and DEPTH_TO_SPACE.
 - ``fuse_activations_into_transpose_convs``: the RELU that litert-torch's int8 conversion leaves after
   a TRANSPOSE_CONV, as its fused activation.
-``benchmarks/layout_forms.py`` times the last two with and without.
+- ``averages_as_depthwise_convs`` (int8 only): a MEAN or AVERAGE_POOL_2D over a window of at most 25
+  values as a DEPTHWISE_CONV_2D of ones (docs/upstream/xnnpack_int8_average.md). It rounds the tied
+  means of an odd zero point the other way from MEAN, and training rounds as it does.
+- ``crop_kernels_to_their_input``: a stride-1 conv's kernel cut to the taps that can reach its input.
+``benchmarks/layout_forms.py`` times these with and without.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import copy
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
+from sparselite.quantization.spec import average_as_depthwise
 from sparselite.tflite.flatbuffer import append_tensor, builtin_code, operator_code_index
 
 
@@ -230,7 +236,150 @@ def fuse_activations_into_transpose_convs(model: schema.ModelT) -> int:
     return fusions
 
 
+def _reshaped(model: schema.ModelT, source: int, target: int) -> schema.OperatorT:
+    """A RESHAPE of tensor ``source`` into tensor ``target`` (same values, the target's shape)."""
+    shape = [int(d) for d in model.subgraphs[0].tensors[target].shape]
+    reshape = schema.OperatorT()
+    reshape.opcodeIndex = operator_code_index(model, schema.BuiltinOperator.RESHAPE)
+    reshape.inputs = [source, append_tensor(model, [len(shape)], schema.TensorType.INT32, b"reshape_to",
+                                            data=np.array(shape, dtype="<i4").tobytes())]
+    reshape.outputs = [target]
+    return reshape
+
+
+def _average_window(model: schema.ModelT, op: schema.OperatorT, producers: dict[int, schema.OperatorT]):
+    """(input tensor, kernel (h, w), strides, fused activation) of an int8 MEAN over the spatial axes of
+    a 4-D NHWC value (read through a TRANSPOSE to NCHW, if the mean reads one) or an AVERAGE_POOL_2D
+    with VALID padding; None for any other op."""
+    subgraph = model.subgraphs[0]
+    code = builtin_code(model, op)
+    if code == schema.BuiltinOperator.AVERAGE_POOL_2D:
+        options = op.builtinOptions
+        if options is None or options.padding != schema.Padding.VALID:
+            return None
+        return (int(op.inputs[0]), (options.filterHeight, options.filterWidth), (options.strideH, options.strideW),
+                options.fusedActivationFunction)
+    if code != schema.BuiltinOperator.MEAN:
+        return None
+    source, axes = int(op.inputs[0]), _constant(model, int(op.inputs[1]))
+    if axes is None or len(subgraph.tensors[source].shape) != 4:
+        return None
+    producer = producers.get(source)
+    if producer is not None and builtin_code(model, producer) == schema.BuiltinOperator.TRANSPOSE:
+        perm = _constant(model, int(producer.inputs[1]))
+        before = None if perm is None else _axes_before(perm, axes)
+        if before is not None and before.tolist() == [1, 2]:
+            source, axes = int(producer.inputs[0]), before
+    if sorted(int(a) % 4 for a in axes) != [1, 2]:
+        return None
+    _, h, w, _ = (int(d) for d in subgraph.tensors[source].shape)
+    return source, (h, w), (1, 1), schema.ActivationFunctionType.NONE
+
+
+def averages_as_depthwise_convs(model: schema.ModelT) -> int:
+    """Rewrite, in place, each int8 average over a window of at most 25 values that keeps its input's
+    grid (``spec.average_as_depthwise``): a MEAN over a 4-D value's spatial axes (a global pooling, a
+    squeeze-excite's squeeze), an AVERAGE_POOL_2D with VALID padding (DenseNet's transitions). Each
+    becomes a DEPTHWISE_CONV_2D of int8 ones with the scale 1 / window and a zero bias, and a RESHAPE
+    where the mean's output has another shape. XNNPACK (ai-edge-litert 2.3) runs the int8 MEAN as
+    int32 sums requantized by a scalar loop (mobilenet_v3_small's ten MEANs, 6% of its int8 time), and
+    leaves int8 AVERAGE_POOL_2D to TFLite's kernel, splitting the graph. The conv rounds the integers'
+    mean half to even and adds the zero point (the MEAN adds it first): training rounds as the file
+    does (``op_points._mean_on_input_grid``). Only the int8 file: XNNPACK's fp32 MEAN is as fast as
+    the conv or faster. Returns how many."""
+    subgraph = model.subgraphs[0]
+    producers = {int(t): op for op in subgraph.operators for t in op.outputs}
+    operators, bypassed, rewritten = [], set(), 0
+    for op in subgraph.operators:
+        window = _average_window(model, op, producers)
+        source = None if window is None else subgraph.tensors[window[0]]
+        target = subgraph.tensors[int(op.outputs[0])]
+        if (window is None or source.type != schema.TensorType.INT8 or not _same_quantization(source, target)
+                or not average_as_depthwise(window[1][0] * window[1][1])):
+            operators.append(op)
+            continue
+        (kh, kw), count = window[1], window[1][0] * window[1][1]
+        n, h, w, c = (int(d) for d in source.shape)
+        input_scale = np.float32(source.quantization.scale[0])
+        weights = schema.QuantizationParametersT()
+        weights.scale = np.full(c, np.float32(1.0) / np.float32(count), dtype=np.float32)
+        weights.zeroPoint, weights.quantizedDimension = np.zeros(c, dtype=np.int64), 3
+        bias = schema.QuantizationParametersT()
+        bias.scale = (input_scale * weights.scale).astype(np.float32)
+        bias.zeroPoint, bias.quantizedDimension = np.zeros(c, dtype=np.int64), 0
+        name = target.name or b"average"
+        conv = schema.OperatorT()
+        conv.opcodeIndex = operator_code_index(model, schema.BuiltinOperator.DEPTHWISE_CONV_2D)
+        code = model.operatorCodes[conv.opcodeIndex]
+        code.version = max(code.version, 3)  # int8 with per-channel scales
+        conv.inputs = [window[0],
+                       append_tensor(model, [1, kh, kw, c], schema.TensorType.INT8, name + b"_ones", weights,
+                                     data=np.ones((1, kh, kw, c), dtype=np.int8).tobytes()),
+                       append_tensor(model, [c], schema.TensorType.INT32, name + b"_zero_bias", bias,
+                                     data=np.zeros(c, dtype="<i4").tobytes())]
+        options = schema.DepthwiseConv2DOptionsT()
+        options.padding, (options.strideH, options.strideW) = schema.Padding.VALID, window[2]
+        options.depthMultiplier, options.dilationHFactor, options.dilationWFactor = 1, 1, 1
+        options.fusedActivationFunction = window[3]
+        conv.builtinOptionsType, conv.builtinOptions = schema.BuiltinOptions.DepthwiseConv2DOptions, options
+        shape = [n, (h - kh) // window[2][0] + 1, (w - kw) // window[2][1] + 1, c]
+        if [int(d) for d in target.shape] == shape:
+            conv.outputs = [int(op.outputs[0])]
+            operators.append(conv)
+        else:  # a mean that drops the reduced axes, or one read through a transpose to NCHW
+            conv.outputs = [append_tensor(model, shape, target.type, name + b"_pooled", copy.deepcopy(target.quantization))]
+            operators.extend([conv, _reshaped(model, conv.outputs[0], int(op.outputs[0]))])
+        if int(op.inputs[0]) != window[0]:
+            bypassed.add(int(op.inputs[0]))
+        rewritten += 1
+    # A transpose the mean read through, read by nothing else now, goes.
+    read = {int(t) for op in operators for t in (op.inputs if op.inputs is not None else [])} | {int(t) for t in subgraph.outputs}
+    subgraph.operators = [op for op in operators if not (int(op.outputs[0]) in bypassed and int(op.outputs[0]) not in read)]
+    return rewritten
+
+
+_WEIGHT_DTYPES = {schema.TensorType.INT8: np.int8, schema.TensorType.FLOAT32: np.float32,
+                  schema.TensorType.FLOAT16: np.float16}
+
+
+def crop_kernels_to_their_input(model: schema.ModelT) -> int:
+    """Crop, in place, the kernel of each stride-1 CONV_2D or DEPTHWISE_CONV_2D with SAME padding that
+    is wider than its input can use: a kernel of odd size k over a map of n rows (or columns) reaches
+    input rows only with its middle 2n - 1 taps, the others read padding at every output position (a
+    5x5 depthwise conv over a 2x2 map, as MobileNetV3's and EfficientNet's last blocks run at 64x64:
+    16 of its 25 taps). Padding adds nothing (int8: the zero point, minus the zero point; fp32: 0): the
+    int8 conv computes the same int32 sums, the fp32 one the same products (a kernel of another size
+    may add them in another order). The weight tensor keeps its name, and the file holds only the taps
+    kept (the report's sparsity of that layer is theirs). Returns how many."""
+    subgraph = model.subgraphs[0]
+    convolutions = (schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D)
+    readers = _readers(subgraph)
+    cropped = 0
+    for op in subgraph.operators:
+        options = op.builtinOptions
+        if (builtin_code(model, op) not in convolutions or options is None or options.padding != schema.Padding.SAME
+                or (options.strideH, options.strideW, options.dilationHFactor, options.dilationWFactor) != (1, 1, 1, 1)):
+            continue
+        source, weight = subgraph.tensors[int(op.inputs[0])], subgraph.tensors[int(op.inputs[1])]
+        buffer = model.buffers[weight.buffer]
+        if (buffer.data is None or weight.sparsity is not None or weight.type not in _WEIGHT_DTYPES
+                or len(source.shape) != 4 or len(readers.get(int(op.inputs[1]), [])) != 1):
+            continue
+        (_, kh, kw, _), (_, h, w, _) = ([int(d) for d in weight.shape], [int(d) for d in source.shape])
+        used_h, used_w = min(kh, 2 * h - 1), min(kw, 2 * w - 1)
+        if kh % 2 == 0 or kw % 2 == 0 or (used_h, used_w) == (kh, kw):
+            continue
+        top, left = (kh - used_h) // 2, (kw - used_w) // 2
+        values = np.asarray(buffer.data, dtype=np.uint8).view(_WEIGHT_DTYPES[weight.type]).reshape([int(d) for d in weight.shape])
+        kept = np.ascontiguousarray(values[:, top : top + used_h, left : left + used_w, :])
+        buffer.data = np.frombuffer(kept.tobytes(), dtype=np.uint8)
+        weight.shape = np.array(kept.shape, dtype=np.int32)
+        cropped += 1
+    return cropped
+
+
 def use_xnnpack_forms(model: schema.ModelT) -> int:
     """The changes above, in place; returns how many ops changed."""
     return (fold_transposes_into_means(model) + fuse_activations_into_transpose_convs(model)
-            + nearest_upsampling_as_depth_to_space(model) + split_wide_concatenations(model))
+            + nearest_upsampling_as_depth_to_space(model) + split_wide_concatenations(model)
+            + averages_as_depthwise_convs(model) + crop_kernels_to_their_input(model))

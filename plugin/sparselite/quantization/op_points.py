@@ -29,6 +29,7 @@ Each fake-quantized activation carries the learned range it was rounded with
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ from sparselite.quantization.fake_quant import (
     LEARNED_RANGE_ATTR, PRODUCER_ATTR, ActivationFakeQuant, BiasFakeQuant, GridFakeQuant, WeightFakeQuant,
 )
 from sparselite.quantization.spec import (
-    ACT_QMAX, ACT_QMIN, FIXED_OUTPUT_QPARAMS, SHARES_INPUT_RANGE, SPLITS, activation_qparams,
+    ACT_QMAX, ACT_QMIN, FIXED_OUTPUT_QPARAMS, SHARES_INPUT_RANGE, SPLITS, activation_qparams, average_as_depthwise,
 )
 
 OP_QUANT = "sparselite_op_quant"
@@ -345,17 +346,64 @@ def _pass_grid_on(source: Any, output: Any) -> None:
 
 
 def _mean_on_input_grid(func, args: tuple, kwargs: dict, learned: tuple[float, float]) -> torch.Tensor:
-    """A mean (or average pooling) of values on the grid ``learned``, rounded as XNNPACK's int8 MEAN
-    rounds it: the integers are averaged, the zero point added, and the sum rounded half to even
-    (so a tie goes to the odd side when the zero point is odd: measured on a MEAN cut out of a file,
-    this rule matched all of 244 ties, exact half-to-even none of them). The same mean taken in float
-    lands a tie (a mean of 2x2 integers is one a quarter of the time) on either side by the float
-    error of the sum. Gradients: the float mean's (straight through)."""
+    """A mean (or average pooling) of values on the grid ``learned``, rounded as the int8 file rounds it.
+    The integers are averaged; then
+      - where export writes the average as a depthwise conv of ones (``spec.average_as_depthwise``: the
+        windows of at most 25 values), that mean is rounded half to even and the zero point added;
+      - where it stays an XNNPACK MEAN, the zero point is added first and the sum rounded half to even
+        (so a tie goes to the odd side when the zero point is odd: measured on a MEAN cut out of a file,
+        this rule matched all of 244 ties, exact half-to-even none of them).
+    The same mean taken in float lands a tie (a mean of 2x2 integers is one a quarter of the time) on
+    either side by the float error of the sum. Gradients: the float mean's (straight through)."""
     out = func(*args, **kwargs)
     scale, zero_point = activation_qparams(torch.tensor(learned[0]), torch.tensor(learned[1]))
     integers = torch.round(args[0].detach() * (1.0 / scale))  # q - zero point, exactly: the input is on this grid
-    q = torch.round(func(integers, *args[1:], **kwargs) + zero_point).clamp_(ACT_QMIN, ACT_QMAX)
+    averaged = func(integers, *args[1:], **kwargs)
+    q = torch.round(averaged + zero_point)
+    windows = _window_sizes(func, args, kwargs, out)
+    if windows is not None:
+        as_conv = torch.tensor([average_as_depthwise(int(w)) for w in windows.flatten()]).reshape(windows.shape)
+        q = torch.where(as_conv, torch.round(averaged) + zero_point, q)
+    q = q.clamp_(ACT_QMIN, ACT_QMAX)
     return out + ((q - zero_point) * scale.to(out.dtype) - out).detach()
+
+
+def _window_sizes(func, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor | None:
+    """How many values each output of an average averages, where the file writes it as a MEAN over a
+    4-D value's spatial axes or an AVERAGE_POOL_2D (what ``spec.average_as_depthwise`` decides on);
+    None where it writes something else: a mean over other dims, or a 1-D one (a MEAN of a 3-D value);
+    a pool that leaves its padding out of the count (SAME padding), or whose last window ``ceil_mode``
+    cuts short; an adaptive 1-D pool whose windows overlap (sliced MEANs of 3-D values)."""
+    x = args[0]
+    if func in (torch.mean, torch.Tensor.mean):
+        dims = args[1] if len(args) > 1 else kwargs.get("dim")
+        if x.dim() != 4 or dims is None:
+            return None
+        reduced = {int(d) % 4 for d in ((dims,) if isinstance(dims, int) else dims)}
+        return torch.tensor(x.shape[2] * x.shape[3]) if reduced == {2, 3} else None
+    spatial = 1 if func in (F.avg_pool1d, F.adaptive_avg_pool1d) else 2
+    if x.dim() != spatial + 2:
+        return None
+    if func in (F.avg_pool1d, F.avg_pool2d):
+        names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+        given = dict(zip(names, args[1:])) | kwargs
+        kernel = _per_dim(given["kernel_size"], spatial)
+        stride = _per_dim(given.get("stride") or kernel, spatial)
+        padding = _per_dim(given.get("padding", 0), spatial)
+        if given.get("divisor_override") is not None or (any(padding) and not given.get("count_include_pad", True)):
+            return None
+        whole_windows = [(size + 2 * p - k) // s + 1 for size, k, s, p in zip(x.shape[2:], kernel, stride, padding)]
+        return torch.tensor(math.prod(kernel)) if list(out.shape[2:]) == whole_windows else None
+    sizes, outputs = list(x.shape[2:]), list(out.shape[2:])
+    if spatial == 1 and sizes[0] % outputs[0]:
+        return None
+    # torch's adaptive windows: from floor(i * n / o) to ceil((i + 1) * n / o).
+    counts = [torch.tensor([-(-(i + 1) * n // o) - i * n // o for i in range(o)]) for n, o in zip(sizes, outputs)]
+    return counts[0] if spatial == 1 else counts[0][:, None] * counts[1][None, :]
+
+
+def _per_dim(value, dims: int) -> list[int]:
+    return [int(value)] * dims if isinstance(value, int) else [int(v) for v in value]
 
 
 def _on_range(grid: GridFakeQuant, x: torch.Tensor, learned: tuple[float, float]) -> torch.Tensor:

@@ -32,6 +32,25 @@ SHARES_INPUT_RANGE = {
 # Ops whose outputs are pieces of their input, each on the input's grid.
 SPLITS = {"split", "split_with_sizes", "chunk", "unbind", "tensor_split", "unsafe_split"}
 
+# The int8 file writes an average over a window of at most this many values as a DEPTHWISE_CONV_2D of
+# ones (``export/layout.py``): XNNPACK (ai-edge-litert 2.3) runs an int8 MEAN as int32 sums requantized
+# by a scalar loop, 1.3-2.7x the conv's time, and an int8 AVERAGE_POOL_2D not at all (TFLite's kernel,
+# outside the delegate). 25 is the largest kernel XNNPACK's one-pass depthwise kernels take: a 7x7 mean
+# as a conv took 25-100x the MEAN's time.
+AVERAGE_AS_DEPTHWISE_MAX_WINDOW = 25
+
+
+def average_as_depthwise(window: int) -> bool:
+    """Whether the int8 file computes an average over ``window`` values as a depthwise conv of ones.
+
+    The conv requantizes the integers' sum with a float scale (1 / window, the input's scale kept):
+    a power-of-two window scales exactly, and the mean of an odd number of integers is never a tie,
+    so either way it is the mean rounded half to even, and the zero point added after. Other windows
+    (6, 12, ...) have ties the float scale's error would decide: they stay MEANs, which add the zero
+    point before rounding.
+    """
+    return 1 <= window <= AVERAGE_AS_DEPTHWISE_MAX_WINDOW and (window % 2 == 1 or window & (window - 1) == 0)
+
 
 def weight_scales(weight: torch.Tensor, fold_factor: torch.Tensor | None = None) -> torch.Tensor:
     """Per-output-channel symmetric scale (a fully pruned channel gets the eps scale, and stays 0).
