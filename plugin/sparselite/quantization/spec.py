@@ -34,9 +34,9 @@ SPLITS = {"split", "split_with_sizes", "chunk", "unbind", "tensor_split", "unsaf
 
 # The int8 file writes an average over a window of at most this many values as a DEPTHWISE_CONV_2D of
 # ones (``export/layout.py``): XNNPACK (ai-edge-litert 2.3) runs an int8 MEAN as int32 sums requantized
-# by a scalar loop, 1.3-2.7x the conv's time, and an int8 AVERAGE_POOL_2D not at all (TFLite's kernel,
-# outside the delegate). 25 is the largest kernel XNNPACK's one-pass depthwise kernels take: a 7x7 mean
-# as a conv took 25-100x the MEAN's time.
+# by a scalar loop (up to 2.6x the conv's time, with 576 channels), and an int8 AVERAGE_POOL_2D not at
+# all (TFLite's kernel, outside the delegate). 25 is the largest kernel XNNPACK's one-pass depthwise
+# kernels take: a 7x7 mean as a conv took 2.5-25x the MEAN's time (docs/upstream/xnnpack_int8_average.md).
 AVERAGE_AS_DEPTHWISE_MAX_WINDOW = 25
 
 
