@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -47,3 +48,38 @@ def test_a_concatenation_export_splits_for_xnnpack_is_not_reported_left_out(fmni
     model_t, _ = _quantize_and_convert(float_model, (images[:1],), {}, [images], frozenset())
     assert any(len(op.inputs) > 5 for op in model_t.subgraphs[0].operators)  # the converter's one wide concatenation
     assert int8_ops_xnnpack_leaves_out(model_t, float_model) == []
+
+
+class _NoInt8Forms(nn.Module):
+    """Mish and GroupNorm: torch ops the quantizer has no int8 form for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, 2), nn.BatchNorm2d(8), nn.Mish())
+        self.norm = nn.Sequential(nn.Conv2d(8, 8, 3), nn.GroupNorm(2, 8))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.stem(x)).mean((2, 3)))
+
+
+def test_strict_export_names_ops_with_no_int8_form_before_asking_for_calibration(fmnist_train, tmp_path):
+    """Their missing ranges would be calibrated for nothing: the strict export fails on them anyway."""
+    from sparselite.errors import SparseliteError
+    from sparselite.quantization.qat import QuantizationSimulator
+
+    images = fmnist_train[0][:32]
+    model = _NoInt8Forms()
+    simulator = QuantizationSimulator(start_step=0)
+    simulator.prepare(model, (images[:1],))
+    model.train()
+    simulator.step(0)
+    model(images)  # QAT learns every range it has a point for
+    model.eval()
+    with pytest.raises(SparseliteError) as strict:
+        export_tflite(model, images[:1], tmp_path / "m.tflite")
+    message = str(strict.value)
+    assert message.startswith("2 op type(s) have no int8 form: group_norm (norm.1); mish (stem.2).")
+    assert "float_fallback=True" in message and not (tmp_path / "m.tflite").exists()
+    with pytest.raises(SparseliteError, match="not learned in QAT .* pass calibration"):  # what the mixed file needs
+        export_tflite(model, images[:1], tmp_path / "m.tflite", float_fallback=True)

@@ -83,6 +83,18 @@ def module_of(tensor_name: str) -> str:
     return tensor_name.split(";")[0] or tensor_name or "?"
 
 
+def float_ops_error(float_sources: dict[str, tuple[str, str]]) -> str:
+    """The strict export's refusal, before any calibration or conversion, of torch ops the quantizer
+    leaves float (``RangeInjection.float_sources``: op kind and module per range they leave unlearned)."""
+    modules: dict[str, set[str]] = {}
+    for kind, module in float_sources.values():
+        modules.setdefault(kind, set()).add(module or "the top-level forward")
+    shown = [f"{kind} ({shortened(sorted(names))})" for kind, names in sorted(modules.items())]
+    return (f"{len(modules)} op type(s) have no int8 form: {'; '.join(shown)}. Pass float_fallback=True (CLI: "
+            "--allow-float-ops) to keep them in float in a mixed-precision file (with calibration=[...] for the "
+            "ranges around them), or replace those modules")
+
+
 def islands_error(islands: list[FloatIsland]) -> str:
     shown = [f"{island.op} x{island.count} ({shortened(island.modules)})" for island in islands]
     return (f"{sum(i.count for i in islands)} op(s) have no int8 TFLite kernel: {'; '.join(shown)}. Pass "

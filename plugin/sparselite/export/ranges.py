@@ -35,6 +35,9 @@ class RangeInjection:
     derived: dict[str, str] = field(default_factory=dict)  # observer -> how its range follows from a learned one
     fixed: list[str] = field(default_factory=list)  # observers whose range the int8 kernel fixes
     calibrated: dict[str, str] = field(default_factory=dict)  # observer -> why no learned range applies
+    # Of those, the ones whose value comes from an op the quantizer leaves float (Mish, GroupNorm): the
+    # op kind and module, which the strict export refuses whatever the calibration.
+    float_sources: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def module_path(node: torch.fx.Node) -> str | None:
@@ -210,6 +213,12 @@ def _fixed_range_observer(min_val: float, max_val: float) -> MinMaxObserver:
     return observer
 
 
+def _quantized_output(node: torch.fx.Node) -> bool:
+    """Whether the quantizer annotated the op's output for int8 (pt2e's annotation on the node)."""
+    annotation = node.meta.get("quantization_annotation")
+    return annotation is not None and getattr(annotation, "output_qspec", None) is not None
+
+
 def _describe(source: torch.fx.Node) -> str:
     """Why an observed value has no QAT range, for the report."""
     where = f"'{module_path(source) or '?'}'"
@@ -253,8 +262,10 @@ def quantize_pt2e(float_model: torch.nn.Module, example_inputs: tuple, ranges: M
         elif ranges and (derived := resolver.derived_range(node.args[0])) is not None:
             replacements[node.target], injection.derived[node.target] = derived
         else:
-            why = "the model has no QAT ranges" if not ranges else _describe(resolver.source(node.args[0]))
-            injection.calibrated[node.target] = why
+            source = resolver.source(node.args[0])
+            injection.calibrated[node.target] = "the model has no QAT ranges" if not ranges else _describe(source)
+            if source.op == "call_function" and not _quantized_output(source):
+                injection.float_sources[node.target] = (op_kind(source) or str(source.target), module_path(source) or "")
     with torch.no_grad():
         # Weight observers only see the weights during a forward pass: skip it and every weight
         # scale stays 1.0, the model converts silently and scores at chance.

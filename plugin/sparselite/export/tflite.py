@@ -27,8 +27,8 @@ from sparselite.export.layout import use_xnnpack_forms
 from sparselite.export.lowering import lower_for_litert
 from sparselite.export.names import use_module_names
 from sparselite.export.islands import (
-    float_islands, int8_ops_xnnpack_leaves_out, islands_error, keep_float_where_xnnpack_lacks_int8, time_islands,
-    xnnpack_fallback_notes,
+    float_islands, float_ops_error, int8_ops_xnnpack_leaves_out, islands_error, keep_float_where_xnnpack_lacks_int8,
+    time_islands, xnnpack_fallback_notes,
 )
 from sparselite.export.parity import gate_failure, measure_noise_floor, verify
 from sparselite.export.ranges import quantize_pt2e
@@ -91,12 +91,15 @@ def _check_verifiable(float_model: nn.Module, example_inputs: tuple) -> None:
 
 
 def _quantize_and_convert(float_model: nn.Module, example_inputs: tuple, ranges, calibration: list[torch.Tensor],
-                          float_modules: frozenset[str] = frozenset()):
-    """The int8 flatbuffer (object API, converter's tensor names) and how each range was set."""
+                          float_modules: frozenset[str] = frozenset(), *, strict: bool = False):
+    """The int8 flatbuffer (object API, converter's tensor names) and how each range was set. ``strict``:
+    ops the quantizer leaves float are refused here, before calibration would be asked for them."""
     try:
         converted, quantizer, injection = quantize_pt2e(float_model, example_inputs, ranges, calibration, float_modules)
     except _untraceable_model_errors() as err:  # only the model's own problems; a sparselite bug keeps its traceback
         raise SparseliteError(f"torch.export cannot trace this model: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+    if strict and injection.float_sources and not calibration:
+        raise SparseliteError(float_ops_error(injection.float_sources))
     if injection.calibrated and not calibration:
         raise SparseliteError(
             f"{len(injection.calibrated)} activation range(s) were not learned in QAT (e.g. "
@@ -205,7 +208,8 @@ def export_tflite(
         raise SparseliteError("the model has no QAT ranges and no calibration batches were given; pass calibration=[...] (a few batches)")
     log.info("quantizing with %d learned ranges, %d calibration batches", len(ranges), len(calibration))
     def convert(float_modules: frozenset[str] = frozenset()):
-        return _quantize_and_convert(float_model, example_inputs, ranges, calibration, float_modules)
+        return _quantize_and_convert(float_model, example_inputs, ranges, calibration, float_modules,
+                                     strict=not float_fallback)
 
     (model_t, injection), kept_float, left_out, timings = convert(), frozenset(), [], ""
     if float_fallback == "xnnpack":
