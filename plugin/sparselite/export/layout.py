@@ -301,17 +301,18 @@ def averages_as_depthwise_convs(model: schema.ModelT) -> int:
         (kh, kw), count = window[1], window[1][0] * window[1][1]
         n, h, w, c = (int(d) for d in source.shape)
         input_scale = np.float32(source.quantization.scale[0])
+        # One scale for every channel (per-channel tables would add 12 bytes a channel to the file).
         weights = schema.QuantizationParametersT()
-        weights.scale = np.full(c, np.float32(1.0) / np.float32(count), dtype=np.float32)
-        weights.zeroPoint, weights.quantizedDimension = np.zeros(c, dtype=np.int64), 3
+        weights.scale = np.array([np.float32(1.0) / np.float32(count)], dtype=np.float32)
+        weights.zeroPoint = np.zeros(1, dtype=np.int64)
         bias = schema.QuantizationParametersT()
         bias.scale = (input_scale * weights.scale).astype(np.float32)
-        bias.zeroPoint, bias.quantizedDimension = np.zeros(c, dtype=np.int64), 0
+        bias.zeroPoint = np.zeros(1, dtype=np.int64)
         name = target.name or b"average"
         conv = schema.OperatorT()
         conv.opcodeIndex = operator_code_index(model, schema.BuiltinOperator.DEPTHWISE_CONV_2D)
         code = model.operatorCodes[conv.opcodeIndex]
-        code.version = max(code.version, 3)  # int8 with per-channel scales
+        code.version = max(code.version, 3)  # int8
         conv.inputs = [window[0],
                        append_tensor(model, [1, kh, kw, c], schema.TensorType.INT8, name + b"_ones", weights,
                                      data=np.ones((1, kh, kw, c), dtype=np.int8).tobytes()),
