@@ -286,7 +286,8 @@ def averages_as_depthwise_convs(model: schema.ModelT) -> int:
     leaves int8 AVERAGE_POOL_2D to TFLite's kernel, splitting the graph. The conv rounds the integers'
     mean half to even and adds the zero point (the MEAN adds it first): training rounds as the file
     does (``op_points._mean_on_input_grid``). Only the int8 file: XNNPACK's fp32 MEAN is as fast as
-    the conv or faster. Returns how many."""
+    the conv or faster. The file grows by the ones and the zero bias (window x channels + 4 x channels
+    bytes: 8.6 KB for a 2x2 pool over 1024 channels). Returns how many."""
     subgraph = model.subgraphs[0]
     producers = {int(t): op for op in subgraph.operators for t in op.outputs}
     operators, bypassed, rewritten = [], set(), 0
