@@ -83,14 +83,21 @@ def _int8_file(model: nn.Module, calibration: torch.Tensor, ranges: dict | None 
     return _quantize_and_convert(float_model_for_export(model), (calibration[:1],), ranges or {}, [calibration])[0]
 
 
-@pytest.mark.parametrize("precision", ["int8", "fp32"])
-def test_nearest_upsampling_becomes_copies_and_depth_to_space_with_the_same_values(precision, tmp_path):
+def _converted_file(model: nn.Module, x: torch.Tensor, precision: str):
+    """The converter's file of ``model`` before any rewrite: int8 calibrated on ``x``, or fp32."""
+    if precision == "int8":
+        return _int8_file(model, x)
     import litert_torch
 
+    return read_model(litert_torch.convert(model, (x[:1],)).model_content())
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_nearest_upsampling_becomes_copies_and_depth_to_space_with_the_same_values(precision, tmp_path):
     torch.manual_seed(0)
     x = torch.randn(8, 3, 12, 12)
     model = _Upsampling().eval()
-    model_t = _int8_file(model, x) if precision == "int8" else read_model(litert_torch.convert(model, (x[:1],)).model_content())
+    model_t = _converted_file(model, x, precision)
     (tmp_path / "raw.tflite").write_bytes(write_model(model_t))
     assert _count(model_t, schema.BuiltinOperator.RESIZE_NEAREST_NEIGHBOR) == 2
     assert xnnpack_partitions(tmp_path / "raw.tflite") > 1  # XNNPACK does not take RESIZE_NEAREST_NEIGHBOR
@@ -237,12 +244,10 @@ class _WideKernelsOnSmallMaps(nn.Module):
 
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
 def test_kernels_wider_than_their_input_uses_are_cropped_with_the_same_values(precision, tmp_path):
-    import litert_torch
-
     torch.manual_seed(0)
     x = torch.randn(8, 3, 8, 8)
     model = _WideKernelsOnSmallMaps().eval()
-    model_t = _int8_file(model, x) if precision == "int8" else read_model(litert_torch.convert(model, (x[:1],)).model_content())
+    model_t = _converted_file(model, x, precision)
     (tmp_path / "raw.tflite").write_bytes(write_model(model_t))
 
     assert crop_kernels_to_their_input(model_t) == 2
