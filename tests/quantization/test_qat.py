@@ -273,10 +273,9 @@ def test_bn_folding_changes_no_int8_weight(fmnist_train):
     assert mismatches == 0
 
 
-def test_eval_mode_adds_the_bias_on_tflites_int32_grid(fmnist_train):
-    """In eval mode a conv -> BN chain computes what the file does: int8 weights of the folded conv
-    plus the folded bias rounded to the int32 grid input scale x weight scale. Without that rounding
-    deep nets miss the file by several output LSBs (docs/quantization.md)."""
+def _trained_chain(fmnist_train):
+    """A tiny MobileNet after 12 QAT steps, and one of its conv -> BN -> ReLU6 chains (BN gain negative
+    in one channel)."""
     torch.manual_seed(0)
     model = tiny_mobilenet()
     simulator = QuantizationSimulator(averaging_constant=0.1)
@@ -284,7 +283,16 @@ def test_eval_mode_adds_the_bias_on_tflites_int32_grid(fmnist_train):
     train(model, simulator, fmnist_train, steps=12)
     conv, bn = model.get_submodule("features.2.0"), model.get_submodule("features.2.1")
     with torch.no_grad():
-        bn.weight[3] = -abs(float(bn.weight[3])) - 0.5  # a negative gain too
+        bn.weight[3] = -abs(float(bn.weight[3])) - 0.5
+    return model, conv, bn
+
+
+def test_eval_mode_computes_a_conv_chain_as_the_int8_file_does(fmnist_train):
+    """In eval mode a conv -> BN chain outputs the value the file holds: the int8 input times the folded
+    conv's int8 weights, summed exactly, plus the folded bias on the int32 grid input scale x weight
+    scale, requantized with XNNPACK's float32 multiplier onto the output's grid. Float sums and a float
+    BN land between grid values (off the file by a rounding here and there, which deep nets carry on)."""
+    model, conv, bn = _trained_chain(fmnist_train)
     seen = {}
     conv.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
     bn.register_forward_hook(lambda m, args, out: seen.update(out=out.clone()))  # before an in-place ReLU
@@ -292,22 +300,58 @@ def test_eval_mode_adds_the_bias_on_tflites_int32_grid(fmnist_train):
         model.eval()(fmnist_train[0][:8])
     x = seen["x"]
     input_scale, _ = activation_qparams(*getattr(x, LEARNED_RANGE_ATTR))
+    output_scale, output_zero_point = conv.sparselite_output_quant.qparams()
     gain = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    weight_scale = (weight_scales(conv.weight, batchnorm_fold_factor(bn)) * batchnorm_fold_factor(bn)).double()
-    int8_weight = torch.round(conv.weight.detach().double() * gain.double().reshape(-1, 1, 1, 1) / weight_scale.reshape(-1, 1, 1, 1))
-    folded_bias = (bn.bias.detach() - bn.running_mean * gain).double()
-    int32_bias = torch.round(folded_bias / (input_scale.double() * weight_scale))
-    file = F.conv2d(x.double(), int8_weight * weight_scale.reshape(-1, 1, 1, 1), int32_bias * input_scale.double() * weight_scale,
-                    conv.stride, conv.padding, conv.dilation, conv.groups)
-    unrounded = F.conv2d(x.double(), int8_weight * weight_scale.reshape(-1, 1, 1, 1), folded_bias,
-                         conv.stride, conv.padding, conv.dilation, conv.groups)
-    rounding = float((unrounded - file).abs().max())
-    assert rounding > 1e-6  # there is a rounding to see
-    assert float((seen["out"].double() - file).abs().max()) <= rounding / 20  # float32 arithmetic is close to exact
+    folded_weight = conv.weight.detach() * gain.reshape(-1, 1, 1, 1)
+    weight_scale = weight_scales(folded_weight)
+    int8_weight = torch.round(folded_weight / weight_scale.reshape(-1, 1, 1, 1)).double()
+    int32_bias = torch.round((bn.bias.detach() - bn.running_mean * gain).double() / (input_scale * weight_scale).double())
+    sums = F.conv2d(torch.round(x / input_scale).double(), int8_weight, int32_bias, conv.stride, conv.padding,
+                    conv.dilation, conv.groups)
+    multiplier = (input_scale * weight_scale / output_scale).float().reshape(-1, 1, 1)
+    q = torch.round(sums.float() * multiplier).clamp(-128 - output_zero_point, 127 - output_zero_point)
+    file = q * output_scale
+    assert float((seen["out"] - file).abs().max()) <= float(output_scale) * 1e-4
+    unrounded = sums.float() * multiplier * output_scale
+    assert float((seen["out"] - unrounded).abs().max()) > float(output_scale) / 10  # the rounding is there to see
     model.train()
     with torch.no_grad():
         model(fmnist_train[0][:8])
-    assert float((seen["out"].double() - file).abs().max()) > rounding  # training: batch statistics, no fold
+    assert float((seen["out"] - file).abs().max()) > float(output_scale)  # training: batch statistics, no fold
+
+
+def test_eval_mode_passes_gradients_straight_through_the_int8_arithmetic(fmnist_train):
+    """With gradients on in eval mode (saliency, adversarial examples), the values are still the file's
+    and the gradient is the float layer's."""
+    model, conv, bn = _trained_chain(fmnist_train)
+    model.eval()
+    images = fmnist_train[0][:8]
+    with torch.no_grad():
+        expected = model(images)
+    inputs = images.clone().requires_grad_(True)
+    out = model(inputs)
+    out.sum().backward()
+    assert torch.equal(out.detach(), expected)
+    assert inputs.grad is not None and float(inputs.grad.abs().sum()) > 0
+    assert conv.weight.grad is not None and float(conv.weight.grad.abs().sum()) > 0
+
+
+def test_the_simulators_own_arithmetic_is_no_call_site(fmnist_train):
+    """The eval-mode int8 arithmetic of a conv and of a BatchNorm that follows no conv runs adds and
+    muls inside the model's forward: the op-sites mode must not take them for the model's own, or it
+    gives them fake-quants (it did, for the BN's gain and shift) that round the simulator's sums."""
+    torch.manual_seed(0)
+    model = Wrapped(nn.Sequential(nn.Conv2d(1, 8, 3, 2), nn.ReLU(), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)))
+    simulator = QuantizationSimulator(averaging_constant=0.1)
+    images = fmnist_train[0][:64]
+    assert FusedChain("body.2", None, "body.3") in find_fused_chains(model)  # a BN that follows no conv
+    simulator.prepare(model, (images[:1],))
+    train(model, simulator, fmnist_train, steps=4)
+    with torch.no_grad():
+        model.eval()(images)
+    assert simulator.op_sites == [], simulator.op_sites  # the model calls no add, mul or cat of its own
+    assert "sparselite_op_quant" not in dict(model.named_children())
 
 
 def test_layers_after_pooling_and_reshapes_find_their_inputs_grid():

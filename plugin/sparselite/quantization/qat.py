@@ -33,6 +33,7 @@ from sparselite.quantization.fake_quant import (
     ActivationFakeQuant, BatchNormShiftFakeQuant, BiasFakeQuant, GridFakeQuant, WeightFakeQuant,
 )
 from sparselite.quantization.fusion import FusedChain, find_fused_chains
+from sparselite.quantization.int8_layer import Compute, int8_output, normalization_int8_output, with_float_gradient
 from sparselite.quantization.op_points import HOOK_FUNCTIONS, LOAD_HOOK_FUNCTIONS, OP_QUANT, attach_op_sites
 
 WEIGHT_QUANT = "sparselite_weight_quant"
@@ -41,22 +42,36 @@ OUTPUT_QUANT = "sparselite_output_quant"
 INPUT_QUANT = "sparselite_input_quant"
 
 
+def _forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, compute: Compute, channel_dim: int) -> torch.Tensor:
+    """Training: float sums of the fake-quantized weight. Eval: the int8 file's arithmetic where it is
+    known (``int8_layer``), else the float sums with the int32 bias's rounding. ``weight``: output
+    channels first (``compute`` takes it so)."""
+    weight_quant = getattr(layer, WEIGHT_QUANT)
+    as_file = None
+    if not layer.training and weight_quant.enabled:
+        as_file = int8_output(x, weight, layer.bias, weight_quant.batchnorm, layer._modules.get(OUTPUT_QUANT),
+                              compute, channel_dim)
+    if as_file is not None and not torch.is_grad_enabled():
+        return as_file
+    out = compute(x, weight_quant(weight), layer.bias)
+    if as_file is not None:
+        return with_float_gradient(out, as_file)
+    return getattr(layer, BIAS_QUANT)(out, x, weight, layer.bias, channel_dim)
+
+
 class _QATConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._conv_forward(x, getattr(self, WEIGHT_QUANT)(self.weight), self.bias)
-        return getattr(self, BIAS_QUANT)(out, x, self.weight, self.bias, 1)
+        return _forward(self, x, self.weight, self._conv_forward, 1)
 
 
 class _QATConv1d(nn.Conv1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._conv_forward(x, getattr(self, WEIGHT_QUANT)(self.weight), self.bias)
-        return getattr(self, BIAS_QUANT)(out, x, self.weight, self.bias, 1)
+        return _forward(self, x, self.weight, self._conv_forward, 1)
 
 
 class _QATLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, getattr(self, WEIGHT_QUANT)(self.weight), self.bias)
-        return getattr(self, BIAS_QUANT)(out, x, self.weight, self.bias, -1)
+        return _forward(self, x, self.weight, F.linear, -1)
 
 
 class _QATConvTranspose(nn.modules.conv._ConvTransposeNd):
@@ -66,10 +81,13 @@ class _QATConvTranspose(nn.modules.conv._ConvTransposeNd):
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         dims = x.dim() - 2
         output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, dims, self.dilation)
-        weight = getattr(self, WEIGHT_QUANT)(self.weight.transpose(0, 1)).transpose(0, 1)
         transposed_conv = F.conv_transpose2d if dims == 2 else F.conv_transpose1d
-        out = transposed_conv(x, weight, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation)
-        return getattr(self, BIAS_QUANT)(out, x, self.weight.transpose(0, 1), self.bias, 1)
+
+        def compute(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            return transposed_conv(inputs, weight.transpose(0, 1), bias, self.stride, self.padding, output_padding,
+                                   self.groups, self.dilation)
+
+        return _forward(self, x, self.weight.transpose(0, 1), compute, 1)
 
 
 class _QATConvTranspose1d(_QATConvTranspose, nn.ConvTranspose1d):
@@ -100,6 +118,12 @@ def _quantize_output(quant: ActivationFakeQuant, module: nn.Module, inputs: Any,
 
 
 def _shift_on_int32_grid(quant: BatchNormShiftFakeQuant, module: nn.BatchNorm2d, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """A BatchNorm2d that follows no conv: in eval mode, the depthwise 1x1 conv export writes for it, as
+    the int8 file computes it (``int8_layer``), or its shift on the int32 bias grid."""
+    if not module.training and quant.enabled:
+        as_file = normalization_int8_output(inputs[0], module, module._modules.get(OUTPUT_QUANT))
+        if as_file is not None:
+            return with_float_gradient(output, as_file)
     return quant(output, inputs[0])
 
 
