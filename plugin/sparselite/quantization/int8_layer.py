@@ -71,8 +71,8 @@ def int8_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     converter writes onto a concatenation's grid (``rounded_by_consumer``), a BN without running
     statistics. ``weight``: output channels first. For eval mode with QAT active: the caller checks."""
     min_max = getattr(x, LEARNED_RANGE_ATTR, None)
-    if (min_max is None or output_quant is None or not output_quant.enabled or not output_quant.initialized or output_quant.rounded_by_consumer
-            or (batchnorm is not None and batchnorm.running_var is None)):
+    if (min_max is None or output_quant is None or not output_quant.enabled or not output_quant.initialized
+            or output_quant.rounded_by_consumer or (batchnorm is not None and batchnorm.running_var is None)):
         return None
     input_scale, _ = activation_qparams(min_max[0], min_max[1])
     folded_weight, folded_bias = _folded(weight.detach(), None if bias is None else bias.detach(), batchnorm)
@@ -80,13 +80,17 @@ def int8_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     per_channel = (-1,) + (1,) * (weight.dim() - 1)
     # Both in float64, as the converter rounds them: in float32, the demo model's file differed in 1 of
     # 1.07M weights and 1 of 3,000 int32 biases (a tie either way), and 4% of its logits by an LSB.
-    weight_ints = torch.round(folded_weight.double() / weight_scale.double().reshape(per_channel)).clamp_(WEIGHT_QMIN, WEIGHT_QMAX)
-    bias_ints = torch.round(folded_bias.double() / (input_scale.double() * weight_scale.double()))
-    input_ints = torch.mul(x.detach(), 1.0 / input_scale).round_()  # q - zero point, exactly: x is on this grid
+    weight_scale64 = weight_scale.double()
+    weight_ints = torch.round(folded_weight.double() / weight_scale64.reshape(per_channel)).clamp_(WEIGHT_QMIN, WEIGHT_QMAX)
+    bias_ints = torch.round(folded_bias.double() / (input_scale.double() * weight_scale64))
+    # q - zero point, exactly: x is on this grid.
+    input_ints = torch.mul(x.detach().float(), 1.0 / input_scale).round_()
 
-    largest_sum = weight_ints.abs().reshape(weight.shape[0], -1).sum(1).max() * input_ints.abs().max() + bias_ints.abs().max()
+    weight_sums = weight_ints.abs().reshape(weight.shape[0], -1).sum(1)
+    largest_sum = weight_sums.max() * input_ints.abs().max() + bias_ints.abs().max()
     exact = torch.float32 if largest_sum < _FLOAT32_EXACT else torch.float64
-    sums = compute(input_ints.to(exact), weight_ints.to(exact), None)
+    with torch.autocast(x.device.type, enabled=False):  # mixed precision would round the sums
+        sums = compute(input_ints.to(exact), weight_ints.to(exact), None)
     channels = [1] * sums.dim()
     channels[channel_dim] = -1
     sums = sums.add_(bias_ints.to(exact).reshape(channels)).float()
@@ -102,7 +106,8 @@ def int8_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 @_unseen
 @torch.no_grad()
-def normalization_int8_output(x: torch.Tensor, batchnorm: nn.BatchNorm2d, output_quant: ActivationFakeQuant | None) -> torch.Tensor | None:
+def normalization_int8_output(x: torch.Tensor, batchnorm: nn.BatchNorm2d,
+                              output_quant: ActivationFakeQuant | None) -> torch.Tensor | None:
     """A BatchNorm2d that follows no conv, as the depthwise 1x1 conv export writes for it
     (``fusion.batchnorm_as_depthwise``: its gain the weight, its shift the bias)."""
     gain, shift = batchnorm_affine(batchnorm)
