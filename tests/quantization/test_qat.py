@@ -354,6 +354,44 @@ def test_the_simulators_own_arithmetic_is_no_call_site(fmnist_train):
     assert "sparselite_op_quant" not in dict(model.named_children())
 
 
+def test_a_layer_read_only_by_a_concatenation_is_computed_on_the_concatenations_grid(fmnist_train):
+    """The converter writes such a layer (a fire module's expand convs, DenseNet's layers) straight onto
+    the concatenation's grid: its eval-mode int8 arithmetic requantizes onto that grid, so what reaches
+    the concatenation is already on it."""
+
+    class Fire(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.squeeze = nn.Sequential(nn.Conv2d(1, 4, 3, 2), nn.ReLU())
+            self.left = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+            self.right = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = self.squeeze(x)
+            return self.head(torch.cat([self.left(x), self.right(x)], 1).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Fire()
+    simulator = QuantizationSimulator(averaging_constant=0.1)
+    images = fmnist_train[0][:64]
+    simulator.prepare(model, (images[:1],))
+    train(model, simulator, fmnist_train, steps=4)
+    concatenation = model.sparselite_op_quant["cat_0"]
+    for branch in (model.left[0], model.right[0]):
+        assert branch.sparselite_output_quant.rounded_by_consumer
+        assert branch.sparselite_output_quant.consumer_quant is concatenation
+    seen = {}
+    model.left[2].register_forward_hook(lambda m, args, out: seen.update(left=out.clone()))
+    model.right[1].register_forward_hook(lambda m, args, out: seen.update(right=out.clone()))
+    with torch.no_grad():
+        model.eval()(images)
+    scale, _ = concatenation.qparams()
+    for value in seen.values():
+        steps = value / scale
+        assert float((steps - steps.round()).abs().max()) < 1e-3  # on the concatenation's grid already
+
+
 def test_layers_after_pooling_and_reshapes_find_their_inputs_grid():
     """The int32 bias of a linear after max-pool and flatten is on the grid of the conv chain before them
     (TFLite keeps the scale through both), which training passes on with the tensor."""

@@ -196,6 +196,9 @@ class ActivationFakeQuant(nn.Module):
         # straight onto the concatenation's grid (no requantization in between), so the file rounds
         # it once, there (``op_points.fold_into_concatenations``). Not state: found at prepare.
         self.rounded_by_consumer = False
+        # That concatenation's fake-quant, whose grid the value is written on (kept out of nn.Module's
+        # registry: it belongs to the op-sites registry, as WeightFakeQuant's BN to the model).
+        self.__dict__["consumer_quant"] = None
 
     @property
     def initialized(self) -> bool:

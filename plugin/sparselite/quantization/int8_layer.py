@@ -67,13 +67,15 @@ def with_float_gradient(out: torch.Tensor, as_file: torch.Tensor | None) -> torc
 def int8_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 batchnorm: nn.modules.batchnorm._BatchNorm | None, output_quant: ActivationFakeQuant | None,
                 compute: Compute, channel_dim: int) -> torch.Tensor | None:
-    """The layer's output as the file holds it, in front of ``batchnorm`` (the BN export folds into it);
-    None where the file's arithmetic is not known here: an input on no learned grid, an output the
-    converter writes onto a concatenation's grid (``rounded_by_consumer``), a BN without running
-    statistics. ``weight``: output channels first. For eval mode with QAT active: the caller checks."""
+    """The layer's output as the file holds it, in front of ``batchnorm`` (the BN export folds into it),
+    on its output's grid, or on the concatenation's that the converter writes it onto
+    (``rounded_by_consumer``); None where the file's arithmetic is not known here: an input on no
+    learned grid, a grid not learned yet, a BN without running statistics. ``weight``: output channels
+    first. For eval mode with QAT active: the caller checks."""
     min_max = getattr(x, LEARNED_RANGE_ATTR, None)
-    if (min_max is None or output_quant is None or not output_quant.enabled or not output_quant.initialized
-            or output_quant.rounded_by_consumer or (batchnorm is not None and batchnorm.running_var is None)):
+    grid = output_quant.consumer_quant if output_quant is not None and output_quant.rounded_by_consumer else output_quant
+    if (min_max is None or grid is None or not output_quant.enabled or not grid.enabled or not grid.initialized
+            or (batchnorm is not None and batchnorm.running_var is None)):
         return None
     input_scale, _ = activation_qparams(min_max[0], min_max[1])
     folded_weight, folded_bias = _folded(weight.detach(), None if bias is None else bias.detach(), batchnorm)
@@ -97,7 +99,7 @@ def int8_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     channels[channel_dim] = -1
     sums = sums.add_(bias_ints.to(exact).reshape(channels)).float()
 
-    output_scale, output_zero_point = output_quant.qparams()
+    output_scale, output_zero_point = grid.qparams()
     # float32, as XNNPACK computes it; the zero point stays out (q - zero point is clamped).
     multiplier = (input_scale.float() * weight_scale.float()) / output_scale.float()
     q = sums.mul_(multiplier.reshape(channels)).round_()

@@ -131,6 +131,7 @@ class OpSites:
         self.counts: dict[tuple[nn.Module, str], int] = {}
         self.discovering = False
         self.uses: dict[ActivationFakeQuant | _MeanSite, list[str]] = {}  # filled during discovery
+        self.concatenation_of: dict[ActivationFakeQuant | _MeanSite, str] = {}  # the cat site reading each
         self.means: dict[str, _MeanSite] = {}
         self.mode: _OpMode | None = None
 
@@ -166,14 +167,19 @@ class OpSites:
                 producer = getattr(value, PRODUCER_ATTR, None) if isinstance(value, torch.Tensor) else None
                 if producer is not None:
                     self.uses.setdefault(producer, []).append(kind)
+                    if kind == "cat":
+                        self.concatenation_of[producer] = self._upcoming_key(kind)
+
+    def _upcoming_key(self, kind: str) -> str:
+        owner = self.stack[-1]
+        return _site_key(self.names[owner], kind, self.counts.get((owner, kind), 0))
 
     def next_site(self, kind: str) -> ActivationFakeQuant | None:
         """The fake-quant of the ``kind`` call about to run, if it has one (the counter is not moved)."""
         if self.in_fake_quant():
             return None
-        owner = self.stack[-1]
         points = self.root._modules.get(OP_QUANT)
-        key = _site_key(self.names[owner], kind, self.counts.get((owner, kind), 0))
+        key = self._upcoming_key(kind)
         return points[key] if points is not None and key in points else None
 
     def mean_site(self) -> _MeanSite | None:
@@ -282,16 +288,22 @@ class _OpMode(TorchFunctionMode):
         return out
 
 
-def fold_into_concatenations(uses: dict[ActivationFakeQuant | _MeanSite, list[str]]) -> None:
+def fold_into_concatenations(uses: dict[ActivationFakeQuant | _MeanSite, list[str]],
+                             concatenation_of: dict[ActivationFakeQuant | _MeanSite, str],
+                             points: nn.ModuleDict | None) -> None:
     """A value whose one reader is a concatenation is written by its op straight onto the
     concatenation's grid: the converter folds the requantization between them into the producer (a
     SqueezeNet fire module's two expand convs write the concatenation's scale; CBAM's channel mean is
     written by its MEAN). The file rounds it once, where training rounded it twice (its own range, then
     the concatenation's): 5-25% of a fire block's logits were off the file by an LSB, 18% of a CBAM
     block's. Its fake-quant keeps observing (the range is still exported, and folded away by the
-    converter) but leaves the rounding to the concatenation."""
+    converter) but leaves the rounding to the concatenation, whose fake-quant it names
+    (``consumer_quant``: the grid a layer's eval-mode int8 arithmetic writes on, ``int8_layer``)."""
     for quant, kinds in uses.items():
         quant.rounded_by_consumer = kinds == ["cat"]
+        if quant.rounded_by_consumer and isinstance(quant, ActivationFakeQuant):
+            key = concatenation_of.get(quant)
+            quant.__dict__["consumer_quant"] = points[key] if points is not None and key in points else None
 
 
 def _requantized_as_xnnpack_does(inputs, site: ActivationFakeQuant | None) -> list:
@@ -449,6 +461,6 @@ def attach_op_sites(model: nn.Module, example_inputs: tuple, averaging_constant:
     finally:
         sites.discovering = False
         model.train(was_training)
-    fold_into_concatenations(sites.uses)
+    fold_into_concatenations(sites.uses, sites.concatenation_of, model._modules.get(OP_QUANT))
     model.register_load_state_dict_pre_hook(_moved_site_keys)
     return [f"{OP_QUANT}.{key}" for key in model._modules.get(OP_QUANT, {})]
