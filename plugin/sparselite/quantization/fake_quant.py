@@ -125,7 +125,8 @@ class BiasFakeQuant(nn.Module):
     output's (a tenth of an output LSB in a depthwise conv), and the rounding pushes values across
     the output's rounding boundaries: a mobilenet_v2 whose fake-quant model skipped it missed its file
     by 9 output LSBs (2 with it). In training, BatchNorm's batch statistics stand in for the fold the
-    bias belongs to, so there is nothing to simulate. No state, like the weight's.
+    bias belongs to, so there is nothing to simulate. No state, like the weight's. Where the layer's
+    whole int8 arithmetic is computed as the file's (``int8_layer``), this is not called.
 
     ``batchnorm``: the BN that export will fold into the layer (see ``WeightFakeQuant``).
     """

@@ -4,7 +4,9 @@ Eager fake-quant (not a pt2e GraphModule): the model stays a normal nn.Module, s
 checkpoints and DDP behave as usual. State lives in submodules named ``sparselite_*``:
   - ``<conv|linear>.sparselite_weight_quant``: per-channel fake-quant of the (unfolded) weight (per
     output channel: dim 1 of a transposed conv's);
-  - ``<conv|linear>.sparselite_bias_quant``: in eval mode, the int32 rounding of the (folded) bias;
+  - ``<conv|linear>.sparselite_bias_quant``: in eval mode, the int32 rounding of the (folded) bias,
+    where the layer's whole int8 arithmetic is not computed as the file's (``int8_layer.py``: an input
+    on no learned grid);
   - ``<conv|linear>.sparselite_output_quant``: the range of the fused op's output, observed after BN
     and activation (a forward hook on the chain's last module applies it);
   - ``<activation>.sparselite_output_quant``: the output of an activation TFLite requantizes
