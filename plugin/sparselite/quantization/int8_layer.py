@@ -73,7 +73,9 @@ def int8_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     learned grid, a grid not learned yet, a BN without running statistics. ``weight``: output channels
     first. For eval mode with QAT active: the caller checks."""
     min_max = getattr(x, LEARNED_RANGE_ATTR, None)
-    grid = output_quant.consumer_quant if output_quant is not None and output_quant.rounded_by_consumer else output_quant
+    grid = output_quant
+    if output_quant is not None and output_quant.rounded_by_consumer:
+        grid = output_quant.__dict__.get("consumer_quant")  # absent in a module pickled before it existed
     if (min_max is None or grid is None or not output_quant.enabled or not grid.enabled or not grid.initialized
             or (batchnorm is not None and batchnorm.running_var is None)):
         return None
