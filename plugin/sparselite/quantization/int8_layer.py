@@ -139,12 +139,8 @@ def _folded(weight: torch.Tensor, bias: torch.Tensor | None, batchnorm: nn.modul
 def _before_batchnorm(value: torch.Tensor, batchnorm: nn.modules.batchnorm._BatchNorm,
                       channels: list[int]) -> torch.Tensor:
     """What the eval-mode BN maps onto ``value``; a channel the BN zeroes outputs its shift whatever comes in."""
-    gain = torch.rsqrt(batchnorm.running_var + batchnorm.eps)
-    if batchnorm.affine:
-        gain = gain * batchnorm.weight.detach()
-    shift = batchnorm.bias.detach() if batchnorm.affine else torch.zeros_like(gain)
+    gain, shift = batchnorm_affine(batchnorm)  # eval-mode BN: x * gain + shift
     before = value.sub_(shift.reshape(channels)).div_(torch.where(gain == 0, 1.0, gain).reshape(channels))
-    before = before.add_(batchnorm.running_mean.reshape(channels))
     if bool((gain == 0).any()):
         before = torch.where((gain == 0).reshape(channels), 0.0, before)
     return before
