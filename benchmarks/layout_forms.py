@@ -6,7 +6,7 @@ value as it was but the int8 averages' ties, so training would change nothing me
 timed interleaved on XNNPACK, 1 thread; the table gives medians, the ratio of each form to its own
 precision's old form, and the op types and XNNPACK partitions that differ.
 
-    .venv/bin/python -m benchmarks.layout_forms [--size 128] [--rounds 7] [--json out.json]
+    .venv/bin/python -m benchmarks.layout_forms [--size 128] [--rounds 7] [--rewrites NAME ...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -108,12 +108,25 @@ class WideKernelTail(nn.Module):
         return self.fc(self.blocks(self.down(x)).mean((2, 3)))
 
 
+class PooledStem(nn.Module):
+    """ResNet's and ShuffleNet's stem: a strided conv, a ReLU and a 3x3 max pool of stride 2 padded by
+    1, then a ShuffleNet-sized 1x1 conv."""
+
+    def __init__(self, width: int = 24) -> None:
+        super().__init__()
+        self.stem, self.conv = _conv(3, width, 2), _conv(width, 2 * width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.max_pool2d(self.stem(x), 3, 2, 1))
+
+
 # rewrite (a function of export/layout.py) -> the model with its pattern
 CASES = {
     "nearest_upsampling_as_depth_to_space": TopDown,
     "fuse_activations_into_transpose_convs": Decoder,
     "averages_as_depthwise_convs": PooledTail,
     "crop_kernels_to_their_input": WideKernelTail,
+    "pads_as_rows": PooledStem,
 }
 
 
@@ -171,6 +184,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="input height and width (3 channels)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--runs", type=int, default=20, help="runs per file per round")
+    parser.add_argument("--rewrites", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--json")
     args = parser.parse_args()
     quiet_logs()
@@ -178,7 +192,7 @@ def main() -> None:
     print(environment_line(env))
     results = []
     with tempfile.TemporaryDirectory() as folder:
-        for name in CASES:
+        for name in args.rewrites:
             results.append(measure(name, args.size, args.rounds, args.runs, Path(folder)))
     rows = []
     for r in results:

@@ -1,5 +1,6 @@
 """The file forms XNNPACK runs: a mean over NCHW's spatial axes reads the NHWC value (no TRANSPOSE), nearest
-upsampling as copies and DEPTH_TO_SPACE, a transposed conv's activation fused into it."""
+upsampling as copies and DEPTH_TO_SPACE, a transposed conv's activation fused into it, a max pool's
+padding as a pad of whole rows."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import pytest
 import torch
 from ai_edge_litert import schema_py_generated as schema
 from torch import nn
+from torch.nn import functional as F
 
 from conftest import pt2e_int8_tflite, xnnpack_partitions
 from sparselite.export.layout import (
     _axes_before, averages_as_depthwise_convs, crop_kernels_to_their_input, fold_transposes_into_means, fuse_activations_into_transpose_convs, nearest_upsampling_as_depth_to_space,
-    split_wide_concatenations,
+    pads_as_rows, split_wide_concatenations,
 )
 from sparselite.export.tflite import _quantize_and_convert, float_model_for_export
 from sparselite.runtime.litert import LiteRTModel
@@ -262,3 +264,47 @@ def test_kernels_wider_than_their_input_uses_are_cropped_with_the_same_values(pr
     else:  # the same products; a kernel of another size may add them in another order
         np.testing.assert_allclose(raw(x.numpy()), cropped(x.numpy()), rtol=1e-5, atol=1e-6)
     assert crop_kernels_to_their_input(model_t) == 0  # nothing left to crop
+
+
+class _PooledStem(nn.Module):
+    """ResNet's and ShuffleNet's stem: a conv, a ReLU, a 3x3 max pool of stride 2 padded by 1; ``relu``
+    False pools the conv's output itself (negative values too)."""
+
+    def __init__(self, relu: bool = True) -> None:
+        super().__init__()
+        self.stem, self.relu = nn.Conv2d(3, 24, 3, 2, 1), relu
+        self.head = nn.Conv2d(24, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        return self.head(F.max_pool2d(torch.relu(y) if self.relu else y, 3, 2, 1))
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_a_max_pools_padding_becomes_a_pad_of_whole_rows_that_xnnpack_takes(precision, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    model_t = _converted_file(_PooledStem().eval(), x, precision)
+    (tmp_path / "raw.tflite").write_bytes(write_model(model_t))
+    assert _count(model_t, schema.BuiltinOperator.PADV2) == 1  # the converter pads with the lowest value
+    assert xnnpack_partitions(tmp_path / "raw.tflite") == 2  # XNNPACK 2.3 leaves PADV2 out
+
+    assert pads_as_rows(model_t) == 1
+    graph = model_t.subgraphs[0]
+    pad = next(op for op in graph.operators if builtin_code(model_t, op) == schema.BuiltinOperator.PAD
+               and len(graph.tensors[op.inputs[0]].shape) == 3)
+    assert [int(d) for d in graph.tensors[pad.inputs[0]].shape] == [1, 16, 16 * 24]  # rows of W*C values
+    (tmp_path / "rows.tflite").write_bytes(write_model(model_t))
+    assert xnnpack_partitions(tmp_path / "rows.tflite") == 1
+    raw, rows = LiteRTModel(tmp_path / "raw.tflite"), LiteRTModel(tmp_path / "rows.tflite")
+    np.testing.assert_array_equal(raw(x.numpy()), rows(x.numpy()))  # a pad and a max pool compute exactly
+    assert pads_as_rows(model_t) == 0
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_a_max_pool_of_values_below_the_pads_zero_keeps_its_lowest_value_padding(precision):
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    model_t = _converted_file(_PooledStem(relu=False).eval(), x, precision)
+    assert pads_as_rows(model_t) == 0  # a zero could win the max at the border
+    assert _count(model_t, schema.BuiltinOperator.PADV2) == 1
