@@ -267,17 +267,21 @@ def test_kernels_wider_than_their_input_uses_are_cropped_with_the_same_values(pr
 
 
 class _PooledStem(nn.Module):
-    """ResNet's and ShuffleNet's stem: a conv, a ReLU, a 3x3 max pool of stride 2 padded by 1; ``relu``
-    False pools the conv's output itself (negative values too)."""
+    """ResNet's and ShuffleNet's stem: a conv, a ReLU, a 3x3 max pool of stride 2 padded by 1. ``relu``
+    False pools the conv's output itself (negative values too); ``pad_value`` pads the ReLU's output
+    with that value first (``F.pad``), and the pool pads nothing."""
 
-    def __init__(self, relu: bool = True) -> None:
+    def __init__(self, relu: bool = True, pad_value: float | None = None) -> None:
         super().__init__()
-        self.stem, self.relu = nn.Conv2d(3, 24, 3, 2, 1), relu
+        self.stem, self.relu, self.pad_value = nn.Conv2d(3, 24, 3, 2, 1), relu, pad_value
         self.head = nn.Conv2d(24, 8, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.stem(x)
-        return self.head(F.max_pool2d(torch.relu(y) if self.relu else y, 3, 2, 1))
+        y = torch.relu(y) if self.relu else y
+        if self.pad_value is not None:
+            return self.head(F.max_pool2d(F.pad(y, (1, 1, 1, 1), value=self.pad_value), 3, 2))
+        return self.head(F.max_pool2d(y, 3, 2, 1))
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
@@ -302,9 +306,11 @@ def test_a_max_pools_padding_becomes_a_pad_of_whole_rows_that_xnnpack_takes(prec
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
-def test_a_max_pool_of_values_below_the_pads_zero_keeps_its_lowest_value_padding(precision):
+@pytest.mark.parametrize("stem", [_PooledStem(relu=False), _PooledStem(pad_value=0.5)], ids=["no_relu", "pad_value"])
+def test_a_pad_whose_value_could_win_a_max_stays_as_it_is(precision, stem):
     torch.manual_seed(0)
     x = torch.randn(8, 3, 32, 32)
-    model_t = _converted_file(_PooledStem(relu=False).eval(), x, precision)
-    assert pads_as_rows(model_t) == 0  # a zero could win the max at the border
+    model_t = _converted_file(stem.eval(), x, precision)
+    # No ReLU: a zero could win the max at the border. A value above zero: a zero would lose it.
+    assert pads_as_rows(model_t) == 0
     assert _count(model_t, schema.BuiltinOperator.PADV2) == 1

@@ -401,12 +401,25 @@ def _holds_nothing_below_zero(model: schema.ModelT, tensor: int, producers: dict
     return getattr(producer.builtinOptions, "fusedActivationFunction", None) in _NON_NEGATIVE_ACTIVATIONS
 
 
+def _ignored_by_max_pools(model: schema.ModelT, users: list[int], paddings: np.ndarray) -> bool:
+    """Whether every reader is a VALID max pool each of whose windows reaches the map (a padding
+    narrower than the window), so that a padding value below every value of the map is never the max."""
+    subgraph = model.subgraphs[0]
+    for index in users:
+        pool = subgraph.operators[index]
+        options = pool.builtinOptions
+        if (builtin_code(model, pool) != schema.BuiltinOperator.MAX_POOL_2D or options.padding != schema.Padding.VALID
+                or paddings[1].max() >= options.filterHeight or paddings[2].max() >= options.filterWidth):
+            return False
+    return True
+
+
 def _pads_only_rows_and_columns(model: schema.ModelT, op: schema.OperatorT, users: list[int],
                                 producers: dict[int, schema.OperatorT]) -> np.ndarray | None:
     """The (4, 2) paddings of a PAD or PADV2 of an NHWC map that pads its height and width only, and
-    that a PAD computes: a PADV2 whose value is PAD's (the zero point, or 0.0), or one read only by
-    max pools whose input holds nothing below PAD's value (a max pool ignores any padding no value
-    exceeds); None for any other pad."""
+    that a PAD computes: a PADV2 whose value is PAD's (the zero point, or 0.0), or a lower one that only
+    max pools read, over a map that holds nothing below PAD's value (a max pool ignores a padding value
+    that no value of the map is below); None for any other pad."""
     subgraph = model.subgraphs[0]
     source = subgraph.tensors[int(op.inputs[0])]
     paddings = _constant(model, int(op.inputs[1]))
@@ -418,16 +431,18 @@ def _pads_only_rows_and_columns(model: schema.ModelT, op: schema.OperatorT, user
         return None
     if len(op.inputs) < 3:
         return paddings
-    max_pools_only = all(builtin_code(model, subgraph.operators[u]) == schema.BuiltinOperator.MAX_POOL_2D for u in users)
-    if max_pools_only and _holds_nothing_below_zero(model, int(op.inputs[0]), producers):
-        return paddings
     data = model.buffers[subgraph.tensors[int(op.inputs[2])].buffer].data
     if data is None or source.type not in _WEIGHT_DTYPES:
         return None
     value = np.asarray(data, dtype=np.uint8).view(_WEIGHT_DTYPES[source.type]).reshape(-1)
     zero_point = source.quantization.zeroPoint if source.quantization is not None else None
     zero = int(zero_point[0]) if zero_point is not None and len(zero_point) else 0
-    return paddings if value.size == 1 and value[0] == zero else None
+    if value.size != 1 or value[0] > zero:
+        return None
+    if value[0] == zero or (_ignored_by_max_pools(model, users, paddings)
+                            and _holds_nothing_below_zero(model, int(op.inputs[0]), producers)):
+        return paddings
+    return None
 
 
 def pads_as_rows(model: schema.ModelT) -> int:
