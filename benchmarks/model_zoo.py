@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verify", type=int, default=512, help="held-out test images for the parity gate")
     parser.add_argument("--eval", type=int, default=1000, help="test images for the accuracy columns")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for training (1 on a shared machine)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved latency rounds (fp32, int8, PTQ)")
+    parser.add_argument("--runs", type=int, default=20, help="timed calls per file per round")
     parser.add_argument("--json", default=str(RESULTS / "model_zoo.json"))
     parser.add_argument("--txt", default=str(RESULTS / "model_zoo.txt"))
     parser.add_argument("--from-json", help="print the table of a saved run instead of running")
@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
             results.append(run_model(name, args, Path(tmp)))
             # Written after every model, so a long run that is stopped keeps what it measured.
             text = "\n".join([environment_line(env), f"# {args.steps} steps, batch {args.batch_size}, parity on "
-                              f"{args.verify} test images, accuracy on {args.eval}", print_table(results)])
+                              f"{args.verify} test images, accuracy on {args.eval}; latency: {args.rounds} interleaved rounds of "
+                              f"{args.runs} calls per file, medians", print_table(results)])
             if args.txt:
                 Path(args.txt).write_text(text + "\n")
             write_json(args.json, {"environment": env, "args": vars(args), "results": results})
