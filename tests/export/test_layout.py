@@ -306,11 +306,12 @@ def test_a_max_pools_padding_becomes_a_pad_of_whole_rows_that_xnnpack_takes(prec
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
-@pytest.mark.parametrize("stem", [_PooledStem(relu=False), _PooledStem(pad_value=0.5)], ids=["no_relu", "pad_value"])
+@pytest.mark.parametrize("stem", [{"relu": False}, {"pad_value": 0.5}], ids=["no_relu", "pad_value"])
 def test_a_pad_whose_value_could_win_a_max_stays_as_it_is(precision, stem):
     torch.manual_seed(0)
     x = torch.randn(8, 3, 32, 32)
-    model_t = _converted_file(stem.eval(), x, precision)
-    # No ReLU: a zero could win the max at the border. A value above zero: a zero would lose it.
+    model_t = _converted_file(_PooledStem(**stem).eval(), x, precision)
+    # No ReLU: a zero could win the max at the border. A value above zero (fp32; the int8 converter pads
+    # this one in NCHW, between two TRANSPOSEs): a zero would lose it.
     assert pads_as_rows(model_t) == 0
     assert _count(model_t, schema.BuiltinOperator.PADV2) == 1
