@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from sparselite.errors import SparseliteError
+from sparselite.hook_ids import hook_ids_apart
 from sparselite.module_copy import detached_copy
 from sparselite.pruning.dependency import ChannelGraph, ChannelGroup, count_macs_and_params
 from sparselite.pruning.schedule import PolynomialDecay
@@ -127,8 +128,9 @@ class ChannelPruner:
         self.model = model
         self.example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         hooks = _PlanHooks(self)
-        model.register_state_dict_post_hook(functools.partial(_save_plan, hooks))
-        model.register_load_state_dict_pre_hook(functools.partial(_load_plan, hooks))
+        with hook_ids_apart(model):  # a pickled copy keeps its hooks when new ones come (hook_ids.py)
+            model.register_state_dict_post_hook(functools.partial(_save_plan, hooks))
+            model.register_load_state_dict_pre_hook(functools.partial(_load_plan, hooks))
         self.before = dict(zip(("macs", "params"), count_macs_and_params(model, self.example_inputs)))
         self._unpruned = detached_copy(model)  # full width, for "before" numbers (latency) in export reports
         self._find_groups()

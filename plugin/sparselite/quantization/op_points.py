@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from sparselite.hook_ids import hook_ids_apart
 from sparselite.quantization.fake_quant import (
     LEARNED_RANGE_ATTR, PRODUCER_ATTR, ActivationFakeQuant, BiasFakeQuant, GridFakeQuant, WeightFakeQuant,
 )
@@ -446,21 +447,22 @@ def attach_op_sites(model: nn.Module, example_inputs: tuple, averaging_constant:
                     grid: GridFakeQuant) -> list[str]:
     """Find the functional-op call sites with one forward pass and give each a fake-quant (``grid``
     rounds the ops on fixed or derived grids). Returns their names."""
-    sites = OpSites(model, averaging_constant, grid)
-    model.register_forward_pre_hook(functools.partial(_begin, sites))
-    for module in model.modules():
-        module.register_forward_pre_hook(functools.partial(_enter, sites))
-        module.register_forward_hook(functools.partial(_exit, sites), always_call=True)
-    # Registered last so that it runs after the root's own exit hook, and even if forward raises.
-    model.register_forward_hook(functools.partial(_end, sites), always_call=True)
-    was_training = model.training
-    sites.discovering = True
-    try:
-        with torch.no_grad():
-            model.eval()(*example_inputs)
-    finally:
-        sites.discovering = False
-        model.train(was_training)
-    fold_into_concatenations(sites.uses, sites.concatenation_of, model._modules.get(OP_QUANT))
-    model.register_load_state_dict_pre_hook(_moved_site_keys)
+    with hook_ids_apart(model):  # a pickled copy keeps its hooks when new ones come (hook_ids.py)
+        sites = OpSites(model, averaging_constant, grid)
+        model.register_forward_pre_hook(functools.partial(_begin, sites))
+        for module in model.modules():
+            module.register_forward_pre_hook(functools.partial(_enter, sites))
+            module.register_forward_hook(functools.partial(_exit, sites), always_call=True)
+        # Registered last so that it runs after the root's own exit hook, and even if forward raises.
+        model.register_forward_hook(functools.partial(_end, sites), always_call=True)
+        was_training = model.training
+        sites.discovering = True
+        try:
+            with torch.no_grad():
+                model.eval()(*example_inputs)
+        finally:
+            sites.discovering = False
+            model.train(was_training)
+        fold_into_concatenations(sites.uses, sites.concatenation_of, model._modules.get(OP_QUANT))
+        model.register_load_state_dict_pre_hook(_moved_site_keys)
     return [f"{OP_QUANT}.{key}" for key in model._modules.get(OP_QUANT, {})]

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparselite.errors import SparseliteError
+from sparselite.hook_ids import hook_ids_apart
 from sparselite.quantization.fake_quant import (
     ActivationFakeQuant, BatchNormShiftFakeQuant, BiasFakeQuant, GridFakeQuant, WeightFakeQuant,
 )
@@ -179,6 +180,10 @@ class QuantizationSimulator:
         activation, and the model input; with ``example_inputs``, also to functional ops (add, mul, cat)."""
         if self.model is not None:
             return self.chains
+        with hook_ids_apart(model):  # a pickled copy keeps its hooks when new ones come (hook_ids.py)
+            return self._attach(model, example_inputs)
+
+    def _attach(self, model: nn.Module, example_inputs: tuple | None) -> list[FusedChain]:
         found = find_fused_chains(model)
         chains = [c for c in found if _quantizable(model.get_submodule(c.producer))]
         # BatchNorms that follow no conv: export writes each as a depthwise 1x1 conv (fusion.py), whose
