@@ -46,9 +46,10 @@ print("plain hooks", len(plain._forward_hooks))
 # would collide, if anywhere: on the loaded module that holds that key.
 holders = {key: m for m in model.modules() for hooks in (m._forward_pre_hooks, m._forward_hooks) for key in hooks}
 spare = torch.nn.Identity()
-handles = [m.register_forward_hook(lambda *args: None) for m in model.modules()]  # one on every module too
+handles = []
 while RemovableHandle.next_id < 4096:
     handles.append(holders.get(RemovableHandle.next_id, spare).register_forward_hook(lambda *args: None))
+handles += [m.register_forward_hook(lambda *args: None) for m in model.modules()]  # and one on every module
 with torch.no_grad():
     print("with new hooks", float((model(x) - expected).abs().max()))
 for handle in handles:
