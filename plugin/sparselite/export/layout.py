@@ -52,6 +52,10 @@ def _readers(subgraph: schema.SubGraphT) -> dict[int, list[int]]:
     return readers
 
 
+def _producers(subgraph: schema.SubGraphT) -> dict[int, schema.OperatorT]:
+    return {int(tensor): op for op in subgraph.operators for tensor in op.outputs}
+
+
 def _axes_before(perm: np.ndarray, axes: np.ndarray) -> np.ndarray | None:
     """The axes of the transpose's input that ``axes`` of its output are, when the axes the mean
     keeps stay in the same order (so the mean's output is laid out the same); None otherwise."""
@@ -291,7 +295,7 @@ def averages_as_depthwise_convs(model: schema.ModelT) -> int:
     the conv or faster. The file grows by the ones and the zero bias (window x channels + 4 x channels
     bytes: 8.6 KB for a 2x2 pool over 1024 channels). Returns how many."""
     subgraph = model.subgraphs[0]
-    producers = {int(t): op for op in subgraph.operators for t in op.outputs}
+    producers = _producers(subgraph)
     operators, bypassed, rewritten = [], set(), 0
     for op in subgraph.operators:
         window = _average_window(model, op, producers)
@@ -455,7 +459,7 @@ def pads_as_rows(model: schema.ModelT) -> int:
     pool, and XNNPACK takes it. Every value stays as it was. Returns how many."""
     subgraph = model.subgraphs[0]
     readers = _readers(subgraph)
-    producers = {int(t): op for op in subgraph.operators for t in op.outputs}
+    producers = _producers(subgraph)
     convolutions = (schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D)
     pads = (schema.BuiltinOperator.PAD, schema.BuiltinOperator.PADV2)
     operators, rewritten = [], 0
@@ -474,7 +478,8 @@ def pads_as_rows(model: schema.ModelT) -> int:
                                     copy.deepcopy(padded.quantization))
         row_paddings = np.array([paddings[0], paddings[1], paddings[2] * c], dtype="<i4")
         op.opcodeIndex = operator_code_index(model, schema.BuiltinOperator.PAD)
-        op.inputs = [rows, append_tensor(model, [3, 2], schema.TensorType.INT32, b"row_paddings", data=row_paddings.tobytes())]
+        op.inputs = [rows, append_tensor(model, [3, 2], schema.TensorType.INT32, b"row_paddings",
+                                         data=row_paddings.tobytes())]
         op.builtinOptionsType, op.builtinOptions = schema.BuiltinOptions.PadOptions, schema.PadOptionsT()
         op.outputs = [padded_rows]
         operators += [_reshaped(model, source_index, rows), op, _reshaped(model, padded_rows, target)]

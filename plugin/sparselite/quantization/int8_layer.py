@@ -11,9 +11,9 @@ and mobilenet_v3_small's logits match their files to the bit.
 
 So here: the input's integers (it is on a learned grid), the weight folded with its BN and rounded as
 export folds and rounds it, the bias on its int32 grid, exact sums, and XNNPACK's multiplier, onto the
-chain's output grid (or the concatenation's, where the converter writes the layer onto it). The BN module still runs after the layer, so the result is mapped back in front of
-it: the BN brings it onto the grid value within float error, and the chain's output fake-quant rounds
-it there exactly. Training is untouched (batch statistics, float sums, straight-through gradients).
+chain's output grid (or the concatenation's, where the converter writes the layer onto it). The BN
+module still runs after the layer, so the result is mapped back in front of it: the BN brings it onto
+the grid value within float error, and the chain's output fake-quant rounds it there exactly. Training is untouched (batch statistics, float sums, straight-through gradients).
 """
 
 from __future__ import annotations
