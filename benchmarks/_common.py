@@ -95,7 +95,7 @@ def _recipe_schedule() -> dict[str, float]:
         "prune_begin": prune["begin_step"] / total,
         "prune_end": prune["end_step"] / total,
         "prune_updates": (prune["end_step"] - prune["begin_step"]) // prune["frequency"],
-        "qat_start": qat["start_step"] / total,
+        "qat_start": qat["begin_step"] / total,
         "qat_freeze": qat["freeze_step"] / total,
     }
 
@@ -127,7 +127,7 @@ class Compression:
         if self.qat:
             start = int(self.qat_start * steps)
             freeze = max(int(self.qat_freeze * steps), start + 1)
-            simulator = QuantizationSimulator(start_step=start, freeze_step=freeze)
+            simulator = QuantizationSimulator(begin_step=start, freeze_step=freeze)
             simulator.prepare(model)
         return pruner, simulator
 

@@ -113,7 +113,7 @@ class ChannelRecipe:
                 self.gmp.prepare(self.model)
             if self.qat and self.simulator is None:
                 start = int(QAT_START * self.steps)
-                self.simulator = QuantizationSimulator(start_step=start,
+                self.simulator = QuantizationSimulator(begin_step=start,
                                                        freeze_step=max(int(QAT_FREEZE * self.steps), start + 1))
                 self.simulator.prepare(self.model, (self.example,))  # functional ops (add, mul, cat) get ranges too
         if self.simulator is not None:
@@ -143,7 +143,7 @@ def train(model: torch.nn.Module, data: C.Data, steps: int, channels: float, uns
 
 
 def float_copy(model: torch.nn.Module) -> torch.nn.Module:
-    from sparselite.export.tflite import float_model_for_export
+    from sparselite.export.conversion import float_model_for_export
 
     return float_model_for_export(model)
 
@@ -201,7 +201,7 @@ def main() -> None:
         stem = (args.torchvision or "mobilenet") + "_" + name.replace(" ", "_").replace("%", "").replace("+", "plus")
         path = out_dir / f"{stem}_int8.tflite"
         with stdout_to_stderr():
-            report = export_tflite(model, example, path, verify_batches=[verify], min_agreement=0.0)
+            report = export_tflite(model, example, path, verify_data=[verify], min_agreement=0.0)
         accuracy = LiteRTModel(path).evaluate(loader)["accuracy"]
         rows.append({"name": name, "channels": ratio, "unstructured": unstructured, "macs": macs, "params": params,
                      "file_bytes": report.file_bytes, "xz_bytes": report.xz_bytes, "int8_test_acc": accuracy,

@@ -23,7 +23,7 @@ from torch import nn
 from benchmarks._common import environment, environment_line, fmt, quiet_logs, table, write_json
 from sparselite import export_tflite
 from sparselite.export import layout
-from sparselite.export.tflite import export_float_tflite
+from sparselite.export.conversion import export_float_tflite
 from sparselite.runtime.bench import interleaved_benchmark
 from sparselite.runtime.litert import xnnpack_delegated_ops
 from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model
@@ -168,7 +168,7 @@ def measure(name: str, size: int, rounds: int, runs: int, folder: Path) -> dict:
             files[f"fp32_{form}"] = folder / f"{name}_fp32_{form}.tflite"
             export_float_tflite(model, images[:1], files[f"fp32_{form}"])
             files[f"int8_{form}"] = folder / f"{name}_int8_{form}.tflite"
-            export_tflite(model, images[:1], files[f"int8_{form}"], calibration=[images], verify_batches=[images],
+            export_tflite(model, images[:1], files[f"int8_{form}"], calibration_data=[images], verify_data=[images],
                           min_agreement=0.0)
     latency = interleaved_benchmark({k: str(v) for k, v in files.items()}, threads=1, rounds=rounds, runs_per_round=runs)
     result = {"rewrite": name, "model": CASES[name].__name__, "size": size}

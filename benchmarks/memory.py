@@ -83,7 +83,7 @@ def _compressed_model(prune: bool, qat: bool, torchvision: str | None = None):
         pruner.prepare(model)
         pruner.step(1)  # one-shot to 80%: memory does not depend on how the zeros got there
     if qat:
-        simulator = QuantizationSimulator(start_step=0)
+        simulator = QuantizationSimulator(begin_step=0)
         simulator.prepare(model, (data.train_x[:1],))  # the example finds functional ops' sites (residual adds)
         model.train()
         with torch.no_grad():  # observe activation ranges on real batches
@@ -110,8 +110,8 @@ def child(what: str, fit_steps: int, torchvision: str | None = None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             report = export_tflite(model, held_out[0][:1], Path(tmp) / "model.tflite",
-                                   sparse=what != "export dense", verify_batches=held_out, min_agreement=0.0,
-                                   calibration=held_out if what == "export PTQ" else None)
+                                   sparse=what != "export dense", verify_data=held_out, min_agreement=0.0,
+                                   calibration_data=held_out if what == "export PTQ" else None)
             info["export_seconds"] = time.perf_counter() - t0
         info["file_bytes"] = report.file_bytes
     elif what == "fit + export":
@@ -127,7 +127,7 @@ def child(what: str, fit_steps: int, torchvision: str | None = None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             export = TFLiteExport(str(Path(tmp) / "model.tflite"), verify_batches=4, calibration_batches=0, min_agreement=0.0)
             callbacks = [GradualPruning(final_sparsity=0.8, begin_step=0, end_step=steps // 2, frequency=max(1, steps // 10)),
-                         QuantizationAwareTraining(start_step=steps // 2 + 1, freeze_step=steps - 1), export]
+                         QuantizationAwareTraining(begin_step=steps // 2 + 1, freeze_step=steps - 1), export]
             trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, callbacks=callbacks, logger=False,
                                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                                  limit_val_batches=4, val_check_interval=steps, num_sanity_val_steps=0, default_root_dir=tmp)

@@ -77,7 +77,7 @@ def schedule(steps: int) -> dict[str, int]:
     recipe = yaml.safe_load(RECIPE.read_text())
     callbacks = {c["class_path"].rsplit(".", 1)[-1]: c["init_args"] for c in recipe["trainer"]["callbacks"]}
     scaled = {f"prune_{k}": callbacks["GradualPruning"][k] for k in ("begin_step", "end_step", "frequency")}
-    scaled |= {f"qat_{k}": callbacks["QuantizationAwareTraining"][k] for k in ("start_step", "freeze_step")}
+    scaled |= {f"qat_{k}": callbacks["QuantizationAwareTraining"][k] for k in ("begin_step", "freeze_step")}
     return {k: max(1, round(v * steps / RECIPE_STEPS)) for k, v in scaled.items()}
 
 
@@ -99,7 +99,7 @@ def train(name: str, steps: int, batch_size: int):
         GradualPruning(final_sparsity=0.5, begin_step=s["prune_begin_step"], end_step=s["prune_end_step"],
                        frequency=s["prune_frequency"], min_params=256),
         # The ranges' moving-average constant follows the QAT window by default (3 / its steps).
-        QuantizationAwareTraining(start_step=s["qat_start_step"], freeze_step=s["qat_freeze_step"]),
+        QuantizationAwareTraining(begin_step=s["qat_begin_step"], freeze_step=s["qat_freeze_step"]),
     ]
     trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=callbacks, limit_val_batches=0)
@@ -150,7 +150,8 @@ def file_accuracy(path: Path, images: torch.Tensor, labels: torch.Tensor) -> flo
 def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict:
     from sparselite.data.fashion_mnist import load_split, resize_images
     from sparselite.export.parity import measure_noise_floor
-    from sparselite.export.tflite import export_float_tflite, export_tflite, float_model_for_export
+    from sparselite.export.conversion import export_float_tflite, float_model_for_export
+    from sparselite.export.tflite import export_tflite
     from sparselite.runtime.bench import interleaved_benchmark
 
     result: dict = {"model": name}
@@ -167,7 +168,7 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict:
     reset_peak_rss()  # the export's own peak, not training's
     start = time.perf_counter()
     try:
-        report = export_tflite(module, example, int8, calibration=[calibration], verify_batches=[test_x[: args.verify]],
+        report = export_tflite(module, example, int8, calibration_data=[calibration], verify_data=[test_x[: args.verify]],
                                min_agreement=0.0, float_fallback="xnnpack")
     except Exception as err:  # the table reports it; the other models still run
         result["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"

@@ -152,7 +152,7 @@ def run_pattern(pattern: str, sparsity: float, base: torch.nn.Module, data: C.Da
         paths[kind] = out_dir / f"mobilenet_{pattern.replace(':', 'of')}_{kind}_int8.tflite"
         start = time.perf_counter()
         with stdout_to_stderr():
-            reports[kind] = export_tflite(model, example, paths[kind], verify_batches=verify, min_agreement=0.0, sparse=sparse)
+            reports[kind] = export_tflite(model, example, paths[kind], verify_data=verify, min_agreement=0.0, sparse=sparse)
         export_s[kind] = time.perf_counter() - start
     dense, sparse_r = reports["dense"], reports["sparse"]
     result["export_seconds"] = export_s

@@ -83,7 +83,7 @@ def core_benchmark(data: C.Data, args) -> dict:
             pruner = MagnitudePruner(schedule, pattern=args.pattern)
             pruner.prepare(model)
         if qat:
-            simulator = QuantizationSimulator(start_step=0)
+            simulator = QuantizationSimulator(begin_step=0)
             simulator.prepare(model)
         return Stepper(model, data, args.batch_size, total, pruner, simulator)
 
@@ -160,7 +160,7 @@ def lightning_benchmark(data: C.Data, args) -> dict:
             if name != "without callbacks":
                 callbacks += [GradualPruning(final_sparsity=0.8, begin_step=0, end_step=1000, frequency=args.prune_frequency,
                                              pattern=args.pattern),
-                              QuantizationAwareTraining(start_step=0)]
+                              QuantizationAwareTraining(begin_step=0)]
             trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, callbacks=callbacks, logger=False,
                                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                                  limit_val_batches=0, num_sanity_val_steps=0)
@@ -216,7 +216,7 @@ def main() -> None:
     if args.lightning:
         lit = lightning_benchmark(data, args)
         print(f"\nLightning: Trainer.fit(ImageClassifier(MobileNetLite)) with vs without GradualPruning + "
-              f"QuantizationAwareTraining(start_step=0); {args.lightning_rounds} interleaved fits x {args.lightning_steps} timed steps each\n")
+              f"QuantizationAwareTraining(begin_step=0); {args.lightning_rounds} interleaved fits x {args.lightning_steps} timed steps each\n")
         rows = [[name, f"{lit[name]['median_ms']:.1f}", f"{lit[name]['mean_ms']:.1f}", lit[name]["steps_timed"]]
                 for name in ("without callbacks", "GradualPruning + QAT")]
         print(C.table(["trainer", "median ms", "mean ms", "steps"], rows))

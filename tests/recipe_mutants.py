@@ -33,7 +33,7 @@ def base_pair(root_dir: Path) -> tuple[dict, dict]:
     recipe = {"trainer": {"callbacks": [
         {"class_path": "sparselite.GradualPruning",
          "init_args": {"final_sparsity": 0.5, "begin_step": 0, "end_step": 2, "frequency": 1}},
-        {"class_path": "sparselite.QuantizationAwareTraining", "init_args": {"start_step": 1, "freeze_step": 2}},
+        {"class_path": "sparselite.QuantizationAwareTraining", "init_args": {"begin_step": 1, "freeze_step": 2}},
     ]}}
     return config, recipe
 

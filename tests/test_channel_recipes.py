@@ -14,7 +14,7 @@ from test_cli import CONFIG, ROOT, assert_one_line_error, run_cli
 
 SMALL_RUN = ["--trainer.val_check_interval", "20", "--trainer.limit_val_batches", "2",
              "--data.init_args.train_subset", "1280", "--data.init_args.batch_size", "64"]
-STEP_KEYS = ("begin_step", "end_step", "frequency", "start_step", "freeze_step")
+STEP_KEYS = ("begin_step", "end_step", "frequency", "freeze_step")
 
 
 def scaled_recipe(name: str, tmp_path: Path, factor: int = 25) -> tuple[Path, Path]:

@@ -153,7 +153,7 @@ def test_fit_then_export_round_trip(tmp_path):
                 frequency: 5
             - class_path: sparselite.QuantizationAwareTraining
               init_args:
-                start_step: 6
+                begin_step: 6
                 freeze_step: 18
     """))
     root = tmp_path / "run"
@@ -210,13 +210,13 @@ def assert_quiet(result: subprocess.CompletedProcess) -> None:
     assert "LiteRT-Torch Convert" not in result.stdout + result.stderr
 
 
-def test_allow_float_ops_takes_an_optional_runtime():
+def test_float_fallback_takes_an_optional_runtime():
     from sparselite.cli import _parser
 
     def parsed(*flags):
-        return _parser().parse_args(["export", "run.ckpt", *flags]).allow_float_ops
+        return _parser().parse_args(["export", "run.ckpt", *flags]).float_fallback
 
-    assert (parsed(), parsed("--allow-float-ops"), parsed("--allow-float-ops", "xnnpack")) == (False, True, "xnnpack")
+    assert (parsed(), parsed("--float-fallback"), parsed("--float-fallback", "xnnpack")) == (False, True, "xnnpack")
     with pytest.raises(SystemExit) as info:
-        parsed("--allow-float-ops", "gpu")
+        parsed("--float-fallback", "gpu")
     assert info.value.code == 2

@@ -24,7 +24,7 @@ plain.register_forward_hook(functools.partial(print, "plain"))  # the process's 
 torch.manual_seed(0)
 model = MobileNetLite(blocks=((16, 1), (32, 2)))
 x = torch.randn(8, 1, 28, 28)
-QuantizationSimulator(start_step=0).prepare(model, (x[:1],))
+QuantizationSimulator(begin_step=0).prepare(model, (x[:1],))
 model.train()
 with torch.no_grad():
     for _ in range(3):

@@ -20,7 +20,7 @@ def masks_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def compression_callbacks() -> list:
     return [
         GradualPruning(final_sparsity=0.75, begin_step=2, end_step=20, frequency=3, min_params=100),
-        QuantizationAwareTraining(start_step=4, freeze_step=18, averaging_constant=0.1),
+        QuantizationAwareTraining(begin_step=4, freeze_step=18, averaging_constant=0.1),
     ]
 
 

@@ -15,6 +15,7 @@ allow_torchvision_without_ops()
 
 _PUBLIC = {
     "ChannelPruning": "sparselite.pruning.channel_callback",
+    "Distillation": "sparselite.distillation.callback",
     "ExportReport": "sparselite.export.report",
     "GradualPruning": "sparselite.pruning.callback",
     "LiteRTModel": "sparselite.runtime.litert",
@@ -27,6 +28,7 @@ __all__ = sorted([*_PUBLIC, "SparseliteError"])
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from sparselite.distillation.callback import Distillation
     from sparselite.export.callback import TFLiteExport
     from sparselite.pruning.channel_callback import ChannelPruning
     from sparselite.export.report import ExportReport

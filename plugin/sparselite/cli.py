@@ -8,7 +8,6 @@ Bad input of any kind ends in one line on stderr and exit code 2, before trainin
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 from sparselite.errors import SparseliteError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+# Recipe keys that were renamed (one name per option across the callbacks): old -> new.
+RENAMED_KEYS = {"start_step": "begin_step"}
 VERBOSE_FLAGS = ("-v", "--verbose")
 
 
@@ -67,6 +68,9 @@ def _explain(err: BaseException) -> str:
     Expected a <class 'float'>. Got value: abc'), joined onto one line."""
     if (cause := _sparselite_cause(err)) is not None:
         return str(cause)
+    for old, new in RENAMED_KEYS.items():
+        if f'"{old}"' in str(err) or f"'{old}'" in str(err):
+            return f"{old} is now named {new} (every scheduled callback takes begin_step/end_step); rename it in the recipe"
     for inner in reversed(_causes(err)):
         text = str(inner)
         if text.startswith(("Problem with given class_path", "Parser key")) and "Does not validate against any" not in text:
@@ -85,25 +89,18 @@ def export_command(ns: argparse.Namespace) -> None:
     """Rebuild the run from its config, restore the checkpoint (masks, ranges), export."""
     from sparselite.export.destination import check_destination
     from sparselite.export.from_loader import export_from_loader
+    from sparselite.export.options import ExportOptions
     from sparselite.export.report import report_path
     from sparselite.lightning_cli import restore_run
-    from sparselite.pruning.channel_callback import ChannelPruning, example_inputs
+    from sparselite.pruning.channel_callback import ChannelPruning
 
+    options = ExportOptions(**{name: getattr(ns, name) for name in ExportOptions.names()})
     check_destination(ns.output, report_path(ns.output))  # before the checkpoint is loaded and the export runs
     run = restore_run(ns.checkpoint, ns.config)
     run.datamodule.setup("validate")
-    report = export_from_loader(run.module, run.datamodule.val_dataloader(), ns.output, verify_batches=ns.verify_batches,
-                                calibration_batches=ns.calibration_batches, io_dtype=ns.io_dtype,
-                                sparse=not ns.no_sparse, gpu_check=ns.gpu_check, require_gpu=ns.require_gpu,
-                                float_fallback=ns.allow_float_ops)
     channel = run.callback(ChannelPruning)
-    if channel is not None and channel.pruner.shrunk:
-        from sparselite.export.channel_report import compare_with_unpruned
-
-        batches = [x for x, _ in itertools.islice(run.datamodule.val_dataloader(), ns.verify_batches + ns.calibration_batches)]
-        report.channels = compare_with_unpruned(channel.pruner, example_inputs(run.module), ns.output,
-                                                batches[ns.verify_batches:] or batches[:1])
-        report.save(report_path(ns.output))
+    report = export_from_loader(run.module, run.datamodule.val_dataloader(), ns.output, options,
+                                channel_pruner=None if channel is None else channel.pruner)
     print(report.summary())
 
 
@@ -122,7 +119,7 @@ def shrink_command(ns: argparse.Namespace) -> None:
     if any(key.endswith(("sparselite_output_quant.min_max", "sparselite_input_quant.min_max")) and bool(torch.isfinite(value).all())
            for key, value in state.items()):
         raise SparseliteError(f"{ns.checkpoint} already holds learned QAT ranges; channels are removed before QAT starts "
-                              "(shrink a checkpoint saved before QuantizationAwareTraining's start_step)")
+                              "(shrink a checkpoint saved before QuantizationAwareTraining's begin_step)")
     pruner = channel.pruner
     with without_fake_quant(run.callbacks, run.module):
         before = pruner.size()
@@ -206,6 +203,44 @@ def demo_command(ns: argparse.Namespace) -> None:
     run_demo(out_dir=Path(ns.out), retrain_baseline=ns.retrain_baseline, channels=ns.channels)
 
 
+def _optional_count(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+# Help for each ExportOptions field; the flag is the field's name with '-' for '_'.
+EXPORT_OPTION_HELP = {
+    "io_dtype": "the model's input/output type",
+    "sparse": "store pruned weights in TFLite's sparse format where that saves bytes (--no-sparse: dense)",
+    "verify_batches": "validation batches the file is checked on; 'none' skips the parity check",
+    "calibration_batches": "further validation batches that calibrate ranges QAT did not learn",
+    "min_agreement": "top-1 agreement with the torch model below which the export fails",
+    "gpu_check": "add a GPU compatibility report",
+    "require_gpu": "fail unless every op runs on the GPU accelerator",
+    "float_fallback": "keep ops with no int8 TFLite kernel in float (mixed precision; listed in the report); "
+                      "'--float-fallback xnnpack' also the modules whose int8 ops XNNPACK does not run (LayerNorm, attention)",
+}
+
+
+def _add_export_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per ExportOptions field, by the same name, with the same default."""
+    from sparselite.export.options import IO_DTYPES, ExportOptions
+
+    defaults = ExportOptions()
+    kinds = {
+        "io_dtype": {"choices": IO_DTYPES},
+        "sparse": {"action": argparse.BooleanOptionalAction},
+        "verify_batches": {"type": _optional_count},
+        "calibration_batches": {"type": int},
+        "min_agreement": {"type": float},
+        "gpu_check": {"action": "store_true"},
+        "require_gpu": {"action": "store_true"},
+        "float_fallback": {"nargs": "?", "const": True, "choices": ("xnnpack",)},
+    }
+    for name in ExportOptions.names():
+        parser.add_argument(f"--{name.replace('_', '-')}", default=getattr(defaults, name), help=EXPORT_OPTION_HELP[name],
+                            **kinds[name])
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparselite", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -218,16 +253,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("-c", "--config", action="append", help="run config(s); default: the config.yaml LightningCLI saved next to the checkpoint")
     p.add_argument("-o", "--output", default="model.tflite")
-    p.add_argument("--io-dtype", choices=("float32", "int8"), default="float32")
-    p.add_argument("--no-sparse", action="store_true", help="keep pruned weights in dense storage")
-    p.add_argument("--verify-batches", type=int, default=8)
-    p.add_argument("--calibration-batches", type=int, default=8)
-    p.add_argument("--gpu-check", action="store_true", help="add a GPU compatibility report")
-    p.add_argument("--require-gpu", action="store_true", help="fail unless every op runs on the GPU accelerator")
-    p.add_argument("--allow-float-ops", nargs="?", const=True, default=False, choices=("xnnpack",),
-                   help="keep ops with no int8 TFLite kernel in float (mixed precision; listed in the report); "
-                        "'--allow-float-ops xnnpack' also the modules whose int8 ops XNNPACK does not run "
-                        "(LayerNorm, attention)")
+    _add_export_options(p)
     p.set_defaults(func=export_command)
 
     p = sub.add_parser("shrink", help="remove the channels a ChannelPruning run masked; write a smaller checkpoint")

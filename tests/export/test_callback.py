@@ -23,7 +23,7 @@ def test_fit_ends_with_the_file_and_its_report(tmp_path, fmnist_train, fmnist_he
     module = ImageClassifier(tiny_mobilenet(), lr=5e-3)
     path = tmp_path / "out" / "model.tflite"
     export = TFLiteExport(str(path), verify_batches=2, calibration_batches=1, min_agreement=0.0)
-    _trainer([QuantizationAwareTraining(start_step=2), export]).fit(
+    _trainer([QuantizationAwareTraining(begin_step=2), export]).fit(
         module, make_loader(fmnist_train, 256), make_loader(fmnist_heldout, 128))
     assert path.is_file() and export.report.file_bytes == path.stat().st_size
     saved = json.loads(path.with_suffix(".json").read_text())
@@ -40,7 +40,9 @@ def test_fit_without_validation_data_is_a_clear_error(tmp_path, fmnist_train):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"io_dtype": "uint8"}, "io_dtype='uint8'"),
-    ({"verify_batches": 0}, "verify_batches must be >= 1"),
+    ({"verify_batches": 0}, "verify_batches=0 must be a whole number >= 1, or None"),
+    ({"min_agreement": 2}, "min_agreement=2 must be a number in"),
+    ({"float_fallback": "gpu"}, "float_fallback='gpu' must be"),
     ({"path": "model.onnx"}, "should end in .tflite"),
 ])
 def test_invalid_arguments_fail_at_construction(kwargs, message):

@@ -9,7 +9,7 @@ from torch import nn
 from model_blocks import DenseBlock, conv_bn
 from sparselite import export_tflite
 from sparselite.export.islands import int8_ops_xnnpack_leaves_out
-from sparselite.export.tflite import _quantize_and_convert, float_model_for_export
+from sparselite.export.conversion import convert_with_ranges, float_model_for_export
 from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model
 
 
@@ -31,7 +31,7 @@ class ClampToTwo(nn.Module):
 def test_strict_export_notes_the_int8_ops_xnnpack_leaves_out(fmnist_train, tmp_path):
     model = ClampToTwo().eval()
     images = fmnist_train[0][:64]
-    report = export_tflite(model, images[:1], tmp_path / "m.tflite", calibration=[images], verify_batches=[images])
+    report = export_tflite(model, images[:1], tmp_path / "m.tflite", calibration_data=[images], verify_data=[images])
     file = read_model(tmp_path / "m.tflite")
     ops = {builtin_name(builtin_code(file, op)) for op in file.subgraphs[0].operators}
     assert "MINIMUM" in ops and report.float_islands == []
@@ -45,7 +45,7 @@ def test_a_concatenation_export_splits_for_xnnpack_is_not_reported_left_out(fmni
     model = nn.Sequential(conv_bn(1, 8, 3, 2), DenseBlock(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
     images = fmnist_train[0][:32]
     float_model = float_model_for_export(model)
-    model_t, _ = _quantize_and_convert(float_model, (images[:1],), {}, [images], frozenset())
+    model_t, _ = convert_with_ranges(float_model, (images[:1],), {}, [images], frozenset())
     assert any(len(op.inputs) > 5 for op in model_t.subgraphs[0].operators)  # the converter's one wide concatenation
     assert int8_ops_xnnpack_leaves_out(model_t, float_model) == []
 
@@ -70,7 +70,7 @@ def test_strict_export_names_ops_with_no_int8_form_before_asking_for_calibration
 
     images = fmnist_train[0][:32]
     model = _NoInt8Forms()
-    simulator = QuantizationSimulator(start_step=0)
+    simulator = QuantizationSimulator(begin_step=0)
     simulator.prepare(model, (images[:1],))
     model.train()
     simulator.step(0)

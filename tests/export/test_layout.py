@@ -16,7 +16,7 @@ from sparselite.export.layout import (
     _axes_before, averages_as_depthwise_convs, crop_kernels_to_their_input, fold_transposes_into_means, fuse_activations_into_transpose_convs, nearest_upsampling_as_depth_to_space,
     pads_as_rows, split_wide_concatenations,
 )
-from sparselite.export.tflite import _quantize_and_convert, float_model_for_export
+from sparselite.export.conversion import convert_with_ranges, float_model_for_export
 from sparselite.runtime.litert import LiteRTModel
 from sparselite.tflite.flatbuffer import builtin_code, read_model, write_model
 
@@ -82,7 +82,7 @@ def _count(model_t, code: int) -> int:
 
 
 def _int8_file(model: nn.Module, calibration: torch.Tensor, ranges: dict | None = None):
-    return _quantize_and_convert(float_model_for_export(model), (calibration[:1],), ranges or {}, [calibration])[0]
+    return convert_with_ranges(float_model_for_export(model), (calibration[:1],), ranges or {}, [calibration])[0]
 
 
 def _converted_file(model: nn.Module, x: torch.Tensor, precision: str):

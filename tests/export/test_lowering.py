@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sparselite.export.lowering import lower_for_litert, needs_lowering
-from sparselite.export.tflite import export_float_tflite
+from sparselite.export.conversion import export_float_tflite
 from sparselite.runtime.litert import LiteRTModel
 from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model
 

@@ -20,7 +20,7 @@ from ai_edge_litert.schema_py_generated import TensorType
 from conftest import xnnpack_partitions
 from model_blocks import GRUClassifier, KeywordSpotter, TransformerBlockNet, family_models
 from sparselite import SparseliteError, export_tflite
-from sparselite.export.tflite import export_float_tflite
+from sparselite.export.conversion import export_float_tflite
 from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model
 from sparselite.quantization.qat import QuantizationSimulator
 
@@ -52,7 +52,7 @@ def models() -> dict[str, Callable[[], torch.nn.Module]]:
 def train_with_qat(model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> torch.nn.Module:
     images, labels = data
     # A 100-step QAT phase: the ranges' moving average must keep up with it (0.01 suits ~300 steps).
-    simulator = QuantizationSimulator(start_step=QAT_START, averaging_constant=0.1)
+    simulator = QuantizationSimulator(begin_step=QAT_START, averaging_constant=0.1)
     simulator.prepare(model, (images[:1],))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for step in range(STEPS):
@@ -89,7 +89,7 @@ def test_family_block_exports_fully_int8(family, fmnist_train, fmnist_heldout, t
     model = train_with_qat(models()[family](), fmnist_train)
     path = tmp_path / f"{family}.tflite"
     images = fmnist_heldout[0]
-    report = export_tflite(model, images[:1], path, verify_batches=[images], min_agreement=0.0)
+    report = export_tflite(model, images[:1], path, verify_data=[images], min_agreement=0.0)
 
     types = op_tensor_types(path)
     assert FAMILY_OPS[family] <= set(types), f"missing ops: {FAMILY_OPS[family] - set(types)}"
@@ -127,7 +127,7 @@ def test_each_family_block_computes_what_the_file_computes(family, fmnist_train,
     model = train_with_qat(models()[family](), fmnist_train)
     images = fmnist_heldout[0]
     path = tmp_path / f"{family}.tflite"
-    report = export_tflite(model, images[:1], path, verify_batches=[images], min_agreement=0.0)
+    report = export_tflite(model, images[:1], path, verify_data=[images], min_agreement=0.0)
     reference, _ = fake_quant_reference(model)
     with torch.no_grad():
         expected = reference(images).numpy()
@@ -141,8 +141,8 @@ def test_transformer_block_exports_fully_int8_or_float_where_xnnpack_has_no_int8
     torch.manual_seed(0)
     model = train_with_qat(TransformerBlockNet(), fmnist_train)
     images = fmnist_heldout[0]
-    report = export_tflite(model, images[:1], tmp_path / "vit.tflite", calibration=[fmnist_train[0][:256]],
-                           verify_batches=[images], min_agreement=0.0)
+    report = export_tflite(model, images[:1], tmp_path / "vit.tflite", calibration_data=[fmnist_train[0][:256]],
+                           verify_data=[images], min_agreement=0.0)
     types = op_tensor_types(tmp_path / "vit.tflite")
     assert {"RSQRT", "BATCH_MATMUL", "SOFTMAX", "GELU"} <= set(types)
     assert all(TensorType.FLOAT32 not in t for op, t in types.items() if op not in ("QUANTIZE", "DEQUANTIZE"))
@@ -153,7 +153,7 @@ def test_transformer_block_exports_fully_int8_or_float_where_xnnpack_has_no_int8
 
     # XNNPACK has no int8 kernel for RSQRT, SOFTMAX or BATCH_MATMUL: 'xnnpack' keeps those modules float.
     fallback = tmp_path / "vit_xnnpack.tflite"
-    mixed = export_tflite(model, images[:1], fallback, calibration=[fmnist_train[0][:256]], verify_batches=[images],
+    mixed = export_tflite(model, images[:1], fallback, calibration_data=[fmnist_train[0][:256]], verify_data=[images],
                           float_fallback="xnnpack")  # the default gate
     types = op_tensor_types(fallback)
     assert all(types[op] == {TensorType.FLOAT32} for op in ("RSQRT", "SOFTMAX", "BATCH_MATMUL"))
@@ -169,9 +169,9 @@ def test_gru_exports_with_float_fallback_and_lists_its_islands(fmnist_train, fmn
     images = fmnist_heldout[0]
     path = tmp_path / "gru.tflite"
     with pytest.raises(SparseliteError, match="no int8 TFLite kernel") as info:
-        export_tflite(model, images[:1], path, calibration=[fmnist_train[0][:256]], verify_batches=[images])
+        export_tflite(model, images[:1], path, calibration_data=[fmnist_train[0][:256]], verify_data=[images])
     assert "(gru" in str(info.value) and not path.exists()
-    report = export_tflite(model, images[:1], path, calibration=[fmnist_train[0][:256]], verify_batches=[images],
+    report = export_tflite(model, images[:1], path, calibration_data=[fmnist_train[0][:256]], verify_data=[images],
                            min_agreement=0.0, float_fallback=True)
     types = op_tensor_types(path)
     floats = {op for op, t in types.items() if TensorType.FLOAT32 in t and op not in ("QUANTIZE", "DEQUANTIZE")}

@@ -137,10 +137,10 @@ def test_upstream_xnnpack_does_not_delegate_int8_hardswish(monkeypatch, tmp_path
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 8, 1), nn.Hardswish(), nn.Conv2d(8, 8, 1)).eval()
     x = torch.randn(16, 8, 8, 8)
-    export_tflite(model, x[:1], tmp_path / "rewritten.tflite", calibration=[x])
+    export_tflite(model, x[:1], tmp_path / "rewritten.tflite", calibration_data=[x])
     assert xnnpack_partitions(tmp_path / "rewritten.tflite") == 1
     monkeypatch.delitem(quantizer._DECOMPOSITIONS, "hardswish")
-    export_tflite(model, x[:1], tmp_path / "stock.tflite", calibration=[x])
+    export_tflite(model, x[:1], tmp_path / "stock.tflite", calibration_data=[x])
     assert xnnpack_partitions(tmp_path / "stock.tflite") == 2
 
 

@@ -44,7 +44,7 @@ def test_functional_ops_and_hardsigmoid_insides_take_learned_or_derived_ranges()
     """A residual add and a squeeze-excite multiply get the ranges their call sites learned in training;
     the inside of the decomposed hardsigmoid (x + 3, its clamp, * 1/6) follows by interval arithmetic."""
     from model_blocks import BasicResidual, BlockNet, SqueezeExcite
-    from sparselite.export.tflite import float_model_for_export
+    from sparselite.export.conversion import float_model_for_export
     from sparselite.quantization.qat import QuantizationSimulator, learned_ranges
 
     torch.manual_seed(0)
@@ -67,7 +67,7 @@ def test_in_place_ops_take_ranges_like_their_out_of_place_forms():
     """``nn.Dropout(inplace=True)`` (torchvision's classifiers) stays in the eval graph as ``aten.dropout_``,
     ``nn.ReLU(inplace=True)`` as ``aten.relu_``, ``x += y`` as ``aten.add_``: each quantizes as its
     out-of-place kind, so no range is left to calibration."""
-    from sparselite.export.tflite import float_model_for_export
+    from sparselite.export.conversion import float_model_for_export
     from sparselite.quantization.qat import QuantizationSimulator, learned_ranges
 
     class InPlace(nn.Module):

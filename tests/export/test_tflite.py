@@ -34,7 +34,7 @@ def trained(fmnist_train, tmp_path_factory):
     model = MobileNetLite(stem_channels=16, blocks=((32, 1), (64, 2)))
     module = ImageClassifier(model, lr=2e-2)
     callbacks = [GradualPruning(final_sparsity=0.7, begin_step=0, end_step=90, frequency=10, min_params=200),
-                 QuantizationAwareTraining(start_step=60, freeze_step=210, averaging_constant=0.05)]
+                 QuantizationAwareTraining(begin_step=60, freeze_step=210, averaging_constant=0.05)]
     trainer = pl.Trainer(accelerator="cpu", max_steps=240, callbacks=callbacks, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, make_loader(fmnist_train, 2048, batch_size=64))  # 32 batches per epoch
@@ -54,7 +54,7 @@ def heldout_batches(fmnist_heldout):
 @pytest.fixture(scope="module")
 def exported(trained, heldout_batches, tmp_path_factory):
     path = tmp_path_factory.mktemp("export") / "model.tflite"
-    report = export_tflite(trained, torch.zeros(1, 1, 28, 28), path, verify_batches=heldout_batches)
+    report = export_tflite(trained, torch.zeros(1, 1, 28, 28), path, verify_data=heldout_batches)
     return path, report
 
 
@@ -142,7 +142,7 @@ def test_training_module_is_left_untouched(trained):
 
 def test_int8_io_variant(trained, exported, heldout_batches, tmp_path):
     path = tmp_path / "model_int8.tflite"
-    report = export_tflite(trained, torch.zeros(1, 1, 28, 28), path, io_dtype="int8", verify_batches=heldout_batches[:1])
+    report = export_tflite(trained, torch.zeros(1, 1, 28, 28), path, io_dtype="int8", verify_data=heldout_batches[:1])
     assert report.io_dtype == "int8" and report.parity.top1_agreement >= 0.98
     model = LiteRTModel(path)
     assert model.input_dtype == np.int8 and model.output_dtype == np.int8
@@ -169,8 +169,8 @@ def test_plain_module_without_qat_needs_calibration(float_module, tmp_path):
 
 def test_plain_module_with_calibration(float_module, fmnist_train, heldout_batches, tmp_path):
     path = tmp_path / "m.tflite"
-    report = export_tflite(float_module, torch.zeros(1, 1, 28, 28), path, calibration=[fmnist_train[0][:64]],
-                           verify_batches=heldout_batches[:2])
+    report = export_tflite(float_module, torch.zeros(1, 1, 28, 28), path, calibration_data=[fmnist_train[0][:64]],
+                           verify_data=heldout_batches[:2])
     assert path.is_file()
     assert report.ranges_learned == 0 and report.ranges_calibrated > 0
     assert report.parity.reference == "float" and report.parity.examples == 256
@@ -191,11 +191,11 @@ def test_op_that_cannot_be_int8_fails_and_writes_nothing(fmnist_train, tmp_path)
     path = tmp_path / "model.tflite"
     old = write_old_file(path)
     with pytest.raises(SparseliteError, match="no int8 TFLite kernel") as info:
-        export_tflite(GRUClassifier(hidden=8).eval(), torch.zeros(1, 1, 28, 28), path, calibration=[fmnist_train[0][:8]])
+        export_tflite(GRUClassifier(hidden=8).eval(), torch.zeros(1, 1, 28, 28), path, calibration_data=[fmnist_train[0][:8]])
     message = str(info.value)
     # Each op type once, with the user's module name (the GRU), and the way out; one line.
     assert "\n" not in message and "(gru" in message and message.count("TANH") == 1
-    assert "--allow-float-ops" in message
+    assert "--float-fallback" in message
     assert (path.read_bytes(), path.stat().st_mtime_ns) == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.tflite"]  # no temp files left behind
 
@@ -208,8 +208,8 @@ def test_failed_verification_leaves_the_old_file_untouched(trained, heldout_batc
     # Calibrated on blank images, the input range is [0, 0]: the int8 file sees every image as near-blank
     # and cannot follow the float model.
     with pytest.raises(SparseliteError, match="nothing was written") as info:
-        export_tflite(float_trained, torch.zeros(1, 1, 28, 28), path, calibration=[torch.zeros(8, 1, 28, 28)],
-                      verify_batches=heldout_batches[:1], min_agreement=0.9)
+        export_tflite(float_trained, torch.zeros(1, 1, 28, 28), path, calibration_data=[torch.zeros(8, 1, 28, 28)],
+                      verify_data=heldout_batches[:1], min_agreement=0.9)
     assert "agrees with the torch model on only" in str(info.value)
     assert "at which XNNPACK and TFLite's builtin kernels agree" in str(info.value)  # broken on both: no floor hides it
     assert (path.read_bytes(), path.stat().st_mtime_ns) == old
@@ -219,7 +219,7 @@ def test_failed_verification_leaves_the_old_file_untouched(trained, heldout_batc
 def test_successful_export_replaces_an_old_file(float_module, fmnist_train, tmp_path):
     path = tmp_path / "model.tflite"
     write_old_file(path)
-    export_tflite(float_module, torch.zeros(1, 1, 28, 28), path, calibration=[fmnist_train[0][:16]])
+    export_tflite(float_module, torch.zeros(1, 1, 28, 28), path, calibration_data=[fmnist_train[0][:16]])
     LiteRTModel(path)  # the new file, loadable
     assert path.read_bytes()[4:8] == b"TFL3"
 
@@ -228,11 +228,13 @@ def test_successful_export_replaces_an_old_file(float_module, fmnist_train, tmp_
     (dict(io_dtype="int16"), "io_dtype='int16'"),
     (dict(min_agreement=1.01), "min_agreement=1.01"),
     (dict(min_agreement=-0.1), "min_agreement=-0.1"),
-    (dict(verify_batches=[]), "verify_batches was empty"),
+    (dict(verify_data=[]), "verify_data gave no batches"),
+    (dict(verify_batches=[torch.zeros(1, 1, 28, 28)]), "verify_batches=.* must be a whole number"),
+    (dict(calibration=[torch.zeros(1, 1, 28, 28)]), r"unknown export option\(s\) \['calibration'\]"),
 ])
 def test_argument_validation(float_module, fmnist_train, tmp_path, kwargs, message):
     path = tmp_path / "model.tflite"
-    kwargs.setdefault("calibration", [fmnist_train[0][:4]])
+    kwargs.setdefault("calibration_data", [fmnist_train[0][:4]])
     with pytest.raises(SparseliteError, match=message):
         export_tflite(float_module, torch.zeros(1, 1, 28, 28), path, **kwargs)
     assert not path.exists()
@@ -249,7 +251,7 @@ class DataDependent(nn.Module):
 
 def test_untraceable_model_is_a_user_error_with_its_cause(tmp_path):
     with pytest.raises(SparseliteError, match="torch.export cannot trace this model") as info:
-        export_tflite(DataDependent(), torch.ones(1, 4), tmp_path / "m.tflite", calibration=[torch.ones(2, 4)])
+        export_tflite(DataDependent(), torch.ones(1, 4), tmp_path / "m.tflite", calibration_data=[torch.ones(2, 4)])
     assert info.value.__cause__ is not None  # the API keeps torch's error; the CLI prints one line
 
 
@@ -263,17 +265,17 @@ def test_a_model_whose_output_verification_cannot_run_is_refused_before_the_conv
             return {"out": self.fc(x), "aux": x}
 
     with pytest.raises(SparseliteError, match=r"one tensor output, but forward returned a dict with keys \['aux', 'out'\]"):
-        export_tflite(TwoHeads(), torch.ones(1, 4), tmp_path / "m.tflite", calibration=[torch.ones(2, 4)],
-                      verify_batches=[torch.ones(2, 4)])
+        export_tflite(TwoHeads(), torch.ones(1, 4), tmp_path / "m.tflite", calibration_data=[torch.ones(2, 4)],
+                      verify_data=[torch.ones(2, 4)])
     assert not (tmp_path / "m.tflite").exists()
 
 
 def test_a_bug_in_sparselite_keeps_its_own_type_and_traceback(float_module, monkeypatch, tmp_path):
-    from sparselite.export import tflite
+    from sparselite.export import conversion
 
     def broken(*args, **kwargs):
         raise KeyError("a sparselite bug")
 
-    monkeypatch.setattr(tflite, "quantize_pt2e", broken)
+    monkeypatch.setattr(conversion, "quantize_pt2e", broken)
     with pytest.raises(KeyError, match="a sparselite bug"):
-        export_tflite(float_module, torch.zeros(1, 1, 28, 28), tmp_path / "m.tflite", calibration=[torch.zeros(2, 1, 28, 28)])
+        export_tflite(float_module, torch.zeros(1, 1, 28, 28), tmp_path / "m.tflite", calibration_data=[torch.zeros(2, 1, 28, 28)])

@@ -25,7 +25,7 @@ def recipe() -> list:
     return [
         ChannelPruning(final_sparsity=0.5, begin_step=0, end_step=CHANNEL_END, frequency=2),
         GradualPruning(final_sparsity=0.5, begin_step=6, end_step=14, frequency=2, min_params=100),
-        QuantizationAwareTraining(start_step=8, freeze_step=20, averaging_constant=0.1),
+        QuantizationAwareTraining(begin_step=8, freeze_step=20, averaging_constant=0.1),
     ]
 
 
@@ -43,8 +43,8 @@ def composed_run(tmp_path_factory, fmnist_train):
     trainer.fit(module, make_loader(fmnist_train, 256))
     images = fmnist_train[0]
     # 24 training steps: on 64 examples a flip or two of near-tied predictions is noise, not a broken export.
-    report = export_tflite(module, images[:1], tmp_path / "model.tflite", calibration=[images[256:288]],
-                           verify_batches=[images[288:352]], min_agreement=0.9)
+    report = export_tflite(module, images[:1], tmp_path / "model.tflite", calibration_data=[images[256:288]],
+                           verify_data=[images[288:352]], min_agreement=0.9)
     return trainer, module, callbacks, report, tmp_path
 
 
@@ -103,9 +103,9 @@ def test_resume_matches_uninterrupted_run_exactly(tmp_path, fmnist_train, resume
 
 def test_qat_starting_before_the_channels_are_removed_is_refused(tmp_path, fmnist_train):
     module = ImageClassifier(tiny_mobilenet())
-    callbacks = [ChannelPruning(end_step=10, frequency=5), QuantizationAwareTraining(start_step=5)]
+    callbacks = [ChannelPruning(end_step=10, frequency=5), QuantizationAwareTraining(begin_step=5)]
     trainer = make_trainer(tmp_path, 2, callbacks)
-    with pytest.raises(SparseliteError, match="set start_step > 10"):
+    with pytest.raises(SparseliteError, match="set begin_step > 10"):
         trainer.fit(module, make_loader(fmnist_train, 64))
 
 

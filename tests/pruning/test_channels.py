@@ -192,6 +192,6 @@ def test_shrunk_residual_and_concat_nets_export_to_int8(tmp_path, family, fmnist
     model = randomize_batchnorm(FAMILIES[family]()).eval()
     pruned(model).shrink()
     images = fmnist_train[0]
-    report = export_tflite(model, images[:1], tmp_path / "model.tflite", calibration=[images[:64]],
-                           verify_batches=[images[64:128]], min_agreement=0.9)
+    report = export_tflite(model, images[:1], tmp_path / "model.tflite", calibration_data=[images[:64]],
+                           verify_data=[images[64:128]], min_agreement=0.9)
     assert report.parity.top1_agreement >= 0.9

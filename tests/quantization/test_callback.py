@@ -14,8 +14,8 @@ from sparselite.quantization.qat import learned_ranges
 
 
 def test_invalid_arguments_fail_at_construction():
-    with pytest.raises(SparseliteError, match="freeze_step=5 must be after start_step=10"):
-        QuantizationAwareTraining(start_step=10, freeze_step=5)
+    with pytest.raises(SparseliteError, match="freeze_step=5 must be after begin_step=10"):
+        QuantizationAwareTraining(begin_step=10, freeze_step=5)
     with pytest.raises(SparseliteError, match="averaging_constant=0"):
         QuantizationAwareTraining(averaging_constant=0)
 
@@ -25,7 +25,7 @@ def qat_run(tmp_path_factory, fmnist_train):
     tmp_path = tmp_path_factory.mktemp("qat_run")
     pl.seed_everything(0, verbose=False)
     module = ImageClassifier(tiny_mobilenet(), lr=5e-3)
-    qat = QuantizationAwareTraining(start_step=4, freeze_step=8, averaging_constant=0.1)
+    qat = QuantizationAwareTraining(begin_step=4, freeze_step=8, averaging_constant=0.1)
     trainer = make_trainer(tmp_path, max_steps=12, callbacks=[qat])
     trainer.fit(module, make_loader(fmnist_train, 256))
     ckpt = tmp_path / "final.ckpt"
@@ -45,9 +45,7 @@ def test_ranges_are_learned_and_frozen_after_freeze_step(qat_run):
 def test_checkpoint_ranges_load_into_a_fresh_run(qat_run):
     module, _, ckpt = qat_run
     fresh = ImageClassifier(tiny_mobilenet(), lr=5e-3)
-    QuantizationAwareTraining(start_step=4, freeze_step=8).prepare(fresh)
+    QuantizationAwareTraining(begin_step=4, freeze_step=8).prepare(fresh)
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
     fresh.load_state_dict(checkpoint["state_dict"])
     assert learned_ranges(fresh) == learned_ranges(module)
-    # Older checkpoints stored a write-only {"config": ...} for this callback; loading it is harmless.
-    QuantizationAwareTraining().load_state_dict({"config": {"start_step": 4}})

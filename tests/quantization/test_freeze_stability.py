@@ -45,7 +45,7 @@ def train(fmnist_train, freeze_step: int | None) -> tuple[list[float], ConstantL
     images, labels = fmnist_train
     loader = DataLoader(TensorDataset(images, labels), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
     trainer = pl.Trainer(max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[QuantizationAwareTraining(start_step=START, freeze_step=freeze_step)])
+                         enable_model_summary=False, callbacks=[QuantizationAwareTraining(begin_step=START, freeze_step=freeze_step)])
     trainer.fit(module, loader)
     return module.losses, module
 

@@ -80,9 +80,9 @@ def test_ranges_are_observed_after_the_fused_activation(tiny_model, fmnist_train
     assert lo == pytest.approx(-0.2860 / 0.3530, abs=1e-4) and hi > 2.0
 
 
-def test_before_start_step_the_model_is_float(tiny_model, fmnist_train):
+def test_before_begin_step_the_model_is_float(tiny_model, fmnist_train):
     reference = copy.deepcopy(tiny_model).eval()
-    simulator = QuantizationSimulator(start_step=10)
+    simulator = QuantizationSimulator(begin_step=10)
     simulator.prepare(tiny_model)
     simulator.step(9)
     tiny_model.train()
@@ -101,7 +101,7 @@ def test_before_start_step_the_model_is_float(tiny_model, fmnist_train):
 
 
 def test_freeze_step_stops_range_updates_and_keeps_batchnorm_training(tiny_model, fmnist_train):
-    simulator = QuantizationSimulator(start_step=0, freeze_step=4, averaging_constant=0.5)
+    simulator = QuantizationSimulator(begin_step=0, freeze_step=4, averaging_constant=0.5)
     simulator.prepare(tiny_model)
     train(tiny_model, simulator, fmnist_train, steps=4)
     ranges_before = learned_ranges(tiny_model)
@@ -117,7 +117,7 @@ def test_freeze_step_stops_range_updates_and_keeps_batchnorm_training(tiny_model
 
 
 def test_ranges_keep_moving_without_freeze(tiny_model, fmnist_train):
-    simulator = QuantizationSimulator(start_step=0, averaging_constant=0.5)
+    simulator = QuantizationSimulator(begin_step=0, averaging_constant=0.5)
     simulator.prepare(tiny_model)
     train(tiny_model, simulator, fmnist_train, steps=3)
     before = learned_ranges(tiny_model)
@@ -220,10 +220,10 @@ def test_strip_fake_quant_works_on_a_deep_copy(tiny_model, fmnist_train):
 
 
 def test_invalid_arguments_and_models():
-    with pytest.raises(SparseliteError, match="start_step=-1"):
-        QuantizationSimulator(start_step=-1)
-    with pytest.raises(SparseliteError, match="freeze_step=5 must be after start_step=5"):
-        QuantizationSimulator(start_step=5, freeze_step=5)
+    with pytest.raises(SparseliteError, match="begin_step=-1"):
+        QuantizationSimulator(begin_step=-1)
+    with pytest.raises(SparseliteError, match="freeze_step=5 must be after begin_step=5"):
+        QuantizationSimulator(begin_step=5, freeze_step=5)
     with pytest.raises(SparseliteError, match="averaging_constant=0"):
         QuantizationSimulator(averaging_constant=0)
     with pytest.raises(SparseliteError, match="no nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d/2d or nn.Linear"):
@@ -441,8 +441,8 @@ def test_bn_folding_with_a_tiny_bn_factor_changes_no_int8_weight():
 
 @pytest.mark.parametrize("start, freeze, expected", [(800, 1100, 0.01), (100, 130, 0.1), (0, 2, 1.0), (50, None, 0.01)])
 def test_the_default_averaging_constant_lets_ranges_settle_within_the_qat_window(start, freeze, expected):
-    assert QuantizationSimulator(start_step=start, freeze_step=freeze).averaging_constant == pytest.approx(expected)
-    assert QuantizationSimulator(start_step=start, freeze_step=freeze, averaging_constant=0.3).averaging_constant == 0.3
+    assert QuantizationSimulator(begin_step=start, freeze_step=freeze).averaging_constant == pytest.approx(expected)
+    assert QuantizationSimulator(begin_step=start, freeze_step=freeze, averaging_constant=0.3).averaging_constant == 0.3
 
 
 def test_a_conv_called_twice_gets_one_chain_and_exports(tmp_path):
@@ -468,7 +468,7 @@ def test_a_conv_called_twice_gets_one_chain_and_exports(tmp_path):
     model.train()
     with torch.no_grad():
         model(x)
-    report = export_tflite(model.eval(), x[:1], tmp_path / "shared.tflite", calibration=[x], verify_batches=[x])
+    report = export_tflite(model.eval(), x[:1], tmp_path / "shared.tflite", calibration_data=[x], verify_data=[x])
     assert report.float_islands == [] and "conv" in learned_ranges(model)
 
 
@@ -673,5 +673,5 @@ def test_a_grouped_transposed_conv_keeps_its_batchnorm_apart(tmp_path):
     simulator = QuantizationSimulator()
     simulator.prepare(grouped, (x[:1],))
     grouped(x)
-    report = export_tflite(grouped.eval(), x[:1], tmp_path / "m.tflite", calibration=[x], verify_batches=[x], min_agreement=0.0)
+    report = export_tflite(grouped.eval(), x[:1], tmp_path / "m.tflite", calibration_data=[x], verify_data=[x], min_agreement=0.0)
     assert report.float_islands == []

@@ -294,7 +294,7 @@ def exported_int8(tmp_path_factory) -> dict:
     model = MobileNetLite(stem_channels=8, blocks=((32, 1), (64, 2)))
     pruner = MagnitudePruner(PolynomialDecay(0.0, 0.8, 0, 20, 5))
     pruner.prepare(model)
-    qat = QuantizationSimulator(start_step=10)
+    qat = QuantizationSimulator(begin_step=10)
     qat.prepare(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
@@ -310,9 +310,9 @@ def exported_int8(tmp_path_factory) -> dict:
     test_x, _ = load_split("test")
     out = tmp_path_factory.mktemp("gpu_export")
     verify = [test_x[:256]]
-    dense = export_tflite(model, test_x[:1], out / "gpu.tflite", verify_batches=verify, require_gpu=True,
+    dense = export_tflite(model, test_x[:1], out / "gpu.tflite", verify_data=verify, require_gpu=True,
                           min_agreement=0.9)  # 30 steps leave near-tied logits; parity itself is tested in tests/export
-    sparse = export_tflite(model, test_x[:1], out / "sparse.tflite", verify_batches=verify, gpu_check=True, min_agreement=0.9)
+    sparse = export_tflite(model, test_x[:1], out / "sparse.tflite", verify_data=verify, gpu_check=True, min_agreement=0.9)
     return {"dense": dense, "sparse": sparse, "test_x": test_x[:1000].numpy()}
 
 

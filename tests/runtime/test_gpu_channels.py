@@ -26,7 +26,7 @@ def test_channel_pruned_int8_file_runs_on_the_gpu_with_xnnpack_parity(tmp_path, 
     pruner.shrink()
     images = fmnist_train[0]
     path = tmp_path / "channels_int8.tflite"
-    export_tflite(model, images[:1], path, calibration=[images[:64]], sparse=False, min_agreement=0.0)
+    export_tflite(model, images[:1], path, calibration_data=[images[:64]], sparse=False, min_agreement=0.0)
 
     x = images[64:164].numpy()  # 100 images: lavapipe is slow
     on_gpu = LiteRTModel(path, accelerator="gpu", gpu_precision="fp32")

@@ -20,9 +20,9 @@ def files(tmp_path_factory, fmnist_train):
     model = tiny_mobilenet().eval()
     calibration = [fmnist_train[0][:64]]
     paths = {"float": folder / "float_io.tflite", "int8": folder / "int8_io.tflite", "batch4": folder / "batch4.tflite"}
-    export_tflite(model, torch.zeros(1, 1, 28, 28), paths["float"], calibration=calibration)
-    export_tflite(model, torch.zeros(1, 1, 28, 28), paths["int8"], calibration=calibration, io_dtype="int8")
-    export_tflite(model, torch.zeros(4, 1, 28, 28), paths["batch4"], calibration=calibration)
+    export_tflite(model, torch.zeros(1, 1, 28, 28), paths["float"], calibration_data=calibration)
+    export_tflite(model, torch.zeros(1, 1, 28, 28), paths["int8"], calibration_data=calibration, io_dtype="int8")
+    export_tflite(model, torch.zeros(4, 1, 28, 28), paths["batch4"], calibration_data=calibration)
     return paths
 
 

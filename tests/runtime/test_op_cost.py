@@ -7,7 +7,7 @@ import torch
 from ai_edge_litert.interpreter import Interpreter
 from torch import nn
 
-from sparselite.export.tflite import export_float_tflite
+from sparselite.export.conversion import export_float_tflite
 from sparselite.runtime.op_cost import latency_shares, ops_alone
 from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model
 

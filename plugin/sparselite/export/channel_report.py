@@ -25,7 +25,7 @@ def compare_with_unpruned(pruner: ChannelPruner, example_inputs: torch.Tensor, i
     after = pruner.size()
     with tempfile.TemporaryDirectory() as tmp:
         unpruned_path = Path(tmp) / "unpruned_int8.tflite"
-        export_tflite(pruner.unpruned_copy(), example_inputs, unpruned_path, calibration=list(calibration)[:2],
+        export_tflite(pruner.unpruned_copy(), example_inputs, unpruned_path, calibration_data=list(calibration)[:2],
                       sparse=False, min_agreement=0.0)
         latency = interleaved_benchmark({"before": str(unpruned_path), "after": str(int8_path)}, threads=1,
                                         rounds=rounds, runs_per_round=runs_per_round)

@@ -8,47 +8,42 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from sparselite.errors import SparseliteError
-from sparselite.export.destination import check_destination
-from sparselite.export.report import ExportReport, FloatFallback, report_path
+from sparselite.export.options import ExportOptions
+from sparselite.export.report import ExportReport, report_path
 from sparselite.export.tflite import export_tflite
+from sparselite.pruning.channels import ChannelPruner
 
 
-def export_from_loader(
-    module: nn.Module,
-    loader: Iterable,
-    path: str | Path,
-    *,
-    verify_batches: int = 8,
-    calibration_batches: int = 8,
-    io_dtype: str = "float32",
-    sparse: bool = True,
-    min_agreement: float = 0.98,
-    gpu_check: bool = False,
-    require_gpu: bool = False,
-    float_fallback: FloatFallback = False,
-) -> ExportReport:
+def export_from_loader(module: nn.Module, loader: Iterable, path: str | Path, options: ExportOptions | None = None, *,
+                       channel_pruner: ChannelPruner | None = None, **option_values: Any) -> ExportReport:
     """The first ``verify_batches`` batches of ``loader`` check the file, the next ``calibration_batches``
     calibrate ranges QAT did not learn; writes ``path`` and its report (``report_path(path)``).
 
-    The example input is the module's ``example_input_array`` when it has one, else one loader example.
+    Batches are ``(inputs, ...)`` tuples or lists (the inputs come first) or bare input tensors. The
+    example input is the module's ``example_input_array`` when it has one, else one loader example.
+    ``channel_pruner``: a ``ChannelPruner`` that removed channels; the report then compares the file with
+    the full-width model (``channel_report.py``).
     """
-    check_destination(path, report_path(path))  # before reading batches, not after the export
+    options = ExportOptions.build(options, option_values)
+    verify_count = options.verify_batches or 0
     inputs = [batch[0] if isinstance(batch, (tuple, list)) else batch
-              for batch in itertools.islice(loader, verify_batches + calibration_batches)]
+              for batch in itertools.islice(loader, verify_count + options.calibration_batches)]
     if not inputs:
-        raise SparseliteError("the validation data gave no batches; the export needs some to verify the file")
+        raise SparseliteError("the validation data gave no batches; the export needs some to verify or calibrate the file")
     example = getattr(module, "example_input_array", None)
-    if not isinstance(example, torch.Tensor):
-        example = inputs[0][:1]
-    report = export_tflite(
-        module, example[:1], path, io_dtype=io_dtype, sparse=sparse,
-        calibration=inputs[verify_batches:], verify_batches=inputs[:verify_batches],
-        min_agreement=min_agreement, gpu_check=gpu_check, require_gpu=require_gpu, float_fallback=float_fallback,
-        report_path=report_path(path),
-    )
+    example = (example if isinstance(example, torch.Tensor) else inputs[0])[:1]
+    calibration = inputs[verify_count:]
+    report = export_tflite(module, example, path, options, calibration_data=calibration, report_path=report_path(path),
+                           verify_data=inputs[:verify_count] if options.verifies else None)
+    if channel_pruner is not None and channel_pruner.shrunk:
+        from sparselite.export.channel_report import compare_with_unpruned
+
+        report.channels = compare_with_unpruned(channel_pruner, example, path, calibration or inputs[:1])
+        report.save(report_path(path))
     return report

@@ -91,14 +91,14 @@ def float_ops_error(float_sources: dict[str, tuple[str, str]]) -> str:
         modules.setdefault(kind, set()).add(module or "the top-level forward")
     shown = [f"{kind} ({shortened(sorted(names))})" for kind, names in sorted(modules.items())]
     return (f"{len(modules)} op type(s) have no int8 form: {'; '.join(shown)}. Pass float_fallback=True (CLI: "
-            "--allow-float-ops) to keep them in float in a mixed-precision file (with calibration=[...] for the "
+            "--float-fallback) to keep them in float in a mixed-precision file (with calibration_data=[...] for the "
             "ranges around them), or replace those modules")
 
 
 def islands_error(islands: list[FloatIsland]) -> str:
     shown = [f"{island.op} x{island.count} ({shortened(island.modules)})" for island in islands]
     return (f"{sum(i.count for i in islands)} op(s) have no int8 TFLite kernel: {'; '.join(shown)}. Pass "
-            "float_fallback=True (CLI: --allow-float-ops) to keep them in float in a mixed-precision file, "
+            "float_fallback=True (CLI: --float-fallback) to keep them in float in a mixed-precision file, "
             "or replace those modules")
 
 

@@ -54,7 +54,7 @@ def verify(module: nn.Module, path: Path, batches: Iterable[torch.Tensor], outpu
         expected.append(reference(batch).float().numpy())
         got.append(runtime(batch.numpy()))
     if not expected:
-        raise SparseliteError("verify_batches was empty; pass at least one held-out batch")
+        raise SparseliteError("verify_data gave no batches; pass at least one held-out batch, or verify_batches=None to skip the check")
     return compare_logits(np.concatenate(expected), np.concatenate(got), output_scale, kind)
 
 

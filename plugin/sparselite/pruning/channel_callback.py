@@ -23,7 +23,7 @@ class ChannelPruning(pl.Callback):
     (a smaller dense network, faster on every runtime), where ``GradualPruning`` zeroes weights in place.
     Both can run in one recipe: channel pruning first, then unstructured pruning of what remains.
 
-    Order in a recipe: channels are removed at ``end_step``, so ``QuantizationAwareTraining(start_step)``
+    Order in a recipe: channels are removed at ``end_step``, so ``QuantizationAwareTraining(begin_step)``
     must come after it (fake-quant is then attached to the smaller model).
 
     Args:
@@ -77,10 +77,10 @@ class ChannelPruning(pl.Callback):
 
         end = self.config["end_step"]
         for callback in trainer.callbacks:
-            if isinstance(callback, QuantizationAwareTraining) and self.config["shrink"] and callback.simulator.start_step <= end:
+            if isinstance(callback, QuantizationAwareTraining) and self.config["shrink"] and callback.simulator.begin_step <= end:
                 raise SparseliteError(
-                    f"QuantizationAwareTraining(start_step={callback.simulator.start_step}) starts before ChannelPruning "
-                    f"removes channels at end_step={end}; set start_step > {end} so fake-quant learns the smaller model's ranges"
+                    f"QuantizationAwareTraining(begin_step={callback.simulator.begin_step}) starts before ChannelPruning "
+                    f"removes channels at end_step={end}; set begin_step > {end} so fake-quant learns the smaller model's ranges"
                 )
         if self.config["shrink"] and trainer.world_size > 1:
             raise SparseliteError("ChannelPruning(shrink=True) rebuilds the model during fit, which needs a single device; "
@@ -133,7 +133,7 @@ def example_inputs(pl_module: torch.nn.Module) -> torch.Tensor:
 @contextlib.contextmanager
 def without_fake_quant(callbacks: list, pl_module: torch.nn.Module) -> Iterator[None]:
     """Take QAT's fake-quant off while channels are traced or removed, and put it back after: torch-pruning
-    does not understand modules already wrapped for QAT. Before QAT's start_step the wrappers hold no state."""
+    does not understand modules already wrapped for QAT. Before QAT's begin_step the wrappers hold no state."""
     from sparselite.quantization.callback import QuantizationAwareTraining
 
     qat = [cb for cb in callbacks if isinstance(cb, QuantizationAwareTraining) and cb.simulator.model is not None]

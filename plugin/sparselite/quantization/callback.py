@@ -16,18 +16,18 @@ class QuantizationAwareTraining(pl.Callback):
     """Fake-quant that simulates TFLite int8 (per-channel symmetric weights, per-tensor affine activations).
 
     Args:
-        start_step: optimizer step at which fake-quant and range observation begin (let pruning settle first).
+        begin_step: optimizer step at which fake-quant and range observation begin (let pruning settle first).
         freeze_step: step after which activation ranges stop updating; None = never. BatchNorm keeps
             training on batch statistics (the weights are fake-quantized on the fold export uses).
         averaging_constant: weight of each batch in the moving-average activation ranges; by default
-            3 / (freeze_step - start_step), so that the ranges settle before they freeze (0.01 when they
+            3 / (freeze_step - begin_step), so that the ranges settle before they freeze (0.01 when they
             never freeze). See ``qat.default_averaging_constant``.
     """
 
-    def __init__(self, start_step: int = 0, freeze_step: int | None = None,
+    def __init__(self, begin_step: int = 0, freeze_step: int | None = None,
                  averaging_constant: float | None = None) -> None:
         # Validates now, before any training.
-        self.simulator = QuantizationSimulator(start_step=start_step, freeze_step=freeze_step,
+        self.simulator = QuantizationSimulator(begin_step=begin_step, freeze_step=freeze_step,
                                                averaging_constant=averaging_constant)
 
     def prepare(self, pl_module: pl.LightningModule) -> list[FusedChain]:
@@ -43,7 +43,7 @@ class QuantizationAwareTraining(pl.Callback):
         sites = f" and {len(self.simulator.op_sites)} functional ops (add, mul, cat)" if self.simulator.op_sites else ""
         if pl_module.example_input_array is None:
             sites = "; set example_input_array on the LightningModule to also learn add/mul/cat ranges"
-        rank_zero_info(f"[sparselite] QAT on {len(chains)} layers{sites} from step {self.simulator.start_step}")
+        rank_zero_info(f"[sparselite] QAT on {len(chains)} layers{sites} from step {self.simulator.begin_step}")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self.simulator.step(trainer.global_step)

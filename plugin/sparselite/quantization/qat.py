@@ -141,7 +141,7 @@ def _quantize_input(quant: ActivationFakeQuant, module: nn.Module, args: tuple) 
 OPEN_ENDED_AVERAGING_CONSTANT = 0.01
 
 
-def default_averaging_constant(start_step: int, freeze_step: int | None) -> float:
+def default_averaging_constant(begin_step: int, freeze_step: int | None) -> float:
     """3 / (the QAT window's steps), so the moving-average ranges settle within the window: after it, the
     ranges' starting values weigh (1 - 3/n)^n < e^-3 = 5%. A constant does not fit every window: 0.01 over
     a 40-step window leaves two thirds of the first batch's range at the freeze, the logits clip, and the
@@ -149,25 +149,25 @@ def default_averaging_constant(start_step: int, freeze_step: int | None) -> floa
     gets 0.01."""
     if freeze_step is None:
         return OPEN_ENDED_AVERAGING_CONSTANT
-    return min(1.0, 3.0 / (freeze_step - start_step))
+    return min(1.0, 3.0 / (freeze_step - begin_step))
 
 
 class QuantizationSimulator:
     """Inserts TFLite-int8 fake-quant into a float model and drives its phases."""
 
-    def __init__(self, start_step: int = 0, freeze_step: int | None = None,
+    def __init__(self, begin_step: int = 0, freeze_step: int | None = None,
                  averaging_constant: float | None = None) -> None:
-        if start_step < 0:
-            raise SparseliteError(f"start_step={start_step} must be >= 0")
-        if freeze_step is not None and freeze_step <= start_step:
+        if begin_step < 0:
+            raise SparseliteError(f"begin_step={begin_step} must be >= 0")
+        if freeze_step is not None and freeze_step <= begin_step:
             raise SparseliteError(
-                f"freeze_step={freeze_step} must be after start_step={start_step}; ranges need steps to settle"
+                f"freeze_step={freeze_step} must be after begin_step={begin_step}; ranges need steps to settle"
             )
         if averaging_constant is None:
-            averaging_constant = default_averaging_constant(start_step, freeze_step)
+            averaging_constant = default_averaging_constant(begin_step, freeze_step)
         if not 0.0 < averaging_constant <= 1.0:
             raise SparseliteError(f"averaging_constant={averaging_constant} must be in (0, 1]")
-        self.start_step = start_step
+        self.begin_step = begin_step
         self.freeze_step = freeze_step
         self.averaging_constant = averaging_constant
         self.chains: list[FusedChain] = []
@@ -228,7 +228,7 @@ class QuantizationSimulator:
         return [m for m in self.model.modules() if isinstance(m, kind)]
 
     def step(self, step: int) -> None:
-        """Phases: float before ``start_step``; observe + fake-quant; after ``freeze_step`` the ranges freeze.
+        """Phases: float before ``begin_step``; observe + fake-quant; after ``freeze_step`` the ranges freeze.
 
         BatchNorm is not frozen: it keeps normalizing with batch statistics while the weights are
         fake-quantized on the running-statistics fold that export uses (``WeightFakeQuant``), the
@@ -236,7 +236,7 @@ class QuantizationSimulator:
         while training goes on lets the weights drift against stale statistics: with a constant
         learning rate the loss explodes within steps and the run ends at chance.
         """
-        active = step >= self.start_step
+        active = step >= self.begin_step
         frozen = self.freeze_step is not None and step >= self.freeze_step
         for quant in self._modules((WeightFakeQuant, BiasFakeQuant)):
             quant.enabled = active

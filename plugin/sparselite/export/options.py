@@ -1,0 +1,99 @@
+"""``ExportOptions``: every option of an export, validated once, with one name everywhere.
+
+``export_tflite``, ``export_from_loader``, the ``TFLiteExport`` callback and ``sparselite export`` all
+take these options by the same names (the CLI spells ``min_agreement`` as ``--min-agreement``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, Mapping
+
+from sparselite.errors import SparseliteError
+from sparselite.export.report import FLOAT_FALLBACKS, FloatFallback
+
+IO_DTYPES = ("float32", "int8")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export.
+
+    Attributes:
+        io_dtype: 'float32' (QUANTIZE/DEQUANTIZE inside the model) or 'int8' model inputs and outputs.
+        sparse: store pruned weights in TFLite's sparse format where that saves bytes.
+        verify_batches: how many held-out batches the file is checked on (XNNPACK against the torch
+            model); None skips the check.
+        calibration_batches: how many batches calibrate the ranges QAT did not learn (all of them, for
+            a model trained without QAT).
+        min_agreement: top-1 agreement with the torch model below which the export fails and writes
+            nothing (``parity.gate_failure`` gives the whole rule).
+        gpu_check: add a GPU compatibility report (LiteRT's GPU accelerator, compiled GPU-only).
+        require_gpu: fail unless every op runs on the GPU accelerator (implies dense weight storage:
+            the accelerator has no DENSIFY).
+        float_fallback: False: an op with no int8 TFLite kernel fails the export, named with its torch
+            modules; True: such ops stay float in a mixed-precision file, listed in the report;
+            'xnnpack': also keep float the modules whose int8 ops XNNPACK does not delegate.
+    """
+
+    io_dtype: Literal["float32", "int8"] = "float32"
+    sparse: bool = True
+    verify_batches: int | None = 8
+    calibration_batches: int = 8
+    min_agreement: float = 0.98
+    gpu_check: bool = False
+    require_gpu: bool = False
+    float_fallback: FloatFallback = False
+
+    def __post_init__(self) -> None:
+        if self.io_dtype not in IO_DTYPES:
+            raise SparseliteError(f"io_dtype={self.io_dtype!r} must be 'float32' or 'int8'")
+        for name in ("sparse", "gpu_check", "require_gpu"):
+            if not isinstance(getattr(self, name), bool):
+                raise SparseliteError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.verify_batches is not None and not _is_count(self.verify_batches, minimum=1):
+            raise SparseliteError(f"verify_batches={_shown(self.verify_batches)} must be a whole number >= 1, or None to "
+                                  "skip the parity check (the batches themselves go in verify_data)")
+        if not _is_count(self.calibration_batches, minimum=0):
+            raise SparseliteError(f"calibration_batches={_shown(self.calibration_batches)} must be a whole number >= 0 "
+                                  "(the batches themselves go in calibration_data)")
+        if isinstance(self.min_agreement, bool) or not isinstance(self.min_agreement, (int, float)) \
+                or not 0.0 <= self.min_agreement <= 1.0:
+            raise SparseliteError(f"min_agreement={self.min_agreement!r} must be a number in [0, 1]")
+        if not any(self.float_fallback is value or self.float_fallback == value and isinstance(value, str)
+                   for value in FLOAT_FALLBACKS):
+            raise SparseliteError(f"float_fallback={self.float_fallback!r} must be false, true or 'xnnpack'")
+
+    @property
+    def verifies(self) -> bool:
+        return self.verify_batches is not None
+
+    @property
+    def sparse_storage(self) -> bool:
+        """Sparse encoding runs unless the file must run on the GPU accelerator, which has no DENSIFY."""
+        return self.sparse and not self.require_gpu
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def build(cls, options: ExportOptions | None = None, keywords: Mapping[str, Any] | None = None) -> ExportOptions:
+        """``options`` with ``keywords`` (option names) set on top; an unknown name is refused."""
+        keywords = dict(keywords or {})
+        unknown = sorted(set(keywords) - set(cls.names()))
+        if unknown:
+            raise SparseliteError(f"unknown export option(s) {unknown}; the options are {list(cls.names())}")
+        base = (options or cls()).to_dict()
+        return cls(**(base | keywords))
+
+
+def _shown(value: Any) -> str:
+    return repr(value) if isinstance(value, (int, float, str, type(None))) else f"<a {type(value).__name__}>"
+
+
+def _is_count(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum

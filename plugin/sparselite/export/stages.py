@@ -1,0 +1,272 @@
+"""The export's stages. Each takes the ``ExportJob`` and returns it with its own part filled in:
+
+  prepare   the float model (fake-quant and masks stripped, BN folded), the learned ranges, the data
+  convert   pt2e quantization with the learned ranges, litert-torch conversion (and the float fallback)
+  rewrite   module names, the float-island check, XNNPACK's forms, float I/O, shared quantization tables
+  encode    sparse weight storage, compressed sizes, per-layer sparsity read back from the bytes
+  verify    the parity gate on XNNPACK (and the GPU check), on the candidate file
+  write     the file (and its report) replace the destination atomically
+
+``export_tflite`` (tflite.py) runs them in this order and times each.
+"""
+
+from __future__ import annotations
+
+import logging
+import lzma
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ai_edge_litert.schema_py_generated import TensorType
+from torch import nn
+
+from sparselite.errors import SparseliteError
+from sparselite.export.conversion import convert_with_ranges, float_model_for_export
+from sparselite.export.destination import check_destination, sha256_hex, size_bound, write_model_and_report
+from sparselite.export.io import use_float_io
+from sparselite.export.islands import (
+    float_islands, int8_ops_xnnpack_leaves_out, islands_error, keep_float_where_xnnpack_lacks_int8, time_islands,
+    xnnpack_fallback_notes,
+)
+from sparselite.export.layout import use_xnnpack_forms
+from sparselite.export.names import use_module_names
+from sparselite.export.options import ExportOptions
+from sparselite.export.parity import gate_failure, measure_noise_floor, verify as verify_parity
+from sparselite.export.report import ExportReport, LayerSparsity
+from sparselite.pruning.pruner import MASK_BUFFER
+from sparselite.quantization.qat import learned_ranges
+from sparselite.quantization.spec import quantize_weight
+from sparselite.tflite import flatbuffer
+
+log = logging.getLogger("sparselite")
+
+# Post-training calibration runs the batch-1 graph once per example; this many give stable ranges.
+MAX_CALIBRATION_EXAMPLES = 256
+
+
+@dataclass
+class ExportJob:
+    """What one export reads, and what its stages have made so far."""
+
+    module: nn.Module
+    example_inputs: tuple
+    path: Path
+    report_path: Path | None
+    options: ExportOptions
+    verify_data: list[torch.Tensor] | None
+    calibration_data: list[torch.Tensor]
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    train_sparsity: dict[str, float] = field(default_factory=dict)  # pruned layer -> sparsity in training
+    float_model: nn.Module | None = None
+    model_t: Any = None  # the flatbuffer, object API
+    injection: Any = None  # how each range was set (ranges.RangeInjection)
+    kept_float: frozenset[str] = frozenset()
+    output_scale: float = 1.0
+    layer_tensors: dict[str, str] = field(default_factory=dict)  # pruned layer -> its weight tensor's name
+    dense: bytes = b""
+    final: bytes = b""
+    report: ExportReport | None = None
+
+
+def prepare(job: ExportJob) -> ExportJob:
+    job.path = check_destination(job.path, job.report_path, size_bound(job.module))  # before minutes of work
+    job.ranges = learned_ranges(job.module)
+    job.train_sparsity = {name: float((sub.weight == 0).float().mean())
+                          for name, sub in job.module.named_modules() if MASK_BUFFER in sub._buffers}
+    job.float_model = float_model_for_export(job.module)
+    if job.verify_data is not None:
+        _check_verifiable(job.float_model, job.example_inputs)
+    job.calibration_data = _cap_examples(job.calibration_data, MAX_CALIBRATION_EXAMPLES)
+    if not job.ranges and not job.calibration_data:
+        raise SparseliteError("the model has no QAT ranges and no calibration batches were given; "
+                              "pass calibration_data=[...] (a few batches)")
+    log.info("quantizing with %d learned ranges, %d calibration batches", len(job.ranges), len(job.calibration_data))
+    return job
+
+
+def convert(job: ExportJob) -> ExportJob:
+    fallback = job.options.float_fallback
+
+    def convert_keeping_float(float_modules: frozenset[str] = frozenset()):
+        return convert_with_ranges(job.float_model, job.example_inputs, job.ranges, job.calibration_data,
+                                   float_modules, strict=not fallback)
+
+    converted, timings = convert_keeping_float(), ""
+    if fallback == "xnnpack":
+        converted, job.kept_float, left_out, timings = keep_float_where_xnnpack_lacks_int8(
+            convert_keeping_float, job.float_model, converted)
+    else:  # still worth a note: an int8 op XNNPACK does not take runs on TFLite's kernels
+        left_out = int8_ops_xnnpack_leaves_out(converted[0], job.float_model)
+    job.model_t, job.injection = converted
+    job.output_scale = _output_scale(job.model_t)
+    job.layer_tensors = _match_layers(job.model_t, job.float_model, list(job.train_sparsity))
+    job.report = _new_report(job, xnnpack_fallback_notes(job.kept_float, left_out, timings))
+    return job
+
+
+def rewrite(job: ExportJob) -> ExportJob:
+    renamed = use_module_names(job.model_t)
+    job.layer_tensors = {layer: renamed.get(tensor, tensor) for layer, tensor in job.layer_tensors.items()}
+    job.report.float_islands = float_islands(job.model_t)
+    if job.report.float_islands and not job.options.float_fallback:
+        raise SparseliteError(islands_error(job.report.float_islands))
+    use_xnnpack_forms(job.model_t)
+    if job.options.io_dtype == "float32":
+        use_float_io(job.model_t)
+    from sparselite.export.quantization_sharing import share_quantization_tables
+
+    job.dense = share_quantization_tables(flatbuffer.write_model(job.model_t))
+    job.report.dense_int8_bytes = len(job.dense)
+    return job
+
+
+def encode(job: ExportJob) -> ExportJob:
+    report, job.final = job.report, job.dense
+    if job.options.sparse and job.options.require_gpu:
+        report.notes.append("sparse encoding skipped for require_gpu: LiteRT's GPU accelerator has no DENSIFY op, "
+                            "so a sparse file runs only with CPU fallback")
+    if job.options.sparse_storage:
+        from sparselite.export.sparse import encode_sparse
+
+        # Also for models whose masks were stripped: the pass keeps every tensor that would not shrink dense.
+        job.final, encodings = encode_sparse(job.dense)
+        report.sparse_encoding = [e.to_dict() for e in encodings]
+    if any(e["encoding"] != "dense" for e in report.sparse_encoding):
+        report.notes.append(
+            "sparse storage shrinks the file; it does not speed up XNNPACK on x86, which densifies weights at "
+            "load and runs dense int8 kernels (XNNPACK's sparse kernels are fp32/fp16, ARM only)"
+        )
+    if report.float_islands:
+        time_islands(report, job.dense)
+    report.file_bytes = len(job.final)
+    report.xz_bytes = len(lzma.compress(job.final, preset=9))
+    report.dense_int8_xz_bytes = report.xz_bytes if job.final == job.dense else len(lzma.compress(job.dense, preset=9))
+    _report_sparsity(job)
+    return job
+
+
+def verify(job: ExportJob) -> ExportJob:
+    """On a candidate file in a temporary folder: nothing at ``path`` changes before the file passes."""
+    options, report = job.options, job.report
+    with tempfile.TemporaryDirectory() as tmp:
+        candidate = Path(tmp) / job.path.name
+        candidate.write_bytes(job.final)
+        if job.verify_data is not None:
+            report.parity = verify_parity(job.module, candidate, job.verify_data, job.output_scale)
+            if report.parity.top1_agreement < options.min_agreement:
+                measure_noise_floor(report.parity, candidate, job.verify_data)
+            failure = gate_failure(report.parity, options.min_agreement)
+            if failure:
+                raise SparseliteError(failure)
+        if options.gpu_check or options.require_gpu:
+            _check_gpu(report, candidate, options.require_gpu)
+    return job
+
+
+def write(job: ExportJob) -> ExportJob:
+    job.report.sha256 = sha256_hex(job.final)
+    if job.report_path is None:
+        flatbuffer.write_atomically(job.path, job.final)
+    else:
+        write_model_and_report(job.path, job.final, job.report.to_json().encode(), job.report_path)
+    return job
+
+
+STAGES = (prepare, convert, rewrite, encode, verify, write)
+
+
+def _new_report(job: ExportJob, notes: list[str]) -> ExportReport:
+    injection = job.injection
+    return ExportReport(path=str(job.path), file_bytes=0, io_dtype=job.options.io_dtype,
+                        ranges_learned=len(injection.learned), ranges_calibrated=len(injection.calibrated),
+                        ranges_derived=len(injection.derived), ranges_fixed=len(injection.fixed),
+                        calibrated_ranges=dict(injection.calibrated) if job.ranges else {}, notes=notes)
+
+
+def _check_gpu(report: ExportReport, candidate: Path, required: bool) -> None:
+    from sparselite.runtime.gpu import gpu_compatibility
+
+    report.gpu = gpu_compatibility(candidate)
+    if not report.gpu.get("fully_accelerated") and any(o.get("op") == "DENSIFY" for o in report.gpu.get("unsupported_ops", [])):
+        report.notes.append("the GPU accelerator cannot run DENSIFY: export with sparse=False (--no-sparse) for GPU deployment")
+    if required and not report.gpu.get("fully_accelerated"):
+        raise SparseliteError(f"require_gpu: the model does not run fully on the GPU: "
+                              f"{report.gpu.get('error') or report.gpu.get('unsupported_ops')}")
+
+
+def _cap_examples(batches: list[torch.Tensor], limit: int) -> list[torch.Tensor]:
+    kept, count = [], 0
+    for batch in batches:
+        if count >= limit:
+            break
+        kept.append(batch[: limit - count])
+        count += len(kept[-1])
+    return kept
+
+
+def _check_verifiable(float_model: nn.Module, example_inputs: tuple) -> None:
+    """Verification runs the file in ``LiteRTModel``, which takes one input and one output: say so before
+    the conversion (a forward of the example), not after it."""
+    if len(example_inputs) != 1:
+        raise SparseliteError(f"the parity check needs a model with one input, got {len(example_inputs)} example "
+                              "inputs; pass verify_batches=None to skip the check, or wrap the model")
+    with torch.no_grad():
+        output = float_model(*example_inputs)
+    if not isinstance(output, torch.Tensor):
+        what = f"a dict with keys {sorted(map(str, output))}" if isinstance(output, dict) else type(output).__name__
+        raise SparseliteError(f"the parity check needs a model with one tensor output, but forward returned {what}; "
+                              "wrap the model so that forward returns the tensor to run on the device, or pass "
+                              "verify_batches=None")
+
+
+def _output_scale(model_t) -> float:
+    subgraph = model_t.subgraphs[0]
+    quant = subgraph.tensors[subgraph.outputs[0]].quantization
+    return float(quant.scale[0]) if quant is not None and quant.scale is not None and len(quant.scale) else 1.0
+
+
+def _match_layers(model_t, float_model: nn.Module, pruned: Sequence[str]) -> dict[str, str]:
+    """Pruned torch layer -> the TFLite weight tensor holding exactly its int8 values."""
+    subgraph = model_t.subgraphs[0]
+    candidates = {}
+    for tensor in subgraph.tensors:
+        data = model_t.buffers[tensor.buffer].data
+        if tensor.type == TensorType.INT8 and data is not None and len(tensor.shape) in (2, 4):  # int8 constants
+            candidates[tensor.name.decode()] = np.asarray(data, dtype=np.uint8).view(np.int8).reshape(tensor.shape)
+    matches = {}
+    for layer in pruned:
+        expected = quantize_weight(float_model.get_submodule(layer).weight.detach()).numpy()
+        # TFLite conv weights are OHWI; depthwise are [1, H, W, C].
+        forms = [expected] if expected.ndim != 4 else [expected.transpose(0, 2, 3, 1), expected.transpose(1, 2, 3, 0)]
+        for name, values in candidates.items():
+            if any(values.shape == f.shape and np.array_equal(values, f) for f in forms):
+                matches[layer] = name
+                break
+    return matches
+
+
+def _report_sparsity(job: ExportJob) -> None:
+    """Per-layer sparsity decoded from the final file's weights (sparse-encoded or dense)."""
+    if not job.layer_tensors:
+        return
+    from sparselite.tflite.sparse import weight_sparsity
+
+    report, in_file = job.report, weight_sparsity(job.final)
+    zeros = total = 0
+    for layer, tensor in job.layer_tensors.items():
+        sparsity, count = in_file[tensor], job.float_model.get_submodule(layer).weight.numel()
+        report.layers.append(LayerSparsity(layer, tensor, sparsity, job.train_sparsity.get(layer)))
+        zeros, total = zeros + sparsity * count, total + count
+    report.overall_sparsity_in_file = zeros / max(total, 1)
+    missing = sorted(set(job.train_sparsity) - set(job.layer_tensors))
+    in_float = [layer for layer in missing if any(layer == m or layer.startswith(m + ".") for m in job.kept_float)]
+    if in_float:
+        report.notes.append(f"pruned layers kept float by float_fallback='xnnpack' (their sparsity is not read from "
+                            f"the file): {in_float}")
+    if missing := [layer for layer in missing if layer not in in_float]:
+        report.notes.append(f"no int8 weight in the file matched pruned layers {missing}")
