@@ -1,4 +1,4 @@
-"""What each of export's file rewrites for XNNPACK (``sparselite/export/layout.py``) buys, per precision.
+"""What each of export's file rewrites for XNNPACK (``sparselite/export/xnnpack_forms.py``) buys, per precision.
 
 For each rewrite, a small model that has the pattern it targets (random weights: the rewrites leave every
 value as it was but the int8 averages' ties, so training would change nothing measured here) is exported twice, in fp32 and in int8
@@ -22,7 +22,7 @@ from torch import nn
 
 from benchmarks._common import environment, environment_line, fmt, quiet_logs, table, write_json
 from sparselite import export_tflite
-from sparselite.export import layout
+from sparselite.export import xnnpack_forms
 from sparselite.export.conversion import export_float_tflite
 from sparselite.runtime.bench import interleaved_benchmark
 from sparselite.runtime.litert import xnnpack_delegated_ops
@@ -120,7 +120,7 @@ class PooledStem(nn.Module):
         return self.conv(F.max_pool2d(self.stem(x), 3, 2, 1))
 
 
-# rewrite (a function of export/layout.py) -> the model with its pattern
+# rewrite (a function that export/xnnpack_forms.py applies) -> the model with its pattern
 CASES = {
     "nearest_upsampling_as_depth_to_space": TopDown,
     "fuse_activations_into_transpose_convs": Decoder,
@@ -132,12 +132,12 @@ CASES = {
 
 @contextmanager
 def _switched_off(name: str):
-    original = getattr(layout, name)
-    setattr(layout, name, lambda model: 0)
+    original = getattr(xnnpack_forms, name)
+    setattr(xnnpack_forms, name, lambda model: 0)
     try:
         yield
     finally:
-        setattr(layout, name, original)
+        setattr(xnnpack_forms, name, original)
 
 
 def _ops(path: Path) -> dict[str, int]:

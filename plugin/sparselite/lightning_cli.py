@@ -106,13 +106,14 @@ def build_lightning_cli(args: list[str], run: bool = True):
     from sparselite.interrupts import GracefulInterrupt
     from sparselite.progress import default_callbacks
 
-    # We always pass ``args`` (sys.argv[1:] or a rebuilt list); LightningCLI warns about that on every run.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-    return _sparselite_cli_class()(
-        args=args, run=run, subclass_mode_model=True, subclass_mode_data=True,
-        parser_kwargs={"exit_on_error": False}, save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [*default_callbacks(), GracefulInterrupt()]},
-    )
+    with warnings.catch_warnings():
+        # We always pass ``args`` (sys.argv[1:] or a rebuilt list); LightningCLI warns about that on every run.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+        return _sparselite_cli_class()(
+            args=args, run=run, subclass_mode_model=True, subclass_mode_data=True,
+            parser_kwargs={"exit_on_error": False}, save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [*default_callbacks(), GracefulInterrupt()]},
+        )
 
 
 def _sparselite_cli_class():
@@ -132,9 +133,22 @@ def _sparselite_cli_class():
                                       "steps), or trainer.max_epochs")
             if config.get("default_root_dir"):
                 _check_writable_folder(Path(config["default_root_dir"]), "trainer.default_root_dir")
+            _let_distillation_rebuild_runs([*(config.get("callbacks") or []), *callbacks])
             return super()._instantiate_trainer(config, callbacks)
 
     return SparseliteCLI
+
+
+def _let_distillation_rebuild_runs(callbacks: list) -> None:
+    """A teacher checkpoint written by ``sparselite fit`` is rebuilt from the config.yaml next to it."""
+    from sparselite.distillation.callback import Distillation
+
+    def rebuild(checkpoint: Path):
+        return restore_run(checkpoint).module if find_run_config(checkpoint) is not None else None
+
+    for callback in callbacks:
+        if isinstance(callback, Distillation):
+            callback.rebuild_run = rebuild
 
 
 def _check_writable_folder(folder: Path, what: str) -> None:
@@ -222,7 +236,7 @@ def restore_run(checkpoint: str | Path, configs: list[str] | None = None) -> Res
     compression state attached, checkpoint weights loaded."""
     from sparselite.checkpoints import load_checkpoint
     from sparselite.pruning.callback import GradualPruning
-    from sparselite.pruning.channel_callback import ChannelPruning, example_inputs
+    from sparselite.pruning.channel_callback import ChannelPruning
     from sparselite.quantization.callback import QuantizationAwareTraining
 
     path = Path(checkpoint)
@@ -237,14 +251,32 @@ def restore_run(checkpoint: str | Path, configs: list[str] | None = None) -> Res
     callbacks = list(cli.trainer.callbacks)
     # Channel pruning first, before QAT wraps modules: a shrunk checkpoint's plan rebuilds the smaller
     # model when its state_dict loads.
-    for callback in callbacks:
-        if isinstance(callback, ChannelPruning):
-            callback.pruner.prepare(module, example_inputs(module))
-    for callback in callbacks:
-        if isinstance(callback, (GradualPruning, QuantizationAwareTraining)):
-            callback.prepare(module)  # the mask and range buffers the checkpoint holds
+    for callback in sorted(callbacks, key=lambda cb: not isinstance(cb, ChannelPruning)):
+        if isinstance(callback, (ChannelPruning, GradualPruning, QuantizationAwareTraining)):
+            callback.prepare(module)  # the mask, plan and range buffers the checkpoint holds
     try:
         module.load_state_dict(loaded["state_dict"])
     except (RuntimeError, KeyError) as err:
         raise SparseliteError(f"{path} does not match the configured model: {str(err).splitlines()[0]}") from None
+    qat = next((cb for cb in callbacks if isinstance(cb, QuantizationAwareTraining)), None)
+    if qat is not None and not qat.simulator.op_sites_found:
+        # The run found its functional ops at its first batch: find them again, ranges already loaded.
+        qat.simulator.find_op_sites((_first_input(cli.datamodule),))
     return RestoredRun(module, cli.datamodule, callbacks, loaded)
+
+
+def _first_input(datamodule: Any):
+    """One input example from the run's data (validation data, else training data)."""
+    import torch
+
+    datamodule.setup("validate")
+    loader = datamodule.val_dataloader()
+    if not loader:
+        datamodule.setup("fit")
+        loader = datamodule.train_dataloader()
+    batch = next(iter(loader), None)
+    inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if not isinstance(inputs, torch.Tensor):
+        raise SparseliteError("the run's data gives no input tensor to find the model's functional ops with; its "
+                              "batches must be (inputs, ...), or set example_input_array on the LightningModule")
+    return inputs[:1]

@@ -160,7 +160,7 @@ def test_upstream_litert_keeps_the_bias_grid_of_a_dropped_single_input_concatena
     sparselite removes such concatenations before quantizing. When this test fails, the two files agree,
     upstream is fixed, and ``quantizer._drop_concatenations_of_one`` can go."""
     from sparselite.export import quantizer
-    from sparselite.export.tflite import _quantize_and_convert
+    from sparselite.export.conversion import convert_with_ranges
     from sparselite.runtime.litert import LiteRTModel
     from sparselite.tflite.flatbuffer import write_model
 
@@ -176,7 +176,7 @@ def test_upstream_litert_keeps_the_bias_grid_of_a_dropped_single_input_concatena
     for name in ("workaround", "stock"):
         if name == "stock":
             monkeypatch.setattr(quantizer, "_drop_concatenations_of_one", lambda graph: None)
-        model_t, _ = _quantize_and_convert(model, (x[:1],), ranges, [])
+        model_t, _ = convert_with_ranges(model, (x[:1],), ranges, [])
         (tmp_path / f"{name}.tflite").write_bytes(write_model(model_t))
         files[name] = LiteRTModel(tmp_path / f"{name}.tflite")
     workaround, stock = files["workaround"], files["stock"]

@@ -14,7 +14,7 @@ from sparselite.errors import SparseliteError
 from sparselite.quantization.fake_quant import LEARNED_RANGE_ATTR, ActivationFakeQuant, WeightFakeQuant
 from sparselite.quantization.fusion import FusedChain, find_fused_chains, fold_batchnorm
 from sparselite.quantization.qat import QuantizationSimulator, learned_ranges, strip_fake_quant
-from sparselite.quantization.op_points import _mean_on_input_grid, _window_sizes
+from sparselite.quantization.int8_rounding import mean_on_input_grid, window_sizes
 from sparselite.quantization.spec import (
     SCALE_EPS, activation_qparams, average_as_depthwise, batchnorm_fold_factor, quantize_weight, weight_scales,
 )
@@ -567,7 +567,7 @@ def test_means_the_file_keeps_round_ties_as_xnnpacks_mean_does():
     torch.manual_seed(0)
     learned, scale, zero_point, x, exact = _tied_means(6)
     assert int((exact - exact.floor() == 0.5).sum()) > 100
-    pooled = _mean_on_input_grid(torch.mean, (x, (2, 3)), {}, learned)
+    pooled = mean_on_input_grid(torch.mean, (x, (2, 3)), {}, learned)
     xnnpack = torch.round(exact + zero_point) - zero_point
     assert torch.equal(torch.round(pooled.double() / float(scale)), xnnpack)
     assert not torch.equal(torch.round(exact), xnnpack)  # half to even before the zero point: the other way
@@ -580,12 +580,12 @@ def test_means_the_file_keeps_round_ties_as_xnnpacks_mean_does():
 ])
 def test_small_windows_round_as_the_depthwise_conv_export_writes_them(average, args, kwargs):
     """Export writes an average over at most 25 values, odd or a power of two in number, as a depthwise
-    conv of ones (``export/layout.py``), which rounds the integers' mean half to even, then adds the
+    conv of ones (``export/xnnpack_pool_forms.py``), which rounds the integers' mean half to even, then adds the
     zero point: the tied means of 2x2 windows go the other way from MEAN's."""
     torch.manual_seed(0)
     learned, scale, zero_point, x, exact = _tied_means(2)
     assert int((exact - exact.floor() == 0.5).sum()) > 1000  # a quarter of the means are ties
-    pooled = _mean_on_input_grid(average, (x, *args), kwargs, learned)
+    pooled = mean_on_input_grid(average, (x, *args), kwargs, learned)
     assert torch.equal(torch.round(pooled.double() / float(scale)).reshape(exact.shape), torch.round(exact))
 
 
@@ -593,16 +593,16 @@ def test_which_averages_export_writes_as_depthwise_convs():
     x = torch.zeros(1, 4, 6, 6)
     assert [average_as_depthwise(n) for n in (1, 2, 4, 9, 16, 25)] == [True] * 6
     assert [average_as_depthwise(n) for n in (6, 12, 36, 49, 64)] == [False] * 5
-    assert int(_window_sizes(torch.mean, (x, (2, 3)), {}, x.mean((2, 3)))) == 36
-    assert _window_sizes(torch.mean, (x, 1), {}, x.mean(1)) is None  # a channel mean: a MEAN over channels
+    assert int(window_sizes(torch.mean, (x, (2, 3)), {}, x.mean((2, 3)))) == 36
+    assert window_sizes(torch.mean, (x, 1), {}, x.mean(1)) is None  # a channel mean: a MEAN over channels
     # Padding left out of the count (SAME), a window ceil_mode cuts short: AVERAGE_POOL_2Ds with other counts.
-    assert _window_sizes(F.avg_pool2d, (x, 3, 1, 1), {"count_include_pad": False}, x[..., :6, :6]) is None
-    assert _window_sizes(F.avg_pool2d, (x, 3, 2), {"ceil_mode": True}, F.avg_pool2d(x, 3, 2, ceil_mode=True)) is None
-    assert int(_window_sizes(F.avg_pool2d, (x, 3, 1, 1), {}, F.avg_pool2d(x, 3, 1, 1))) == 9  # PAD, then VALID
+    assert window_sizes(F.avg_pool2d, (x, 3, 1, 1), {"count_include_pad": False}, x[..., :6, :6]) is None
+    assert window_sizes(F.avg_pool2d, (x, 3, 2), {"ceil_mode": True}, F.avg_pool2d(x, 3, 2, ceil_mode=True)) is None
+    assert int(window_sizes(F.avg_pool2d, (x, 3, 1, 1), {}, F.avg_pool2d(x, 3, 1, 1))) == 9  # PAD, then VALID
     # An adaptive pool over a map it does not tile (5 -> 3: windows of 2, 3 and 2 pixels): each window's
     # count, as torch's windows have them (which pixels reach each output).
     x = torch.zeros(1, 4, 5, 5)
-    counts = _window_sizes(F.adaptive_avg_pool2d, (x, 3), {}, F.adaptive_avg_pool2d(x, 3))
+    counts = window_sizes(F.adaptive_avg_pool2d, (x, 3), {}, F.adaptive_avg_pool2d(x, 3))
     one_pixel_each = torch.eye(25).reshape(25, 1, 5, 5)
     assert torch.equal(counts, (F.adaptive_avg_pool2d(one_pixel_each, 3) > 0).sum(0)[0])
     assert counts.tolist() == [[4, 6, 4], [6, 9, 6], [4, 6, 4]]

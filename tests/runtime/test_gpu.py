@@ -264,8 +264,8 @@ def test_regression_classifier_as_1x1_conv_in_qdq_graph(tmp_path, calib):
     assert np.abs(model(x) - _xnnpack(path, x, model)).max() < 1e-5
 
 
-@pytest.mark.xfail(strict=False, reason="LiteRT 2.3 WebGPU: FULLY_CONNECTED with non-constant weights "
-                   "ignores its constant bias (docs/gpu.md); XPASS means upstream fixed it")
+@pytest.mark.xfail(strict=True, reason="LiteRT 2.3 WebGPU: FULLY_CONNECTED with non-constant weights "
+                   "ignores its constant bias (docs/gpu.md); an XPASS fails the run: upstream fixed it")
 def test_upstream_fc_with_runtime_weights_keeps_bias(tmp_path, calib):
     """pt2e without quant_config leaves weight -> QUANTIZE -> DEQUANTIZE -> FC: the GPU's FC then
     reads runtime weights and drops the bias, so the output is off by exactly the bias."""

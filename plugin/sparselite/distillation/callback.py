@@ -24,7 +24,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from sparselite.distillation.distiller import Distiller, check_schedule
-from sparselite.distillation.teacher import INITIAL, check_teacher_argument, fingerprint, resolve_teacher
+from sparselite.distillation.teacher import (
+    INITIAL, RunRebuilder, check_teacher_argument, fingerprint, resolve_teacher,
+)
 from sparselite.errors import SparseliteError
 
 
@@ -39,7 +41,9 @@ class Distillation(pl.Callback):
 
     Args:
         teacher: an ``nn.Module`` or LightningModule; a checkpoint path (tensors only: a file with pickled
-            code is refused; a ``sparselite fit`` checkpoint is rebuilt from its run's config.yaml); or
+            code is refused; under ``sparselite fit`` a checkpoint with its run's config.yaml is rebuilt from
+            it, elsewhere it is loaded into a copy of the student: pass ``restore_run(path).module`` for
+            another architecture); or
             ``"initial"``: a frozen float copy of the model as fit starts (fine-tuning from pretrained weights).
         temperature: softmax temperature T of both models' logits; the loss is scaled by T^2.
         weight: loss = (1 - weight) * your loss + weight * distillation loss, in (0, 1].
@@ -63,6 +67,8 @@ class Distillation(pl.Callback):
         self.begin_step, self.end_step, self.student = begin_step, end_step, student
         self.distiller: Distiller | None = None
         self.fingerprint: str | None = None
+        # Set by `sparselite fit` (lightning_cli): rebuilds a `sparselite fit` checkpoint from its config.yaml.
+        self.rebuild_run: RunRebuilder | None = None
         self._restored: dict[str, Any] | None = None
         self._wrapped: tuple[pl.LightningModule, dict] | None = None
 
@@ -79,7 +85,7 @@ class Distillation(pl.Callback):
                                   "optimization; with manual optimization add distillation.loss.kd_loss yourself")
         # Before checkpoint restore (so the fingerprint can be compared) and, for 'initial', before
         # training changes the weights.
-        teacher = resolve_teacher(self.teacher_argument, pl_module)
+        teacher = resolve_teacher(self.teacher_argument, pl_module, self.rebuild_run)
         self.distiller = Distiller(teacher, self.temperature, self.weight, self.begin_step, self.end_step)
         self.fingerprint = fingerprint(teacher)
         rank_zero_info(f"[sparselite] distilling from {self.source} (T={self.temperature:g}, weight={self.weight:g}, "

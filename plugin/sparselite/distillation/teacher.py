@@ -3,10 +3,10 @@
 A teacher is given as
   - an ``nn.Module`` (a LightningModule too): used as it is, frozen in place;
   - a checkpoint path: read with ``weights_only`` (``sparselite.checkpoints``: tensors only, a file with
-    pickled code is refused before anything runs). A checkpoint written by ``sparselite fit`` is rebuilt
-    from its run's config.yaml, as ``sparselite export`` does (``lightning_cli.restore_run``); one
-    without a run config (a Trainer in a script) is loaded into a float copy of the student, so it must
-    have the student's architecture;
+    pickled code is refused before anything runs). Under ``sparselite fit`` the CLI layer gives the
+    callback ``rebuild_run`` (``lightning_cli.restore_run``), so a checkpoint with its run's config.yaml
+    is rebuilt from it, as ``sparselite export`` does; otherwise (a Trainer in a script, or no run
+    config) the weights are loaded into a float copy of the student, so they must fit its architecture;
   - ``"initial"``: a frozen float copy of the student as it is when fit starts (fine-tuning from
     pretrained weights).
 
@@ -22,7 +22,7 @@ import hashlib
 import logging
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -33,6 +33,8 @@ from sparselite.module_copy import detached_copy
 from sparselite.quantization.qat import strip_fake_quant
 
 INITIAL = "initial"
+# checkpoint path -> the run's model rebuilt from its config, or None where it has none (set by the CLI layer).
+RunRebuilder = Callable[[Path], "nn.Module | None"]
 SPARSELITE_STATE = "sparselite_"  # masks, fake-quant ranges, channel plans: compression state, not weights
 
 
@@ -94,9 +96,10 @@ def without_compression_state(module: nn.Module) -> nn.Module:
     return module
 
 
-def resolve_teacher(teacher: nn.Module | str | os.PathLike, student: nn.Module) -> nn.Module:
+def resolve_teacher(teacher: nn.Module | str | os.PathLike, student: nn.Module,
+                    rebuild_run: RunRebuilder | None = None) -> nn.Module:
     """The teacher module, frozen. ``student`` is the model being trained (for ``"initial"`` and for a
-    checkpoint without a run config)."""
+    checkpoint that ``rebuild_run`` does not rebuild)."""
     check_teacher_argument(teacher)
     if isinstance(teacher, nn.Module):
         if teacher is student:
@@ -109,25 +112,22 @@ def resolve_teacher(teacher: nn.Module | str | os.PathLike, student: nn.Module) 
         return freeze(teacher)
     if str(teacher) == INITIAL:
         return float_snapshot(student)
-    return freeze(load_teacher_checkpoint(Path(teacher), student))
+    return freeze(load_teacher_checkpoint(Path(teacher), student, rebuild_run))
 
 
-def load_teacher_checkpoint(path: Path, student: nn.Module) -> nn.Module:
+def load_teacher_checkpoint(path: Path, student: nn.Module, rebuild_run: RunRebuilder | None = None) -> nn.Module:
     """The model a checkpoint holds, read as tensors only; fake-quant stripped (the teacher stays float)."""
     from sparselite.checkpoints import load_checkpoint
-    from sparselite.lightning_cli import find_run_config
 
     if not path.is_file():
         raise SparseliteError(f"teacher checkpoint {path} does not exist; train the teacher first (e.g. "
                               "`sparselite fit -c <config> -c recipes/dense.yaml`) or fix the path")
     loaded = load_checkpoint(path)  # refuses pickled code before anything else reads the file
-    if find_run_config(path) is not None:
-        # Imported here: rebuilding a run is the CLI layer's job; only a checkpoint teacher needs it.
-        from sparselite.lightning_cli import restore_run
-
+    module = None
+    if rebuild_run is not None:
         with _global_state_untouched():
-            module = restore_run(path).module
-    else:
+            module = rebuild_run(path)
+    if module is None:
         module = _load_into_copy(loaded["state_dict"], student, path)
     return without_compression_state(module)
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from sparselite.errors import SparseliteError
 from sparselite.export.islands import float_ops_error
-from sparselite.export.layout import use_xnnpack_forms
+from sparselite.export.xnnpack_forms import use_xnnpack_forms
 from sparselite.export.lowering import lower_for_litert
 from sparselite.export.ranges import quantize_pt2e
 from sparselite.module_copy import detached_copy

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ai_edge_litert.schema_py_generated import TensorType
 from torch import nn
 
-from sparselite.export.layout import use_xnnpack_forms
+from sparselite.export.xnnpack_forms import use_xnnpack_forms
 from sparselite.export.names import use_module_names
 from sparselite.export.report import ExportReport, FloatIsland, shortened
 from sparselite.runtime.litert import xnnpack_delegated_ops

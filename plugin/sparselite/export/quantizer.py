@@ -41,7 +41,7 @@ OWN_RANGE = {
     "rsqrt", "minimum", "maximum", "prelu", "_prelu_kernel",
 }
 # TFLite's int8 LOGISTIC and SOFTMAX require output scale 1/256, zero point -128; TANH 1/128, 0
-# (training simulates the same grids: quantization/op_points.py).
+# (training simulates the same grids: quantization/int8_rounding.py).
 FIXED_RANGE = {**FIXED_OUTPUT_QPARAMS, "_softmax": FIXED_OUTPUT_QPARAMS["softmax"]}
 CONCATENATION = {"cat", "concat", "stack"}
 TRANSPOSED_CONVOLUTIONS = {"conv_transpose1d", "conv_transpose2d"}
@@ -158,7 +158,7 @@ def _adaptive_average(graph: Graph, node: Node) -> list[Node] | None:
     """Adaptive average pooling whose windows do not tile its input (VGG's 7x7 pool over a 2x2 map): each
     distinct window as a slice and a MEAN, concatenated. litert lowers it to GATHER_ND, SELECT and SUM
     ops that stay float. Every window is averaged once, on the input's grid, as training's fake-quant
-    model averages it (``op_points._mean_on_input_grid``); pools whose windows tile the input convert
+    model averages it (``int8_rounding.mean_on_input_grid``); pools whose windows tile the input convert
     to AVERAGE_POOL_2D or MEAN as they are."""
     x, output_size = node.args[0], list(node.args[1])
     sizes = list(x.meta["val"].shape[-len(output_size):])

@@ -23,7 +23,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from sparselite.export.lowering import op_kind
 from sparselite.export.quantizer import CONCATENATION, SHARES_INPUT_RANGE, SPLITS, FullInt8Quantizer
-from sparselite.quantization.op_points import ATEN_KINDS, site_name
+from sparselite.quantization.functional_ops import ATEN_KINDS, site_name
 from sparselite.quantization.spec import ACT_QMAX, ACT_QMIN, SCALE_EPS
 
 _PRODUCERS = {"conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "linear", "convolution"}
@@ -54,7 +54,7 @@ def _module_call(node: torch.fx.Node) -> str | None:
 
 
 def op_sites(graph: torch.fx.Graph) -> dict[torch.fx.Node, str]:
-    """Functional-op nodes -> the call-site names training gave them (see ``quantization/op_points.py``)."""
+    """Functional-op nodes -> the call-site names training gave them (see ``quantization/functional_ops.py``)."""
     counts: dict[tuple[str, str], int] = {}
     sites = {}
     for node in graph.nodes:

@@ -7,14 +7,13 @@ can't read sparse weights: each gets a DENSIFY op, placed right before its first
 at load; XNNPACK takes it and densifies while building its graph), whose output carries the weight's
 per-channel quantization. Equal quantization tables are then written once (``quantization_sharing``).
 
-Decision for the int8 classifier (FULLY_CONNECTED): it stays dense. Measured with ai-edge-litert
-2.3.0 on x86:
+Decision for the int8 classifier (FULLY_CONNECTED): it stays dense. With ai-edge-litert 2.3.0 on x86:
   - FC fed by DENSIFY: "failed to delegate FULLY_CONNECTED", XNNPACK fails to prepare, no load.
   - FC reading 1x16-block weights directly (the only int8 sparse FC format, [DENSE, CSR, DENSE 16],
     ``sparse_int8_fc=True``): the builtin and reference kernels are bit-exact, but XNNPACK takes the
     node and returns wrong logits (off by up to 80 LSB). XNNPACK is the default CPU path, so no.
     ``test_xnnpack_misreads_1x16_sparse_int8_fc`` fails once the runtime gets this right.
-The classifier is a small share of a CNN (1024x10 = 10 KB of the demo model's 1.15 MB dense int8 file).
+The classifier is a small share of a CNN's weights.
 Hybrid FCs (float input, int8 weights) stay dense too: their sparse kernel needs op version 8, which
 needs an op code of its own, and sparselite's int8 export doesn't produce them.
 
@@ -105,45 +104,52 @@ def encode_sparse(
             if weights is None or weights.size == 0:
                 continue
             uses = uses_of.get(tensor_index, [])
-            sparsity = float(np.mean(weights == 0))
-            all_layouts = candidate_layouts(weights.shape)
-            entry = dict(
-                name=tensor_name(tensor),
-                op="/".join(sorted({builtin_name(builtin_code(model, graph.operators[i])) for i, _ in uses})),
-                shape=tuple(weights.shape),
-                sparsity=sparsity,
-                dense_bytes=weights.nbytes,
-                min_bytes=best_layout(weights, all_layouts, overhead=0)[1],
-            )
-            layouts, densify, reason = _policy(model, graph, uses, weights, sparsity, min_sparsity, sparse_int8_fc)
-            layout = None
-            if layouts:
-                overhead = _METADATA_OVERHEAD + _DIM_OVERHEAD * (weights.ndim + 1) + (_DENSIFY_OVERHEAD if densify else 0)
-                layout, _ = best_layout(weights, layouts, overhead)
-                if layout is None:
-                    reason = "sparse storage would not be smaller"
-            if layout is None:
-                reports.append(TensorEncoding(**entry, encoding="dense", index_dtype="-",
-                                              stored_bytes=weights.nbytes, densify=False, reason=reason))
-                continue
-            values, params, dtypes = encode_tensor(weights, layout)
-            buffer = schema.BufferT()
-            buffer.data = values.view(np.uint8)
-            if buffer_users.get(tensor.buffer, 0) > 1:
-                model.buffers.append(buffer)
-                tensor.buffer = len(model.buffers) - 1
-            else:
-                model.buffers[tensor.buffer] = buffer
-            tensor.sparsity = params
-            if densify:
+            report = _encode_weight(model, graph, tensor_index, weights, uses, min_sparsity, sparse_int8_fc,
+                                    shared_buffer=buffer_users.get(tensor.buffer, 0) > 1)
+            reports.append(report)
+            if report.densify:
                 insertions.append(_add_densify(model, graph, tensor_index, uses))
-            names = list(dict.fromkeys(INDEX_DTYPE_NAMES[dtype] for dtype in dtypes))
-            reports.append(TensorEncoding(**entry, encoding=layout.name, index_dtype="/".join(names),
-                                          stored_bytes=sparse_payload_bytes(model, tensor), densify=densify))
         for position, op in sorted(insertions, key=lambda item: item[0], reverse=True):
             graph.operators.insert(position, op)
     _share_quantization(model, by_content=share_quantization)
     return write_model(model), reports
+
+
+def _encode_weight(model, graph, tensor_index: int, weights: np.ndarray, uses: list[tuple[int, int]],
+                   min_sparsity: float, sparse_int8_fc: bool, shared_buffer: bool) -> TensorEncoding:
+    """Store one weight sparse, in place, where the policy allows it and it saves bytes; says how."""
+    tensor = graph.tensors[tensor_index]
+    sparsity = float(np.mean(weights == 0))
+    entry = dict(
+        name=tensor_name(tensor),
+        op="/".join(sorted({builtin_name(builtin_code(model, graph.operators[i])) for i, _ in uses})),
+        shape=tuple(weights.shape),
+        sparsity=sparsity,
+        dense_bytes=weights.nbytes,
+        min_bytes=best_layout(weights, candidate_layouts(weights.shape), overhead=0)[1],
+    )
+    layouts, densify, reason = _policy(model, graph, uses, weights, sparsity, min_sparsity, sparse_int8_fc)
+    layout = None
+    if layouts:
+        overhead = _METADATA_OVERHEAD + _DIM_OVERHEAD * (weights.ndim + 1) + (_DENSIFY_OVERHEAD if densify else 0)
+        layout, _ = best_layout(weights, layouts, overhead)
+        if layout is None:
+            reason = "sparse storage would not be smaller"
+    if layout is None:
+        return TensorEncoding(**entry, encoding="dense", index_dtype="-", stored_bytes=weights.nbytes, densify=False,
+                              reason=reason)
+    values, params, dtypes = encode_tensor(weights, layout)
+    buffer = schema.BufferT()
+    buffer.data = values.view(np.uint8)
+    if shared_buffer:
+        model.buffers.append(buffer)
+        tensor.buffer = len(model.buffers) - 1
+    else:
+        model.buffers[tensor.buffer] = buffer
+    tensor.sparsity = params
+    names = list(dict.fromkeys(INDEX_DTYPE_NAMES[dtype] for dtype in dtypes))
+    return TensorEncoding(**entry, encoding=layout.name, index_dtype="/".join(names),
+                          stored_bytes=sparse_payload_bytes(model, tensor), densify=densify)
 
 
 def _policy(model, graph, uses, weights, sparsity, min_sparsity, sparse_int8_fc):

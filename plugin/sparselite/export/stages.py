@@ -33,7 +33,7 @@ from sparselite.export.islands import (
     float_islands, int8_ops_xnnpack_leaves_out, islands_error, keep_float_where_xnnpack_lacks_int8, time_islands,
     xnnpack_fallback_notes,
 )
-from sparselite.export.layout import use_xnnpack_forms
+from sparselite.export.xnnpack_forms import use_xnnpack_forms
 from sparselite.export.names import use_module_names
 from sparselite.export.options import ExportOptions
 from sparselite.export.parity import gate_failure, measure_noise_floor, verify as verify_parity

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparselite.errors import SparseliteError
-from sparselite.pruning.channels import IMPORTANCES, ChannelPruner
+from sparselite.pruning.channels import ChannelPruner
 from sparselite.pruning.schedule import PolynomialDecay
 
 
@@ -50,39 +50,41 @@ class ChannelPruning(pl.Callback):
         exclude: Sequence[str] | None = None,
         shrink: bool = True,
     ) -> None:
-        if importance not in IMPORTANCES:
-            raise SparseliteError(f"importance='{importance}' is not one of {', '.join(IMPORTANCES)}")
-        self.config = dict(
-            final_sparsity=final_sparsity, begin_step=begin_step, end_step=end_step, frequency=frequency,
-            initial_sparsity=initial_sparsity, power=power, importance=importance, round_to=round_to,
-            min_channels=min_channels, exclude=list(exclude) if exclude else None, shrink=shrink,
-        )
-        self.pruner = build_channel_pruner(self.config)  # validates every argument now, before any training
+        # Validates every argument now, before any training.
+        schedule = PolynomialDecay(initial_sparsity=initial_sparsity, final_sparsity=final_sparsity,
+                                   begin_step=begin_step, end_step=end_step, frequency=frequency, power=power)
+        self.pruner = ChannelPruner(schedule, importance=importance, round_to=round_to, min_channels=min_channels,
+                                    exclude=exclude)
+        self.shrink = shrink
 
     # ------------------------------------------------------------------ set-up
+    def prepare(self, pl_module: pl.LightningModule) -> None:
+        """Find the channel groups and give the module its masks (once). Before checkpoint restore: a shrunk
+        checkpoint's plan is re-applied by the state_dict hook the pruner registers here."""
+        if self.pruner.model is None:
+            self.pruner.prepare(pl_module, example_inputs(pl_module))
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._check_recipe(trainer)
         if self.pruner.model is not None:
             return
-        # Before checkpoint restore: the masks must exist, and a shrunk checkpoint's plan is re-applied
-        # by the state_dict hook the pruner registers here.
         with without_fake_quant(trainer.callbacks, pl_module):
-            self.pruner.prepare(pl_module, example_inputs(pl_module))
+            self.prepare(pl_module)
         names = [g.name for g in self.pruner.groups.values()]
-        rank_zero_info(f"[sparselite] channel pruning {len(names)} groups to {self.config['final_sparsity']:.0%} "
-                       f"(multiples of {self.config['round_to']}): {', '.join(names)}")
+        rank_zero_info(f"[sparselite] channel pruning {len(names)} groups to {self.pruner.schedule.final_sparsity:.0%} "
+                       f"(multiples of {self.pruner.round_to}): {', '.join(names)}")
 
     def _check_recipe(self, trainer: pl.Trainer) -> None:
         from sparselite.quantization.callback import QuantizationAwareTraining
 
-        end = self.config["end_step"]
+        end = self.pruner.schedule.end_step
         for callback in trainer.callbacks:
-            if isinstance(callback, QuantizationAwareTraining) and self.config["shrink"] and callback.simulator.begin_step <= end:
+            if isinstance(callback, QuantizationAwareTraining) and self.shrink and callback.simulator.begin_step <= end:
                 raise SparseliteError(
                     f"QuantizationAwareTraining(begin_step={callback.simulator.begin_step}) starts before ChannelPruning "
                     f"removes channels at end_step={end}; set begin_step > {end} so fake-quant learns the smaller model's ranges"
                 )
-        if self.config["shrink"] and trainer.world_size > 1:
+        if self.shrink and trainer.world_size > 1:
             raise SparseliteError("ChannelPruning(shrink=True) rebuilds the model during fit, which needs a single device; "
                                   "use devices=1, or shrink=False and `sparselite shrink` after training")
         if trainer.max_steps is not None and 0 < trainer.max_steps <= end:
@@ -95,7 +97,7 @@ class ChannelPruning(pl.Callback):
         if self.pruner.step(step):
             ratio = self.pruner.channel_ratio()
             pl_module.log("channels/removed", ratio["overall"], on_step=True, on_epoch=False)
-        if self.config["shrink"] and not self.pruner.shrunk and step >= self.config["end_step"]:
+        if self.shrink and not self.pruner.shrunk and step >= self.pruner.schedule.end_step:
             self._shrink(trainer, pl_module)
 
     def _shrink(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -111,12 +113,12 @@ class ChannelPruning(pl.Callback):
         self.pruner.apply_masks()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.config["shrink"] and not self.pruner.shrunk:
+        if self.shrink and not self.pruner.shrunk:
             warnings.warn(f"[sparselite] training ended at step {trainer.global_step}, before ChannelPruning's end_step="
-                          f"{self.config['end_step']}: channels are masked but not removed", stacklevel=2)
+                          f"{self.pruner.schedule.end_step}: channels are masked but not removed", stacklevel=2)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config, **self.pruner.state_dict()}
+        return self.pruner.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.pruner.load_state_dict(state_dict)
@@ -144,12 +146,3 @@ def without_fake_quant(callbacks: list, pl_module: torch.nn.Module) -> Iterator[
     finally:
         for callback in qat:
             callback.prepare(pl_module)
-
-
-def build_channel_pruner(config: dict[str, Any]) -> ChannelPruner:
-    schedule = PolynomialDecay(
-        initial_sparsity=config["initial_sparsity"], final_sparsity=config["final_sparsity"],
-        begin_step=config["begin_step"], end_step=config["end_step"], frequency=config["frequency"], power=config["power"],
-    )
-    return ChannelPruner(schedule, importance=config["importance"], round_to=config["round_to"],
-                         min_channels=config["min_channels"], exclude=config["exclude"])

@@ -158,5 +158,4 @@ class MagnitudePruner:
         return {"last_update_step": self.last_update_step}
 
     def load_state_dict(self, state: Mapping) -> None:
-        # Checkpoints from before 0.1.1 also carry "config" and "layers", which nothing reads.
         self.last_update_step = state.get("last_update_step")

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from sparselite.errors import SparseliteError
 from sparselite.quantization.fusion import FusedChain
 from sparselite.quantization.qat import QuantizationSimulator
 
@@ -30,23 +31,36 @@ class QuantizationAwareTraining(pl.Callback):
         self.simulator = QuantizationSimulator(begin_step=begin_step, freeze_step=freeze_step,
                                                averaging_constant=averaging_constant)
 
-    def prepare(self, pl_module: pl.LightningModule) -> list[FusedChain]:
-        """Attach fake-quant (once), so a checkpoint's learned ranges load into it. With the module's
-        ``example_input_array``, functional ops (add, mul, cat) get theirs too (``op_points.py``)."""
-        example = pl_module.example_input_array
-        example = None if example is None else (example,) if isinstance(example, torch.Tensor) else tuple(example)
-        return self.simulator.prepare(pl_module, example)
+    def prepare(self, pl_module: pl.LightningModule, example_inputs: tuple | None = None) -> list[FusedChain]:
+        """Attach fake-quant (once), so a checkpoint's learned ranges load into it. Functional ops (add,
+        mul, cat) get theirs from one forward of ``example_inputs`` (default: the module's
+        ``example_input_array``), or else of the first training batch (``functional_ops.py``)."""
+        if example_inputs is None and pl_module.example_input_array is not None:
+            example = pl_module.example_input_array
+            example_inputs = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+        return self.simulator.prepare(pl_module, example_inputs)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before checkpoint restore, so the range buffers exist when the state_dict is loaded.
         chains = self.prepare(pl_module)
-        sites = f" and {len(self.simulator.op_sites)} functional ops (add, mul, cat)" if self.simulator.op_sites else ""
-        if pl_module.example_input_array is None:
-            sites = "; set example_input_array on the LightningModule to also learn add/mul/cat ranges"
+        sites = (f" and {len(self.simulator.op_sites)} functional ops (add, mul, cat)" if self.simulator.op_sites_found
+                 else "; functional ops (add, mul, cat) are found at the first batch")
         rank_zero_info(f"[sparselite] QAT on {len(chains)} layers{sites} from step {self.simulator.begin_step}")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self.simulator.op_sites_found:
+            self._find_op_sites(batch)
         self.simulator.step(trainer.global_step)
+
+    def _find_op_sites(self, batch: Any) -> None:
+        inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+        if not isinstance(inputs, torch.Tensor):
+            raise SparseliteError(
+                f"QAT finds the model's functional ops (add, mul, cat) with one training batch, but the batch's first "
+                f"item is a {type(inputs).__name__}, not the input tensor; give the batches as (inputs, ...) or set "
+                "example_input_array on the LightningModule")
+        sites = self.simulator.find_op_sites((inputs[:1],))
+        rank_zero_info(f"[sparselite] QAT found {len(sites)} functional ops (add, mul, cat) in the first batch")
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.simulator.step(trainer.global_step)

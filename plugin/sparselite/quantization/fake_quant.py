@@ -13,11 +13,11 @@ from sparselite.quantization.spec import (
 
 # The attribute that carries, on each fake-quantized activation, the learned [min, max] buffer it was
 # rounded with: ops the file computes on that grid (a pooled mean, the inside of hardswish, a layer's
-# int32 bias) read it (``op_points.py``, ``BiasFakeQuant``) in the same forward, before the next batch
+# int32 bias) read it (``int8_rounding.py``, ``BiasFakeQuant``) in the same forward, before the next batch
 # updates the buffer. Ops that keep their input's grid (reshapes, pooling) pass it on.
 LEARNED_RANGE_ATTR = "_sparselite_learned_range"
 # The attribute that names, on each value an ActivationFakeQuant returns, that fake-quant (how
-# ``op_points`` finds which values feed a concatenation alone).
+# ``functional_ops`` finds which values feed a concatenation alone).
 PRODUCER_ATTR = "_sparselite_fake_quant"
 
 
@@ -30,8 +30,8 @@ class _PerTensorFakeQuant(torch.autograd.Function):
 
     ``extremes``: the value's [min, max], when the caller has them. Scaling and rounding are monotonic,
     so when both land inside the bounds no element is clamped and the gradient passes everywhere: the
-    mask (two comparisons in the forward, a masked_fill in the backward: 15 of MobileNetLite's 36 ms
-    of activation fake-quant a step) is built only when some element is clamped."""
+    mask (two comparisons in the forward, a masked_fill in the backward, most of the activation
+    fake-quant's cost) is built only when some element is clamped."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, extremes=None):
@@ -70,8 +70,7 @@ class _SymmetricWeightFakeQuant(torch.autograd.Function):
     """Bit-identical to ``torch.fake_quantize_per_channel_affine`` with zero points 0 and [-127, 127],
     for scales from ``spec.weight_scales``: those are at least amax / 127, so no weight rounds outside
     the range, torch's clamp changes nothing and its gradient mask passes everything. Torch's CPU kernel
-    is a scalar loop: forward and backward over MobileNetLite's 1.07M weights took 7.6 ms (16 ms of a
-    120 ms step on one core, counting what surrounds it); this takes 2.4 ms."""
+    is a scalar loop; this is vectorized (``benchmarks/training_overhead.py`` times the QAT step)."""
 
     @staticmethod
     def forward(ctx, weight, scales):
@@ -168,7 +167,7 @@ class BatchNormShiftFakeQuant(BiasFakeQuant):
     """A BatchNorm2d that follows no conv, which export writes as a depthwise 1x1 conv
     (``fusion.batchnorm_as_depthwise``): in eval mode, its shift added as that conv adds its int32
     bias, rounded to input scale x weight scale per channel. The arithmetic runs in this module, a
-    fake-quant, so that ``op_points`` does not take it for the model's own ops."""
+    fake-quant, so that ``functional_ops`` does not take it for the model's own ops."""
 
     def __init__(self, normalization: nn.BatchNorm2d) -> None:
         super().__init__()
@@ -195,7 +194,7 @@ class ActivationFakeQuant(nn.Module):
         self.enabled = True
         # Set when the value's one consumer is a concatenation: the converter then writes the value
         # straight onto the concatenation's grid (no requantization in between), so the file rounds
-        # it once, there (``op_points.fold_into_concatenations``). Not state: found at prepare.
+        # it once, there (``functional_ops.fold_into_concatenations``). Not state: found at prepare.
         self.rounded_by_consumer = False
         # That concatenation's fake-quant, whose grid the value is written on (kept out of nn.Module's
         # registry: it belongs to the op-sites registry, as WeightFakeQuant's BN to the model).

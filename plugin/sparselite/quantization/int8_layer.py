@@ -39,7 +39,7 @@ Compute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tens
 
 
 def _unseen(function):
-    """This arithmetic is the simulator's, not the model's: the op-sites mode (``op_points``), active
+    """This arithmetic is the simulator's, not the model's: the op-sites mode (``functional_ops``), active
     during the model's forward, would take its adds and muls for the model's own call sites and
     fake-quantize them. Torch function handling (that mode's hook) is off while it runs."""
 

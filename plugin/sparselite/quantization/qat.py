@@ -15,7 +15,7 @@ checkpoints and DDP behave as usual. State lives in submodules named ``sparselit
     follows no conv (a depthwise 1x1 conv in the file, ``fusion.py``): its output after its activation,
     and in eval mode its shift on that conv's int32 bias grid;
   - ``<root>.sparselite_op_quant.<module path, '/' for '.'>/<op>_<i>``: the outputs of functional ops
-    (add, mul, cat, ...) called in that module's forward (``op_points.py``);
+    (add, mul, cat, ...) called in that module's forward (``functional_ops.py``);
   - ``<root>.sparselite_input_quant``: the range of the model input.
 Per-channel symmetric weight quantization is invariant to BN's per-channel scale, so fake-quant of
 the unfolded weight gives the same int8 values as the folded weight exported later.
@@ -37,7 +37,9 @@ from sparselite.quantization.fake_quant import (
 )
 from sparselite.quantization.fusion import FusedChain, find_fused_chains
 from sparselite.quantization.int8_layer import Compute, int8_output, normalization_int8_output, with_float_gradient
-from sparselite.quantization.op_points import HOOK_FUNCTIONS, LOAD_HOOK_FUNCTIONS, OP_QUANT, attach_op_sites
+from sparselite.quantization.functional_ops import (
+    HOOK_FUNCTIONS, LOAD_HOOK_FUNCTIONS, OP_QUANT, attach_op_sites, op_sites_from_state_dict,
+)
 
 WEIGHT_QUANT = "sparselite_weight_quant"
 BIAS_QUANT = "sparselite_bias_quant"
@@ -173,11 +175,14 @@ class QuantizationSimulator:
         self.chains: list[FusedChain] = []
         self.model: nn.Module | None = None
         self.op_sites: list[str] = []
-        self.grid = GridFakeQuant()  # rounds the ops the file computes on fixed or derived grids (op_points.py)
+        self.op_sites_found = False  # the functional-op call sites have been looked for (one forward)
+        self.grid = GridFakeQuant()  # rounds the ops the file computes on fixed or derived grids (int8_rounding.py)
 
     def prepare(self, model: nn.Module, example_inputs: tuple | None = None) -> list[FusedChain]:
         """Attach fake-quant to every conv/linear (exact nn.Conv1d/2d, nn.ConvTranspose1d/2d, nn.Linear), every requantizing
-        activation, and the model input; with ``example_inputs``, also to functional ops (add, mul, cat)."""
+        activation, and the model input; with ``example_inputs``, also to functional ops (add, mul, cat).
+        Without them, ``find_op_sites`` finds those with the first batch; a checkpoint's op-site ranges
+        load before that (their fake-quants are made from the state_dict's keys)."""
         if self.model is not None:
             return self.chains
         with hook_ids_apart(model):  # a pickled copy keeps its hooks when new ones come (hook_ids.py)
@@ -218,11 +223,21 @@ class QuantizationSimulator:
                 module.register_forward_hook(functools.partial(_quantize_output, getattr(module, OUTPUT_QUANT)))
         model.add_module(INPUT_QUANT, ActivationFakeQuant(self.averaging_constant))
         model.register_forward_pre_hook(functools.partial(_quantize_input, getattr(model, INPUT_QUANT)))
-        if example_inputs is not None:
-            self.op_sites = attach_op_sites(model, tuple(example_inputs), self.averaging_constant, self.grid)
+        model.register_load_state_dict_pre_hook(functools.partial(op_sites_from_state_dict, self.averaging_constant))
         self.model, self.chains = model, chains
+        if example_inputs is not None:
+            self.find_op_sites(example_inputs)
         self.step(0)
         return chains
+
+    def find_op_sites(self, example_inputs: tuple) -> list[str]:
+        """Give every functional-op call site a fake-quant, found with one eval-mode forward of
+        ``example_inputs`` (once; sites already made from a checkpoint keep their ranges)."""
+        if not self.op_sites_found:
+            with hook_ids_apart(self.model):
+                self.op_sites = attach_op_sites(self.model, tuple(example_inputs), self.averaging_constant, self.grid)
+            self.op_sites_found = True
+        return self.op_sites
 
     def _modules(self, kind: type[nn.Module] | tuple[type[nn.Module], ...]) -> list[nn.Module]:
         return [m for m in self.model.modules() if isinstance(m, kind)]
@@ -249,7 +264,7 @@ class QuantizationSimulator:
     def strip(self) -> None:
         """Back to the float model, e.g. while channel pruning rebuilds it; ``prepare`` attaches it again."""
         strip_fake_quant(self.model)
-        self.model, self.chains, self.op_sites = None, [], []
+        self.model, self.chains, self.op_sites, self.op_sites_found = None, [], [], False
 
 
 def strip_fake_quant(model: nn.Module) -> None:
@@ -260,14 +275,14 @@ def strip_fake_quant(model: nn.Module) -> None:
         for name in (WEIGHT_QUANT, BIAS_QUANT, OUTPUT_QUANT, INPUT_QUANT, OP_QUANT):
             if name in module._modules:
                 del module._modules[name]
+        for key, wrapped in list(module._load_state_dict_pre_hooks.items()):
+            if getattr(getattr(wrapped, "hook", None), "func", None) in LOAD_HOOK_FUNCTIONS:
+                del module._load_state_dict_pre_hooks[key]
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key, hook in list(hooks.items()):
                 if isinstance(hook, functools.partial) and hook.func in (_quantize_output, _quantize_input, _shift_on_int32_grid, *HOOK_FUNCTIONS):
                     del hooks[key]
                     module._forward_hooks_always_called.pop(key, None)
-        for key, wrapped in list(module._load_state_dict_pre_hooks.items()):
-            if getattr(wrapped, "hook", None) in LOAD_HOOK_FUNCTIONS:
-                del module._load_state_dict_pre_hooks[key]
 
 
 def learned_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
@@ -275,7 +290,7 @@ def learned_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
     ranges = {}
     for name, module in model.named_modules():
         # Output ranges are keyed by their producer's (or activation's) name, the input range by
-        # the root's name, '', and functional ops by their fake-quant's path (op_points.site_name).
+        # the root's name, '', and functional ops by their fake-quant's path (functional_ops.site_name).
         for attr in (OUTPUT_QUANT, INPUT_QUANT):
             quant = module._modules.get(attr)
             if isinstance(quant, ActivationFakeQuant) and quant.initialized:

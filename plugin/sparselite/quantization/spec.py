@@ -19,7 +19,7 @@ SCALE_EPS = 2.0**-12
 FIXED_OUTPUT_QPARAMS = {"sigmoid": (1.0 / 256, -128), "softmax": (1.0 / 256, -128), "tanh": (1.0 / 128, 0)}
 # Ops (aten base names) whose int8 output TFLite keeps on its input's grid: activations that fuse or
 # clamp, pooling, every shape op. Export shares their input's observer; training passes the input's
-# grid on to them (``quantization/op_points.py``).
+# grid on to them (``quantization/int8_rounding.py``).
 SHARES_INPUT_RANGE = {
     "relu", "hardtanh", "relu6", "clamp", "clamp_min", "clamp_max",
     "max_pool1d", "max_pool2d", "max_pool2d_with_indices", "adaptive_max_pool2d", "avg_pool1d", "avg_pool2d",
@@ -33,7 +33,7 @@ SHARES_INPUT_RANGE = {
 SPLITS = {"split", "split_with_sizes", "chunk", "unbind", "tensor_split", "unsafe_split"}
 
 # The int8 file writes an average over a window of at most this many values as a DEPTHWISE_CONV_2D of
-# ones (``export/layout.py``): XNNPACK (ai-edge-litert 2.3) runs an int8 MEAN as int32 sums requantized
+# ones (``export/xnnpack_pool_forms.py``): XNNPACK (ai-edge-litert 2.3) runs an int8 MEAN as int32 sums requantized
 # by a scalar loop (up to 2.6x the conv's time, with 576 channels), and an int8 AVERAGE_POOL_2D not at
 # all (TFLite's kernel, outside the delegate). 25 is the largest kernel XNNPACK's one-pass depthwise
 # kernels take: a 7x7 mean as a conv took 2.5-25x the MEAN's time (docs/upstream/xnnpack_int8_average.md).

@@ -12,10 +12,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from conftest import pt2e_int8_tflite, xnnpack_partitions
-from sparselite.export.layout import (
-    _axes_before, averages_as_depthwise_convs, crop_kernels_to_their_input, fold_transposes_into_means, fuse_activations_into_transpose_convs, nearest_upsampling_as_depth_to_space,
-    pads_as_rows, split_wide_concatenations,
+from sparselite.export.graph_edit import axes_before
+from sparselite.export.xnnpack_forms import (
+    fold_transposes_into_means, fuse_activations_into_transpose_convs, nearest_upsampling_as_depth_to_space,
+    split_wide_concatenations,
 )
+from sparselite.export.xnnpack_pool_forms import averages_as_depthwise_convs, crop_kernels_to_their_input, pads_as_rows
 from sparselite.export.conversion import convert_with_ranges, float_model_for_export
 from sparselite.runtime.litert import LiteRTModel
 from sparselite.tflite.flatbuffer import builtin_code, read_model, write_model
@@ -57,10 +59,10 @@ def test_the_mean_reads_the_nhwc_value_and_computes_the_same_integers(tmp_path):
 
 
 def test_a_mean_whose_kept_axes_the_transpose_reorders_keeps_its_transpose():
-    assert _axes_before(np.array([0, 3, 1, 2]), np.array([2, 3])).tolist() == [1, 2]
-    assert _axes_before(np.array([0, 3, 1, 2]), np.array([-1, -2])).tolist() == [1, 2]
+    assert axes_before(np.array([0, 3, 1, 2]), np.array([2, 3])).tolist() == [1, 2]
+    assert axes_before(np.array([0, 3, 1, 2]), np.array([-1, -2])).tolist() == [1, 2]
     # Kept axes H and W come out as (W, H): the mean of the untransposed value would be laid out differently.
-    assert _axes_before(np.array([0, 2, 1, 3]), np.array([3])) is None
+    assert axes_before(np.array([0, 2, 1, 3]), np.array([3])) is None
 
 
 class _Upsampling(nn.Module):

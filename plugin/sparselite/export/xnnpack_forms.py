@@ -1,0 +1,207 @@
+"""Graph forms XNNPACK runs faster, or at all: changes to a converted file that leave every value it
+computes as it was (but one, whose rounding training follows). They are applied to the int8 and the fp32
+exports alike, so that their latency ratio compares quantization only; the one that touches int8 ops
+only is there because XNNPACK's fp32 op is already as fast.
+
+- ``fold_transposes_into_means``: litert-torch runs the graph in NHWC, but a mean that torch code
+  writes over NCHW's spatial axes (``x.mean((2, 3))``, ShuffleNet's head) comes out as TRANSPOSE to
+  NCHW, then MEAN over axes 2 and 3. The mean of the untransposed value over the same axes (1 and 2
+  in NHWC) computes the same numbers in the same output layout, without the transpose. The int8
+  outputs are identical: the mean keeps its input's scale, and the transpose changes none of its integers.
+- ``split_wide_concatenations``: XNNPACK delegates a CONCATENATION of at most 5 inputs; a wider one
+  (DenseNet's, of every earlier layer's output; a decomposed adaptive pooling's) runs on TFLite's own
+  kernel and splits the graph. It becomes a tree of concatenations of at most 5. Every input of an
+  int8 concatenation is on its output's scale (TFLite requires it), so the groups take that scale and
+  copy integers unchanged.
+- ``nearest_upsampling_as_depth_to_space``: RESIZE_NEAREST_NEIGHBOR, which XNNPACK delegates in
+  neither precision, as copies and DEPTH_TO_SPACE.
+- ``fuse_activations_into_transpose_convs``: the RELU that litert-torch's int8 conversion leaves after
+  a TRANSPOSE_CONV, as its fused activation.
+- the pooling and padding forms of ``xnnpack_pool_forms``.
+
+``benchmarks/layout_forms.py`` times each with and without.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema
+
+from sparselite.export.graph_edit import axes_before, constant_ints, readers_of, same_quantization
+from sparselite.export.xnnpack_pool_forms import averages_as_depthwise_convs, crop_kernels_to_their_input, pads_as_rows
+from sparselite.tflite.flatbuffer import append_tensor, builtin_code, operator_code_index
+
+
+def fold_transposes_into_means(model: schema.ModelT) -> int:
+    """Make every MEAN that reads a TRANSPOSE read the transpose's input instead (with its axes
+    permuted), in place, where the transpose has no other reader and the mean keeps no reduced
+    dimension; the transposes go. Returns how many."""
+    subgraph = model.subgraphs[0]
+    readers = readers_of(subgraph)
+    outputs = {int(t) for t in subgraph.outputs}
+    removed = set()
+    for index, op in enumerate(subgraph.operators):
+        if builtin_code(model, op) != schema.BuiltinOperator.TRANSPOSE or int(op.outputs[0]) in outputs:
+            continue
+        users = readers.get(int(op.outputs[0]), [])
+        if len(users) != 1:
+            continue
+        mean = subgraph.operators[users[0]]
+        if builtin_code(model, mean) != schema.BuiltinOperator.MEAN or getattr(mean.builtinOptions, "keepDims", False):
+            continue
+        perm, axes = constant_ints(model, int(op.inputs[1])), constant_ints(model, int(mean.inputs[1]))
+        if perm is None or axes is None or int(mean.inputs[0]) != int(op.outputs[0]):
+            continue
+        before = axes_before(perm, axes)
+        if before is None:
+            continue
+        axes_index = append_tensor(model, [len(before)], schema.TensorType.INT32, b"mean_axes_before_transpose",
+                                   data=before.astype("<i4").tobytes())
+        mean.inputs = [int(op.inputs[0]), axes_index]
+        removed.add(index)
+    subgraph.operators = [op for index, op in enumerate(subgraph.operators) if index not in removed]
+    return len(removed)
+
+
+XNNPACK_MAX_CONCAT_INPUTS = 5
+
+
+def split_wide_concatenations(model: schema.ModelT) -> int:
+    """Make every CONCATENATION of more than ``XNNPACK_MAX_CONCAT_INPUTS`` inputs read concatenations
+    of groups of them instead, in place; returns how many."""
+    subgraph = model.subgraphs[0]
+    operators, split = [], 0
+    for op in subgraph.operators:
+        parts = [] if op.inputs is None else [int(i) for i in op.inputs]
+        if builtin_code(model, op) != schema.BuiltinOperator.CONCATENATION or len(parts) <= XNNPACK_MAX_CONCAT_INPUTS:
+            operators.append(op)
+            continue
+        whole = subgraph.tensors[int(op.outputs[0])]
+        axis = op.builtinOptions.axis % len(whole.shape)
+        while len(parts) > XNNPACK_MAX_CONCAT_INPUTS:
+            grouped = []
+            for start in range(0, len(parts), XNNPACK_MAX_CONCAT_INPUTS):
+                chunk = parts[start : start + XNNPACK_MAX_CONCAT_INPUTS]
+                if len(chunk) > 1:
+                    shape = [int(d) for d in subgraph.tensors[chunk[0]].shape]
+                    shape[axis] = sum(int(subgraph.tensors[i].shape[axis]) for i in chunk)
+                    group = schema.OperatorT()
+                    group.opcodeIndex, group.inputs = op.opcodeIndex, chunk
+                    name = (whole.name or b"") + f"_group{len(operators)}".encode()
+                    group.outputs = [append_tensor(model, shape, whole.type, name, copy.deepcopy(whole.quantization))]
+                    group.builtinOptionsType = schema.BuiltinOptions.ConcatenationOptions
+                    group.builtinOptions = schema.ConcatenationOptionsT()
+                    group.builtinOptions.axis = axis
+                    operators.append(group)
+                    chunk = list(group.outputs)
+                grouped.extend(chunk)
+            parts = grouped
+        op.inputs = parts
+        operators.append(op)
+        split += 1
+    subgraph.operators = operators
+    return split
+
+
+def nearest_upsampling_as_depth_to_space(model: schema.ModelT) -> int:
+    """Rewrite, in place, each RESIZE_NEAREST_NEIGHBOR that upsamples height and width by one integer
+    factor k (torch's ``interpolate(mode="nearest")``, a U-Net's or an FPN's upsampling): XNNPACK
+    (ai-edge-litert 2.3) delegates it in neither fp32 nor int8, so it ran on TFLite's kernel and split
+    the graph. It becomes a CONCATENATION of k * k copies along the channels and a DEPTH_TO_SPACE of
+    block k, which both run in XNNPACK: output pixel (h*k + i, w*k + j) reads channel block i*k + j, a
+    copy of input pixel (h, w). Copies of integers: the same values, int8 or fp32. Returns how many."""
+    subgraph = model.subgraphs[0]
+    operators, rewritten = [], 0
+    for op in subgraph.operators:
+        if builtin_code(model, op) != schema.BuiltinOperator.RESIZE_NEAREST_NEIGHBOR:
+            operators.append(op)
+            continue
+        source, target = subgraph.tensors[int(op.inputs[0])], subgraph.tensors[int(op.outputs[0])]
+        options = op.builtinOptions
+        (n, h, w, c), (_, out_h, out_w, _) = [int(d) for d in source.shape], [int(d) for d in target.shape]
+        factor = out_h // h if h else 0
+        # With an integer factor, half-pixel centers (as litert writes torch's "nearest") pick the same
+        # pixel, floor((o + 0.5) / k) = floor(o / k); corners aligned would not.
+        if (getattr(options, "alignCorners", False) or factor < 2 or out_h != h * factor or out_w != w * factor
+                or not same_quantization(source, target)):
+            operators.append(op)
+            continue
+        copies = schema.OperatorT()
+        copies.opcodeIndex = operator_code_index(model, schema.BuiltinOperator.CONCATENATION)
+        copies.inputs = [int(op.inputs[0])] * factor * factor
+        copies.outputs = [append_tensor(model, [n, h, w, c * factor * factor], source.type, (target.name or b"") + b"_copies",
+                                        copy.deepcopy(source.quantization))]
+        copies.builtinOptionsType = schema.BuiltinOptions.ConcatenationOptions
+        copies.builtinOptions = schema.ConcatenationOptionsT()
+        copies.builtinOptions.axis = 3
+        spread = schema.OperatorT()
+        spread.opcodeIndex = operator_code_index(model, schema.BuiltinOperator.DEPTH_TO_SPACE)
+        if source.type == schema.TensorType.INT8:  # TFLite's DEPTH_TO_SPACE takes int8 from version 2
+            model.operatorCodes[spread.opcodeIndex].version = max(model.operatorCodes[spread.opcodeIndex].version, 2)
+        spread.inputs, spread.outputs = list(copies.outputs), [int(op.outputs[0])]
+        spread.builtinOptionsType = schema.BuiltinOptions.DepthToSpaceOptions
+        spread.builtinOptions = schema.DepthToSpaceOptionsT()
+        spread.builtinOptions.blockSize = factor
+        operators.extend([copies, spread])
+        rewritten += 1
+    subgraph.operators = operators
+    return rewritten
+
+
+_FUSABLE_ACTIVATIONS = {
+    schema.BuiltinOperator.RELU: schema.ActivationFunctionType.RELU,
+    schema.BuiltinOperator.RELU6: schema.ActivationFunctionType.RELU6,
+    schema.BuiltinOperator.RELU_N1_TO_1: schema.ActivationFunctionType.RELU_N1_TO_1,
+}
+
+
+def fuse_activations_into_transpose_convs(model: schema.ModelT) -> int:
+    """A TRANSPOSE_CONV followed by its own RELU / RELU6 / RELU_N1_TO_1 (possibly after a QUANTIZE onto
+    the activation's grid), which litert-torch's int8 conversion leaves as separate ops (its fp32
+    conversion fuses them), becomes one TRANSPOSE_CONV with that fused activation, writing the
+    activation's output tensor. In an int8 file the activation often requantizes onto the grid of a
+    concatenation that reads it, which XNNPACK's clamp does not take (it ran on TFLite's kernel and split
+    the graph); fused, the convolution rounds once, onto that grid, as the fake-quant model does
+    (``functional_ops.fold_into_concatenations``). Returns how many."""
+    subgraph = model.subgraphs[0]
+    readers = readers_of(subgraph)
+    outputs = {int(t) for t in subgraph.outputs}
+    removed, fusions = set(), 0
+    for op in subgraph.operators:
+        if builtin_code(model, op) != schema.BuiltinOperator.TRANSPOSE_CONV:
+            continue
+        options = op.builtinOptions
+        if options is None or options.fusedActivationFunction != schema.ActivationFunctionType.NONE:
+            continue
+        between, written = [], int(op.outputs[0])
+        while True:
+            users = readers.get(written, [])
+            if len(users) != 1 or written in outputs:
+                break
+            reader = subgraph.operators[users[0]]
+            if builtin_code(model, reader) != schema.BuiltinOperator.QUANTIZE or between or \
+                    subgraph.tensors[written].type != subgraph.tensors[int(reader.outputs[0])].type:  # not a float island's border
+                break
+            between.append(users[0])  # a requantization onto the activation's grid: the conv writes that grid
+            written = int(reader.outputs[0])
+        if len(users) != 1 or written in outputs:
+            continue
+        activation = subgraph.operators[users[0]]
+        fused = _FUSABLE_ACTIVATIONS.get(builtin_code(model, activation))
+        if fused is None:
+            continue
+        options.fusedActivationFunction = fused
+        op.outputs = [int(activation.outputs[0])]
+        removed.update([*between, users[0]])
+        fusions += 1
+    subgraph.operators = [op for index, op in enumerate(subgraph.operators) if index not in removed]
+    return fusions
+
+
+def use_xnnpack_forms(model: schema.ModelT) -> int:
+    """Every form above, in place; returns how many ops changed."""
+    return (fold_transposes_into_means(model) + fuse_activations_into_transpose_convs(model)
+            + nearest_upsampling_as_depth_to_space(model) + split_wide_concatenations(model)
+            + averages_as_depthwise_convs(model) + crop_kernels_to_their_input(model) + pads_as_rows(model))
