@@ -61,6 +61,10 @@ DISTILL_RECIPE = REPO / "recipes" / "gmp80_qat_distill_export.yaml"  # where the
 TARGETS = {"80% unstructured": -0.3, "50% channels": -0.3, "50% channels + 80% unstructured": -0.6, "overhead": 1.35}
 RECIPE_STEPS = 1200  # the recipes' schedules are written for configs/fmnist_mobilenet.yaml's 1200 steps
 SCHEDULE_KEYS = ("begin_step", "end_step", "freeze_step", "frequency")
+# recipes/dense.yaml's ModelCheckpoint (saved when max_steps ends the last epoch), so the students' runs keep
+# their trained state too: Lightning's default saves after each validation only (step 800 of 1200 here).
+FINAL_CHECKPOINT = [cb for cb in yaml.safe_load(DENSE_RECIPE.read_text())["trainer"]["callbacks"]
+                    if cb["class_path"].endswith("ModelCheckpoint")]
 
 
 @dataclass
@@ -117,6 +121,7 @@ def _quietly():
 
 def dense_teacher(out: Path, steps: int, retrain: bool) -> tuple[Path, str]:
     """The cached dense baseline's checkpoint (trained with recipes/dense.yaml if needed) and its cache key."""
+    from sparselite.checkpoints import load_checkpoint
     from sparselite.lightning_cli import build_lightning_cli
     from sparselite.models import classifier, mobilenet
 
@@ -135,17 +140,21 @@ def dense_teacher(out: Path, steps: int, retrain: bool) -> tuple[Path, str]:
     with _quietly():
         cli = build_lightning_cli(["fit", "-c", str(CONFIG), "-c", str(DENSE_RECIPE), "--trainer.default_root_dir",
                                    str(folder), *_step_overrides(steps)])
-    checkpoint = Path(cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path)
+    checkpoint = Path(cli.trainer.checkpoint_callback.last_model_path)
+    if load_checkpoint(checkpoint).get("global_step") != steps:
+        raise SystemExit(f"{checkpoint} is not the trained model (step {load_checkpoint(checkpoint).get('global_step')})")
     record.write_text(json.dumps({"key": key, "checkpoint": str(checkpoint)}, indent=2))
     return checkpoint, key
 
 
-def scaled_recipe(row: Row, steps: int, root: Path, tflite: Path, distillation: dict | None) -> Path:
-    """recipes/<row.recipe>.yaml with its schedules scaled to ``steps``, its TFLiteExport writing ``tflite``, the
-    run probe, and (``distillation``) the Distillation entry of the distilling recipe with these init_args."""
+def scaled_recipe(row: Row, steps: int, root: Path, distillation: dict | None) -> tuple[Path, dict]:
+    """recipes/<row.recipe>.yaml with its schedules scaled to ``steps``, the run probe, and (``distillation``) the
+    Distillation entry of the distilling recipe with these init_args; without its TFLiteExport, whose init_args
+    are returned (the export runs from the checkpoint)."""
     recipe = yaml.safe_load((REPO / "recipes" / f"{row.recipe}.yaml").read_text())
     trainer = recipe["trainer"]
     trainer["default_root_dir"] = str(root)
+    export_args = {}
     for callback in trainer["callbacks"]:
         name, args = callback["class_path"].rsplit(".", 1)[-1], callback.setdefault("init_args", {})
         for key in SCHEDULE_KEYS:
@@ -154,62 +163,92 @@ def scaled_recipe(row: Row, steps: int, root: Path, tflite: Path, distillation: 
         if name == "GradualPruning" and row.unstructured is not None:
             args["final_sparsity"] = row.unstructured
         if name == "TFLiteExport":
-            args["path"] = str(tflite)
+            export_args = dict(args)
+    trainer["callbacks"] = [cb for cb in trainer["callbacks"] if not cb["class_path"].endswith("TFLiteExport")]
     if distillation is not None:
         (entry,) = [cb for cb in yaml.safe_load(DISTILL_RECIPE.read_text())["trainer"]["callbacks"]
                     if cb["class_path"].endswith("Distillation")]
         entry["init_args"].update(distillation)
-        exports = [i for i, cb in enumerate(trainer["callbacks"]) if cb["class_path"].endswith("TFLiteExport")]
-        trainer["callbacks"].insert(exports[0] if exports else len(trainer["callbacks"]), entry)
-    trainer["callbacks"].append({"class_path": "benchmarks.distillation.RunProbe"})
+        trainer["callbacks"].append(entry)
+    trainer["callbacks"] += [{"class_path": "benchmarks.distillation.RunProbe"}, *FINAL_CHECKPOINT]
     root.mkdir(parents=True, exist_ok=True)
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
+    return path, export_args
 
 
 def train_and_measure(row: Row, index: int, distillation: dict | None, args, teacher: Path, teacher_key: str,
                       test: DataLoader) -> dict:
-    from sparselite.export.callback import TFLiteExport
+    """Train (``sparselite fit``, the recipe without its TFLiteExport), then export the checkpoint as
+    ``sparselite export`` does, with the recipe's TFLiteExport options. Both stages keep their results in the
+    run's folder: a failed export is redone from the checkpoint without training again."""
     from sparselite.lightning_cli import build_lightning_cli
-    from sparselite.runtime.litert import LiteRTModel
 
     key = "without" if distillation is None else "with"
     options = "" if not distillation or set(distillation) == {"teacher"} else "_" + "_".join(
         f"{k}{v:g}" for k, v in sorted(distillation.items()) if k != "teacher")
     root = Path(args.out) / "runs" / f"{index}_{key}{options}"
-    saved = root / "result.json"
-    cache_key = {"teacher": teacher_key, "steps": args.steps, "row": row.name, "distillation": distillation,
-                 "test_limit": args.test_limit}
+    saved, trained_record = root / "result.json", root / "trained.json"
+    cache_key = json.loads(json.dumps({"teacher": teacher_key, "steps": args.steps, "row": row.name,
+                                       "distillation": distillation, "test_limit": args.test_limit}))
     if saved.is_file() and not args.retrain:
         result = json.loads(saved.read_text())
-        if result.get("cache_key") == json.loads(json.dumps(cache_key)):
+        if result.get("cache_key") == cache_key:
             print(f"[bench] {row.name}, {key} distillation{options}: cached ({saved})", file=sys.stderr, flush=True)
             return result
-    print(f"[bench] {row.name}, {key} distillation{options}", file=sys.stderr, flush=True)
+    trained = json.loads(trained_record.read_text()) if trained_record.is_file() and not args.retrain else {}
+    if trained.get("cache_key") != {k: v for k, v in cache_key.items() if k != "test_limit"}:
+        print(f"[bench] {row.name}, {key} distillation{options}: training", file=sys.stderr, flush=True)
+        recipe, export_args = scaled_recipe(row, args.steps, root, distillation)
+        started = time.perf_counter()
+        with _quietly():
+            cli = build_lightning_cli(["fit", "-c", str(CONFIG), "-c", str(recipe), *_step_overrides(args.steps)])
+        probe = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "RunProbe")
+        checkpoint = cli.trainer.checkpoint_callback
+        if cli.trainer.global_step != args.steps:
+            raise SystemExit(f"the run stopped at step {cli.trainer.global_step} of {args.steps}")
+        steps_ms = [s * 1e3 for s in probe.step_seconds]
+        qat_begin = int(round(800 * args.steps / RECIPE_STEPS))
+        trained = {"cache_key": {k: v for k, v in cache_key.items() if k != "test_limit"},
+                   "checkpoint": checkpoint.last_model_path or checkpoint.best_model_path, "export_args": export_args,
+                   "initial_fingerprint": probe.initial_fingerprint, "fit_seconds": time.perf_counter() - started,
+                   "step_ms_median": C.median(steps_ms), "step_ms_median_before_qat": C.median(steps_ms[:qat_begin]),
+                   "step_ms_median_qat": C.median(steps_ms[qat_begin:]) if steps_ms[qat_begin:] else None,
+                   "steps": len(steps_ms)}
+        trained_record.write_text(json.dumps(trained, indent=2))
+    print(f"[bench] {row.name}, {key} distillation{options}: export and test", file=sys.stderr, flush=True)
     tflite = root / "model.tflite"
-    recipe = scaled_recipe(row, args.steps, root, tflite, distillation)
-    started = time.perf_counter()
-    with _quietly():
-        cli = build_lightning_cli(["fit", "-c", str(CONFIG), "-c", str(recipe), *_step_overrides(args.steps)])
-    seconds = time.perf_counter() - started
-    probe = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "RunProbe")
-    report = next(cb for cb in cli.trainer.callbacks if isinstance(cb, TFLiteExport)).report
-    steps_ms = [s * 1e3 for s in probe.step_seconds]
-    qat_begin = int(round(800 * args.steps / RECIPE_STEPS))
-    result = {
-        "row": row.name, "distillation": distillation, "cache_key": cache_key,
-        "int8_top1": LiteRTModel(tflite).evaluate(test)["accuracy"],
-        "int8_bytes": tflite.stat().st_size,
-        "parity_top1_agreement": report.parity.top1_agreement if report.parity else None,
-        "initial_fingerprint": probe.initial_fingerprint,
-        "fit_seconds": seconds,  # training, validation and the export
-        "step_ms_median": C.median(steps_ms), "step_ms_median_before_qat": C.median(steps_ms[:qat_begin]),
-        "step_ms_median_qat": C.median(steps_ms[qat_begin:]) if steps_ms[qat_begin:] else None,
-        "steps": len(steps_ms),
-    }
+    export_args = {**trained["export_args"], **({"min_agreement": 0.0} if args.quick else {})}  # quick: untrained
+    report = export_checkpoint(Path(trained["checkpoint"]), tflite, export_args, args.steps)
+    from sparselite.runtime.litert import LiteRTModel
+
+    result = {"row": row.name, "distillation": distillation, "cache_key": cache_key,
+              **{k: v for k, v in trained.items() if k != "cache_key"},
+              "int8_top1": LiteRTModel(tflite).evaluate(test)["accuracy"], "int8_bytes": tflite.stat().st_size,
+              "parity_top1_agreement": report.parity.top1_agreement if report.parity else None}
     saved.write_text(json.dumps(result, indent=2))
     return result
+
+
+def export_checkpoint(checkpoint: Path, tflite: Path, export_args: dict, steps: int):
+    """``sparselite export <checkpoint>``: the run rebuilt from its config.yaml, masks and ranges restored, the
+    recipe's TFLiteExport options."""
+    from sparselite.checkpoints import load_checkpoint
+    from sparselite.export.callback import TFLiteExport
+    from sparselite.export.from_loader import export_from_loader
+    from sparselite.lightning_cli import restore_run
+    from sparselite.pruning.channel_callback import ChannelPruning
+
+    step = load_checkpoint(checkpoint).get("global_step")
+    if step != steps:
+        raise SystemExit(f"{checkpoint} is from step {step}, not the run's last ({steps})")
+    options = TFLiteExport(**{**export_args, "path": str(tflite)}).options
+    with _quietly():
+        run = restore_run(checkpoint)
+        run.datamodule.setup("validate")
+        channel = run.callback(ChannelPruning)
+        return export_from_loader(run.module, run.datamodule.val_dataloader(), tflite, options,
+                                  channel_pruner=None if channel is None else channel.pruner)
 
 
 def step_overhead(teacher: torch.nn.Module, data: C.Data, turns: int, batch_size: int = 128) -> dict:
@@ -305,11 +344,12 @@ def main() -> None:
         without = train_and_measure(row, index, None, args, teacher_path, teacher_key, test)
         with_ = train_and_measure(row, index, {"teacher": str(teacher_path), **options}, args, teacher_path,
                                   teacher_key, test)
-        results.append({"row": row.name, "recipe": f"recipes/{row.recipe}.yaml" + (
+        results.append({"index": index, "row": row.name, "recipe": f"recipes/{row.recipe}.yaml" + (
             f" (final_sparsity {row.unstructured})" if row.unstructured else ""),
             "without": without, "with": with_,
             "same_initialization": without["initial_fingerprint"] == with_["initial_fingerprint"],
             "step_ratio": with_["step_ms_median"] / without["step_ms_median"]})
+    results.sort(key=lambda r: r["index"])  # --rows may ask for them in another order (the targets' rows first)
     overhead = step_overhead(teacher, data, args.overhead_turns) if args.overhead_turns else None
 
     headers = ["row", "int8 top-1 without", "with distillation", "vs dense fp32 without", "with", "target", "met",

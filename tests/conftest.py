@@ -148,3 +148,23 @@ def xnnpack_partitions(path) -> int:
     interpreter = Interpreter(model_path=str(path), num_threads=1)
     interpreter.allocate_tensors()
     return sum(op["op_name"] == "DELEGATE" for op in interpreter._get_ops_details())
+
+
+def run_two_process_ddp(tmp_path: Path, script_text: str, timeout: float = 180) -> list[dict]:
+    """Run ``script_text`` as a 2-process CPU DDP job (rank 0 spawns rank 1, Lightning's way) on a free
+    loopback port; each rank saves ``rank{r}.pt`` in ``tmp_path``, which are returned (tensors only)."""
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "train_ddp.py"
+    script.write_text(script_text)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "PYTHONWARNINGS": "ignore", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

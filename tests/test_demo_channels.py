@@ -22,7 +22,9 @@ def test_channel_rows_compare_with_the_dense_and_sparse_int8_files():
 
 @pytest.mark.slow
 def test_fit_channels_trains_exports_and_reports_before_and_after(tmp_path, monkeypatch):
-    """The --channels run on a small budget: the recipe's TFLiteExport fills the channel report."""
+    """The --channels run on a small budget, distilled from a baseline file like the demo's cache: the teacher
+    keeps every channel while the student shrinks; the recipe's TFLiteExport fills the channel report."""
+    import torch
     import yaml
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -35,12 +37,18 @@ def test_fit_channels_trains_exports_and_reports_before_and_after(tmp_path, monk
     config["data"]["init_args"].update(train_subset=1280, batch_size=64)
     small_config = tmp_path / "config.yaml"
     small_config.write_text(yaml.safe_dump(config))
-    recipe, _ = scaled_recipe("channels50_qat_export", tmp_path)
+    recipe, _ = scaled_recipe(demo.CHANNEL_RECIPE.stem, tmp_path)
     monkeypatch.setattr(demo, "CONFIG", small_config)
     monkeypatch.setattr(demo, "CHANNEL_RECIPE", recipe)
+    baseline = demo.build_lightning_cli(["-c", str(small_config), "-c", str(demo.DENSE_RECIPE)], run=False).model
+    teacher = tmp_path / "out" / "dense" / "baseline_state.pt"
+    teacher.parent.mkdir(parents=True)
+    torch.save({"fingerprint": "test", "state_dict": baseline.state_dict()}, teacher)
 
     images, labels = load_split("test")
-    result = demo._fit_channels(tmp_path / "out", DataLoader(TensorDataset(images[:500], labels[:500]), batch_size=250))
+    result = demo._fit_channels(tmp_path / "out", DataLoader(TensorDataset(images[:500], labels[:500]), batch_size=250),
+                                teacher)
+    assert result["distilled"]
     assert Path(result["path"]).is_file() and result["bytes"] < 0.4 * 1_153_000
     report = result["channel_report"]
     assert report["mac_ratio"] < 0.3 and report["params_after"] < 0.3 * report["params_before"]

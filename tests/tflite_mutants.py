@@ -329,6 +329,24 @@ def _edit_reshape_bad(model, rng):
             op.builtinOptions.newShape = [rng.choice([-1, 0, 2**31 - 1]), -1]
 
 
+def _edit_weight_input_absent(model, rng):
+    """A conv's or FC's weight input set to -1 (an absent optional input): XNNPACK indexes the tensor
+    array with it at allocate_tensors (a segfault) unless the file is refused first."""
+    from sparselite.tflite.flatbuffer import WEIGHT_INPUT, builtin_code
+
+    ops = [op for op in _graph(model).operators if builtin_code(model, op) in WEIGHT_INPUT]
+    op = rng.choice(ops)
+    inputs = [int(i) for i in op.inputs]
+    inputs[WEIGHT_INPUT[builtin_code(model, op)]] = -1
+    op.inputs = inputs
+
+
+def _edit_required_input_absent(model, rng):
+    """Any op's first input set to -1 (absent)."""
+    op = rng.choice(_graph(model).operators)
+    op.inputs = [-1] + [int(i) for i in op.inputs][1:]
+
+
 SEMANTIC_EDITS: dict[str, Callable] = {
     name[len("_edit_"):]: fn for name, fn in list(globals().items()) if name.startswith("_edit_")
 }

@@ -16,6 +16,7 @@ allow_torchvision_without_ops()
 _PUBLIC = {
     "ChannelPruning": "sparselite.pruning.channel_callback",
     "Distillation": "sparselite.distillation.callback",
+    "ExportOptions": "sparselite.export.options",
     "ExportReport": "sparselite.export.report",
     "GradualPruning": "sparselite.pruning.callback",
     "LiteRTModel": "sparselite.runtime.litert",
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from sparselite.distillation.callback import Distillation
     from sparselite.export.callback import TFLiteExport
     from sparselite.pruning.channel_callback import ChannelPruning
+    from sparselite.export.options import ExportOptions
     from sparselite.export.report import ExportReport
     from sparselite.export.tflite import export_tflite
     from sparselite.pruning.callback import GradualPruning

@@ -1,8 +1,13 @@
-"""The default demo: a dense fp32 baseline vs 80% GMP + QAT, both exported and measured on LiteRT.
+"""The default demo: a dense fp32 baseline vs 80% GMP + QAT distilled from it, both exported and measured on LiteRT.
 
 Runs the same configs and recipes a user would (``configs/fmnist_mobilenet.yaml`` with
-``recipes/dense.yaml`` and ``recipes/gmp80_qat_export.yaml``), then prints one table. The baseline
-is trained once and cached under ``<out>/dense``.
+``recipes/dense.yaml`` and ``recipes/gmp80_qat_distill_export.yaml``), then prints one table. The baseline
+is trained once and cached under ``<out>/dense``; it is also the compressed run's teacher (``Distillation``:
+its cached weights, loaded into a float copy of the student).
+
+The table shows the distilled file only: the same recipe without distillation is a second training run
+(about as long as the rest of a cached demo), and ``benchmarks/distillation.py`` measures that comparison on
+every recipe. ``run_demo(compare_distillation=True)`` trains it too and adds its row.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from sparselite.runtime.litert import LiteRTModel
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "fmnist_mobilenet.yaml"
 DENSE_RECIPE = REPO / "recipes" / "dense.yaml"
-COMPRESSED_RECIPE = REPO / "recipes" / "gmp80_qat_export.yaml"
+COMPRESSED_RECIPE = REPO / "recipes" / "gmp80_qat_distill_export.yaml"  # 80% GMP + QAT, the baseline teaches
+UNDISTILLED_RECIPE = REPO / "recipes" / "gmp80_qat_export.yaml"  # the same without a teacher (compare_distillation)
 
 
 def _fit(recipe: Path, root: Path):
@@ -41,14 +47,20 @@ def _fit(recipe: Path, root: Path):
     return build_lightning_cli(args)
 
 
-def _recipe_exporting_to(tflite: Path, copy: Path, source: Path = COMPRESSED_RECIPE) -> Path:
-    """recipes/gmp80_qat_export.yaml, written to ``copy`` with its TFLiteExport path set to ``tflite``:
-    the recipe's own path is relative to the working directory, and the demo keeps its files in --out."""
+def _recipe_exporting_to(tflite: Path, copy: Path, source: Path = COMPRESSED_RECIPE, teacher: Path | None = None) -> Path:
+    """``source`` (a recipe), written to ``copy`` with its TFLiteExport path set to ``tflite`` and its
+    Distillation teacher (if it has one) set to ``teacher``: the recipe's own paths are relative to the
+    working directory and name a `sparselite fit` run, and the demo keeps its files in --out."""
     recipe = yaml.safe_load(source.read_text())
-    exports = [cb for cb in recipe["trainer"]["callbacks"] if cb["class_path"].endswith("TFLiteExport")]
+    callbacks = recipe["trainer"]["callbacks"]
+    exports = [cb for cb in callbacks if cb["class_path"].endswith("TFLiteExport")]
     if len(exports) != 1:
         raise SparseliteError(f"{source} should have exactly one TFLiteExport callback")
     exports[0].setdefault("init_args", {})["path"] = str(tflite)
+    for distillation in (cb for cb in callbacks if cb["class_path"].endswith("Distillation")):
+        if teacher is None:
+            raise SparseliteError(f"{source} distils from a teacher: pass the demo's dense baseline as teacher")
+        distillation.setdefault("init_args", {})["teacher"] = str(_teacher_file(teacher))
     copy.parent.mkdir(parents=True, exist_ok=True)
     copy.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return copy
@@ -60,6 +72,19 @@ def _baseline_fingerprint() -> str:
 
     sources = [CONFIG, DENSE_RECIPE, Path(mobilenet.__file__), Path(classifier.__file__)]
     return hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
+
+
+def _teacher_file(path: Path) -> Path:
+    """The cached baseline as a Distillation teacher: its weights go into a float copy of the student. Under
+    `sparselite fit` a checkpoint with a config.yaml up to three folders above it would be rebuilt from that
+    config instead; the demo's own folders hold none, so one there is not the demo's."""
+    from sparselite.lightning_cli import find_run_config
+
+    found = find_run_config(path)
+    if found is not None:
+        raise SparseliteError(f"{found} would be read as the config of the demo's teacher {path}; run the demo "
+                              "with another --out")
+    return path
 
 
 def _cached_baseline(path: Path, retrain: bool) -> torch.nn.Module:
@@ -82,26 +107,31 @@ def _cached_baseline(path: Path, retrain: bool) -> torch.nn.Module:
     return model
 
 
-def run_demo(out_dir: Path = Path("runs/demo"), retrain_baseline: bool = False, channels: bool = False) -> dict:
+def run_demo(out_dir: Path = Path("runs/demo"), retrain_baseline: bool = False, channels: bool = False,
+             compare_distillation: bool = False) -> dict:
+    """``channels``: also the 50%-channels recipe (distilled too); ``compare_distillation``: also the 80% GMP +
+    QAT recipe without the teacher, and its int8 file's row."""
     started = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     images, labels = load_split("test")
     test_loader = DataLoader(TensorDataset(images, labels), batch_size=500)
 
     # 1. Dense fp32 baseline (cached).
-    baseline = _cached_baseline(out_dir / "dense" / "baseline_state.pt", retrain_baseline)
+    teacher = out_dir / "dense" / "baseline_state.pt"
+    baseline = _cached_baseline(teacher, retrain_baseline)
     example = baseline.example_input_array
     fp32_path = out_dir / "fp32.tflite"
     export_float_tflite(baseline, example, fp32_path)
 
-    # 2. 80% GMP + QAT, exported by the recipe's TFLiteExport callback.
-    print("[demo] 2/4 80% gradual pruning + QAT + int8 export")
+    # 2. 80% GMP + QAT distilled from the baseline, exported by the recipe's TFLiteExport callback.
+    print("[demo] 2/4 80% gradual pruning + QAT + int8 export, distilled from the dense baseline")
     int8_path = out_dir / "int8.tflite"
-    root = out_dir / "gmp80_qat"
-    cli = _fit(_recipe_exporting_to(int8_path, root / "recipe.yaml"), root)
+    root = out_dir / "gmp80_qat_distill"
+    cli = _fit(_recipe_exporting_to(int8_path, root / "recipe.yaml", teacher=teacher), root)
     compressed = cli.model
     exporter = next(cb for cb in cli.trainer.callbacks if isinstance(cb, TFLiteExport))
     report = exporter.report
+    distillation = _distillation_settings(cli)
 
     # 3. Accuracy and parity over the whole test set.
     print("[demo] 3/4 accuracy and parity on the 10k test images")
@@ -112,9 +142,17 @@ def run_demo(out_dir: Path = Path("runs/demo"), retrain_baseline: bool = False, 
     int8_tflite = LiteRTModel(int8_path).evaluate(test_loader)["accuracy"]
     parity = verify(compressed, int8_path, [images[i : i + 500] for i in range(0, len(images), 500)], report.parity.output_scale)
 
+    undistilled = None
+    if compare_distillation:  # the same recipe without the teacher: one more training run
+        print("[demo] +  80% gradual pruning + QAT + int8 export, without distillation")
+        undistilled_path = out_dir / "int8_no_distillation.tflite"
+        root = out_dir / "gmp80_qat"
+        _fit(_recipe_exporting_to(undistilled_path, root / "recipe.yaml", UNDISTILLED_RECIPE), root)
+        undistilled = LiteRTModel(undistilled_path).evaluate(test_loader)["accuracy"]
+
     channel_run = None
     if channels:  # --channels: one more recipe, and its file timed in the same interleaved run
-        channel_run = _fit_channels(out_dir, test_loader)
+        channel_run = _fit_channels(out_dir, test_loader, teacher)
 
     # 4. Latency, both files timed in one run, interleaved.
     print("[demo] 4/4 latency on XNNPACK, 1 thread")
@@ -126,7 +164,9 @@ def run_demo(out_dir: Path = Path("runs/demo"), retrain_baseline: bool = False, 
     fp32_bytes, int8_bytes = fp32_path.stat().st_size, int8_path.stat().st_size
     summary = {
         "accuracy": {"fp32_dense_torch": fp32_torch, "fp32_dense_tflite_xnnpack": fp32_tflite,
-                     "fake_quant_torch": fake_quant, "int8_sparse_tflite_xnnpack": int8_tflite},
+                     "fake_quant_torch": fake_quant, "int8_sparse_tflite_xnnpack": int8_tflite,
+                     **({"int8_sparse_no_distillation_tflite_xnnpack": undistilled} if undistilled is not None else {})},
+        "distillation": distillation,
         "parity_test_set": vars(parity),
         "sparsity_in_file": {l.layer: l.sparsity_in_file for l in report.layers},
         "sparsity_in_training": {l.layer: l.sparsity_in_training for l in report.layers},
@@ -153,8 +193,10 @@ def format_table(s: dict) -> str:
         f"{'accuracy':<44}{'top-1':>12}",
         f"{'  fp32 dense (torch)':<44}{a['fp32_dense_torch']:>12.2%}",
         f"{'  fp32 dense (.tflite, XNNPACK)':<44}{a['fp32_dense_tflite_xnnpack']:>12.2%}",
-        f"{'  80% sparse, fake-quant (torch)':<44}{a['fake_quant_torch']:>12.2%}",
-        f"{'  80% sparse, int8 (.tflite, XNNPACK)':<44}{a['int8_sparse_tflite_xnnpack']:>12.2%}",
+        f"{'  80% sparse, distilled: fake-quant (torch)':<44}{a['fake_quant_torch']:>12.2%}",
+        f"{'  80% sparse, distilled: int8 (.tflite)':<44}{a['int8_sparse_tflite_xnnpack']:>12.2%}",
+        *([f"{'  80% sparse, no teacher: int8 (.tflite)':<44}{a['int8_sparse_no_distillation_tflite_xnnpack']:>12.2%}"]
+          if "int8_sparse_no_distillation_tflite_xnnpack" in a else []),
         f"{'  int8 file vs fake-quant: top-1 agreement':<44}{p['top1_agreement']:>12.2%}",
         f"{'  int8 file vs fake-quant: max |logit diff|':<44}{p['max_logit_diff_lsb']:>8.1f} LSB",
         "-" * 72,
@@ -177,6 +219,7 @@ def format_table(s: dict) -> str:
         "-" * 72,
         "On x86, XNNPACK densifies sparse weights at load and runs dense int8 kernels: the int8 speed-up",
         "comes from quantization; sparsity buys file size here, not CPU latency.",
+        *_distillation_note(s),
         f"demo wall time: {s['wall_seconds'] / 60:.1f} min",
     ]
     if "channels" in s:
@@ -184,22 +227,43 @@ def format_table(s: dict) -> str:
     return "\n".join(rows)
 
 
+def _distillation_settings(cli) -> dict[str, Any] | None:
+    from sparselite.distillation.callback import Distillation
+
+    found = next((cb for cb in cli.trainer.callbacks if isinstance(cb, Distillation)), None)
+    if found is None:
+        return None
+    return {"teacher": found.source, "temperature": found.temperature, "weight": found.weight,
+            "begin_step": found.begin_step, "end_step": found.end_step}
+
+
+def _distillation_note(s: dict[str, Any]) -> list[str]:
+    d = s.get("distillation")
+    if not d:
+        return []
+    note = [f"distilled: the fp32 dense model was its teacher (T={d['temperature']:g}, weight {d['weight']:g})."]
+    if "int8_sparse_no_distillation_tflite_xnnpack" not in s["accuracy"]:
+        note.append("With and without the teacher, on every recipe: benchmarks/distillation.py.")
+    return note
+
+
 # ``sparselite demo --channels``: the channel-pruned int8 file next to the dense and sparse ones. It trains
-# recipes/channels50_qat_export.yaml (50% of channels removed, then QAT, then int8 export) with the demo's
-# config; the default demo runs none of this.
-CHANNEL_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "channels50_qat_export.yaml"
+# recipes/channels50_qat_distill_export.yaml (50% of channels removed, then QAT, then int8 export, the dense
+# baseline as teacher) with the demo's config; the default demo runs none of this.
+CHANNEL_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "channels50_qat_distill_export.yaml"
 
 
-def _fit_channels(out_dir: Path, test_loader: DataLoader) -> dict[str, Any]:
-    """Train and export the channel recipe into ``out_dir``; returns its accuracy, bytes and report numbers."""
+def _fit_channels(out_dir: Path, test_loader: DataLoader, teacher: Path | None = None) -> dict[str, Any]:
+    """Train and export the channel recipe into ``out_dir`` (``teacher``: the recipe's Distillation teacher);
+    returns its accuracy, bytes and report numbers."""
     from sparselite.export.callback import TFLiteExport
 
     print("[demo] +  50% channel pruning + QAT + int8 export (--channels)")
     path = out_dir / "channels50_int8.tflite"
     root = out_dir / "channels50_qat"
-    cli = _fit(_recipe_exporting_to(path, root / "recipe.yaml", CHANNEL_RECIPE), root)
+    cli = _fit(_recipe_exporting_to(path, root / "recipe.yaml", CHANNEL_RECIPE, teacher), root)
     report = next(cb for cb in cli.trainer.callbacks if isinstance(cb, TFLiteExport)).report
-    return {"path": str(path), "bytes": path.stat().st_size, "accuracy": LiteRTModel(path).evaluate(test_loader)["accuracy"],
+    return {"path": str(path), "bytes": path.stat().st_size, "distilled": _distillation_settings(cli) is not None, "accuracy": LiteRTModel(path).evaluate(test_loader)["accuracy"],
             "parity_top1_agreement": report.parity.top1_agreement if report.parity else None, "channel_report": report.channels}
 
 
@@ -207,7 +271,8 @@ def _channel_rows(s: dict[str, Any]) -> list[str]:
     c, lat = s["channels"], s["latency_ms"]
     return [
         "-" * 72,
-        "channel pruning (--channels): 50% of channels removed, then QAT, int8 (.tflite, XNNPACK)",
+        "channel pruning (--channels): 50% of channels removed, then QAT, int8 (.tflite, XNNPACK)"
+        + (", distilled" if c.get("distilled") else ""),
         f"{'  top-1 accuracy':<44}{c['accuracy']:>12.2%}",
         f"{'  file bytes (vs int8 dense storage)':<44}{c['bytes']:>12,}{c['bytes'] / s['bytes']['int8_dense_tflite']:>11.2f}x",
         f"{'  latency median ms (vs int8 sparse file)':<44}{lat['int8_channels']['median_ms']:>12.3f}"

@@ -17,6 +17,7 @@ from ai_edge_litert import schema_py_generated as schema
 
 from sparselite.errors import SparseliteError
 from sparselite.runtime.litert import xnnpack_delegated_ops
+from sparselite.runtime.load_probe import check_loads
 from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model, tensor_name, tensor_type_name
 from sparselite.tflite.sparse import describe_layout, sparse_payload_bytes, tensor_values
 
@@ -105,6 +106,7 @@ def inspect_tflite(path: str | Path) -> InspectReport:
         raise SparseliteError(f"{path} does not exist or is not a file")
     data = path.read_bytes()
     model = read_model(path)  # the path, not the bytes, so a corrupt file is named in the error
+    check_loads(path)  # before XNNPACK loads it here: a native crash ends in the probe's child
     report = InspectReport(path=str(path), file_bytes=len(data), xz_bytes=len(lzma.compress(data, preset=9)),
                            zstd_bytes=_zstd_size(data))
     graph = model.subgraphs[0]

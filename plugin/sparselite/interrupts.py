@@ -24,19 +24,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from sparselite.stopping import Stopped
+
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
-class Interrupted(BaseException):
+class Interrupted(Stopped):
     """Training stopped on a signal. A BaseException, so that no ``except Exception`` swallows it."""
 
     def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
         super().__init__(f"{signal.Signals(signum).name} at step {step}; checkpoint saved to {checkpoint}")
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
 
 
 class GracefulInterrupt(pl.Callback):
@@ -46,6 +44,7 @@ class GracefulInterrupt(pl.Callback):
         self.filename = filename
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._outer: dict[int, Any] = {}  # the handlers before training (the CLI's), kept after _restore
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -53,6 +52,8 @@ class GracefulInterrupt(pl.Callback):
         self.signum = None
         try:
             self._previous = {s: signal.signal(s, self._record) for s in HANDLED}
+            # (Lightning may have left this handler in place after an earlier fit: not an outer one.)
+            self._outer = {s: self._outer.get(s) if h == self._record else h for s, h in self._previous.items()}
         except ValueError:  # not the main thread: signals are not ours to take
             self._previous = {}
 
@@ -70,10 +71,17 @@ class GracefulInterrupt(pl.Callback):
                 signal.signal(signum, self._record)
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
-        # Asked twice, or after training (Lightning may put this handler back when it tears down its
-        # own): stop now, the default way.
+        # Asked twice: stop now, the default way. After training (Lightning may put this handler back
+        # when it tears down its own): the handler from before training answers, else the default.
         if self.signum is not None or not self._previous:
+            outer = self._outer.get(signum)
             self._restore()
+            if self.signum is None and callable(outer):
+                # After training: the handler the run started with (the CLI's) answers, as if training had
+                # never taken the signal over.
+                signal.signal(signum, outer)
+                outer(signum, frame)
+                return
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
             signal.raise_signal(signum)
             return
@@ -92,7 +100,7 @@ class GracefulInterrupt(pl.Callback):
         folder = Path(trainer.checkpoint_callback.dirpath) if getattr(trainer.checkpoint_callback, "dirpath", None) \
             else Path(trainer.default_root_dir) / "checkpoints"
         path = folder / self.filename
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state --ckpt_path resumes (said, not logged)
         raise Interrupted(self.signum, trainer.global_step, path)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

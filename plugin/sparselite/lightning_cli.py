@@ -123,6 +123,7 @@ def _sparselite_cli_class():
 
     class SparseliteCLI(LightningCLI):
         def _instantiate_trainer(self, config, callbacks):
+            _refuse_callback_mapping(config.get("callbacks"))
             _refuse_duplicate_callbacks([*(config.get("callbacks") or []), *callbacks])
             max_steps = config.get("max_steps", -1)  # Lightning compares it with ints: null is a TypeError
             if not isinstance(max_steps, int) or isinstance(max_steps, bool):
@@ -136,7 +137,82 @@ def _sparselite_cli_class():
             _let_distillation_rebuild_runs([*(config.get("callbacks") or []), *callbacks])
             return super()._instantiate_trainer(config, callbacks)
 
+        def before_fit(self) -> None:
+            _check_model_takes_data(self.model, self.datamodule)
+
     return SparseliteCLI
+
+
+def _refuse_callback_mapping(callbacks: Any) -> None:
+    """``trainer.callbacks`` is a list. One mapping there (a callback without its ``-``, or ``{}``) would
+    replace, not extend, the other configs' callbacks."""
+    if callbacks is not None and not isinstance(callbacks, list):
+        raise SparseliteError("trainer.callbacks is one mapping, not a list; write each callback as a list entry "
+                              "('- class_path: ...')")
+
+
+# Torch's messages when an input does not fit a layer (conv channels, linear features, sizes).
+_SHAPE_ERRORS = ("expected input", "channels", "shapes cannot be multiplied", "size mismatch", "must match the size",
+                 "Calculated padded input size", "Kernel size can't be greater")
+
+
+def _check_model_takes_data(module: Any, datamodule: Any) -> None:
+    """One example of the training data through the model (eval mode, no grad), before training starts:
+    a model configured for other inputs (in_channels: 3 on grayscale data) fails here with one line that
+    names both shapes, not in the first training step with a traceback."""
+    import torch
+
+    inputs = _one_training_input(datamodule)
+    if inputs is None or not isinstance(module, torch.nn.Module):
+        return
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            module(inputs)
+    except RuntimeError as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if not any(fragment in text for fragment in _SHAPE_ERRORS):
+            raise
+        raise SparseliteError(f"the model does not take the data's input: {_expected_input(module)}, but the "
+                              f"datamodule's batches are {list(inputs.shape)[1:]} per example (torch: {text[:200]}); "
+                              "make the model's input settings (e.g. in_channels) and the data's (e.g. channels, "
+                              "image_size) agree") from None
+    finally:
+        module.train(was_training)
+
+
+def _one_training_input(datamodule: Any):
+    """The input tensor of one training example, batched as the training loader batches it; None where
+    the data is not (inputs, ...) batches of a map-style dataset (the check is then skipped)."""
+    import torch
+
+    if datamodule is None:
+        return None
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or not len(dataset):
+        return None
+    collate = getattr(loader, "collate_fn", None)
+    try:
+        batch = collate([dataset[0]]) if collate is not None else None
+    except (TypeError, ValueError, KeyError, IndexError):  # a dataset or collate this check does not understand
+        return None
+    inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    return inputs if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else None
+
+
+def _expected_input(module: Any) -> str:
+    """What the model's first layer takes, e.g. "its first layer (model.features.0.0, Conv2d) takes 3 channels"."""
+    import torch
+
+    for name, layer in module.named_modules():
+        if isinstance(layer, torch.nn.modules.conv._ConvNd):
+            return f"its first layer ({name}, {type(layer).__name__}) takes {layer.in_channels} input channels"
+        if isinstance(layer, torch.nn.Linear):
+            return f"its first layer ({name}, Linear) takes {layer.in_features} input features"
+    return "its first layer does not take it"
 
 
 def _let_distillation_rebuild_runs(callbacks: list) -> None:

@@ -3,15 +3,13 @@ BatchNorm statistics unmoved, and the ranks end with the same student."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import run_two_process_ddp
 
 SCRIPT = textwrap.dedent(
     """
@@ -70,22 +68,9 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ddp_ranks_share_one_frozen_teacher(tmp_path: Path):
-    script = tmp_path / "train_ddp.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "PYTHONWARNINGS": "ignore", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    ranks = run_two_process_ddp(tmp_path, SCRIPT)
     assert all(rank["world_size"] == 2 for rank in ranks)
     for name in ranks[0]["teacher_end"]:
         # The same teacher on both ranks (rank 0's), unchanged by training: BN running statistics included.

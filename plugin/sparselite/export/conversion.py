@@ -69,12 +69,10 @@ def convert_with_ranges(float_model: nn.Module, example_inputs: tuple, ranges, c
     return flatbuffer.read_model(data), injection
 
 
-def export_float_tflite(module: nn.Module, example_inputs: torch.Tensor | tuple, path: str | Path) -> int:
-    """The fp32 baseline file (BN folded, no quantization), for size and latency comparisons. Returns bytes."""
+def convert_float(float_model: nn.Module, example_inputs: tuple) -> bytes:
+    """The fp32 .tflite bytes of a float model, as the converter writes them."""
     import litert_torch
 
-    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    float_model = float_model_for_export(module)
     try:
         exported = torch.export.export(float_model, example_inputs).module()
         if lower_for_litert(exported):  # a model with nothing to lower converts from its eager form
@@ -82,6 +80,13 @@ def export_float_tflite(module: nn.Module, example_inputs: torch.Tensor | tuple,
         data = litert_torch.convert(float_model, example_inputs).model_content()
     except Exception as err:
         raise SparseliteError(f"litert-torch could not convert the float model: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+    return data
+
+
+def export_float_tflite(module: nn.Module, example_inputs: torch.Tensor | tuple, path: str | Path) -> int:
+    """The fp32 baseline file (BN folded, no quantization), for size and latency comparisons. Returns bytes."""
+    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    data = convert_float(float_model_for_export(module), example_inputs)
     model_t = flatbuffer.read_model(data)
     if use_xnnpack_forms(model_t):  # as in the int8 export: their latency ratio compares quantization only
         data = flatbuffer.write_model(model_t)

@@ -1,11 +1,12 @@
 """``export_from_loader``: export a trained module with verify and calibration batches taken from a
-data loader, and write the report next to the file. The ``TFLiteExport`` callback and
-``sparselite export`` both end here.
+data loader, and write the report next to the file (``model.json``, and the page ``model.html``). The
+``TFLiteExport`` callback and ``sparselite export`` both end here.
 """
 
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from sparselite.errors import SparseliteError
+from sparselite.export.html_report import html_path, is_ours, write_report_html
 from sparselite.export.options import ExportOptions
 from sparselite.export.report import ExportReport, report_path
 from sparselite.export.tflite import export_tflite
@@ -39,6 +41,9 @@ def export_from_loader(module: nn.Module, loader: Iterable, path: str | Path, op
     example = getattr(module, "example_input_array", None)
     example = (example if isinstance(example, torch.Tensor) else inputs[0])[:1]
     calibration = inputs[verify_count:]
+    page = html_path(path)
+    if page.exists() and is_ours(page):
+        page.unlink()  # like the old report: a kill during the export leaves no page describing the old file
     report = export_tflite(module, example, path, options, calibration_data=calibration, report_path=report_path(path),
                            verify_data=inputs[:verify_count] if options.verifies else None)
     if channel_pruner is not None and channel_pruner.shrunk:
@@ -46,4 +51,21 @@ def export_from_loader(module: nn.Module, loader: Iterable, path: str | Path, op
 
         report.channels = compare_with_unpruned(channel_pruner, example, path, calibration or inputs[:1])
         report.save(report_path(path))
+    _write_page(report, path)
     return report
+
+
+# Op types are timed for the page only while that stays this cheap (a small model takes well under a second).
+PAGE_TIMING_BUDGET_S = 2.0
+
+
+def _write_page(report: ExportReport, path: str | Path) -> None:
+    """The HTML page next to the report. The file and its JSON are what an export promises; a page that
+    cannot be written is one line on stderr, never a failed export."""
+    try:
+        write_report_html(report, path, time_ops_budget_s=PAGE_TIMING_BUDGET_S)
+    except SparseliteError as err:
+        print(f"sparselite: warning: no report page written: {err}", file=sys.stderr)
+    except Exception as err:  # the page is a view of the report; a bug in it must not lose the export
+        print(f"sparselite: warning: no report page written ({type(err).__name__}: {err}); "
+              f"`sparselite report {report_path(path)}` retries it", file=sys.stderr)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, Mapping
 
 from sparselite.errors import SparseliteError
+from sparselite.export.precision import PrecisionSpec, check_precision
 from sparselite.export.report import FLOAT_FALLBACKS, FloatFallback
 
 IO_DTYPES = ("float32", "int8")
@@ -34,6 +35,8 @@ class ExportOptions:
         float_fallback: False: an op with no int8 TFLite kernel fails the export, named with its torch
             modules; True: such ops stay float in a mixed-precision file, listed in the report;
             'xnnpack': also keep float the modules whose int8 ops XNNPACK does not delegate.
+        precision: 'int8' (the fully int8 file), 'dynamic_int8', 'fp16', 'fp32', or a mapping from
+            module-name regexes to the last three with a 'default' entry (``precision.py``).
     """
 
     io_dtype: Literal["float32", "int8"] = "float32"
@@ -44,6 +47,7 @@ class ExportOptions:
     gpu_check: bool = False
     require_gpu: bool = False
     float_fallback: FloatFallback = False
+    precision: PrecisionSpec = "int8"
 
     def __post_init__(self) -> None:
         if self.io_dtype not in IO_DTYPES:
@@ -63,6 +67,14 @@ class ExportOptions:
         if not any(self.float_fallback is value or self.float_fallback == value and isinstance(value, str)
                    for value in FLOAT_FALLBACKS):
             raise SparseliteError(f"float_fallback={self.float_fallback!r} must be false, true or 'xnnpack'")
+        check_precision(self.precision)
+        if not self.fully_int8 and self.io_dtype != "float32":
+            raise SparseliteError(f"io_dtype='int8' needs precision='int8' (a file with float layers has float inputs "
+                                  f"and outputs), not precision={self.precision!r}")
+
+    @property
+    def fully_int8(self) -> bool:
+        return self.precision == "int8"
 
     @property
     def verifies(self) -> bool:

@@ -43,11 +43,13 @@ def fake_quant_reference(module: nn.Module) -> tuple[nn.Module, str]:
 
 
 @torch.no_grad()
-def verify(module: nn.Module, path: Path, batches: Iterable[torch.Tensor], output_scale: float) -> Parity:
-    """The file on XNNPACK vs the torch model: top-1 agreement without ties, max |logit diff| in output LSBs."""
+def verify(module: nn.Module, path: Path, batches: Iterable[torch.Tensor], output_scale: float,
+           reference: tuple[nn.Module, str] | None = None) -> Parity:
+    """The file on XNNPACK vs the torch model (``reference``: the model and what it is; by default
+    ``fake_quant_reference(module)``): top-1 agreement without ties, max |logit diff| in output LSBs."""
     from sparselite.runtime.litert import LiteRTModel
 
-    reference, kind = fake_quant_reference(module)
+    reference, kind = reference or fake_quant_reference(module)
     runtime = LiteRTModel(path, accelerator="xnnpack", threads=_threads())
     expected, got = [], []
     for batch in batches:

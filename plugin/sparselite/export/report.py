@@ -99,6 +99,8 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
     channels: dict[str, Any] | None = None  # channel pruning: params, MACs, latency before/after (channel_report.py)
     sha256: str | None = None  # of the file as written: a report describes exactly one file
+    precision: Any = "int8"  # the export's precision option (a name, or a mapping of module regexes)
+    layer_precisions: dict[str, str] = field(default_factory=dict)  # weight layer -> precision, files not fully int8
     stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each export stage (stages.py)
 
     def to_dict(self) -> dict[str, Any]:

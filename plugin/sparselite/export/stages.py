@@ -1,9 +1,12 @@
 """The export's stages. Each takes the ``ExportJob`` and returns it with its own part filled in:
 
-  prepare   the float model (fake-quant and masks stripped, BN folded), the learned ranges, the data
-  convert   pt2e quantization with the learned ranges, litert-torch conversion (and the float fallback)
-  rewrite   module names, the float-island check, XNNPACK's forms, float I/O, shared quantization tables
-  encode    sparse weight storage, compressed sizes, per-layer sparsity read back from the bytes
+  prepare   the float model (fake-quant and masks stripped, BN folded), the learned ranges, each layer's
+            precision, the data
+  convert   fully int8: pt2e quantization with the learned ranges, litert-torch conversion (and the float
+            fallback); any other precision: the fp32 conversion
+  rewrite   module names, XNNPACK's forms; fully int8: the float-island check, float I/O; otherwise each
+            layer's weights in its precision (``precision.py``); shared quantization tables
+  encode    sparse weight storage (fully int8 files), compressed sizes, per-layer sparsity read back
   verify    the parity gate on XNNPACK (and the GPU check), on the candidate file
   write     the file (and its report) replace the destination atomically
 
@@ -26,7 +29,8 @@ from ai_edge_litert.schema_py_generated import TensorType
 from torch import nn
 
 from sparselite.errors import SparseliteError
-from sparselite.export.conversion import convert_with_ranges, float_model_for_export
+from sparselite.module_copy import detached_copy
+from sparselite.export.conversion import convert_float, convert_with_ranges, float_model_for_export
 from sparselite.export.destination import check_destination, sha256_hex, size_bound, write_model_and_report
 from sparselite.export.io import use_float_io
 from sparselite.export.islands import (
@@ -37,6 +41,7 @@ from sparselite.export.xnnpack_forms import use_xnnpack_forms
 from sparselite.export.names import use_module_names
 from sparselite.export.options import ExportOptions
 from sparselite.export.parity import gate_failure, measure_noise_floor, verify as verify_parity
+from sparselite.export.precision import LayerFinder, apply_precisions, layer_precisions, precision_reference
 from sparselite.export.report import ExportReport, LayerSparsity
 from sparselite.pruning.pruner import MASK_BUFFER
 from sparselite.quantization.qat import learned_ranges
@@ -63,6 +68,7 @@ class ExportJob:
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     train_sparsity: dict[str, float] = field(default_factory=dict)  # pruned layer -> sparsity in training
     float_model: nn.Module | None = None
+    precisions: dict[str, str] = field(default_factory=dict)  # weight layer -> precision (files not fully int8)
     model_t: Any = None  # the flatbuffer, object API
     injection: Any = None  # how each range was set (ranges.RangeInjection)
     kept_float: frozenset[str] = frozenset()
@@ -79,10 +85,12 @@ def prepare(job: ExportJob) -> ExportJob:
     job.train_sparsity = {name: float((sub.weight == 0).float().mean())
                           for name, sub in job.module.named_modules() if MASK_BUFFER in sub._buffers}
     job.float_model = float_model_for_export(job.module)
+    if not job.options.fully_int8:
+        job.precisions = layer_precisions(job.float_model, job.options.precision)  # refusals before conversion
     if job.verify_data is not None:
         _check_verifiable(job.float_model, job.example_inputs)
     job.calibration_data = _cap_examples(job.calibration_data, MAX_CALIBRATION_EXAMPLES)
-    if not job.ranges and not job.calibration_data:
+    if job.options.fully_int8 and not job.ranges and not job.calibration_data:
         raise SparseliteError("the model has no QAT ranges and no calibration batches were given; "
                               "pass calibration_data=[...] (a few batches)")
     log.info("quantizing with %d learned ranges, %d calibration batches", len(job.ranges), len(job.calibration_data))
@@ -90,6 +98,10 @@ def prepare(job: ExportJob) -> ExportJob:
 
 
 def convert(job: ExportJob) -> ExportJob:
+    if not job.options.fully_int8:
+        job.model_t = flatbuffer.read_model(convert_float(job.float_model, job.example_inputs))
+        job.report = _new_report(job, [])
+        return job
     fallback = job.options.float_fallback
 
     def convert_keeping_float(float_modules: frozenset[str] = frozenset()):
@@ -111,12 +123,21 @@ def convert(job: ExportJob) -> ExportJob:
 
 def rewrite(job: ExportJob) -> ExportJob:
     renamed = use_module_names(job.model_t)
-    job.layer_tensors = {layer: renamed.get(tensor, tensor) for layer, tensor in job.layer_tensors.items()}
-    job.report.float_islands = float_islands(job.model_t)
-    if job.report.float_islands and not job.options.float_fallback:
-        raise SparseliteError(islands_error(job.report.float_islands))
+    if job.options.fully_int8:
+        job.layer_tensors = {layer: renamed.get(tensor, tensor) for layer, tensor in job.layer_tensors.items()}
+        job.report.float_islands = float_islands(job.model_t)
+        if job.report.float_islands and not job.options.float_fallback:
+            raise SparseliteError(islands_error(job.report.float_islands))
     use_xnnpack_forms(job.model_t)
-    if job.options.io_dtype == "float32":
+    if not job.options.fully_int8:
+        written = apply_precisions(job.model_t, job.precisions, LayerFinder(job.float_model, job.precisions))
+        job.report.layer_precisions = written
+        kept = {layer: f"{chosen} asked, {written[layer]} written" for layer, chosen in job.precisions.items()
+                if layer in written and written[layer] != chosen}
+        if kept:  # e.g. a conv the converter writes as DEPTHWISE_CONV_2D, which has no dynamic-range kernel
+            job.report.notes.append(f"layers whose op has no kernel for the precision asked: {kept}")
+        job.layer_tensors = _match_layers(job.model_t, job.float_model, list(job.train_sparsity))
+    elif job.options.io_dtype == "float32":
         use_float_io(job.model_t)
     from sparselite.export.quantization_sharing import share_quantization_tables
 
@@ -130,7 +151,10 @@ def encode(job: ExportJob) -> ExportJob:
     if job.options.sparse and job.options.require_gpu:
         report.notes.append("sparse encoding skipped for require_gpu: LiteRT's GPU accelerator has no DENSIFY op, "
                             "so a sparse file runs only with CPU fallback")
-    if job.options.sparse_storage:
+    if job.options.sparse_storage and not job.options.fully_int8:
+        report.notes.append("sparse storage is written for fully int8 files: a dynamic-range FULLY_CONNECTED reads "
+                            "only dense weights in XNNPACK, and float weights stay dense")
+    elif job.options.sparse_storage:
         from sparselite.export.sparse import encode_sparse
 
         # Also for models whose masks were stripped: the pass keeps every tensor that would not shrink dense.
@@ -157,7 +181,9 @@ def verify(job: ExportJob) -> ExportJob:
         candidate = Path(tmp) / job.path.name
         candidate.write_bytes(job.final)
         if job.verify_data is not None:
-            report.parity = verify_parity(job.module, candidate, job.verify_data, job.output_scale)
+            reference = None if options.fully_int8 else (
+                precision_reference(detached_copy(job.float_model), job.precisions), "float, weights as stored")
+            report.parity = verify_parity(job.module, candidate, job.verify_data, job.output_scale, reference)
             if report.parity.top1_agreement < options.min_agreement:
                 measure_noise_floor(report.parity, candidate, job.verify_data)
             failure = gate_failure(report.parity, options.min_agreement)
@@ -181,11 +207,16 @@ STAGES = (prepare, convert, rewrite, encode, verify, write)
 
 
 def _new_report(job: ExportJob, notes: list[str]) -> ExportReport:
-    injection = job.injection
+    injection, precision = job.injection, job.options.precision
+    precision = dict(precision) if not isinstance(precision, str) else precision
+    if injection is None:  # a file that is not fully int8: no activation ranges
+        return ExportReport(path=str(job.path), file_bytes=0, io_dtype=job.options.io_dtype, ranges_learned=0,
+                            ranges_calibrated=0, notes=notes, precision=precision)
     return ExportReport(path=str(job.path), file_bytes=0, io_dtype=job.options.io_dtype,
                         ranges_learned=len(injection.learned), ranges_calibrated=len(injection.calibrated),
                         ranges_derived=len(injection.derived), ranges_fixed=len(injection.fixed),
-                        calibrated_ranges=dict(injection.calibrated) if job.ranges else {}, notes=notes)
+                        calibrated_ranges=dict(injection.calibrated) if job.ranges else {}, notes=notes,
+                        precision=precision)
 
 
 def _check_gpu(report: ExportReport, candidate: Path, required: bool) -> None:
@@ -252,7 +283,7 @@ def _match_layers(model_t, float_model: nn.Module, pruned: Sequence[str]) -> dic
 
 def _report_sparsity(job: ExportJob) -> None:
     """Per-layer sparsity decoded from the final file's weights (sparse-encoded or dense)."""
-    if not job.layer_tensors:
+    if not job.layer_tensors and not job.train_sparsity:
         return
     from sparselite.tflite.sparse import weight_sparsity
 
@@ -264,6 +295,10 @@ def _report_sparsity(job: ExportJob) -> None:
         zeros, total = zeros + sparsity * count, total + count
     report.overall_sparsity_in_file = zeros / max(total, 1)
     missing = sorted(set(job.train_sparsity) - set(job.layer_tensors))
+    floats = [layer for layer in missing if job.precisions.get(layer) in ("fp16", "fp32")]
+    if floats:
+        report.notes.append(f"pruned layers with float weights (their sparsity is not read from the file): {floats}")
+    missing = [layer for layer in missing if layer not in floats]
     in_float = [layer for layer in missing if any(layer == m or layer.startswith(m + ".") for m in job.kept_float)]
     if in_float:
         report.notes.append(f"pruned layers kept float by float_fallback='xnnpack' (their sparsity is not read from "

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from sparselite.export.graph_edit import axes_before, constant_ints, readers_of, same_quantization

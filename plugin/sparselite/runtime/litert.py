@@ -10,6 +10,7 @@ import numpy as np
 
 from sparselite.errors import SparseliteError
 from sparselite.runtime.backend import Backend, InterpreterBackend
+from sparselite.runtime.load_probe import check_loads
 from sparselite.tflite.flatbuffer import read_model
 
 Accelerator = Literal["xnnpack", "reference", "gpu"]
@@ -41,6 +42,7 @@ class LiteRTModel:
         if not self.path.is_file():
             raise SparseliteError(f"{self.path} does not exist; export a model first (sparselite export)")
         read_model(self.path)  # a corrupt file gets a clear error naming it here, not a crash in C++
+        check_loads(self.path)  # what validation cannot foresee crashes a child process, not this one
         self.accelerator, self.threads = accelerator, threads
         self.backend: Backend
         if accelerator == "gpu":

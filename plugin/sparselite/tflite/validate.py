@@ -37,6 +37,36 @@ _KNOWN_BUILTINS = frozenset(v for k, v in vars(schema.BuiltinOperator).items() i
 _WINDOW_OPTIONS = (schema.Conv2DOptionsT, schema.DepthwiseConv2DOptionsT, schema.Pool2DOptionsT,
                    schema.Conv3DOptionsT, schema.TransposeConvOptionsT)
 
+_OP = schema.BuiltinOperator
+# Input slots a builtin kernel treats as optional (-1: absent). Every other slot an op lists must name
+# a tensor: XNNPACK and several kernels index the tensor array with it unchecked (a CONV_2D whose weight
+# is -1 is a segfault at allocate_tensors).
+_LSTM_OPTIONAL = frozenset({1, 5, 9, 10, 11, 12, 16, 17, 20, 21, 22, 23})
+_OPTIONAL_INPUTS: dict[int, frozenset[int]] = {
+    _OP.CONV_2D: frozenset({2}), _OP.DEPTHWISE_CONV_2D: frozenset({2}), _OP.FULLY_CONNECTED: frozenset({2}),
+    _OP.CONV_3D: frozenset({2}), _OP.TRANSPOSE_CONV: frozenset({3}), _OP.CONV_3D_TRANSPOSE: frozenset({3}),
+    _OP.SVDF: frozenset({3}), _OP.PAD: frozenset({2}), _OP.PADV2: frozenset({2}), _OP.LSH_PROJECTION: frozenset({2}),
+    _OP.LSTM: _LSTM_OPTIONAL, _OP.UNIDIRECTIONAL_SEQUENCE_LSTM: _LSTM_OPTIONAL,
+    _OP.BIDIRECTIONAL_SEQUENCE_LSTM: frozenset({1, 5, 9, 10, 11, 12, 16, 17, 18, 22, 26, 27, 28, 29, 33, 34,
+                                                *range(39, 48)}),
+    _OP.BIDIRECTIONAL_SEQUENCE_RNN: frozenset({9, 10, 11}),
+}
+# Ops whose inputs this table does not describe (their kernels are not LiteRT's builtins).
+_UNDESCRIBED = frozenset({_OP.CUSTOM, _OP.DELEGATE}) | frozenset(
+    v for k, v in vars(_OP).items() if k.startswith("STABLEHLO_"))
+# The fewest inputs the kernels sparselite's files (and LiteRT's converters' edge models) use read.
+_MIN_INPUTS: dict[int, int] = {
+    **dict.fromkeys((_OP.CONV_2D, _OP.DEPTHWISE_CONV_2D, _OP.FULLY_CONNECTED, _OP.ADD, _OP.SUB, _OP.MUL, _OP.DIV,
+                     _OP.MAXIMUM, _OP.MINIMUM, _OP.SQUARED_DIFFERENCE, _OP.MEAN, _OP.SUM, _OP.REDUCE_MAX, _OP.PAD,
+                     _OP.PADV2, _OP.TRANSPOSE, _OP.BATCH_MATMUL, _OP.GATHER, _OP.RESIZE_BILINEAR,
+                     _OP.RESIZE_NEAREST_NEIGHBOR, _OP.EXPAND_DIMS, _OP.BROADCAST_TO), 2),
+    **dict.fromkeys((_OP.TRANSPOSE_CONV, _OP.SLICE, _OP.SELECT, _OP.SELECT_V2), 3),
+    _OP.STRIDED_SLICE: 4,
+    **dict.fromkeys((_OP.RESHAPE, _OP.CONCATENATION, _OP.QUANTIZE, _OP.DEQUANTIZE, _OP.AVERAGE_POOL_2D,
+                     _OP.MAX_POOL_2D, _OP.SOFTMAX, _OP.LOGISTIC, _OP.TANH, _OP.RELU, _OP.RELU6, _OP.HARD_SWISH,
+                     _OP.RSQRT, _OP.GELU, _OP.LEAKY_RELU, _OP.SQUEEZE), 1),
+}
+
 
 class _Invalid(Exception):
     """A problem found deep in the checks; ``validate_model`` prefixes the file's name."""
@@ -126,6 +156,7 @@ def _check_subgraph(model: schema.ModelT, graph: schema.SubGraphT, number: int, 
             _index(value, len(tensors), f"an intermediate of {what}")
         _check_options(op, what)
         builtin = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
+        _check_required_inputs(builtin, _ints(op.inputs), what)
         if builtin == schema.BuiltinOperator.DENSIFY and (len(_ints(op.inputs)) != 1 or len(_ints(op.outputs)) != 1
                                                           or min(_ints(op.inputs) + _ints(op.outputs)) < 0):
             raise _Invalid(f"{what} is a DENSIFY without exactly one input and one output")
@@ -133,6 +164,20 @@ def _check_subgraph(model: schema.ModelT, graph: schema.SubGraphT, number: int, 
             if value >= 0 and tensors[value].sparsity is not None and not _reads_sparse(builtin, slot, int(code.version)):
                 raise _Invalid(f"{what} ({_builtin_name(builtin)}, version {code.version}) reads sparse tensor {value} "
                                "directly; only DENSIFY, and FULLY_CONNECTED (version <= 8) weights, can")
+
+
+def _check_required_inputs(builtin: int, inputs: list[int], what: str) -> None:
+    """Every input the op's kernel reads is there: enough inputs, and -1 (absent) only where optional."""
+    if builtin in _UNDESCRIBED:
+        return
+    fewest = _MIN_INPUTS.get(builtin, 0)
+    if len(inputs) < fewest:
+        raise _Invalid(f"{what} ({_builtin_name(builtin)}) has {len(inputs)} input(s); its kernel needs at least {fewest}")
+    optional = _OPTIONAL_INPUTS.get(builtin, frozenset())
+    for slot, value in enumerate(inputs):
+        if value == -1 and slot not in optional:
+            raise _Invalid(f"{what} ({_builtin_name(builtin)}) has no tensor at input {slot} (-1, absent), "
+                           "which its kernel requires")
 
 
 def _reads_sparse(builtin: int, slot: int, version: int) -> bool:

@@ -1,0 +1,139 @@
+"""Files that are not fully int8: dynamic-range int8, fp16 and fp32 weights, per layer.
+
+Each precision on a unit-sized model, read back from the file (op and tensor types) and checked against
+the float model with its weights as the file stores them; per-layer mappings; the refusals.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ai_edge_litert.schema_py_generated import TensorType
+from torch import nn
+
+from sparselite import ExportOptions, SparseliteError, export_tflite
+from sparselite.models.sequence import GRUClassifier
+from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model
+
+
+class ConvMLP(nn.Module):
+    """Convs, a depthwise conv and two linears: every kind of weight the precision pass meets. The stem
+    reads one channel: the converter writes it as a DEPTHWISE_CONV_2D (channel multiplier 8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, 2)
+        self.conv = nn.Conv2d(8, 16, 1)
+        self.depthwise = nn.Conv2d(16, 16, 3, 2, groups=16)
+        self.hidden = nn.Linear(16 * 6 * 6, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.depthwise(F.relu(self.conv(F.relu(self.stem(x))))))
+        return self.head(F.relu(self.hidden(x.flatten(1))))
+
+
+def trained(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], steps: int = 60) -> nn.Module:
+    torch.manual_seed(0)
+    images, labels = data
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    for step in range(steps):
+        batch = slice(step * 32 % 960, step * 32 % 960 + 32)
+        loss = F.cross_entropy(model(images[batch]), labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def weight_types(path) -> dict[str, set[int]]:
+    """Op type -> the types of the constant weights it reads (through a DEQUANTIZE: that input's type)."""
+    model = read_model(path)
+    subgraph = model.subgraphs[0]
+    producers = {int(t): op for op in subgraph.operators for t in op.outputs}
+    found: dict[str, set[int]] = {}
+    for op in subgraph.operators:
+        name = builtin_name(builtin_code(model, op))
+        if name not in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D"):
+            continue
+        weight = int(op.inputs[1])
+        source = producers.get(weight)
+        if source is not None and builtin_name(builtin_code(model, source)) == "DEQUANTIZE":
+            weight = int(source.inputs[0])
+        found.setdefault(name, set()).add(subgraph.tensors[weight].type)
+    return found
+
+
+@pytest.fixture(scope="module")
+def conv_mlp(fmnist_train):
+    torch.manual_seed(0)
+    return trained(ConvMLP(), fmnist_train)
+
+
+@pytest.mark.parametrize("precision, expected", [
+    ("fp32", {"FULLY_CONNECTED": {TensorType.FLOAT32}, "CONV_2D": {TensorType.FLOAT32}}),
+    ("fp16", {"FULLY_CONNECTED": {TensorType.FLOAT16}, "CONV_2D": {TensorType.FLOAT16},
+              "DEPTHWISE_CONV_2D": {TensorType.FLOAT16}}),
+    ({"default": "dynamic_int8", "depthwise": "fp32"},
+     {"FULLY_CONNECTED": {TensorType.INT8}, "CONV_2D": {TensorType.INT8}, "DEPTHWISE_CONV_2D": {TensorType.FLOAT32}}),
+])
+def test_each_precision_writes_its_weights_and_agrees_with_the_model(conv_mlp, fmnist_heldout, tmp_path, precision,
+                                                                     expected):
+    path = tmp_path / "m.tflite"
+    images = fmnist_heldout[0][:256]
+    report = export_tflite(conv_mlp, images[:1], path, verify_data=[images], precision=precision)  # the default gate
+    types = weight_types(path)
+    assert {op: types[op] for op in expected} == expected
+    # Activations stay float: the file's input and output are float32, and so is every op's output.
+    model = read_model(path)
+    subgraph = model.subgraphs[0]
+    assert all(subgraph.tensors[int(t)].type == TensorType.FLOAT32 for op in subgraph.operators for t in op.outputs)
+    assert report.parity.top1_agreement_all >= 0.98 and report.ranges_learned == report.ranges_calibrated == 0
+    assert report.precision == precision
+
+
+def test_dynamic_weights_are_the_int8_values_qat_trains_on(conv_mlp, fmnist_heldout, tmp_path):
+    from sparselite.quantization.spec import quantize_weight
+    from sparselite.tflite.sparse import tensor_values
+
+    path = tmp_path / "m.tflite"
+    report = export_tflite(conv_mlp, fmnist_heldout[0][:1], path, precision={"default": "dynamic_int8", "depthwise": "fp16"})
+    model = read_model(path)
+    head = next(t for t in model.subgraphs[0].tensors if t.type == TensorType.INT8 and list(t.shape) == [10, 32])
+    assert torch.equal(torch.from_numpy(tensor_values(model, head)), quantize_weight(conv_mlp.head.weight))
+    assert list(head.quantization.scale.shape) == [10] and head.quantization.quantizedDimension == 0
+    # The stem is a DEPTHWISE_CONV_2D in the file, which has no dynamic-range kernel: it stays fp32, and says so.
+    assert report.layer_precisions == {"stem": "fp32", "conv": "dynamic_int8", "depthwise": "fp16",
+                                       "hidden": "dynamic_int8", "head": "dynamic_int8"}
+    assert any("stem" in note and "dynamic_int8 asked, fp32 written" in note for note in report.notes)
+
+
+def test_a_recurrent_layer_is_dynamic_at_every_step(fmnist_train, fmnist_heldout, tmp_path):
+    """The converter unrolls the GRU into FULLY_CONNECTED ops; the recurrent weight is one constant, named
+    after no module, read at every step: it is found by its values."""
+    model = trained(GRUClassifier(hidden=16), fmnist_train, steps=40)
+    path = tmp_path / "gru.tflite"
+    images = fmnist_heldout[0][:128]
+    report = export_tflite(model, images[:1], path, verify_data=[images], precision="dynamic_int8", min_agreement=0.9)
+    assert weight_types(path) == {"FULLY_CONNECTED": {TensorType.INT8}}
+    assert report.layer_precisions == {"gru": "dynamic_int8", "head": "dynamic_int8"}
+
+
+@pytest.mark.parametrize("precision, message", [
+    ("dynamic_int8", "dynamic_int8 on depthwise conv.* depthwise: XNNPACK has no dynamic-range depthwise kernel"),
+    ({"default": "fp32", "classifier": "fp16"}, r"precision pattern\(s\) \['classifier'\] match no layer"),
+    ({"default": "int8"}, "a layer's precision is one of dynamic_int8, fp16, fp32"),
+    ("int4", "precision='int4' must be one of"),
+    ({"default": "fp16", "(": "fp32"}, "not a valid regular expression"),
+])
+def test_a_precision_a_layer_cannot_have_is_refused_before_any_work(conv_mlp, tmp_path, precision, message):
+    path = tmp_path / "m.tflite"
+    with pytest.raises(SparseliteError, match=message):
+        export_tflite(conv_mlp, torch.zeros(1, 1, 28, 28), path, precision=precision)
+    assert not path.exists()
+
+
+def test_int8_io_needs_the_fully_int8_file():
+    with pytest.raises(SparseliteError, match="io_dtype='int8' needs precision='int8'"):
+        ExportOptions(io_dtype="int8", precision="fp16")

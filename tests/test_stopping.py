@@ -1,0 +1,70 @@
+"""SIGTERM outside training raises ``Terminated`` (the CLI: one line, exit 143); training's handler hands the
+signal back to it after training; and a signal during `sparselite demo` ends in one line, exit 143/130."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sparselite.stopping import Stopped, Terminated, raise_on_sigterm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def sigterm_restored():
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_raises_terminated_with_the_shells_exit_code(sigterm_restored):
+    raise_on_sigterm()
+    with pytest.raises(Terminated) as stopped:
+        signal.raise_signal(signal.SIGTERM)
+    assert isinstance(stopped.value, Stopped) and stopped.value.exit_code == 143 and str(stopped.value) == "SIGTERM"
+
+
+def test_after_training_the_handler_from_before_training_answers(sigterm_restored):
+    """Lightning puts GracefulInterrupt's handler back when it tears its own down; a SIGTERM then (the
+    demo's export after training) reaches the CLI's handler, not the default kill."""
+    from sparselite.interrupts import GracefulInterrupt
+
+    raise_on_sigterm()
+    callback = GracefulInterrupt()
+    callback.setup(None, None, "fit")
+    callback.teardown(None, None, "fit")
+    signal.signal(signal.SIGTERM, callback._record)  # what Lightning's teardown leaves behind
+    with pytest.raises(Terminated):
+        signal.raise_signal(signal.SIGTERM)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_the_demo_is_one_line(tmp_path, signum):
+    import sparselite
+
+    plugin = str(Path(sparselite.__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "GLOG_minloglevel")} | {
+        "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([plugin, os.environ.get("PYTHONPATH", "")])}
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        demo = subprocess.Popen([sys.executable, "-m", "sparselite.cli", "demo", "--out", str(tmp_path / "demo")],
+                                stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=tmp_path)
+        deadline = time.monotonic() + 400
+        while "step " not in log.read_text() and time.monotonic() < deadline and demo.poll() is None:
+            time.sleep(0.5)  # training is under way once the progress log shows a step
+        demo.send_signal(signum)
+        demo.wait(timeout=180)
+    stderr = log.read_text()
+    assert demo.returncode == 128 + signum, stderr[-2000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"sparselite: interrupted by {signal.Signals(signum).name} at step "), last
+    assert sum(line.startswith("sparselite: ") for line in stderr.splitlines()) == 1
