@@ -109,6 +109,7 @@ def test_sensitivity_interrupt_resume_and_the_recipe_trains(tmp_path):
         assert 1 - mask.float().mean().item() == pytest.approx(target, abs=0.02), layer
 
 
+@pytest.mark.slow  # two subprocesses: ~10 s of imports each under load
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -255,23 +255,6 @@ def config_normalization(datamodule: Any) -> tuple[list[float] | None, list[floa
     return values("mean"), values("std")
 
 
-def config_datamodule(configs: list[str]) -> Any:
-    """A config's datamodule, built as ``sparselite fit`` builds the run (model and trainer too), not trained."""
-    import tempfile
-
-    from sparselite.lightning_cli import _lightning_info_off, _without_subcommand_keys, build_lightning_cli
-
-    for config in configs:
-        if not Path(config).is_file():
-            raise SparseliteError(f"config {config} does not exist")
-    with tempfile.TemporaryDirectory() as folder, _lightning_info_off():
-        configs = _without_subcommand_keys(configs, Path(folder))
-        cli = build_lightning_cli([arg for c in configs for arg in ("-c", c)], run=False)
-    if cli.datamodule is None:
-        raise SparseliteError("the config has no data: section (a LightningDataModule) to evaluate on")
-    return cli.datamodule
-
-
 def config_loader(datamodule: Any) -> tuple[Any, str]:
     """(the datamodule's test loader, or its validation loader when it has no test set; which one)."""
     for stage, method in (("test", "test_dataloader"), ("validate", "val_dataloader")):

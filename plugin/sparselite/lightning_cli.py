@@ -356,3 +356,16 @@ def _first_input(datamodule: Any):
         raise SparseliteError("the run's data gives no input tensor to find the model's functional ops with; its "
                               "batches must be (inputs, ...), or set example_input_array on the LightningModule")
     return inputs[:1]
+
+
+def build_datamodule(configs: list[str]) -> Any:
+    """A config's datamodule, built as ``sparselite fit`` builds the run (model and trainer too), not trained."""
+    for config in configs:
+        if not Path(config).is_file():
+            raise SparseliteError(f"config {config} does not exist")
+    with tempfile.TemporaryDirectory() as folder, _lightning_info_off():
+        configs = _without_subcommand_keys(configs, Path(folder))
+        cli = build_lightning_cli([arg for c in configs for arg in ("-c", c)], run=False)
+    if cli.datamodule is None:
+        raise SparseliteError("the config has no data: section (a LightningDataModule) to evaluate on")
+    return cli.datamodule

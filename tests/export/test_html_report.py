@@ -8,7 +8,6 @@ import io
 import json
 import re
 import shutil
-import subprocess
 import time
 
 import lightning.pytorch as pl

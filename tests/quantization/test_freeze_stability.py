@@ -66,4 +66,6 @@ def test_constant_lr_training_survives_the_freeze(fmnist_train, fmnist_heldout):
     _, unfrozen = train(fmnist_train, freeze_step=None)
     frozen_acc, unfrozen_acc = accuracy(frozen, fmnist_heldout), accuracy(unfrozen, fmnist_heldout)
     assert unfrozen_acc > 0.5, "the reference run must learn, or the comparison proves nothing"
-    assert frozen_acc >= unfrozen_acc - 0.01, f"{frozen_acc:.2%} with the freeze vs {unfrozen_acc:.2%} without"
+    # A collapse lands at chance (10%). Above that, the two runs differ by sampling noise on 512 images
+    # (one such pair: 78.9% vs 80.9% here, 78.8% vs 77.3% on 1000 other images).
+    assert frozen_acc >= unfrozen_acc - 0.03, f"{frozen_acc:.2%} with the freeze vs {unfrozen_acc:.2%} without"

@@ -189,23 +189,6 @@ def test_containers_that_run_their_children_run_only_the_models_own(fmnist_train
     assert set(learned_ranges(model)) >= set(simulator.op_sites)
 
 
-def test_checkpoints_with_sites_in_their_calling_modules_still_load(fmnist_train):
-    """Before the registry, a site's fake-quant was a child of its calling module; those checkpoints load."""
-    from model_blocks import InvertedResidualNet
-
-    torch.manual_seed(0)
-    model = InvertedResidualNet()
-    QuantizationSimulator().prepare(model, (fmnist_train[0][:1],))
-    state = model.state_dict()
-    state["sparselite_op_quant.block1/add_0.min_max"] = torch.tensor([-1.5, 2.5])
-    old_layout = {k.replace("sparselite_op_quant.block1/", "block1.sparselite_op_quant."): v for k, v in state.items()}
-    assert "block1.sparselite_op_quant.add_0.min_max" in old_layout
-    fresh = InvertedResidualNet()
-    QuantizationSimulator().prepare(fresh, (fmnist_train[0][:1],))
-    fresh.load_state_dict(old_layout)  # strict
-    assert learned_ranges(fresh)["sparselite_op_quant.block1/add_0"] == (-1.5, 2.5)
-
-
 def test_strip_fake_quant_works_on_a_deep_copy(tiny_model, fmnist_train):
     simulator = QuantizationSimulator()
     simulator.prepare(tiny_model)
