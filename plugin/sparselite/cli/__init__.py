@@ -93,6 +93,3 @@ def main(argv: list[str] | None = None) -> None:
         if native_filter is not None:
             native_filter.stop()
 
-
-if __name__ == "__main__":
-    main()
