@@ -47,8 +47,8 @@ from benchmarks import _common as C
 from sparselite import LiteRTModel, export_tflite
 from sparselite.errors import SparseliteError
 from sparselite.tflite.flatbuffer import read_model
-from sparselite.export.sparse import encode_sparse
-from sparselite.tflite.sparse import sparse_payload_bytes
+from sparselite.export.sparse_storage import encode_sparse
+from sparselite.tflite.constant_values import sparse_payload_bytes
 from sparselite.models.mobilenet import MobileNetLite
 from sparselite.runtime.bench import interleaved_benchmark
 

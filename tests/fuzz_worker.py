@@ -34,7 +34,7 @@ def _run_one(mode: str, path: str) -> dict:
 
     try:
         if mode == "reader":
-            from sparselite.tflite.sparse import weight_sparsity
+            from sparselite.tflite.constant_values import weight_sparsity
 
             weight_sparsity(path)  # read_model (structure + validate_model), then decode every weight
             return {"outcome": "ran", "output": None}

@@ -12,8 +12,8 @@ from torch import nn
 from conftest import pt2e_int8_tflite
 from sparselite.errors import SparseliteError
 from sparselite.tflite.flatbuffer import read_model, write_model
-from sparselite.export.sparse import encode_sparse
-from sparselite.tflite.sparse import tensor_values, weight_sparsity, weight_tensors
+from sparselite.export.sparse_storage import encode_sparse
+from sparselite.tflite.constant_values import tensor_values, weight_sparsity, weight_tensors
 from sparselite.inspect import inspect_tflite
 
 

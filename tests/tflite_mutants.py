@@ -44,9 +44,9 @@ def seed_model() -> bytes:
     from torch import nn
 
     from conftest import pt2e_int8_tflite
-    from sparselite.export.sparse import encode_sparse
+    from sparselite.export.sparse_storage import encode_sparse
     from sparselite.tflite.flatbuffer import read_model, write_model
-    from sparselite.tflite.sparse import tensor_values, weight_tensors
+    from sparselite.tflite.constant_values import tensor_values, weight_tensors
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU6(), nn.Conv2d(8, 16, 3, stride=2, padding=1),

@@ -19,7 +19,7 @@ from sparselite.errors import SparseliteError
 from sparselite.runtime.litert import xnnpack_delegated_ops
 from sparselite.runtime.load_probe import check_loads
 from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model, tensor_name, tensor_type_name
-from sparselite.tflite.sparse import describe_layout, sparse_payload_bytes, tensor_values
+from sparselite.tflite.constant_values import describe_layout, sparse_payload_bytes, tensor_values
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def test_each_precision_writes_its_weights_and_agrees_with_the_model(conv_mlp, f
 
 def test_dynamic_weights_are_the_int8_values_qat_trains_on(conv_mlp, fmnist_heldout, tmp_path):
     from sparselite.quantization.spec import quantize_weight
-    from sparselite.tflite.sparse import tensor_values
+    from sparselite.tflite.constant_values import tensor_values
 
     path = tmp_path / "m.tflite"
     report = export_tflite(conv_mlp, fmnist_heldout[0][:1], path, precision={"default": "dynamic_int8", "depthwise": "fp16"})

@@ -15,7 +15,7 @@ from conftest import make_loader, tiny_mobilenet
 from sparselite import ExportReport, GradualPruning, LiteRTModel, QuantizationAwareTraining, SparseliteError, export_tflite
 from sparselite.export.destination import size_bound
 from sparselite.tflite.flatbuffer import read_model
-from sparselite.tflite.sparse import weight_sparsity
+from sparselite.tflite.constant_values import weight_sparsity
 from sparselite.models.classifier import ImageClassifier
 from sparselite.models.mobilenet import MobileNetLite
 from sparselite.pruning.pruner import MASK_BUFFER

@@ -155,7 +155,7 @@ def encode(job: ExportJob) -> ExportJob:
         report.notes.append("sparse storage is written for fully int8 files: a dynamic-range FULLY_CONNECTED reads "
                             "only dense weights in XNNPACK, and float weights stay dense")
     elif job.options.sparse_storage:
-        from sparselite.export.sparse import encode_sparse
+        from sparselite.export.sparse_storage import encode_sparse
 
         # Also for models whose masks were stripped: the pass keeps every tensor that would not shrink dense.
         job.final, encodings = encode_sparse(job.dense)
@@ -285,7 +285,7 @@ def _report_sparsity(job: ExportJob) -> None:
     """Per-layer sparsity decoded from the final file's weights (sparse-encoded or dense)."""
     if not job.layer_tensors and not job.train_sparsity:
         return
-    from sparselite.tflite.sparse import weight_sparsity
+    from sparselite.tflite.constant_values import weight_sparsity
 
     report, in_file = job.report, weight_sparsity(job.final)
     zeros = total = 0

@@ -1,7 +1,7 @@
 """Flatbuffer pass: store pruned int8 weights in TFLite's sparse format, only where it saves bytes.
 
 For every int8 conv/depthwise/FC weight with zeros, the pass takes the smallest layout
-``sparse_layout`` knows and stores it only if that plus its flatbuffer overhead (SparsityParameters
+``sparse_encoding`` knows and stores it only if that plus its flatbuffer overhead (SparsityParameters
 tables, DENSIFY op and tensor: about 320-360 bytes) is smaller than dense. Conv and depthwise conv
 can't read sparse weights: each gets a DENSIFY op, placed right before its first consumer (run once
 at load; XNNPACK takes it and densifies while building its graph), whose output carries the weight's
@@ -32,11 +32,11 @@ from ai_edge_litert import schema_py_generated as schema
 
 from sparselite.errors import SparseliteError
 from sparselite.export.quantization_sharing import share_quantization as _share_quantization
-from sparselite.export.sparse_layout import Layout, best_layout, candidate_layouts, encode_tensor
+from sparselite.export.sparse_encoding import Layout, best_layout, candidate_layouts, encode_tensor
 from sparselite.tflite.flatbuffer import (
     WEIGHT_INPUT, builtin_code, builtin_name, operator_code_index, read_model, tensor_name, write_model,
 )
-from sparselite.tflite.sparse import INDEX_DTYPE_NAMES, sparse_payload_bytes, tensor_values, weight_tensors
+from sparselite.tflite.constant_values import INDEX_DTYPE_NAMES, sparse_payload_bytes, tensor_values, weight_tensors
 
 # File bytes a sparse tensor costs beyond its payload (measured: 320-355 for a 4-D conv weight):
 # the SparsityParameters tables, and the DENSIFY op with its output tensor.
@@ -170,7 +170,7 @@ def _policy(model, graph, uses, weights, sparsity, min_sparsity, sparse_int8_fc)
     if len(codes) > 1:
         return [], False, "shared by FULLY_CONNECTED and another op"
     if not sparse_int8_fc:
-        return [], False, "int8 FULLY_CONNECTED stays dense (see sparse.py)"
+        return [], False, "int8 FULLY_CONNECTED stays dense (see sparse_storage.py)"
     for op_index, _ in uses:
         input_tensor = graph.tensors[graph.operators[op_index].inputs[0]]
         if input_tensor.type != schema.TensorType.INT8:

@@ -13,10 +13,10 @@ from torch import nn
 
 from conftest import pt2e_int8_tflite
 from sparselite.errors import SparseliteError
-from sparselite.export.sparse import encode_sparse
-from sparselite.export.sparse_layout import candidate_layouts, encode_tensor
+from sparselite.export.sparse_storage import encode_sparse
+from sparselite.export.sparse_encoding import candidate_layouts, encode_tensor
 from sparselite.tflite.flatbuffer import builtin_code, read_model, write_model
-from sparselite.tflite.sparse import decode_tensor, sparse_payload_bytes, tensor_values, weight_sparsity, weight_tensors
+from sparselite.tflite.constant_values import decode_tensor, sparse_payload_bytes, tensor_values, weight_sparsity, weight_tensors
 
 PATTERNS = ["unstructured", "1x4", "1x16", "2:4"]
 RESOLVERS = {

@@ -1,6 +1,6 @@
 """The sparse layouts sparselite writes, their exact cost in bytes, and the encoder (pure numpy).
 
-The format is described in ``sparselite.tflite.sparse``. What is written here: identity traversal
+The format is described in ``sparselite.tflite.constant_values``. What is written here: identity traversal
 order; optionally 1xb blocks (b = 2..32, dividing the dim) along the last dim (the input-channel dim
 of conv OHWI and FC [O, I], the channel dim of depthwise [1, kh, kw, C]); each tensor dim DENSE or
 SPARSE_CSR, block dims DENSE (the runtime's FormatConverter reads block sizes from dense_size, which
