@@ -102,6 +102,8 @@ CONFIG_FILE_CASES = {
     "max_steps_null": ("trainer:\n  max_steps: null\n", ["trainer.max_steps=None must be a whole number"]),
     "two_pruning_callbacks": ("trainer:\n  callbacks:\n    - class_path: sparselite.GradualPruning\n"
                               "    - class_path: sparselite.GradualPruning\n", ["two GradualPruning callbacks"]),
+    "renamed_key": ("trainer:\n  callbacks:\n    - class_path: sparselite.QuantizationAwareTraining\n"
+                    "      init_args:\n        start_step: 10\n", ["start_step is now named begin_step"]),
 }
 
 

@@ -1,5 +1,7 @@
 """The LightningCLI that ``sparselite fit|validate|test`` runs, and rebuilding a finished run from its
 configs and checkpoint (for ``sparselite export`` and the demo's cached baseline).
+Over 350 lines: building a run from configs and rebuilding a finished one share the same checks and
+parser, and stay in one place.
 """
 
 from __future__ import annotations

@@ -68,11 +68,11 @@ class Progress:
             self._open = False
 
 
-def run_sensitivity(settings: SensitivitySettings) -> core.Allocation:
+def _build_run(settings: SensitivitySettings, progress: Progress):
+    """(the run as ``sparselite fit`` builds it, its GradualPruning callback); refuses configs without one."""
     from sparselite.lightning_cli import _lightning_info_off, build_lightning_cli
     from sparselite.pruning.callback import GradualPruning
 
-    progress = Progress()
     progress(f"[sensitivity] building the run from {', '.join(settings.configs)}")
     with _lightning_info_off(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -83,6 +83,12 @@ def run_sensitivity(settings: SensitivitySettings) -> core.Allocation:
                               "(pattern, include/exclude) and writes its overrides: add a pruning recipe with -c")
     if pruning.pruner.pattern.kind == "n:m":
         raise SparseliteError(f"pattern {pruning.pruner.pattern} fixes every layer's sparsity; sensitivity needs a free one")
+    return cli, pruning
+
+
+def run_sensitivity(settings: SensitivitySettings) -> core.Allocation:
+    progress = Progress()
+    cli, pruning = _build_run(settings, progress)
     target = pruning.pruner.schedule.final_sparsity if settings.target is None else settings.target
     model, datamodule = cli.model, cli.datamodule
     settings.out.mkdir(parents=True, exist_ok=True)
