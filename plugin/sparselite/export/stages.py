@@ -93,7 +93,8 @@ def prepare(job: ExportJob) -> ExportJob:
     if job.options.fully_int8 and not job.ranges and not job.calibration_data:
         raise SparseliteError("the model has no QAT ranges and no calibration batches were given; "
                               "pass calibration_data=[...] (a few batches)")
-    log.info("quantizing with %d learned ranges, %d calibration batches", len(job.ranges), len(job.calibration_data))
+    if job.options.fully_int8:
+        log.info("quantizing with %d learned ranges, %d calibration batches", len(job.ranges), len(job.calibration_data))
     return job
 
 
@@ -152,8 +153,9 @@ def encode(job: ExportJob) -> ExportJob:
         report.notes.append("sparse encoding skipped for require_gpu: LiteRT's GPU accelerator has no DENSIFY op, "
                             "so a sparse file runs only with CPU fallback")
     if job.options.sparse_storage and not job.options.fully_int8:
-        report.notes.append("sparse storage is written for fully int8 files: a dynamic-range FULLY_CONNECTED reads "
-                            "only dense weights in XNNPACK, and float weights stay dense")
+        if job.train_sparsity:
+            report.notes.append("sparse storage is written for fully int8 files: a dynamic-range FULLY_CONNECTED "
+                                "reads only dense weights in XNNPACK, and float weights stay dense")
     elif job.options.sparse_storage:
         from sparselite.export.sparse_storage import encode_sparse
 
