@@ -35,7 +35,7 @@ def test_fit_channels_trains_exports_and_reports_before_and_after(tmp_path, monk
     config = yaml.safe_load(demo.CONFIG.read_text())
     config["trainer"].update(max_steps=48, val_check_interval=20, limit_val_batches=2)
     config["data"]["init_args"].update(train_subset=1280, batch_size=64)
-    small_config = tmp_path / "config.yaml"
+    small_config = tmp_path / "small_config.yaml"  # not config.yaml: the teacher file below would find it
     small_config.write_text(yaml.safe_dump(config))
     recipe, _ = scaled_recipe(demo.CHANNEL_RECIPE.stem, tmp_path)
     monkeypatch.setattr(demo, "CONFIG", small_config)

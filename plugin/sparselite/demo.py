@@ -135,20 +135,19 @@ def run_demo(out_dir: Path = Path("runs/demo"), retrain_baseline: bool = False, 
 
     # 3. Accuracy and parity over the whole test set.
     print("[demo] 3/4 accuracy and parity on the 10k test images")
-    fp32_torch = top1_accuracy(baseline, images, labels)
     fake_quant_model, _ = fake_quant_reference(compressed)
-    fake_quant = top1_accuracy(fake_quant_model, images, labels)
-    fp32_tflite = LiteRTModel(fp32_path).evaluate(test_loader)["accuracy"]
-    int8_tflite = LiteRTModel(int8_path).evaluate(test_loader)["accuracy"]
+    accuracy = {"fp32_dense_torch": top1_accuracy(baseline, images, labels),
+                "fp32_dense_tflite_xnnpack": LiteRTModel(fp32_path).evaluate(test_loader)["accuracy"],
+                "fake_quant_torch": top1_accuracy(fake_quant_model, images, labels),
+                "int8_sparse_tflite_xnnpack": LiteRTModel(int8_path).evaluate(test_loader)["accuracy"]}
     parity = verify(compressed, int8_path, [images[i : i + 500] for i in range(0, len(images), 500)], report.parity.output_scale)
 
-    undistilled = None
     if compare_distillation:  # the same recipe without the teacher: one more training run
         print("[demo] +  80% gradual pruning + QAT + int8 export, without distillation")
         undistilled_path = out_dir / "int8_no_distillation.tflite"
         root = out_dir / "gmp80_qat"
         _fit(_recipe_exporting_to(undistilled_path, root / "recipe.yaml", UNDISTILLED_RECIPE), root)
-        undistilled = LiteRTModel(undistilled_path).evaluate(test_loader)["accuracy"]
+        accuracy["int8_sparse_no_distillation_tflite_xnnpack"] = LiteRTModel(undistilled_path).evaluate(test_loader)["accuracy"]
 
     channel_run = None
     if channels:  # --channels: one more recipe, and its file timed in the same interleaved run
@@ -161,11 +160,20 @@ def run_demo(out_dir: Path = Path("runs/demo"), retrain_baseline: bool = False, 
         files["int8_channels"] = channel_run["path"]
     latency = interleaved_benchmark(files, threads=1)
 
+    summary = _summary(fp32_path, int8_path, report, latency, parity, distillation, started, accuracy)
+    if channel_run:
+        summary["channels"] = channel_run
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(format_table(summary))
+    return summary
+
+
+def _summary(fp32_path: Path, int8_path: Path, report, latency: dict, parity, distillation: dict, started: float,
+             accuracy: dict) -> dict:
+    """The demo's measurements as one JSON-ready dict (summary.json)."""
     fp32_bytes, int8_bytes = fp32_path.stat().st_size, int8_path.stat().st_size
-    summary = {
-        "accuracy": {"fp32_dense_torch": fp32_torch, "fp32_dense_tflite_xnnpack": fp32_tflite,
-                     "fake_quant_torch": fake_quant, "int8_sparse_tflite_xnnpack": int8_tflite,
-                     **({"int8_sparse_no_distillation_tflite_xnnpack": undistilled} if undistilled is not None else {})},
+    return {
+        "accuracy": accuracy,
         "distillation": distillation,
         "parity_test_set": vars(parity),
         "sparsity_in_file": {l.layer: l.sparsity_in_file for l in report.layers},
@@ -177,11 +185,6 @@ def run_demo(out_dir: Path = Path("runs/demo"), retrain_baseline: bool = False, 
         "int8_vs_fp32_latency": latency["int8"].median_ms / latency["fp32"].median_ms,
         "wall_seconds": time.time() - started,
     }
-    if channel_run:
-        summary["channels"] = channel_run
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(format_table(summary))
-    return summary
 
 
 def format_table(s: dict) -> str:

@@ -203,9 +203,9 @@ def add_inspect_parser(sub) -> None:
 
 def add_demo_parser(sub) -> None:
     """``sparselite demo``."""
-    p = sub.add_parser("demo", help="the default demo: dense baseline vs 80%% GMP + QAT, exported and measured")
+    p = sub.add_parser("demo", help="the default demo: dense baseline vs 80%% GMP + QAT distilled from it, exported and measured")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--retrain-baseline", action="store_true")
     p.add_argument("--channels", action="store_true",
-                   help="also train recipes/channels50_qat_export.yaml and add the channel-pruned int8 file to the table")
+                   help="also train recipes/channels50_qat_distill_export.yaml and add the channel-pruned int8 file to the table")
     p.set_defaults(func=demo_command)

@@ -19,14 +19,11 @@ import os
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from sparselite.distillation.distiller import Distiller, check_schedule
-from sparselite.distillation.teacher import (
-    INITIAL, RunRebuilder, check_teacher_argument, fingerprint, resolve_teacher,
-)
+from sparselite.distillation.teacher import RunRebuilder, check_teacher_argument, fingerprint, resolve_teacher
 from sparselite.errors import SparseliteError
 
 
