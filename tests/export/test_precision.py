@@ -103,6 +103,8 @@ def test_dynamic_weights_are_the_int8_values_qat_trains_on(conv_mlp, fmnist_held
     head = next(t for t in model.subgraphs[0].tensors if t.type == TensorType.INT8 and list(t.shape) == [10, 32])
     assert torch.equal(torch.from_numpy(tensor_values(model, head)), quantize_weight(conv_mlp.head.weight))
     assert list(head.quantization.scale.shape) == [10] and head.quantization.quantizedDimension == 0
+    # The replaced float weights' buffers are emptied; the metadata's (min_runtime_version, ...) are kept.
+    assert model.metadata and all(model.buffers[entry.buffer].data is not None for entry in model.metadata)
     # The stem is a DEPTHWISE_CONV_2D in the file, which has no dynamic-range kernel: it stays fp32, and says so.
     assert report.layer_precisions == {"stem": "fp32", "conv": "dynamic_int8", "depthwise": "fp16",
                                        "hidden": "dynamic_int8", "head": "dynamic_int8"}

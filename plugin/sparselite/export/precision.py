@@ -166,6 +166,7 @@ def apply_precisions(model: schema.ModelT, precisions: Mapping[str, str], find_l
 def _drop_unreferenced_buffers(model: schema.ModelT) -> None:
     """Empty the buffers no tensor reads any more (the float weights a layer's new weights replaced)."""
     referenced = {int(tensor.buffer) for graph in model.subgraphs for tensor in graph.tensors}
+    referenced |= {int(entry.buffer) for entry in model.metadata or []}  # min_runtime_version and the like
     for index, buffer in enumerate(model.buffers):
         if index not in referenced:
             buffer.data = None
