@@ -132,6 +132,7 @@ def apply_precisions(model: schema.ModelT, precisions: Mapping[str, str], find_l
     subgraph = model.subgraphs[0]
     written: dict[str, set[str]] = {}
     dequantized: dict[int, int] = {}  # fp16 weight tensor -> the DEQUANTIZE output that replaces it
+    layers: dict[int, str | None] = {}  # float weight tensor -> its layer
     operators = []
     for op in subgraph.operators:
         code = builtin_code(model, op)
@@ -146,11 +147,13 @@ def apply_precisions(model: schema.ModelT, precisions: Mapping[str, str], find_l
             operators.append(op)
             continue
         is_float = weight.type == schema.TensorType.FLOAT32
-        layer = find_layer(weight.name.decode(), _float_values(model, weight)) if is_float else None
+        if is_float and weight_index not in layers:  # a weight read by many ops (an RNN's) is looked up once
+            layers[weight_index] = find_layer(weight.name.decode(), _float_values(model, weight))
+        layer = layers.get(weight_index) if is_float else None
         chosen = precisions.get(layer, "fp32")
-        if weight.type == schema.TensorType.FLOAT32 and chosen == "dynamic_int8" and code in _DYNAMIC_OPS:
+        if is_float and chosen == "dynamic_int8" and code in _DYNAMIC_OPS:
             _to_int8_per_channel(model, weight)
-        elif weight.type == schema.TensorType.FLOAT32 and chosen == "fp16":
+        elif is_float and chosen == "fp16":
             dequantized[weight_index] = _to_fp16(model, weight_index, operators)
             inputs = [int(i) for i in op.inputs]
             inputs[1] = dequantized[weight_index]
