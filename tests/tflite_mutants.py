@@ -134,7 +134,7 @@ def _sparse_tensors(model):
     return [t for t in _graph(model).tensors if t.sparsity is not None]
 
 
-def _csr_levels(model):
+def csr_levels(model):
     return [dim for t in _sparse_tensors(model) for dim in t.sparsity.dimMetadata if dim.arrayIndices is not None]
 
 
@@ -145,7 +145,7 @@ def _replace_one(values, rng: random.Random, choices: list[int]) -> list[int]:
     return values
 
 
-def _set_vector(vector, values: list[int]) -> None:
+def set_vector(vector, values: list[int]) -> None:
     dtype = np.asarray(vector.values).dtype if vector.values is not None else np.dtype(np.int32)
     limits = np.iinfo(dtype)
     vector.values = np.asarray([min(max(v, limits.min), limits.max) for v in values], dtype=dtype)
@@ -207,15 +207,15 @@ def _edit_dense_size_huge(model, rng):
 
 
 def _edit_sparse_index_out_of_range(model, rng):
-    dim = rng.choice(_csr_levels(model))
+    dim = rng.choice(csr_levels(model))
     values = [int(v) for v in dim.arrayIndices.values]
     if values:
         values[rng.randrange(len(values))] = int(np.iinfo(np.asarray(dim.arrayIndices.values).dtype).max)
-    _set_vector(dim.arrayIndices, values)
+    set_vector(dim.arrayIndices, values)
 
 
 def _edit_sparse_segments_broken(model, rng):
-    dim = rng.choice(_csr_levels(model))
+    dim = rng.choice(csr_levels(model))
     values = [int(v) for v in dim.arraySegments.values]
     choice = rng.randrange(3)
     if choice == 0:
@@ -224,7 +224,7 @@ def _edit_sparse_segments_broken(model, rng):
         values.reverse()
     else:
         values = values[:-1]
-    _set_vector(dim.arraySegments, values)
+    set_vector(dim.arraySegments, values)
 
 
 def _edit_traversal_order_broken(model, rng):
