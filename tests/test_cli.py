@@ -175,6 +175,10 @@ def test_fit_then_export_round_trip(tmp_path):
     assert export.returncode == 0, export.stderr[-3000:]
     assert out.is_file() and "parity vs fake-quant torch" in export.stdout
     assert_quiet(export)
+    # Progress: one line per stage, and per parity batch, on stdout.
+    progress = [line for line in export.stdout.splitlines() if line.startswith("[sparselite] export")]
+    assert [line.split()[2] for line in progress if line.split()[2][0].isdigit()] == [f"{n}/6" for n in range(1, 7)]
+    assert sum("verify batch" in line for line in progress) == 2 and "[sparselite] export: wrote" in progress[-1]
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["io_dtype"] == "float32" and report["ranges_learned"] > 0
     assert report["parity"]["examples"] == 128 and report["parity"]["top1_agreement"] >= 0.98
@@ -193,6 +197,13 @@ def test_fit_then_export_round_trip(tmp_path):
                           ("notes.tflite", "is not a .tflite model")):
         assert_one_line_error(run_cli("export", str(ckpt), "-o", str(tmp_path / bad)), fragment)
     assert (tmp_path / "notes.tflite").read_text() == "not a model"
+    # A config naming a class this Python cannot import (a callback from the user's own package).
+    config = ckpt.parents[1] / "config.yaml"
+    foreign = tmp_path / "foreign.yaml"
+    foreign.write_text(config.read_text().replace("class_path: sparselite.QuantizationAwareTraining",
+                                                  "class_path: their_package.Callback", 1))
+    assert_one_line_error(run_cli("export", str(ckpt), "-c", str(foreign), "-o", str(tmp_path / "f.tflite")),
+                          "No module named 'their_package'")
 
     evaluated = run_cli("eval", str(out), "--limit", "256", "--json")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]

@@ -8,6 +8,7 @@ Bad input of any kind ends in one line on stderr and exit code 2, before trainin
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from sparselite.cli.commands import (
@@ -61,6 +62,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ProgressLines(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at the time (a caller may have swapped it since)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("[sparselite] %(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns one; the property ignores it
+        pass
+
+
+def _show_progress() -> None:
+    """sparselite's own progress (the export's stages, its parity batches) as plain lines on stdout, like
+    training's ``[sparselite] step ...`` lines; stderr stays for the one error line."""
+    logger = logging.getLogger("sparselite")
+    if any(isinstance(handler, _ProgressLines) for handler in logger.handlers):
+        return
+    logger.addHandler(_ProgressLines())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # a root handler set up elsewhere would print each line twice
+
+
 def main(argv: list[str] | None = None) -> None:
     from sparselite.stopping import Stopped, raise_on_sigterm
 
@@ -75,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         quiet_libraries()  # before anything heavy is imported
         native_filter = NativeStderrFilter()
         native_filter.start()
+    _show_progress()
     try:
         if argv and argv[0] in LIGHTNING_COMMANDS:
             _lightning(argv)
@@ -83,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         ns.func(ns)
     except SparseliteError as err:
         _fail(str(err))
+    except argparse.ArgumentError as err:  # a run's configs, read again by export, shrink, eval -c, sensitivity
+        _fail(_explain(err))
     except Stopped as stop:  # a signal: in training (Interrupted, with its checkpoint) or outside (Terminated)
         print(f"sparselite: interrupted by {stop}", file=sys.stderr)
         sys.exit(stop.exit_code)

@@ -39,7 +39,10 @@ def _explain(err: BaseException) -> str:
     for inner in reversed(_causes(err)):
         text = str(inner)
         if text.startswith(("Problem with given class_path", "Parser key")) and "Does not validate against any" not in text:
-            return " ".join(line.strip() for line in text.splitlines() if line.strip())[:400]
+            line = " ".join(line.strip() for line in text.splitlines() if line.strip())[:400]
+            if "No module named" in text:  # a class the config names from a package this Python cannot import
+                line += "; install that package, put its folder on PYTHONPATH, or drop the class from the config"
+            return line
     return _first_line(err)
 
 

@@ -13,8 +13,9 @@ runtimes are to each other. A broken export
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,8 @@ from sparselite.errors import SparseliteError
 from sparselite.export.report import Parity
 from sparselite.module_copy import detached_copy
 from sparselite.quantization.qat import learned_ranges, strip_fake_quant
+
+log = logging.getLogger("sparselite")
 
 # Above this share of tied examples, the agreement over the rest describes too few examples to trust.
 MAX_TIED_SHARE = 0.1
@@ -52,9 +55,11 @@ def verify(module: nn.Module, path: Path, batches: Iterable[torch.Tensor], outpu
     reference, kind = reference or fake_quant_reference(module)
     runtime = LiteRTModel(path, accelerator="xnnpack", threads=_threads())
     expected, got = [], []
-    for batch in batches:
+    total = len(batches) if isinstance(batches, Sized) else "?"
+    for number, batch in enumerate(batches, 1):
         expected.append(reference(batch).float().numpy())
         got.append(runtime(batch.numpy()))
+        log.info("export: verify batch %d/%s on XNNPACK", number, total)
     if not expected:
         raise SparseliteError("verify_data gave no batches; pass at least one held-out batch, or verify_batches=None to skip the check")
     return compare_logits(np.concatenate(expected), np.concatenate(got), output_scale, kind)

@@ -42,6 +42,7 @@ from sparselite.export.names import use_module_names
 from sparselite.export.options import ExportOptions
 from sparselite.export.parity import gate_failure, measure_noise_floor, verify as verify_parity
 from sparselite.export.precision import LayerFinder, apply_precisions, layer_precisions, precision_reference
+from sparselite.runtime.load_probe import mark_written
 from sparselite.export.report import ExportReport, LayerSparsity
 from sparselite.pruning.pruner import MASK_BUFFER
 from sparselite.quantization.qat import learned_ranges
@@ -202,10 +203,20 @@ def write(job: ExportJob) -> ExportJob:
         flatbuffer.write_atomically(job.path, job.final)
     else:
         write_model_and_report(job.path, job.final, job.report.to_json().encode(), job.report_path)
+    mark_written(job.path)  # evaluating or timing the file next needs no crash probe: sparselite wrote it
     return job
 
 
 STAGES = (prepare, convert, rewrite, encode, verify, write)
+# What each stage's progress line says it is doing (``export_tflite`` logs one line per stage).
+STAGE_TITLES = {
+    "prepare": "trace the model, fold BN, read the learned ranges",
+    "convert": "quantize and convert (litert-torch)",
+    "rewrite": "rewrite the graph for XNNPACK and the layers' precisions",
+    "encode": "encode sparse weights, read sparsity back from the file",
+    "verify": "check the file against the torch model",
+    "write": "write the file",
+}
 
 
 def _new_report(job: ExportJob, notes: list[str]) -> ExportReport:

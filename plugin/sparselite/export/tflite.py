@@ -19,7 +19,7 @@ from torch import nn
 from sparselite.export.conversion import export_float_tflite, float_model_for_export
 from sparselite.export.options import ExportOptions
 from sparselite.export.report import ExportReport
-from sparselite.export.stages import STAGES, ExportJob
+from sparselite.export.stages import STAGE_TITLES, STAGES, ExportJob
 
 __all__ = ["export_tflite", "export_float_tflite", "float_model_for_export"]
 
@@ -67,11 +67,12 @@ def export_tflite(
         calibration_data=list(itertools.islice(calibration_data or [], options.calibration_batches)),
     )
     seconds: dict[str, float] = {}
-    for stage in STAGES:
+    for number, stage in enumerate(STAGES, 1):
         if job.report is not None:  # the report written with the file holds every stage before the write
             job.report.stage_seconds = dict(seconds)
-        log.info("export: %s", stage.__name__)
+        log.info("export %d/%d %s: %s", number, len(STAGES), stage.__name__, STAGE_TITLES[stage.__name__])
         start = time.perf_counter()
         job = stage(job)
         seconds[stage.__name__] = round(time.perf_counter() - start, 3)
+    log.info("export: wrote %s (%d bytes) in %.1f s", job.path, job.report.file_bytes, sum(seconds.values()))
     return job.report
