@@ -44,9 +44,14 @@ RECIPE = Path(__file__).parent.parent / "recipes" / "gmp80_qat_export.yaml"
 RECIPE_STEPS = 1200  # configs/fmnist_mobilenet.yaml's trainer.max_steps, which the recipe is written for
 
 
-def build_model(name: str) -> tuple[torch.nn.Module, tuple[int, int, int]]:
+def build_model(name: str, library: str = "torchvision") -> tuple[torch.nn.Module, tuple[int, int, int]]:
     """The model and the [C, H, W] it reads."""
     from sparselite.models.sequence import GRUClassifier, KeywordSpotter
+
+    if library == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=10), (3, 64, 64)
 
     if name == "conv1d_kws":
         return KeywordSpotter(), (1, 28, 28)
@@ -66,6 +71,9 @@ def torchvision_classifiers() -> list[str]:
     return tvm.list_models(module=tvm)
 
 
+# timm's mobile families (random init; ``timm.list_models()`` names any other).
+TIMM_MODELS = ["mobilenetv4_conv_small", "mobilenetv3_large_100", "efficientnet_b0", "tf_efficientnet_lite0", "mixnet_s",
+               "ghostnet_100", "repvgg_a0", "resnet18d"]
 MODELS = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x1_0", "squeezenet1_1",
           "regnet_x_400mf", "mnasnet1_0", "vit_tiny", "conv1d_kws", "gru", "mobilenet_v3_large", "resnet50"]
 
@@ -81,7 +89,7 @@ def schedule(steps: int) -> dict[str, int]:
     return {k: max(1, round(v * steps / RECIPE_STEPS)) for k, v in scaled.items()}
 
 
-def train(name: str, steps: int, batch_size: int):
+def train(name: str, steps: int, batch_size: int, library: str = "torchvision"):
     import lightning.pytorch as pl
 
     from sparselite import GradualPruning, QuantizationAwareTraining
@@ -89,7 +97,7 @@ def train(name: str, steps: int, batch_size: int):
     from sparselite.models.classifier import ImageClassifier
 
     torch.manual_seed(0)
-    model, shape = build_model(name)
+    model, shape = build_model(name, library)
     scale_batchnorm_momentum(model)  # MobileNetV3's and EfficientNet's 0.01 is made for ImageNet-length runs
     module = ImageClassifier(model, lr=3e-3, input_shape=shape)
     data = FashionMNISTDataModule(batch_size=batch_size, image_size=shape[-1], channels=shape[0])
@@ -155,7 +163,7 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict:
     from sparselite.runtime.bench import interleaved_benchmark
 
     result: dict = {"model": name}
-    module, data, shape, train_s = train(name, args.steps, args.batch_size)
+    module, data, shape, train_s = train(name, args.steps, args.batch_size, args.library)
     result["train_s"] = train_s
     test_x, test_y = load_split("test")
     train_x, _ = load_split("train")
@@ -237,9 +245,12 @@ def print_table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=MODELS, metavar="MODEL",
+    parser.add_argument("--library", choices=("torchvision", "timm"), default="torchvision",
+                        help="where the models come from (timm: its default models are " + ", ".join(TIMM_MODELS) + ")")
+    parser.add_argument("--models", nargs="+", metavar="MODEL",
                         help=f"from {', '.join(MODELS)}, or any other torchvision classification model "
-                             "(its default constructor, weights=None, 10 classes: how the generality check runs)")
+                             "(its default constructor, weights=None, 10 classes: how the generality check runs); "
+                             "with --library timm, any name of timm.list_models()")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--verify", type=int, default=512, help="held-out test images for the parity gate")
@@ -247,13 +258,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads for training (1 on a shared machine)")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved latency rounds (fp32, int8, PTQ)")
     parser.add_argument("--runs", type=int, default=20, help="timed calls per file per round")
-    parser.add_argument("--json", default=str(RESULTS / "model_zoo.json"))
-    parser.add_argument("--txt", default=str(RESULTS / "model_zoo.txt"))
+    parser.add_argument("--json", help="default: results/model_zoo.json (model_zoo_timm.json with --library timm)")
+    parser.add_argument("--txt", help="default: results/model_zoo.txt (model_zoo_timm.txt with --library timm)")
     parser.add_argument("--from-json", help="print the table of a saved run instead of running")
     args = parser.parse_args(argv)
-    unknown = [name for name in args.models if name not in MODELS and name not in torchvision_classifiers()]
+    suffix = "_timm" if args.library == "timm" else ""
+    args.json = args.json or str(RESULTS / f"model_zoo{suffix}.json")
+    args.txt = args.txt or str(RESULTS / f"model_zoo{suffix}.txt")
+    if args.library == "timm":
+        import timm
+
+        args.models = args.models or TIMM_MODELS
+        known = set(timm.list_models())
+        unknown = [name for name in args.models if name not in known]
+        where = "timm.list_models()"
+    else:
+        args.models = args.models or MODELS
+        unknown = [name for name in args.models if name not in MODELS and name not in torchvision_classifiers()]
+        where = f"{', '.join(MODELS)} or torchvision.models.list_models()"
     if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}: pick from {', '.join(MODELS)} or torchvision.models.list_models()")
+        parser.error(f"unknown model(s) {', '.join(unknown)}: pick from {where}")
     if args.from_json:
         print(print_table(json.loads(Path(args.from_json).read_text())["results"]))
         return

@@ -267,6 +267,60 @@ class EncoderDecoder(nn.Module):
         return self.classifier(self.pool(self.mix(x)).flatten(1))
 
 
+class NormAct2d(nn.BatchNorm2d):
+    """A norm and its activation in one module, as model libraries write them (timm's BatchNormAct2d): a
+    BatchNorm2d subclass whose forward runs the norm, then its ``drop`` and ``act`` children."""
+
+    def __init__(self, channels: int, act: type[nn.Module] | None = nn.ReLU) -> None:
+        super().__init__(channels)
+        self.drop = nn.Dropout(0.1)  # an identity in eval mode, as the file computes
+        self.act = act() if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                                     self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+class NormActResidual(nn.Module):
+    """An inverted residual written with norm+activation modules: Hardswish expand, ReLU depthwise, a
+    projection whose norm has no activation, and a pre-activation norm on the skip path (RepVGG's
+    identity branch: a norm that follows no conv)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        hidden = channels * 2
+        self.expand, self.bn1 = nn.Conv2d(channels, hidden, 1, bias=False), NormAct2d(hidden, nn.Hardswish)
+        self.depthwise = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False)
+        self.bn2 = NormAct2d(hidden, nn.ReLU)
+        self.project, self.bn3 = nn.Conv2d(hidden, channels, 1, bias=False), NormAct2d(channels, None)
+        self.identity = NormAct2d(channels, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn3(self.project(self.bn2(self.depthwise(self.bn1(self.expand(x))))))
+        return y + self.identity(x)
+
+
+class MixedConvNorm(nn.Module):
+    """MixNet's mixed depthwise conv: a pre-activation norm (ReLU inside), the channels split between a
+    3x3 and a 5x5 depthwise conv, concatenated, then one norm+activation module (Hardswish inside) for
+    the concatenation: norms that follow no conv, each with its activation; then a projection."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.pre = NormAct2d(channels, nn.ReLU)
+        half = channels // 2
+        self.conv3 = nn.Conv2d(half, half, 3, padding=1, groups=half, bias=False)
+        self.conv5 = nn.Conv2d(channels - half, channels - half, 5, padding=2, groups=channels - half, bias=False)
+        self.norm = NormAct2d(channels, nn.Hardswish)
+        self.project, self.project_norm = nn.Conv2d(channels, channels, 1, bias=False), NormAct2d(channels, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.split(self.pre(x), [self.conv3.in_channels, self.conv5.in_channels], dim=1)
+        y = self.norm(torch.cat([self.conv3(a), self.conv5(b)], dim=1))
+        return self.project_norm(self.project(y))
+
+
 def family_models() -> dict[str, Callable[[], nn.Module]]:
     """How to build one small model per architecture family, keyed by the block it tests (built on
     demand, so that a family's initial weights do not depend on which other families exist)."""
@@ -284,6 +338,8 @@ def family_models() -> dict[str, Callable[[], nn.Module]]:
         "average_pools": lambda: BlockNet(AveragePools(16), 16),
         "max_attention": SpatialAttentionMaxHead,
         "encoder_decoder": EncoderDecoder,
+        "norm_activation_modules": lambda: BlockNet(NormActResidual(16), 16),
+        "norm_after_concatenation": lambda: BlockNet(MixedConvNorm(16), 16),
     }
 
 

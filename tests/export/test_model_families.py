@@ -42,6 +42,10 @@ FAMILY_OPS = {
     "average_pools": {"DEPTHWISE_CONV_2D", "MUL"},  # every average (4, 9, 16 values) as a conv of ones
     "max_attention": {"REDUCE_MAX", "LOGISTIC", "TANH", "MUL"},  # channel max, spatial gate, global max pool
     "encoder_decoder": {"TRANSPOSE_CONV", "DEPTH_TO_SPACE", "CONCATENATION"},  # nearest upsampling: copies, DEPTH_TO_SPACE
+    # Norms folded (the skip path's into a depthwise 1x1 conv), hardswish rewritten, ReLU fused.
+    "norm_activation_modules": {"ADD", "MUL", "DEPTHWISE_CONV_2D"},
+    # Each norm a depthwise 1x1 conv, its activation after it (ReLU fused, hardswish rewritten).
+    "norm_after_concatenation": {"CONCATENATION", "DEPTHWISE_CONV_2D", "MUL"},
 }
 
 
@@ -183,3 +187,42 @@ def test_gru_exports_with_float_fallback_and_lists_its_islands(fmnist_train, fmn
     assert "of the XNNPACK latency" in report.summary()
     assert TensorType.FLOAT32 not in types["FULLY_CONNECTED"] or "FULLY_CONNECTED" in floats
     assert report.parity.top1_agreement >= 0.98
+
+
+def timm_blocks_net() -> torch.nn.Module:
+    """timm's own mobile blocks, as its models build them: ConvNormAct and the EfficientNet/MobileNet
+    blocks (norm+activation modules: BatchNormAct2d with Hardswish, ReLU or nothing), timm's Linear."""
+    pytest.importorskip("timm")
+    from timm.layers import ConvNormAct, Linear
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+
+    class TimmBlocksNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = ConvNormAct(1, 16, 3, stride=2, act_layer=torch.nn.Hardswish)
+            self.block1 = DepthwiseSeparableConv(16, 16, act_layer=torch.nn.ReLU)
+            self.block2 = InvertedResidual(16, 16, exp_ratio=2.0, act_layer=torch.nn.Hardswish)
+            self.pool = torch.nn.AdaptiveAvgPool2d(1)
+            self.head = Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.pool(self.block2(self.block1(self.stem(x)))).flatten(1))
+
+    return TimmBlocksNet()
+
+
+def test_timm_blocks_export_fully_int8_with_every_range_learned(fmnist_train, fmnist_heldout, tmp_path):
+    torch.manual_seed(0)
+    model = train_with_qat(timm_blocks_net(), fmnist_train)
+    images = fmnist_heldout[0]
+    path = tmp_path / "timm.tflite"
+    report = export_tflite(model, images[:1], path, verify_data=[images], min_agreement=0.0)
+    types = op_tensor_types(path)
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "MUL", "FULLY_CONNECTED"} <= set(types)
+    assert not {"BATCH_NORM", "SUB", "RSQRT"} & set(types)  # every norm folded into its conv
+    for op, tensor_types in types.items():
+        if op not in ("QUANTIZE", "DEQUANTIZE"):
+            assert tensor_types <= {TensorType.INT8, TensorType.INT32}, f"{op} has float activations"
+    assert report.float_islands == [] and xnnpack_partitions(path) == 1
+    assert report.ranges_calibrated == 0, report.calibrated_ranges  # the head (timm's Linear) too
+    assert report.parity.top1_agreement >= 0.99 and round(report.parity.max_logit_diff_lsb) <= 4, report.parity

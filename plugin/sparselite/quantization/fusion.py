@@ -7,15 +7,24 @@ A BatchNorm2d that follows no conv (DenseNet's and pre-activation ResNets' BN ->
 nothing to fold into: export writes it as what it computes in eval mode, a depthwise 1x1 conv (its
 scale per channel the weight, its shift the bias), which runs in int8 and fuses its activation. So
 it heads a chain of its own.
+
+Model libraries fuse the norm and the activation into one module (timm's ``BatchNormAct2d``: a
+BatchNorm2d subclass whose forward runs the norm, then its ``drop`` and ``act`` children). Such a
+module is recognized by what it computes (``norm_activation``), never by its class: a BatchNorm2d
+subclass whose eval-mode output is its running-statistics norm passed through its children in turn,
+of which at most one is not an identity in eval mode (the activation). Its norm folds like a plain
+BatchNorm2d's; its activation stays, under its own name, and ends the chain as a standalone one would.
 """
 
 from __future__ import annotations
 
 import operator
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -30,10 +39,116 @@ class FusedChain:
     producer: str  # the conv or linear whose (post-BN, post-activation) output is one int8 tensor
     batchnorm: str | None
     activation: str | None
+    # The chain's output is this module's *input*: the activation inside a norm+activation module,
+    # which TFLite does not fuse (Hardswish, SiLU): the norm's output is requantized before it.
+    output_before: str | None = None
 
     @property
     def output_module(self) -> str:
         return self.activation or self.batchnorm or self.producer
+
+
+@dataclass(frozen=True)
+class NormActivation:
+    """What a BatchNorm2d (or a subclass that runs more after its norm) computes in eval mode: its
+    running-statistics norm, then ``activation`` (a child's name), or nothing more."""
+
+    activation: str | None
+
+
+_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def norm_activation(module: nn.Module) -> NormActivation | None:
+    """For a BatchNorm2d with running statistics: the norm, then at most one activation child. None for
+    any other module, and for a subclass whose forward computes something else (it is then left to
+    torch's tracing, op by op, as any module sparselite does not know)."""
+    if not isinstance(module, nn.BatchNorm2d) or module.running_var is None:
+        return None
+    if type(module) is nn.BatchNorm2d:
+        return NormActivation(None)
+    if module not in _PROBED:
+        _PROBED[module] = _probe_norm_activation(module)
+    return _PROBED[module]
+
+
+@torch.no_grad()
+def _probe_norm_activation(bn: nn.BatchNorm2d) -> NormActivation | None:
+    """Run ``bn`` once in eval mode on a probe and check that its output is the norm, passed through the
+    children it calls, each once, each reading what the one before returned."""
+    calls: list[list] = []  # [name, input, output], in call order (copies: activations run in place)
+    handles = []
+    for name, child in bn.named_children():
+        handles.append(child.register_forward_pre_hook(
+            lambda _m, args, name=name: calls.append([name, args[0].clone() if args else None, None])))
+        handles.append(child.register_forward_hook(
+            lambda _m, _args, output, name=name: calls[-1].__setitem__(2, output.clone()) if calls and calls[-1][0] == name else None))
+    probe = _probe_input(bn)
+    was_training = bn.training
+    try:
+        bn.eval()
+        output = bn(probe.clone())
+    except Exception:  # noqa: BLE001 - a forward that cannot run on a plain 4-D tensor is not a norm
+        return None
+    finally:
+        bn.train(was_training)
+        for handle in handles:
+            handle.remove()
+    value = F.batch_norm(probe, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    names = [name for name, _, _ in calls]
+    if len(set(names)) != len(names) or not isinstance(output, torch.Tensor):
+        return None
+    for _, given, returned in calls:
+        if given is None or returned is None or given.shape != value.shape or not torch.allclose(given, value, rtol=1e-4, atol=1e-5):
+            return None
+        value = returned
+    if output.shape != value.shape or not torch.allclose(output, value, rtol=1e-4, atol=1e-5):
+        return None
+    acting = [name for name in names if not _identity_in_eval(bn.get_submodule(name), probe)]
+    return NormActivation(acting[0]) if len(acting) == 1 else NormActivation(None) if not acting else None
+
+
+def _probe_input(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """Values that reach well below and above every channel's mean, so an activation cannot pass as an
+    identity."""
+    spread = torch.linspace(-4.0, 4.0, 18, dtype=bn.running_var.dtype, device=bn.running_var.device).reshape(2, 1, 3, 3)
+    return bn.running_mean.reshape(1, -1, 1, 1) + spread * torch.sqrt(bn.running_var + bn.eps).reshape(1, -1, 1, 1)
+
+
+def _identity_in_eval(module: nn.Module, probe: torch.Tensor) -> bool:
+    was_training = module.training
+    try:
+        module.eval()
+        return bool(torch.equal(module(probe.clone()), probe))
+    finally:
+        module.train(was_training)
+
+
+class _NormFoldedTracer(torch.fx.Tracer):
+    """torch.fx's default tracer, which also keeps the norm+activation modules and the conv/linear
+    subclasses whole (one call_module node each), so the chains see them where torch's own would be. (They are probed before
+    tracing: fx patches ``Module.__call__`` while it traces.)"""
+
+    def __init__(self, norms: set[nn.Module]) -> None:
+        super().__init__()
+        self.norms = norms
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # A library's conv or linear subclass (timm's Linear) is a producer like torch's own.
+        return m in self.norms or isinstance(m, PRODUCER_TYPES) or super().is_leaf_module(m, module_qualified_name)
+
+
+class ActivationAfterFold(nn.Module):
+    """What is left of a norm+activation module once its norm is folded away: its activation, under the
+    name it had (ranges and reports name it ``<norm>.<activation>``)."""
+
+    def __init__(self, name: str, activation: nn.Module) -> None:
+        super().__init__()
+        self.name = name
+        self.add_module(name, activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._modules[self.name](x)
 
 
 def find_fused_chains(model: nn.Module) -> list[FusedChain]:
@@ -45,7 +160,7 @@ def find_fused_chains(model: nn.Module) -> list[FusedChain]:
     modules = dict(model.named_modules())
     producers = [name for name, m in modules.items() if _is_producer(m)]
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _NormFoldedTracer({m for m in modules.values() if norm_activation(m) is not None}).trace(model)
     except Exception:
         return [FusedChain(name, None, None) for name in producers]
 
@@ -73,21 +188,41 @@ def find_fused_chains(model: nn.Module) -> list[FusedChain]:
             if all(c.producer != node.target for c in chains):
                 chains.append(FusedChain(node.target, None, None))
             continue
-        batchnorm = activation = None
-        tail = node
-        bn_type = next((bn for conv, bn in _BATCHNORM_OF.items() if isinstance(modules[node.target], conv)), None)
-        if bn_type and (bn := sole_module_user(tail, (bn_type,))) and calls[bn.target] == 1:
-            batchnorm, tail = bn.target, bn
-        if (act := sole_module_user(tail, ACTIVATION_TYPES)) and calls[act.target] == 1:
-            activation = act.target
-        chains.append(FusedChain(node.target, batchnorm, activation))
+        chains.append(_chain_from(node, modules, calls, sole_module_user))
     folded = {c.batchnorm for c in chains}
     for node in graph.nodes:
-        if node.op == "call_module" and _is_foldable_batchnorm(modules[node.target]) and node.target not in folded \
-                and calls[node.target] == 1:
-            act = sole_module_user(node, ACTIVATION_TYPES)
-            chains.append(FusedChain(node.target, None, act.target if act is not None and calls[act.target] == 1 else None))
+        if node.op != "call_module" or node.target in folded or calls[node.target] != 1:
+            continue
+        norm = norm_activation(modules[node.target])
+        if norm is None:
+            continue
+        if norm.activation is not None:  # a norm+activation module after no conv (after a concatenation)
+            inner = f"{node.target}.{norm.activation}"
+            fused = isinstance(modules[inner], ACTIVATION_TYPES)
+            chains.append(FusedChain(node.target, None, inner if fused else None, output_before=None if fused else inner))
+            continue
+        act = sole_module_user(node, ACTIVATION_TYPES)
+        chains.append(FusedChain(node.target, None, act.target if act is not None and calls[act.target] == 1 else None))
     return chains
+
+
+def _chain_from(node: torch.fx.Node, modules: dict[str, nn.Module], calls: dict[str, int], sole_module_user) -> FusedChain:
+    """The chain a conv/linear node heads: its BN (plain, or a norm+activation module) and activation."""
+    batchnorm = activation = None
+    tail = node
+    bn_type = next((bn for conv, bn in _BATCHNORM_OF.items() if isinstance(modules[node.target], conv)), None)
+    if bn_type and (bn := sole_module_user(tail, (bn_type,))) and calls[bn.target] == 1:
+        norm = norm_activation(modules[bn.target]) if bn_type is nn.BatchNorm2d else NormActivation(None)
+        if norm is not None and norm.activation is not None:  # the activation is inside the norm's module
+            inner = f"{bn.target}.{norm.activation}"
+            if isinstance(modules[inner], ACTIVATION_TYPES):
+                return FusedChain(node.target, bn.target, inner)
+            return FusedChain(node.target, bn.target, None, output_before=inner)
+        if norm is not None:
+            batchnorm, tail = bn.target, bn
+    if (act := sole_module_user(tail, ACTIVATION_TYPES)) and calls[act.target] == 1:
+        activation = act.target
+    return FusedChain(node.target, batchnorm, activation)
 
 
 def _is_producer(module: nn.Module) -> bool:
@@ -100,8 +235,9 @@ def _is_producer(module: nn.Module) -> bool:
 
 
 def _is_foldable_batchnorm(module: nn.Module) -> bool:
-    """A BatchNorm2d with running statistics (without, it normalizes each batch in eval mode too)."""
-    return type(module) is nn.BatchNorm2d and module.running_var is not None
+    """A BatchNorm2d with running statistics (without, it normalizes each batch in eval mode too), or a
+    subclass that computes nothing more in eval mode."""
+    return norm_activation(module) == NormActivation(None)
 
 
 @torch.no_grad()
@@ -111,14 +247,33 @@ def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor,
     return gain, (bn.bias.detach() if bn.affine else 0.0) - bn.running_mean * gain
 
 
+class DepthwiseThenActivation(nn.Conv2d):
+    """A norm+activation module that follows no conv, once its norm is the depthwise 1x1 conv it computes
+    in eval mode: that conv, then the activation, under the name it had."""
+
+    def __init__(self, channels: int, name: str, activation: nn.Module) -> None:
+        super().__init__(channels, channels, 1, groups=channels)
+        self.name = name
+        self.add_module(name, activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._modules[self.name](super().forward(x))
+
+
 def batchnorm_as_depthwise(model: nn.Module) -> nn.Module:
     """Replace, in place, every BatchNorm2d left after ``fold_batchnorm`` with the depthwise 1x1 conv
-    that computes the same in eval mode. Model must be in eval()."""
+    that computes the same in eval mode (and a norm+activation module's activation after it). Model must
+    be in eval()."""
     for name, bn in list(model.named_modules()):
-        if not _is_foldable_batchnorm(bn):
+        norm = norm_activation(bn)
+        if norm is None:
             continue
         gain, shift = batchnorm_affine(bn)
-        conv = nn.Conv2d(bn.num_features, bn.num_features, 1, groups=bn.num_features).to(bn.running_var.device)
+        if norm.activation is None:
+            conv = nn.Conv2d(bn.num_features, bn.num_features, 1, groups=bn.num_features)
+        else:
+            conv = DepthwiseThenActivation(bn.num_features, norm.activation, bn.get_submodule(norm.activation))
+        conv = conv.to(bn.running_var.device)
         with torch.no_grad():
             conv.weight.copy_(gain.reshape(-1, 1, 1, 1))
             conv.bias.copy_(shift)
@@ -136,6 +291,8 @@ def fold_batchnorm(model: nn.Module, chains: list[FusedChain]) -> nn.Module:
         bn = model.get_submodule(chain.batchnorm)
         fused = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.modules.conv._ConvTransposeNd))
         conv.weight, conv.bias = fused.weight, fused.bias
+        inside = next((p for p in (chain.activation, chain.output_before) if p and p.startswith(f"{chain.batchnorm}.")), None)
+        left = nn.Identity() if inside is None else ActivationAfterFold(inside.rpartition(".")[2], model.get_submodule(inside))
         parent_name, _, child = chain.batchnorm.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, left)
     return model

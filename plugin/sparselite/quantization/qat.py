@@ -111,11 +111,46 @@ _FLOAT_CLASSES = {v: k for k, v in _QAT_CLASSES.items()}
 
 
 def _quantizable(module: nn.Module) -> bool:
-    """An exact nn.Conv1d/2d, nn.Linear, or a transposed conv without groups (whose per-output-channel
-    weight scales span the groups' blocks of dim 1)."""
-    if type(module) not in _QAT_CLASSES:
+    """An nn.Conv1d/2d, nn.Linear, or a transposed conv without groups (whose per-output-channel weight
+    scales span the groups' blocks of dim 1), or a library's subclass of one that computes the same."""
+    if _qat_class(module) is None:
         return False
     return not isinstance(module, nn.modules.conv._ConvTransposeNd) or module.groups == 1
+
+
+def _qat_class(module: nn.Module) -> type | None:
+    """The class QAT gives ``module``: its torch class's, or, for a subclass whose forward computes what
+    its torch base computes (timm's ``Linear``, which only adds a TorchScript cast), QAT's forward over
+    the subclass (the subclass stays its base class, so ``strip_fake_quant`` gives it back)."""
+    cls = type(module)
+    if cls in _QAT_CLASSES or cls in _FLOAT_CLASSES:
+        return _QAT_CLASSES.get(cls, cls)
+    base = next((b for b in _QAT_CLASSES if isinstance(module, b) and not isinstance(module, tuple(_FLOAT_CLASSES))), None)
+    if base is None or not _computes_as(module, base):  # a padding of its own (TF "same"), a scaled weight, ...
+        return None
+    if cls not in _SUBCLASS_QAT:
+        qat = type(f"_QAT_{cls.__name__}", (_QAT_CLASSES[base], cls), {"__module__": __name__})
+        _SUBCLASS_QAT[cls] = qat
+        _FLOAT_CLASSES[qat] = cls
+    return _SUBCLASS_QAT[cls]
+
+
+_SUBCLASS_QAT: dict[type, type] = {}
+
+
+@torch.no_grad()
+def _computes_as(module: nn.Module, base: type) -> bool:
+    """Whether ``module``'s own forward gives what ``base.forward`` gives, on a random input."""
+    weight = module.weight
+    if base is nn.Linear:
+        shape = (2, module.in_features)
+    else:
+        shape = (1, module.in_channels) + (max(9, *module.kernel_size) + 2,) * (2 if "2d" in base.__name__ else 1)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    try:
+        return bool(torch.allclose(type(module).forward(module, x), base.forward(module, x), rtol=1e-4, atol=1e-5))
+    except Exception:  # noqa: BLE001 - a forward that takes other arguments is not the base's
+        return False
 
 
 def _quantize_output(quant: ActivationFakeQuant, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -130,6 +165,19 @@ def _shift_on_int32_grid(quant: BatchNormShiftFakeQuant, module: nn.BatchNorm2d,
         if as_file is not None:
             return with_float_gradient(output, as_file)
     return quant(output, inputs[0])
+
+
+def _remember_input(quant: BatchNormShiftFakeQuant, module: nn.BatchNorm2d, args: tuple) -> None:
+    """A norm+activation module's input, for ``_shift_before_activation`` (its activation's input is
+    the norm's output, which the shift is simulated on)."""
+    quant.__dict__["norm_input"] = args[0] if args else None
+
+
+def _shift_before_activation(quant: BatchNormShiftFakeQuant, module: nn.Module, args: tuple) -> tuple | None:
+    norm_input = quant.__dict__.pop("norm_input", None)
+    if norm_input is None or not args:
+        return None
+    return (_shift_on_int32_grid(quant, quant.normalization, (norm_input,), args[0]), *args[1:])
 
 
 def _quantize_input(quant: ActivationFakeQuant, module: nn.Module, args: tuple) -> tuple | None:
@@ -202,19 +250,18 @@ class QuantizationSimulator:
                                   "as a last layer: wrap the nn.Sequential in a module of its own (e.g. ImageClassifier)")
         tails = {c.output_module for c in chains + normalizations}
         for chain in normalizations:
-            batchnorm = model.get_submodule(chain.producer)
-            batchnorm.add_module(BIAS_QUANT, BatchNormShiftFakeQuant(batchnorm))
-            batchnorm.register_forward_hook(functools.partial(_shift_on_int32_grid, getattr(batchnorm, BIAS_QUANT)))
-            batchnorm.add_module(OUTPUT_QUANT, ActivationFakeQuant(self.averaging_constant))
-            tail = model.get_submodule(chain.output_module)
-            tail.register_forward_hook(functools.partial(_quantize_output, getattr(batchnorm, OUTPUT_QUANT)))
+            self._attach_normalization(model, chain)
         for chain in chains:
             producer = model.get_submodule(chain.producer)
             batchnorm = model.get_submodule(chain.batchnorm) if chain.batchnorm else None
             producer.add_module(WEIGHT_QUANT, WeightFakeQuant(batchnorm))
             producer.add_module(BIAS_QUANT, BiasFakeQuant(batchnorm))
             producer.add_module(OUTPUT_QUANT, ActivationFakeQuant(self.averaging_constant))
-            producer.__class__ = _QAT_CLASSES[type(producer)]
+            producer.__class__ = _qat_class(producer)
+            if chain.output_before:  # the activation inside a norm+activation module reads the chain's output
+                before = model.get_submodule(chain.output_before)
+                before.register_forward_pre_hook(functools.partial(_quantize_input, getattr(producer, OUTPUT_QUANT)))
+                continue
             tail = model.get_submodule(chain.output_module)
             tail.register_forward_hook(functools.partial(_quantize_output, getattr(producer, OUTPUT_QUANT)))
         for name, module in model.named_modules():
@@ -229,6 +276,26 @@ class QuantizationSimulator:
             self.find_op_sites(example_inputs)
         self.step(0)
         return chains
+
+    def _attach_normalization(self, model: nn.Module, chain: FusedChain) -> None:
+        """A BatchNorm2d that follows no conv: its shift on the int32 grid of the depthwise 1x1 conv it
+        becomes, and its output range (after its activation when TFLite fuses it)."""
+        batchnorm = model.get_submodule(chain.producer)
+        shift = BatchNormShiftFakeQuant(batchnorm)
+        batchnorm.add_module(BIAS_QUANT, shift)
+        batchnorm.add_module(OUTPUT_QUANT, ActivationFakeQuant(self.averaging_constant))
+        inside = next((p for p in (chain.output_before, chain.activation) if p and p.startswith(f"{chain.producer}.")), None)
+        if inside is None:
+            batchnorm.register_forward_hook(functools.partial(_shift_on_int32_grid, shift))
+        else:  # a norm+activation module: the norm's output is the input of its activation
+            batchnorm.register_forward_pre_hook(functools.partial(_remember_input, shift))
+            model.get_submodule(inside).register_forward_pre_hook(functools.partial(_shift_before_activation, shift))
+        if chain.output_before:
+            before = model.get_submodule(chain.output_before)
+            before.register_forward_pre_hook(functools.partial(_quantize_input, getattr(batchnorm, OUTPUT_QUANT)))
+        else:
+            tail = model.get_submodule(chain.output_module)
+            tail.register_forward_hook(functools.partial(_quantize_output, getattr(batchnorm, OUTPUT_QUANT)))
 
     def find_op_sites(self, example_inputs: tuple) -> list[str]:
         """Give every functional-op call site a fake-quant, found with one eval-mode forward of
@@ -267,6 +334,9 @@ class QuantizationSimulator:
         self.model, self.chains, self.op_sites, self.op_sites_found = None, [], [], False
 
 
+_HOOKS = (_quantize_output, _quantize_input, _shift_on_int32_grid, _remember_input, _shift_before_activation, *HOOK_FUNCTIONS)
+
+
 def strip_fake_quant(model: nn.Module) -> None:
     """Remove every sparselite fake-quant submodule and hook from a model (also on a deep copy)."""
     for module in model.modules():
@@ -280,7 +350,7 @@ def strip_fake_quant(model: nn.Module) -> None:
                 del module._load_state_dict_pre_hooks[key]
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key, hook in list(hooks.items()):
-                if isinstance(hook, functools.partial) and hook.func in (_quantize_output, _quantize_input, _shift_on_int32_grid, *HOOK_FUNCTIONS):
+                if isinstance(hook, functools.partial) and hook.func in _HOOKS:
                     del hooks[key]
                     module._forward_hooks_always_called.pop(key, None)
 
