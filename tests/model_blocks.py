@@ -321,6 +321,34 @@ class MixedConvNorm(nn.Module):
         return self.project_norm(self.project(y))
 
 
+class TFSameConv2d(nn.Conv2d):
+    """A conv that pads as TensorFlow's SAME, from the input's size (timm's Conv2dSame, in EfficientNet's
+    and MixNet's TF ports): the odd pixel after, so a strided conv's windows differ from torch's padding."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, padding=0, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in reversed(list(zip(x.shape[-2:], self.kernel_size, self.stride))):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(nn.functional.pad(x, pads))
+
+
+class TFSameBlock(nn.Module):
+    """A TF-port's convs: a strided SAME depthwise conv (BN, ReLU6), then a SAME 3x3 conv (BN, ReLU)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.depthwise = nn.Sequential(TFSameConv2d(channels, channels, 3, stride=2, groups=channels, bias=False),
+                                       nn.BatchNorm2d(channels), nn.ReLU6())
+        self.pointwise = nn.Sequential(TFSameConv2d(channels, channels, 3, bias=False), nn.BatchNorm2d(channels), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(x))
+
+
 def family_models() -> dict[str, Callable[[], nn.Module]]:
     """How to build one small model per architecture family, keyed by the block it tests (built on
     demand, so that a family's initial weights do not depend on which other families exist)."""
@@ -340,6 +368,7 @@ def family_models() -> dict[str, Callable[[], nn.Module]]:
         "encoder_decoder": EncoderDecoder,
         "norm_activation_modules": lambda: BlockNet(NormActResidual(16), 16),
         "norm_after_concatenation": lambda: BlockNet(MixedConvNorm(16), 16),
+        "tf_same_padding": lambda: BlockNet(TFSameBlock(16), 16),
     }
 
 

@@ -190,6 +190,15 @@ def test_unpruned_weights_stay_dense(dense_int8, inputs):
     np.testing.assert_array_equal(run(encoded, inputs, None), run(dense_int8, inputs, None))
 
 
+def test_an_all_zero_weight_stays_dense_and_the_file_runs(dense_int8, inputs):
+    """A zero-initialized residual branch's last conv (timm's resnets zero its BN's gamma, and export folds
+    it) has no nonzero to store: sparse, it would be a tensor LiteRT reads as having no data."""
+    pruned = prune_tflite(dense_int8, "unstructured", sparsity=1.0)
+    encoded, encodings = encode_sparse(pruned)
+    assert encodings and all(e.encoding == "dense" and "all zeros" in e.reason for e in encodings if e.sparsity == 1.0)
+    np.testing.assert_array_equal(run(encoded, inputs, None), run(pruned, inputs, None))
+
+
 def test_min_sparsity_keeps_sparser_layers_only(dense_int8):
     pruned = prune_tflite(dense_int8, "unstructured", sparsity=0.6)
     _, encodings = encode_sparse(pruned, min_sparsity=0.7)

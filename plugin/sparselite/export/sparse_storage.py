@@ -156,6 +156,8 @@ def _policy(model, graph, uses, weights, sparsity, min_sparsity, sparse_int8_fc)
     """(allowed layouts, needs DENSIFY, reason when none) for one weight and its consumers."""
     if sparsity == 0.0:
         return [], False, "no zeros"
+    if sparsity == 1.0:  # a sparse tensor with no stored values is one LiteRT reads as having no data
+        return [], False, "all zeros (a zero-initialized residual branch): a sparse tensor needs a stored value"
     if sparsity < min_sparsity:
         return [], False, f"sparsity {sparsity:.2f} < min_sparsity {min_sparsity:.2f}"
     codes = set()

@@ -17,6 +17,10 @@ only is there because XNNPACK's fp32 op is already as fast.
   neither precision, as copies and DEPTH_TO_SPACE.
 - ``fuse_activations_into_transpose_convs``: the RELU that litert-torch's int8 conversion leaves after
   a TRANSPOSE_CONV, as its fused activation.
+- ``pads_in_the_graphs_layout``: an int8 PAD (TensorFlow-"same" padding computed from the input size,
+  timm's ``Conv2dSame``) that litert-torch's int8 conversion leaves in torch's NCHW, between a TRANSPOSE
+  to NCHW and one back (its fp32 conversion pads in NHWC): the PAD of the untransposed value, with its
+  paddings permuted. The same integers, without two transposes.
 - the pooling and padding forms of ``xnnpack_pool_forms``.
 
 ``benchmarks/layout_forms.py`` times each with and without.
@@ -26,9 +30,10 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
-from sparselite.export.graph_edit import axes_before, constant_ints, readers_of, same_quantization
+from sparselite.export.graph_edit import axes_before, constant_ints, producers_of, readers_of, same_quantization
 from sparselite.export.xnnpack_pool_forms import averages_as_depthwise_convs, crop_kernels_to_their_input, pads_as_rows
 from sparselite.tflite.flatbuffer import append_tensor, builtin_code, operator_code_index
 
@@ -199,8 +204,47 @@ def fuse_activations_into_transpose_convs(model: schema.ModelT) -> int:
     return fusions
 
 
+_PADS = (schema.BuiltinOperator.PAD, schema.BuiltinOperator.PADV2)
+
+
+def pads_in_the_graphs_layout(model: schema.ModelT) -> int:
+    """Every TRANSPOSE -> PAD -> TRANSPOSE back (each the sole reader of the one before) becomes a PAD of
+    the first transpose's input, with its paddings permuted, writing the second transpose's output; in
+    place. Returns how many."""
+    subgraph = model.subgraphs[0]
+    readers, producers = readers_of(subgraph), producers_of(subgraph)
+    outputs = {int(t) for t in subgraph.outputs}
+    removed: set[int] = set()
+    index_of = {id(op): index for index, op in enumerate(subgraph.operators)}
+    for pad in subgraph.operators:
+        if builtin_code(model, pad) not in _PADS:
+            continue
+        before, after_users = producers.get(int(pad.inputs[0])), readers.get(int(pad.outputs[0]), [])
+        if before is None or builtin_code(model, before) != schema.BuiltinOperator.TRANSPOSE or len(after_users) != 1:
+            continue
+        after = subgraph.operators[after_users[0]]
+        if builtin_code(model, after) != schema.BuiltinOperator.TRANSPOSE or int(pad.outputs[0]) in outputs \
+                or int(before.outputs[0]) in outputs or readers.get(int(before.outputs[0]), []) != [index_of[id(pad)]]:
+            continue
+        perm, back, pads = (constant_ints(model, int(t)) for t in (before.inputs[1], after.inputs[1], pad.inputs[1]))
+        if perm is None or back is None or pads is None or [int(perm[int(b)]) for b in back] != list(range(len(perm))):
+            continue
+        if not same_quantization(subgraph.tensors[int(pad.outputs[0])], subgraph.tensors[int(after.outputs[0])]):
+            continue
+        widths = pads.reshape(len(perm), 2)
+        untransposed = np.zeros_like(widths)
+        untransposed[[int(p) for p in perm]] = widths  # output axis i of the transpose is its input axis perm[i]
+        pad.inputs = [int(before.inputs[0]), append_tensor(model, [len(perm), 2], schema.TensorType.INT32,
+                                                           b"pads_before_transpose", data=untransposed.astype("<i4").tobytes()),
+                      *[int(t) for t in pad.inputs[2:]]]
+        pad.outputs = [int(after.outputs[0])]
+        removed.update([index_of[id(before)], after_users[0]])
+    subgraph.operators = [op for index, op in enumerate(subgraph.operators) if index not in removed]
+    return len(removed) // 2
+
+
 def use_xnnpack_forms(model: schema.ModelT) -> int:
     """Every form above, in place; returns how many ops changed."""
-    return (fold_transposes_into_means(model) + fuse_activations_into_transpose_convs(model)
+    return (fold_transposes_into_means(model) + pads_in_the_graphs_layout(model) + fuse_activations_into_transpose_convs(model)
             + nearest_upsampling_as_depth_to_space(model) + split_wide_concatenations(model)
             + averages_as_depthwise_convs(model) + crop_kernels_to_their_input(model) + pads_as_rows(model))

@@ -36,6 +36,7 @@ from sparselite.quantization.fake_quant import (
     ActivationFakeQuant, BatchNormShiftFakeQuant, BiasFakeQuant, GridFakeQuant, WeightFakeQuant,
 )
 from sparselite.quantization.fusion import FusedChain, find_fused_chains
+from sparselite.quantization.library_layers import TF_SAME_PADDING, library_form, pad_tf_same
 from sparselite.quantization.int8_layer import Compute, int8_output, normalization_int8_output, with_float_gradient
 from sparselite.quantization.functional_ops import (
     HOOK_FUNCTIONS, LOAD_HOOK_FUNCTIONS, OP_QUANT, attach_op_sites, op_sites_from_state_dict,
@@ -72,6 +73,13 @@ class _QATConv2d(nn.Conv2d):
 class _QATConv1d(nn.Conv1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _forward(self, x, self.weight, self._conv_forward, 1)
+
+
+class _QATConv2dSame(nn.Conv2d):
+    """A conv that pads as TensorFlow's SAME from its input's size (``library_layers``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _forward(self, pad_tf_same(self, x), self.weight, self._conv_forward, 1)
 
 
 class _QATLinear(nn.Linear):
@@ -119,38 +127,25 @@ def _quantizable(module: nn.Module) -> bool:
 
 
 def _qat_class(module: nn.Module) -> type | None:
-    """The class QAT gives ``module``: its torch class's, or, for a subclass whose forward computes what
-    its torch base computes (timm's ``Linear``, which only adds a TorchScript cast), QAT's forward over
-    the subclass (the subclass stays its base class, so ``strip_fake_quant`` gives it back)."""
+    """The class QAT gives ``module``: its torch class's, or, for a library's subclass that computes what
+    its torch base computes (``library_layers``), QAT's forward over the subclass (which stays its base
+    class, so ``strip_fake_quant`` gives it back)."""
     cls = type(module)
     if cls in _QAT_CLASSES or cls in _FLOAT_CLASSES:
         return _QAT_CLASSES.get(cls, cls)
-    base = next((b for b in _QAT_CLASSES if isinstance(module, b) and not isinstance(module, tuple(_FLOAT_CLASSES))), None)
-    if base is None or not _computes_as(module, base):  # a padding of its own (TF "same"), a scaled weight, ...
+    base = next((b for b in _QAT_CLASSES if isinstance(module, b)), None)
+    form = library_form(module, base) if base is not None else None
+    if form is None:
         return None
-    if cls not in _SUBCLASS_QAT:
-        qat = type(f"_QAT_{cls.__name__}", (_QAT_CLASSES[base], cls), {"__module__": __name__})
-        _SUBCLASS_QAT[cls] = qat
+    if (cls, form) not in _SUBCLASS_QAT:
+        qat_base = _QATConv2dSame if form == TF_SAME_PADDING else _QAT_CLASSES[base]
+        qat = type(f"_QAT_{cls.__name__}", (qat_base, cls), {"__module__": __name__})
+        _SUBCLASS_QAT[(cls, form)] = qat
         _FLOAT_CLASSES[qat] = cls
-    return _SUBCLASS_QAT[cls]
+    return _SUBCLASS_QAT[(cls, form)]
 
 
-_SUBCLASS_QAT: dict[type, type] = {}
-
-
-@torch.no_grad()
-def _computes_as(module: nn.Module, base: type) -> bool:
-    """Whether ``module``'s own forward gives what ``base.forward`` gives, on a random input."""
-    weight = module.weight
-    if base is nn.Linear:
-        shape = (2, module.in_features)
-    else:
-        shape = (1, module.in_channels) + (max(9, *module.kernel_size) + 2,) * (2 if "2d" in base.__name__ else 1)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
-    try:
-        return bool(torch.allclose(type(module).forward(module, x), base.forward(module, x), rtol=1e-4, atol=1e-5))
-    except Exception:  # noqa: BLE001 - a forward that takes other arguments is not the base's
-        return False
+_SUBCLASS_QAT: dict[tuple[type, str], type] = {}
 
 
 def _quantize_output(quant: ActivationFakeQuant, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
