@@ -349,6 +349,19 @@ class TFSameBlock(nn.Module):
         return self.pointwise(self.depthwise(x))
 
 
+class AffineChannelPad(nn.Module):
+    """A learned scalar affine after an activation (``x * self.scale + self.shift``, two 0-d Parameters)
+    and a residual that widens its skip path with zero channels (ResNet's shortcut option A)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = conv_bn(channels, 2 * channels, 3)
+        self.scale, self.shift = nn.Parameter(torch.tensor(1.0)), nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * self.scale + self.shift + torch.cat([x, torch.zeros_like(x)], dim=1)
+
+
 def family_models() -> dict[str, Callable[[], nn.Module]]:
     """How to build one small model per architecture family, keyed by the block it tests (built on
     demand, so that a family's initial weights do not depend on which other families exist)."""
@@ -369,6 +382,7 @@ def family_models() -> dict[str, Callable[[], nn.Module]]:
         "norm_activation_modules": lambda: BlockNet(NormActResidual(16), 16),
         "norm_after_concatenation": lambda: BlockNet(MixedConvNorm(16), 16),
         "tf_same_padding": lambda: BlockNet(TFSameBlock(16), 16),
+        "scalar_affine_channel_pad": lambda: BlockNet(AffineChannelPad(16), 16),
     }
 
 

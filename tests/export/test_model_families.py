@@ -46,7 +46,8 @@ FAMILY_OPS = {
     "norm_activation_modules": {"ADD", "MUL", "DEPTHWISE_CONV_2D"},
     # Each norm a depthwise 1x1 conv, its activation after it (ReLU fused, hardswish rewritten).
     "norm_after_concatenation": {"CONCATENATION", "DEPTHWISE_CONV_2D", "MUL"},
-    "tf_same_padding": {"PAD", "DEPTHWISE_CONV_2D"},  # the padding from the input size, zeros on the input's grid
+    "tf_same_padding": {"PAD", "DEPTHWISE_CONV_2D"},
+    "scalar_affine_channel_pad": {"MUL", "ADD", "CONCATENATION"},  # the zero channels a constant on the grid  # the padding from the input size, zeros on the input's grid
 }
 
 

@@ -222,9 +222,46 @@ def _constants_at_operand_rank(model: GraphModule) -> GraphModule:
             owner = model.get_submodule(owner_path)
             value = getattr(owner, name)
             if isinstance(value, torch.Tensor) and value.dim() == 0 and len(constant.users) == 1:
-                setattr(owner, name, value.reshape([1] * max(ranks)))
+                reshaped = value.reshape([1] * max(ranks))
+                # A learned scalar (``x * self.scale + self.shift``) is a Parameter, which only a Parameter replaces.
+                setattr(owner, name, torch.nn.Parameter(reshaped.detach(), requires_grad=False)
+                        if isinstance(value, torch.nn.Parameter) else reshaped)
     model.recompile()
     return model
+
+
+_FILLS = {"zeros_like", "ones_like", "full_like", "zeros", "ones", "full", "new_zeros", "new_ones", "new_full"}
+
+
+def _fills_as_constants(model: GraphModule) -> GraphModule:
+    """Each tensor made by a fill of a static shape (``torch.zeros_like(x[:, :4])``: the zero channels a
+    residual concatenates to widen its skip path) as the constant it is: a fill has no int8 kernel, and its
+    values depend on nothing the model computes."""
+    for index, node in enumerate(list(model.graph.nodes)):
+        value = node.meta.get("val")
+        if op_kind(node) not in _FILLS or not isinstance(value, torch.Tensor) or not value.is_floating_point() \
+                or any(not isinstance(d, int) for d in value.shape):
+            continue
+        constant = torch.full(tuple(value.shape), _fill_value(node), dtype=value.dtype)
+        name = f"_sparselite_fill_{index}"
+        model.register_buffer(name, constant)
+        with model.graph.inserting_before(node):
+            attribute = model.graph.get_attr(name)
+        attribute.meta["val"] = value
+        node.replace_all_uses_with(attribute)
+        model.graph.erase_node(node)
+    model.graph.lint()
+    model.recompile()
+    return model
+
+
+def _fill_value(node: Node) -> float:
+    kind = op_kind(node)
+    if kind in ("zeros_like", "zeros", "new_zeros"):
+        return 0.0
+    if kind in ("ones_like", "ones", "new_ones"):
+        return 1.0
+    return float(node.args[-1] if kind != "full_like" else node.args[1])
 
 
 class FullInt8Quantizer(PT2EQuantizer):
@@ -244,7 +281,7 @@ class FullInt8Quantizer(PT2EQuantizer):
 
     def transform_for_annotation(self, model: GraphModule) -> GraphModule:
         # Decompose first: litert's pass then turns the new scalar operands into constant tensors.
-        decomposed = decompose_for_int8(model, self.float_modules)
+        decomposed = decompose_for_int8(_fills_as_constants(model), self.float_modules)
         return _constants_at_operand_rank(super().transform_for_annotation(decomposed))
 
     def annotate(self, model: GraphModule) -> GraphModule:
