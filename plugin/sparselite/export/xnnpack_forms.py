@@ -223,6 +223,8 @@ def pads_in_the_graphs_layout(model: schema.ModelT) -> int:
         if before is None or builtin_code(model, before) != schema.BuiltinOperator.TRANSPOSE or len(after_users) != 1:
             continue
         after = subgraph.operators[after_users[0]]
+        if removed & {index_of[id(before)], after_users[0]}:  # a transpose an earlier pad took
+            continue
         if builtin_code(model, after) != schema.BuiltinOperator.TRANSPOSE or int(pad.outputs[0]) in outputs \
                 or int(before.outputs[0]) in outputs or readers.get(int(before.outputs[0]), []) != [index_of[id(pad)]]:
             continue

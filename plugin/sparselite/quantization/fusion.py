@@ -60,9 +60,10 @@ _PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def norm_activation(module: nn.Module) -> NormActivation | None:
-    """For a BatchNorm2d with running statistics: the norm, then at most one activation child. None for
-    any other module, and for a subclass whose forward computes something else (it is then left to
-    torch's tracing, op by op, as any module sparselite does not know)."""
+    """For a BatchNorm2d with running statistics (without, it normalizes each batch in eval mode too):
+    the norm, then at most one activation child. None for any other module, and for a subclass whose
+    forward computes something else (it is then left to torch's tracing, op by op, as any module
+    sparselite does not know)."""
     if not isinstance(module, nn.BatchNorm2d) or module.running_var is None:
         return None
     if type(module) is nn.BatchNorm2d:
@@ -126,8 +127,8 @@ def _identity_in_eval(module: nn.Module, probe: torch.Tensor) -> bool:
 
 class _NormFoldedTracer(torch.fx.Tracer):
     """torch.fx's default tracer, which also keeps the norm+activation modules and the conv/linear
-    subclasses whole (one call_module node each), so the chains see them where torch's own would be. (They are probed before
-    tracing: fx patches ``Module.__call__`` while it traces.)"""
+    subclasses whole (one call_module node each), so the chains see them where torch's own would be.
+    (The norms are probed before tracing: fx patches ``Module.__call__`` while it traces.)"""
 
     def __init__(self, norms: set[nn.Module]) -> None:
         super().__init__()
@@ -232,12 +233,6 @@ def _is_producer(module: nn.Module) -> bool:
     if not isinstance(module, PRODUCER_TYPES):
         return False
     return not isinstance(module, nn.modules.conv._ConvTransposeNd) or module.groups == 1
-
-
-def _is_foldable_batchnorm(module: nn.Module) -> bool:
-    """A BatchNorm2d with running statistics (without, it normalizes each batch in eval mode too), or a
-    subclass that computes nothing more in eval mode."""
-    return norm_activation(module) == NormActivation(None)
 
 
 @torch.no_grad()

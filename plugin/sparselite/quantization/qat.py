@@ -128,8 +128,8 @@ def _quantizable(module: nn.Module) -> bool:
 
 def _qat_class(module: nn.Module) -> type | None:
     """The class QAT gives ``module``: its torch class's, or, for a library's subclass that computes what
-    its torch base computes (``library_layers``), QAT's forward over the subclass (which stays its base
-    class, so ``strip_fake_quant`` gives it back)."""
+    its torch base computes (``library_layers``), one with QAT's forward over the subclass, which
+    ``strip_fake_quant`` turns back into the subclass. None for a module QAT cannot follow."""
     cls = type(module)
     if cls in _QAT_CLASSES or cls in _FLOAT_CLASSES:
         return _QAT_CLASSES.get(cls, cls)
@@ -169,6 +169,7 @@ def _remember_input(quant: BatchNormShiftFakeQuant, module: nn.BatchNorm2d, args
 
 
 def _shift_before_activation(quant: BatchNormShiftFakeQuant, module: nn.Module, args: tuple) -> tuple | None:
+    """``_shift_on_int32_grid`` of the norm's output, as the activation inside its module reads it."""
     norm_input = quant.__dict__.pop("norm_input", None)
     if norm_input is None or not args:
         return None
