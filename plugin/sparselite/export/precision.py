@@ -28,6 +28,7 @@ from ai_edge_litert import schema_py_generated as schema
 from torch import nn
 
 from sparselite.errors import SparseliteError
+from sparselite.quantization.dynamic_range import quantize_inputs_dynamically
 from sparselite.quantization.spec import quantize_weight, weight_scales
 from sparselite.tflite.flatbuffer import append_tensor, builtin_code, operator_code_index
 
@@ -219,9 +220,10 @@ def _to_fp16(model: schema.ModelT, weight_index: int, operators: list) -> int:
 
 @torch.no_grad()
 def precision_reference(float_model: nn.Module, precisions: Mapping[str, str]) -> nn.Module:
-    """The float model with each layer's weights as the file stores them (int8 per channel, or fp16) and
-    float activations: what the file computes, but for XNNPACK's run-time rounding of the activations of
-    dynamic-range layers. Changes ``float_model`` in place."""
+    """The float model computing what the file computes, given the precisions the pass wrote: each layer's
+    weights as the file stores them (int8 per channel, or fp16), and the input of each dynamic-range
+    layer rounded per row as XNNPACK rounds it at run time (``dynamic_range.py``; a recurrent layer's
+    steps are no modules of their own, so for it only the weights are). Changes ``float_model`` in place."""
     for name, chosen in precisions.items():
         module = float_model.get_submodule(name)
         if isinstance(module, nn.modules.conv._ConvTransposeNd):
@@ -234,4 +236,6 @@ def precision_reference(float_model: nn.Module, precisions: Mapping[str, str]) -
                 parameter.copy_(quantize_weight(parameter).float() * scales)
             elif chosen == "fp16":
                 parameter.copy_(parameter.half().float())
+        if chosen == "dynamic_int8":
+            quantize_inputs_dynamically(module)
     return float_model

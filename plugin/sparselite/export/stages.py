@@ -44,7 +44,7 @@ from sparselite.export.parity import gate_failure, measure_noise_floor, verify a
 from sparselite.export.precision import LayerFinder, apply_precisions, layer_precisions, precision_reference
 from sparselite.runtime.load_probe import mark_written
 from sparselite.export.report import ExportReport, LayerSparsity
-from sparselite.pruning.pruner import MASK_BUFFER
+from sparselite.pruning.targets import masked_targets, pruned_weight
 from sparselite.quantization.qat import learned_ranges
 from sparselite.quantization.spec import quantize_weight
 from sparselite.tflite import flatbuffer
@@ -83,8 +83,8 @@ class ExportJob:
 def prepare(job: ExportJob) -> ExportJob:
     job.path = check_destination(job.path, job.report_path, size_bound(job.module))  # before minutes of work
     job.ranges = learned_ranges(job.module)
-    job.train_sparsity = {name: float((sub.weight == 0).float().mean())
-                          for name, sub in job.module.named_modules() if MASK_BUFFER in sub._buffers}
+    job.train_sparsity = {name: float((target.weight == 0).float().mean())
+                          for name, target in masked_targets(job.module).items()}
     job.float_model = float_model_for_export(job.module)
     if not job.options.fully_int8:
         job.precisions = layer_precisions(job.float_model, job.options.precision)  # refusals before conversion
@@ -185,7 +185,8 @@ def verify(job: ExportJob) -> ExportJob:
         candidate.write_bytes(job.final)
         if job.verify_data is not None:
             reference = None if options.fully_int8 else (
-                precision_reference(detached_copy(job.float_model), job.precisions), "float, weights as stored")
+                precision_reference(detached_copy(job.float_model), job.report.layer_precisions),
+                "float, weights and dynamic-range inputs as the file rounds them")
             report.parity = verify_parity(job.module, candidate, job.verify_data, job.output_scale, reference)
             if report.parity.top1_agreement < options.min_agreement:
                 measure_noise_floor(report.parity, candidate, job.verify_data)
@@ -275,21 +276,26 @@ def _output_scale(model_t) -> float:
 
 
 def _match_layers(model_t, float_model: nn.Module, pruned: Sequence[str]) -> dict[str, str]:
-    """Pruned torch layer -> the TFLite weight tensor holding exactly its int8 values."""
+    """Pruned torch weight -> the TFLite weight tensor holding exactly its int8 values, or its fp32 values (a
+    layer a mixed-precision file keeps float, or a recurrent layer's gate matrix, which a fully int8 file
+    keeps in a float island)."""
     subgraph = model_t.subgraphs[0]
     candidates = {}
     for tensor in subgraph.tensors:
         data = model_t.buffers[tensor.buffer].data
-        if tensor.type == TensorType.INT8 and data is not None and len(tensor.shape) in (2, 4):  # int8 constants
-            candidates[tensor.name.decode()] = np.asarray(data, dtype=np.uint8).view(np.int8).reshape(tensor.shape)
+        dtype = {TensorType.INT8: np.int8, TensorType.FLOAT32: np.float32}.get(tensor.type)
+        if dtype is not None and data is not None and len(tensor.shape) in (2, 4):  # int8 and fp32 constants
+            candidates[tensor.name.decode()] = np.asarray(data, dtype=np.uint8).view(dtype).reshape(tensor.shape)
     matches = {}
     for layer in pruned:
-        expected = quantize_weight(float_model.get_submodule(layer).weight.detach()).numpy()
-        # TFLite conv weights are OHWI; depthwise are [1, H, W, C].
-        forms = [expected] if expected.ndim != 4 else [expected.transpose(0, 2, 3, 1), expected.transpose(1, 2, 3, 0)]
-        for name, values in candidates.items():
-            if any(values.shape == f.shape and np.array_equal(values, f) for f in forms):
-                matches[layer] = name
+        weight = pruned_weight(float_model, layer).detach()
+        for expected in (quantize_weight(weight).numpy(), weight.numpy()):
+            # TFLite conv weights are OHWI; depthwise are [1, H, W, C].
+            forms = [expected] if expected.ndim != 4 else [expected.transpose(0, 2, 3, 1), expected.transpose(1, 2, 3, 0)]
+            found = next((name for name, values in candidates.items() if values.dtype == expected.dtype
+                          and any(values.shape == f.shape and np.array_equal(values, f) for f in forms)), None)
+            if found is not None:
+                matches[layer] = found
                 break
     return matches
 
@@ -302,13 +308,16 @@ def _report_sparsity(job: ExportJob) -> None:
 
     report, in_file = job.report, weight_sparsity(job.final)
     zeros = total = 0
-    for layer, tensor in job.layer_tensors.items():
-        sparsity, count = in_file[tensor], job.float_model.get_submodule(layer).weight.numel()
+    read = {layer: tensor for layer, tensor in job.layer_tensors.items() if tensor in in_file}  # conv/FC weights
+    for layer, tensor in read.items():
+        sparsity, count = in_file[tensor], pruned_weight(job.float_model, layer).numel()
         report.layers.append(LayerSparsity(layer, tensor, sparsity, job.train_sparsity.get(layer)))
         zeros, total = zeros + sparsity * count, total + count
     report.overall_sparsity_in_file = zeros / max(total, 1)
-    missing = sorted(set(job.train_sparsity) - set(job.layer_tensors))
-    floats = [layer for layer in missing if job.precisions.get(layer) in ("fp16", "fp32")]
+    missing = sorted(set(job.train_sparsity) - set(read))
+    # A recurrent layer's gate matrix ('rnn.weight_hh_l0') has the precision of its layer ('rnn').
+    floats = [layer for layer in missing
+              if job.precisions.get(layer, job.precisions.get(layer.rpartition(".")[0])) in ("fp16", "fp32")]
     if floats:
         report.notes.append(f"pruned layers with float weights (their sparsity is not read from the file): {floats}")
     missing = [layer for layer in missing if layer not in floats]
@@ -317,4 +326,4 @@ def _report_sparsity(job: ExportJob) -> None:
         report.notes.append(f"pruned layers kept float by float_fallback='xnnpack' (their sparsity is not read from "
                             f"the file): {in_float}")
     if missing := [layer for layer in missing if layer not in in_float]:
-        report.notes.append(f"no int8 weight in the file matched pruned layers {missing}")
+        report.notes.append(f"no int8 or fp32 weight in the file matched pruned layers {missing}")
