@@ -1,20 +1,24 @@
 """Each precision of the exported file, per model: size, XNNPACK latency against the fp32 file, and how
 well the file agrees with the float model.
 
-For each model (random weights unless --train-steps: latency and size do not depend on the values):
+For each model (random weights unless --train-steps: latency and size do not depend on the values; with
+--train-steps N, N Adam steps on Fashion-MNIST first, so that agreement and accuracy mean something):
   - fp32, fp16 and dynamic_int8 files from ``export_tflite(precision=...)`` (a model with depthwise convs
     gets ``{"default": "dynamic_int8", <depthwise layers>: "fp32"}``: XNNPACK has no dynamic-range
     depthwise kernel);
   - the fully int8 file (``precision="int8"``, post-training calibration on 256 images;
     ``float_fallback="xnnpack"`` so that attention and recurrent cells may stay float where XNNPACK has
     no int8 kernel);
+  - ``precision="auto"`` (verification on 256 held-out images, the same calibration batch, so it may
+    choose the fully int8 file); the note says what it chose;
   - ai-edge-quantizer's ``dynamic_wi8_afp32`` and fp16 weight-only recipes on the same fp32 file, for
     comparison.
 All files of one model are timed in one interleaved run (XNNPACK, 1 thread, batch 1, medians); ratios
 are against that run's fp32 file. Agreement: top-1 of each file against the float torch model on 512
-test images (on random weights this measures rounding, not accuracy).
+test images (on random weights this measures rounding, not accuracy); with --train-steps also each
+file's top-1 accuracy on them.
 
-    .venv/bin/python -m benchmarks.precision [--models vit_s gru ...] [--rounds 7] [--json out.json]
+    .venv/bin/python -m benchmarks.precision [--models vit_s gru ...] [--train-steps 150] [--rounds 7] [--json out.json]
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ class LSTMClassifier(nn.Module):
 
 
 def build(name: str) -> tuple[nn.Module, tuple[int, int, int]]:
-    """The model and the [C, H, W] it reads."""
+    """The model and the [C, H, W] it reads: the zoo's sequence models, the demo, torchvision's and timm's
+    (random init; no download)."""
     from sparselite.models.mobilenet import MobileNetLite
     from sparselite.models.sequence import GRUClassifier
 
@@ -67,7 +72,11 @@ def build(name: str) -> tuple[nn.Module, tuple[int, int, int]]:
     if name == "vit_tiny":  # the model zoo's
         return tvm.VisionTransformer(image_size=64, patch_size=8, num_layers=2, num_heads=4, hidden_dim=96,
                                      mlp_dim=192, num_classes=10), (3, 64, 64)
-    return getattr(tvm, name)(weights=None, num_classes=10), (3, 64, 64)
+    if hasattr(tvm, name):
+        return getattr(tvm, name)(weights=None, num_classes=10), (3, 64, 64)
+    import timm  # the test extra's; hybrid conv + attention families (mobilevit_xxs, efficientvit_b0)
+
+    return timm.create_model(name, pretrained=False, num_classes=10), (3, 64, 64)
 
 
 def dynamic_precision(model: nn.Module) -> str | dict[str, str]:
@@ -98,11 +107,34 @@ def agreement(path: Path, model: nn.Module, images: torch.Tensor) -> float:
     return float(np.mean(got == expected))
 
 
+def train(model: nn.Module, shape: tuple[int, int, int], steps: int) -> None:
+    """``steps`` Adam steps of 32 Fashion-MNIST training images (resized to ``shape``)."""
+    images, labels = load_split("train", None)
+    images, labels = images[:steps * 32], labels[:steps * 32]
+    if tuple(images.shape[1:]) != shape:
+        images = resize_images(images, shape[-1], shape[0])
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    model.train()
+    for step in range(steps):
+        batch = slice(step * 32, step * 32 + 32)
+        loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def top1(path: Path, images: torch.Tensor, labels: torch.Tensor) -> float:
+    return float(np.mean(LiteRTModel(path)(images.numpy()).argmax(1) == labels.numpy()))
+
+
 def run_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]:
     torch.manual_seed(0)
     model, shape = build(name)
+    if args.train_steps:
+        train(model, shape, args.train_steps)
     model.eval()
-    images = load_split("test", None)[0][:768]
+    images, labels = load_split("test", None)
+    images, labels = images[:768], labels[:768]
     if tuple(images.shape[1:]) != shape:
         images = resize_images(images, shape[-1], shape[0])
     example, calibration, held_out = images[:1], images[:256], images[256:768]
@@ -121,22 +153,31 @@ def run_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]:
         except sparselite.SparseliteError as err:
             print(f"  {name} {precision}: {err}")
             del files[precision]
+    files["auto"] = folder / "auto.tflite"
+    report = export_tflite(model, example, files["auto"], verify_data=[held_out[:256]], calibration_data=[calibration],
+                           precision="auto", min_agreement=0.0)
+    choice = report.precision_choice
+    dynamic = sum(row["precision"] == "dynamic_int8" for row in choice["layers"])
+    notes["auto"] = "the int8 file" if choice["file"] == "int8" else f"{dynamic}/{len(choice['layers'])} layers dynamic"
     files.update(aeq_files(files["fp32"], folder))
     latency = interleaved_benchmark({k: str(v) for k, v in files.items()}, threads=1, rounds=args.rounds,
                                     runs_per_round=args.runs)
     base_ms, base_bytes = latency["fp32"].median_ms, files["fp32"].stat().st_size
     return [{"model": name, "file": label, "bytes": path.stat().st_size, "size_ratio": path.stat().st_size / base_bytes,
              "median_ms": latency[label].median_ms, "latency_ratio": latency[label].median_ms / base_ms,
-             "agreement": agreement(path, model, held_out), "note": notes.get(label, "")}
+             "agreement": agreement(path, model, held_out), "note": notes.get(label, ""),
+             "top1": top1(path, held_out, labels[256:768]) if args.train_steps else None}
             for label, path in files.items()]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+",
-                        default=["vit_s", "vit_tiny", "gru", "lstm", "demo", "mobilenet_v2", "resnet18"])
+                        default=["vit_s", "vit_tiny", "gru", "lstm", "demo", "mobilenet_v2", "resnet18",
+                                 "mobilevit_xxs", "efficientvit_b0"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--runs", type=int, default=20, help="timed runs per file per round")
+    parser.add_argument("--train-steps", type=int, default=0, help="Adam steps on Fashion-MNIST before exporting")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -145,12 +186,14 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as folder:
             rows += run_model(name, args, Path(folder))
         print(f"done {name}", flush=True)
-    print(f"{'model':<13}{'file':<18}{'KB':>9}{'size':>8}{'latency':>9}{'agree':>8}  note")
+    print(f"{'model':<13}{'file':<18}{'KB':>9}{'size':>8}{'latency':>9}{'agree':>8}{'top-1':>7}  note")
     for r in rows:
+        accuracy = "-" if r["top1"] is None else f"{r['top1']:.3f}"
         print(f"{r['model']:<13}{r['file']:<18}{r['bytes'] / 1024:>9.1f}{r['size_ratio']:>7.2f}x{r['latency_ratio']:>8.2f}x"
-              f"{r['agreement']:>8.3f}  {r['note']}")
+              f"{r['agreement']:>8.3f}{accuracy:>7}  {r['note']}")
     print(f"(XNNPACK, 1 thread, batch 1, {args.rounds}x{args.runs} interleaved runs per file; ratios against the same "
-          "run's fp32 file; random weights; agreement: top-1 against the float torch model on 512 test images)")
+          "run's fp32 file; " + (f"{args.train_steps} training steps" if args.train_steps else "random weights") +
+          "; agreement: top-1 against the float torch model on 512 test images)")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -177,7 +177,7 @@ def test_fit_then_export_round_trip(tmp_path):
     assert_quiet(export)
     # Progress: one line per stage, and per parity batch, on stdout.
     progress = [line for line in export.stdout.splitlines() if line.startswith("[sparselite] export")]
-    assert [line.split()[2] for line in progress if line.split()[2][0].isdigit()] == [f"{n}/6" for n in range(1, 7)]
+    assert [line.split()[2] for line in progress if line.split()[2][0].isdigit()] == [f"{n}/7" for n in range(1, 8)]
     assert sum("verify batch" in line for line in progress) == 2 and "[sparselite] export: wrote" in progress[-1]
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["io_dtype"] == "float32" and report["ranges_learned"] > 0

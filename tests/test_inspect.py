@@ -117,3 +117,23 @@ def test_truncated_file_raises_sparselite_error(tmp_path, files):
 def test_missing_file_raises_sparselite_error(tmp_path):
     with pytest.raises(SparseliteError, match="does not exist"):
         inspect_tflite(tmp_path / "nope.tflite")
+
+
+def test_each_op_says_what_it_computes_in(tmp_path):
+    """int8 ops in the fully int8 file; per layer in a float-activation file: int8 weights read by a float
+    input (dynamic_int8), fp16 weights behind their DEQUANTIZE, fp32."""
+    from sparselite import export_tflite
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    path = tmp_path / "mixed.tflite"
+    export_tflite(model, torch.randn(1, 16), path, precision={"default": "fp32", "0": "dynamic_int8", "2": "fp16"})
+    layers = [op.precision for op in inspect_tflite(path).ops if op.op == "FULLY_CONNECTED"]
+    assert layers == ["dynamic_int8", "fp16", "fp32"]
+    assert "float16 weight unpacked" in [op.precision for op in inspect_tflite(path).ops if op.op == "DEQUANTIZE"]
+
+    int8 = tmp_path / "int8.tflite"
+    export_tflite(model, torch.randn(1, 16), int8, calibration_data=[torch.randn(32, 16)])
+    ops = inspect_tflite(int8).ops
+    assert {op.precision for op in ops if op.op == "FULLY_CONNECTED"} == {"int8"}
+    assert [op.precision for op in ops if op.op in ("QUANTIZE", "DEQUANTIZE")] == ["float32->int8", "int8->float32"]

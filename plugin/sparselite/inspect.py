@@ -18,7 +18,9 @@ from ai_edge_litert import schema_py_generated as schema
 from sparselite.errors import SparseliteError
 from sparselite.runtime.litert import xnnpack_delegated_ops
 from sparselite.runtime.load_probe import check_loads
-from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model, tensor_name, tensor_type_name
+from sparselite.tflite.flatbuffer import (
+    WEIGHT_INPUT, builtin_code, builtin_name, read_model, tensor_name, tensor_type_name,
+)
 from sparselite.tflite.constant_values import describe_layout, sparse_payload_bytes, tensor_values
 
 
@@ -40,6 +42,8 @@ class OpInfo:
     index: int
     op: str
     xnnpack: bool | None  # taken by the XNNPACK delegate (None: XNNPACK could not load the file)
+    precision: str = ""  # int8, dynamic_int8 (int8 weights, float input), fp16 or fp32 weights; an op
+    # without weights: the type it computes in; QUANTIZE/DEQUANTIZE: the border they make
 
 
 @dataclass
@@ -90,7 +94,7 @@ class InspectReport:
             lines.append(f"ops: {len(self.ops)}, XNNPACK takes {self.xnnpack_ops}")
         for op in self.ops:
             where = "?" if op.xnnpack is None else ("xnnpack" if op.xnnpack else "builtin")
-            lines.append(f"  {op.index:3d}  {op.op:24s} {where}")
+            lines.append(f"  {op.index:3d}  {op.op:24s} {where:8s} {op.precision}")
         sizes = f"file: {self.file_bytes} B, xz -9: {self.xz_bytes} B"
         if self.zstd_bytes is not None:
             sizes += f", zstd -19: {self.zstd_bytes} B"
@@ -115,11 +119,38 @@ def inspect_tflite(path: str | Path) -> InspectReport:
     except (ValueError, IndexError) as err:  # a buffer or sparse index that doesn't match its tensor
         raise SparseliteError(f"{path} has a constant tensor that does not decode ({err}); re-export it") from None
     delegated, report.xnnpack_error = xnnpack_delegated_ops(data)
+    producers = {int(t): op for op in graph.operators for t in op.outputs}
     report.ops = [
-        OpInfo(index=i, op=builtin_name(builtin_code(model, op)), xnnpack=None if delegated is None else i in delegated)
+        OpInfo(index=i, op=builtin_name(builtin_code(model, op)), xnnpack=None if delegated is None else i in delegated,
+               precision=_op_precision(model, graph, op, producers))
         for i, op in enumerate(graph.operators)
     ]
     return report
+
+
+def _op_precision(model: schema.ModelT, graph: schema.SubGraphT, op: schema.OperatorT, producers: dict) -> str:
+    """What an op computes in (``OpInfo.precision``)."""
+    code = builtin_code(model, op)
+    inputs = [graph.tensors[int(t)] if t >= 0 else None for t in op.inputs]
+    slot = WEIGHT_INPUT.get(code)
+    if slot is not None and slot < len(op.inputs) and inputs[0] is not None:
+        weight = int(op.inputs[slot])
+        while weight in producers and builtin_code(model, producers[weight]) in _UNPACKING:  # fp16 or sparse weights
+            weight = int(producers[weight].inputs[0])
+        if inputs[0].type == schema.TensorType.INT8:
+            return "int8"
+        return {schema.TensorType.INT8: "dynamic_int8", schema.TensorType.FLOAT16: "fp16"}.get(graph.tensors[weight].type, "fp32")
+    outputs = [graph.tensors[int(t)].type for t in op.outputs]
+    if code == schema.BuiltinOperator.QUANTIZE and inputs[0] is not None:
+        return f"{tensor_type_name(inputs[0].type)}->{tensor_type_name(outputs[0])}"
+    if code == schema.BuiltinOperator.DEQUANTIZE and inputs[0] is not None:
+        constant = model.buffers[inputs[0].buffer].data is not None
+        return f"{tensor_type_name(inputs[0].type)} weight unpacked" if constant else f"{tensor_type_name(inputs[0].type)}->float32"
+    return tensor_type_name(outputs[0]) if outputs else ""
+
+
+# Ops between a stored weight and the op that reads it: the weight's stored type is what counts.
+_UNPACKING = (schema.BuiltinOperator.DEQUANTIZE, schema.BuiltinOperator.DENSIFY)
 
 
 def _zstd_size(data: bytes) -> int | None:

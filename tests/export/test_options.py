@@ -55,6 +55,8 @@ def test_build_sets_keywords_on_top_and_refuses_unknown_names():
     (dict(calibration_batches=-1), "calibration_batches=-1"),
     (dict(calibration_batches=True), "calibration_batches=True"),
     (dict(min_agreement=1.5), "min_agreement=1.5"),
+    (dict(max_accuracy_drop=-1), "max_accuracy_drop=-1 must be a number of top-1 points"),
+    (dict(precision="auto", verify_batches=None), "precision='auto' measures accuracy on the verification batches"),
     (dict(float_fallback=0), "float_fallback=0"),
 ])
 def test_each_option_is_checked_once_with_one_line(kwargs, message):

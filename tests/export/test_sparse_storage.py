@@ -298,3 +298,23 @@ def test_quantization_sharing_is_lossless(case, inputs):
             np.testing.assert_array_equal(a.quantization.scale, b.quantization.scale)
             np.testing.assert_array_equal(a.quantization.zeroPoint, b.quantization.zeroPoint)
             assert a.quantization.quantizedDimension == b.quantization.quantizedDimension
+
+
+def test_upstream_xnnpack_refuses_a_dynamic_range_conv_fed_by_densify(tmp_path):
+    """Why dynamic-range weights stay dense (docs/upstream/xnnpack_hybrid_conv_densify.md): XNNPACK
+    delegates a fully int8 CONV_2D whose weights come through a DENSIFY, but not a dynamic-range one.
+    If this starts failing, the runtime was fixed: let the precision files store sparse conv weights."""
+    from sparselite import LiteRTModel, export_tflite
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 4)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand_like(model[0].weight) > 0.8)  # 80% zeros: CSR saves bytes
+    dense = tmp_path / "dynamic.tflite"
+    export_tflite(model, torch.randn(1, 16, 8, 8), dense, precision="dynamic_int8")
+    encoded, encodings = encode_sparse(dense.read_bytes())
+    assert [e.encoding for e in encodings if e.op == "CONV_2D"] == ["csr"]
+    sparse = tmp_path / "sparse.tflite"
+    sparse.write_bytes(encoded)
+    with pytest.raises(SparseliteError, match="failed to delegate CONV_2D"):
+        LiteRTModel(sparse)

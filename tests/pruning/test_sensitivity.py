@@ -120,3 +120,31 @@ def test_a_signal_during_the_sweep_stops_it_with_the_shells_code():
         signal.raise_signal(signal.SIGTERM)
     assert stopped.value.exit_code == 143 and str(stopped.value) == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_sweep_takes_a_recurrent_gate_matrix_as_a_layer():
+    torch.manual_seed(0)
+    rnn, head = nn.GRU(8, 16, batch_first=True), nn.Linear(16, 4)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = rnn, head
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    model = Model()
+    inputs, labels = torch.randn(32, 5, 8), torch.randint(0, 4, (32,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = {"rnn.weight_hh_l0": rnn.weight_hh_l0, "head": head}  # a weight itself, or a module (its weight)
+    seen = []
+
+    def fine_tune(m, layer, mask):
+        seen.append(float((layer == 0).float().mean()) if isinstance(layer, torch.Tensor) else None)
+
+    curves = measure_sensitivity(model, layers, {n: Pattern.parse("unstructured") for n in layers}, (0.5,),
+                                 lambda m: evaluate_classifier(m, [(inputs, labels)]), fine_tune=fine_tune)
+    assert [(c.layer, c.params) for c in curves] == [("rnn.weight_hh_l0", 768), ("head", 64)]
+    assert seen == [0.5, None]  # the gate matrix was pruned in place, where the GRU reads it
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

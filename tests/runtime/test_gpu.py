@@ -394,3 +394,33 @@ def test_preload_paths_inside_the_driver_folder_are_kept(tmp_path):
 def test_driver_folder_is_never_under_site_packages():
     for folder in vulkan.lavapipe_dirs():
         assert "site-packages" not in folder.parts
+
+
+def test_every_precision_of_the_file_runs_on_the_gpu(tmp_path, fmnist_train, fmnist_heldout):
+    """fp16, dynamic-range and fp32 files run wholly on the accelerator; the fp16 file (its native
+    precision) gives the fp32 file's top-1 on XNNPACK."""
+    from sparselite import export_tflite
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, 2), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, 2),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(16 * 6 * 6, 10))
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    images, labels = fmnist_train
+    for step in range(40):
+        batch = slice(step * 32 % 960, step * 32 % 960 + 32)
+        loss = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    test_x = fmnist_heldout[0][:512]
+    paths = {}
+    for precision in ("fp32", "fp16", "dynamic_int8"):
+        paths[precision] = tmp_path / f"{precision}.tflite"
+        export_tflite(model, test_x[:1], paths[precision], precision=precision)
+    reference = LiteRTModel(paths["fp32"], accelerator="xnnpack")(test_x.numpy())
+    for precision, path in paths.items():
+        on_gpu = LiteRTModel(path, accelerator="gpu")
+        assert on_gpu.backend.fully_accelerated, precision
+        agreement = float((on_gpu(test_x.numpy()).argmax(1) == reference.argmax(1)).mean())
+        assert agreement >= (0.99 if precision == "fp16" else 0.97), (precision, agreement)

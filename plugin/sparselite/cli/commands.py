@@ -134,8 +134,9 @@ EXPORT_OPTION_HELP = {
     "require_gpu": "fail unless every op runs on the GPU accelerator",
     "float_fallback": "keep ops with no int8 TFLite kernel in float (mixed precision; listed in the report); "
                       "'--float-fallback xnnpack' also the modules whose int8 ops XNNPACK does not run (LayerNorm, attention)",
-    "precision": "int8 (the fully int8 file), dynamic_int8, fp16, fp32, or per layer: 'default=dynamic_int8,head=fp32' "
-                 "(module-name regexes)",
+    "precision": "int8 (the fully int8 file), dynamic_int8, fp16, fp32, auto (per layer, measured: prints its "
+                 "choice), or per layer: 'default=dynamic_int8,head=fp32' (module-name regexes)",
+    "max_accuracy_drop": "--precision auto: top-1 points the file may lose against the float model",
 }
 
 
@@ -154,6 +155,7 @@ def _add_export_options(parser: argparse.ArgumentParser) -> None:
         "require_gpu": {"action": "store_true"},
         "float_fallback": {"nargs": "?", "const": True, "choices": ("xnnpack",)},
         "precision": {"type": _precision},
+        "max_accuracy_drop": {"type": float},
     }
     for name in ExportOptions.names():
         parser.add_argument(f"--{name.replace('_', '-')}", default=getattr(defaults, name), help=EXPORT_OPTION_HELP[name],

@@ -102,7 +102,7 @@ def run_sensitivity(settings: SensitivitySettings) -> core.Allocation:
         raise SparseliteError("the run's datamodule has no validation data; sensitivity measures validation loss")
     val = [batch for _, batch in zip(range(settings.val_batches or 10**9), val_loader)]
     layers = pruning.prepare(model)
-    modules = {name: layer.module for name, layer in layers.items()}
+    weights = {name: layer.weight for name, layer in layers.items()}  # a recurrent layer has one per gate matrix
     patterns = {name: layer.pattern for name, layer in layers.items()}
     fine_tune = None
     if settings.fine_tune_steps > 0:
@@ -114,7 +114,7 @@ def run_sensitivity(settings: SensitivitySettings) -> core.Allocation:
     started = time.perf_counter()
     if known:
         progress(f"[sensitivity] {len(known)} points measured before are reused ({results_path})")
-    progress(f"[sensitivity] {len(modules)} layers x {len(settings.grid)} sparsities "
+    progress(f"[sensitivity] {len(weights)} layers x {len(settings.grid)} sparsities "
              f"({', '.join(f'{s:.0%}' for s in settings.grid)}), {len(val)} validation batches"
              + (f", {settings.fine_tune_steps} fine-tune steps each" if fine_tune else ", no fine-tune"))
 
@@ -129,7 +129,7 @@ def run_sensitivity(settings: SensitivitySettings) -> core.Allocation:
         progress(f"[sensitivity] {done}/{total} {layer} at {point.sparsity:.0%}: val loss {point.loss:.4f}, "
                  f"top-1 {point.accuracy:.2%}{' (measured before)' if reused else ''}{eta}", keep=not progress.tty or done == total)
 
-    curves = core.measure_sensitivity(model, modules, patterns, settings.grid,
+    curves = core.measure_sensitivity(model, weights, patterns, settings.grid,
                                       lambda m: core.evaluate_classifier(m, val), fine_tune=fine_tune, known=known,
                                       on_point=on_point)
     progress.close()
@@ -226,7 +226,7 @@ def _dense_model(model, datamodule, settings: SensitivitySettings, fingerprint: 
 def _fine_tuner(datamodule, steps: int, lr: float):
     stream = _batches(datamodule.train_dataloader())
 
-    def fine_tune(model, layer, mask) -> None:
+    def fine_tune(model, weight, mask) -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         model.train()
         for _, batch in zip(range(steps), stream):
@@ -235,7 +235,7 @@ def _fine_tuner(datamodule, steps: int, lr: float):
             loss.backward()
             optimizer.step()
             with torch.no_grad():
-                layer.weight.mul_(mask)
+                weight.mul_(mask)
         model.eval()
 
     return fine_tune

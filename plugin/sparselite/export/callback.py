@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparselite.errors import SparseliteError
+from sparselite.export.auto_precision import DEFAULT_MAX_ACCURACY_DROP
 from sparselite.export.options import ExportOptions
 from sparselite.export.report import FloatFallback, report_path
 
@@ -19,20 +20,21 @@ class TFLiteExport(pl.Callback):
     The batches come from the validation data. Args: ``path``, the output file, and the options of
     ``ExportOptions`` by the same names (see its docstring): ``io_dtype``, ``sparse``, ``verify_batches``
     (None skips the parity check), ``calibration_batches``, ``min_agreement``, ``gpu_check``,
-    ``require_gpu``, ``float_fallback``, ``precision``.
+    ``require_gpu``, ``float_fallback``, ``precision``, ``max_accuracy_drop``.
     """
 
     def __init__(self, path: str = "model.tflite", io_dtype: Literal["float32", "int8"] = "float32", sparse: bool = True,
                  verify_batches: int | None = 8, calibration_batches: int = 8, min_agreement: float = 0.98,
                  gpu_check: bool = False, require_gpu: bool = False, float_fallback: FloatFallback = False,
-                 precision: Union[str, dict[str, str]] = "int8") -> None:
+                 precision: Union[str, dict[str, str], None] = None,
+                 max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP) -> None:
         if Path(path).suffix != ".tflite":
             raise SparseliteError(f"path='{path}' should end in .tflite")
         self.path = Path(path)
         self.options = ExportOptions(io_dtype=io_dtype, sparse=sparse, verify_batches=verify_batches,
                                      calibration_batches=calibration_batches, min_agreement=min_agreement,
                                      gpu_check=gpu_check, require_gpu=require_gpu, float_fallback=float_fallback,
-                                     precision=precision)
+                                     precision=precision, max_accuracy_drop=max_accuracy_drop)
         self.report = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -52,6 +54,7 @@ class TFLiteExport(pl.Callback):
         if loader is None:
             raise SparseliteError("TFLiteExport needs validation data to verify the export; give the Trainer a val dataloader")
         channels = next((cb.pruner for cb in trainer.callbacks if isinstance(cb, ChannelPruning)), None)
-        rank_zero_info(f"[sparselite] exporting TFLite ({self.options.precision}) to {self.path}")
+        precision = self.options.precision or "as trained"
+        rank_zero_info(f"[sparselite] exporting TFLite ({precision}) to {self.path}")
         self.report = export_from_loader(pl_module, loader, self.path, self.options, channel_pruner=channels)
         rank_zero_info("[sparselite] " + self.report.summary())

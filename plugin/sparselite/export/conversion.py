@@ -14,8 +14,9 @@ from sparselite.export.xnnpack_forms import use_xnnpack_forms
 from sparselite.export.lowering import lower_for_litert
 from sparselite.export.ranges import quantize_pt2e
 from sparselite.module_copy import detached_copy
-from sparselite.pruning.pruner import MASK_BUFFER
+from sparselite.pruning.targets import strip_masks
 from sparselite.quantization.fusion import batchnorm_as_depthwise, find_fused_chains, fold_batchnorm
+from sparselite.quantization.float_activations import strip as strip_float_activation_quant
 from sparselite.quantization.qat import strip_fake_quant
 from sparselite.tflite import flatbuffer
 
@@ -25,9 +26,8 @@ def float_model_for_export(module: nn.Module) -> nn.Module:
     it follows none), eval mode."""
     model = detached_copy(module).eval()
     strip_fake_quant(model)
-    for sub in model.modules():
-        if MASK_BUFFER in sub._buffers:
-            sub.weight.data.mul_(sub._buffers.pop(MASK_BUFFER))
+    strip_float_activation_quant(model)
+    strip_masks(model)
     fold_batchnorm(model, find_fused_chains(model))
     batchnorm_as_depthwise(model)  # the BNs that follow no conv
     return model

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, Mapping
 
 from sparselite.errors import SparseliteError
+from sparselite.export.auto_precision import DEFAULT_MAX_ACCURACY_DROP
 from sparselite.export.precision import PrecisionSpec, check_precision
 from sparselite.export.report import FLOAT_FALLBACKS, FloatFallback
 
@@ -35,8 +36,13 @@ class ExportOptions:
         float_fallback: False: an op with no int8 TFLite kernel fails the export, named with its torch
             modules; True: such ops stay float in a mixed-precision file, listed in the report;
             'xnnpack': also keep float the modules whose int8 ops XNNPACK does not delegate.
-        precision: 'int8' (the fully int8 file), 'dynamic_int8', 'fp16', 'fp32', or a mapping from
-            module-name regexes to the last three with a 'default' entry (``precision.py``).
+        precision: None (the default): what QAT simulated (``QuantizationAwareTraining(precision=...)``),
+            else 'int8'. Or 'int8' (the fully int8 file), 'dynamic_int8', 'fp16', 'fp32', 'auto' (each layer's
+            precision chosen from measured latency within ``max_accuracy_drop``, ``auto_precision.py``;
+            needs verification batches), or a mapping from module-name regexes to 'dynamic_int8',
+            'fp16' or 'fp32' with a 'default' entry (``precision.py``).
+        max_accuracy_drop: precision='auto': the top-1 points the file may lose against the float model
+            on the verification batches.
     """
 
     io_dtype: Literal["float32", "int8"] = "float32"
@@ -47,7 +53,8 @@ class ExportOptions:
     gpu_check: bool = False
     require_gpu: bool = False
     float_fallback: FloatFallback = False
-    precision: PrecisionSpec = "int8"
+    precision: PrecisionSpec | None = None
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
 
     def __post_init__(self) -> None:
         if self.io_dtype not in IO_DTYPES:
@@ -67,14 +74,21 @@ class ExportOptions:
         if not any(self.float_fallback is value or self.float_fallback == value and isinstance(value, str)
                    for value in FLOAT_FALLBACKS):
             raise SparseliteError(f"float_fallback={self.float_fallback!r} must be false, true or 'xnnpack'")
-        check_precision(self.precision)
+        if self.precision is not None:
+            check_precision(self.precision)
+        if isinstance(self.max_accuracy_drop, bool) or not isinstance(self.max_accuracy_drop, (int, float)) \
+                or not 0.0 <= self.max_accuracy_drop <= 100.0:
+            raise SparseliteError(f"max_accuracy_drop={self.max_accuracy_drop!r} must be a number of top-1 points in [0, 100]")
+        if self.precision == "auto" and self.verify_batches is None:
+            raise SparseliteError("precision='auto' measures accuracy on the verification batches; set verify_batches "
+                                  "(the default is 8) and pass verify_data")
         if not self.fully_int8 and self.io_dtype != "float32":
             raise SparseliteError(f"io_dtype='int8' needs precision='int8' (a file with float layers has float inputs "
                                   f"and outputs), not precision={self.precision!r}")
 
     @property
     def fully_int8(self) -> bool:
-        return self.precision == "int8"
+        return self.precision in (None, "int8")  # None is resolved at export (``stages.prepare``)
 
     @property
     def verifies(self) -> bool:

@@ -8,91 +8,32 @@
 - ``"fp16"``: fp16 weights behind a DEQUANTIZE (half the bytes; the GPU accelerator computes in fp16,
   XNNPACK on x86 unpacks them to fp32 at load).
 - ``"fp32"``: float weights.
+- ``"auto"``: chosen per layer from measured latency and accuracy (``auto_precision.py``).
 
-A precision is one of these, or a mapping from module-name regular expressions (whole-name match) to
-the last three, with a ``"default"`` entry for the layers no pattern names: ``{"default":
-"dynamic_int8", "features\\..*": "fp32"}``. The fp32 conversion (litert-torch) is the starting point of
-the last three; the pass replaces each layer's weight tensor. Ops without weights (LayerNorm, attention,
-activations) stay fp32.
+A precision is one of these, or a per-layer mapping (``quantization/layer_precision.py`` resolves it).
+The fp32 conversion (litert-torch) is the starting point of dynamic_int8, fp16 and fp32; the pass
+replaces each layer's weight tensor. Ops without weights (LayerNorm, attention, activations) stay fp32.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
-from typing import Union
 
 import numpy as np
 import torch
 from ai_edge_litert import schema_py_generated as schema
 from torch import nn
 
-from sparselite.errors import SparseliteError
 from sparselite.quantization.dynamic_range import quantize_inputs_dynamically
+from sparselite.quantization.layer_precision import (  # noqa: F401  (the precision names, re-exported here)
+    DEFAULT_KEY, LAYER_PRECISIONS, PRECISIONS, PrecisionSpec, check_precision, is_depthwise as _is_depthwise,
+    layer_precisions, weight_layers,
+)
 from sparselite.quantization.spec import quantize_weight, weight_scales
 from sparselite.tflite.flatbuffer import append_tensor, builtin_code, operator_code_index
 
-PRECISIONS = ("int8", "dynamic_int8", "fp16", "fp32")
-LAYER_PRECISIONS = ("dynamic_int8", "fp16", "fp32")  # what a layer of a mixed file can have
-PrecisionSpec = Union[str, Mapping[str, str]]
-DEFAULT_KEY = "default"
-
 _DYNAMIC_OPS = (schema.BuiltinOperator.FULLY_CONNECTED, schema.BuiltinOperator.CONV_2D)
 _WEIGHT_OPS = (*_DYNAMIC_OPS, schema.BuiltinOperator.DEPTHWISE_CONV_2D)
-
-
-def check_precision(spec: PrecisionSpec) -> None:
-    """Refuse, with one line, a value that is not a precision or a valid mapping (no model needed)."""
-    if isinstance(spec, str):
-        if spec not in PRECISIONS:
-            raise SparseliteError(f"precision={spec!r} must be one of {', '.join(PRECISIONS)}, or a mapping "
-                                  f"{{module regex: precision, 'default': precision}}")
-        return
-    if not isinstance(spec, Mapping) or not spec:
-        raise SparseliteError(f"precision={spec!r} must be one of {', '.join(PRECISIONS)} or a non-empty mapping")
-    for pattern, value in spec.items():
-        if value not in LAYER_PRECISIONS:
-            raise SparseliteError(f"precision[{pattern!r}]={value!r}: a layer's precision is one of "
-                                  f"{', '.join(LAYER_PRECISIONS)} ('int8' is the fully int8 file, for the whole model)")
-        if pattern != DEFAULT_KEY:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise SparseliteError(f"precision pattern {pattern!r} is not a valid regular expression: {err}") from None
-
-
-def layer_precisions(model: nn.Module, spec: PrecisionSpec) -> dict[str, str]:
-    """Each weight layer's precision (module name -> precision) for a file that is not fully int8. Refuses
-    a pattern that names no layer and a precision a layer cannot have, naming them."""
-    check_precision(spec)
-    layers = weight_layers(model)
-    rules = dict(spec) if isinstance(spec, Mapping) else {DEFAULT_KEY: spec}
-    default = rules.pop(DEFAULT_KEY, "fp32")
-    unmatched = [pattern for pattern in rules if not any(re.fullmatch(pattern, name) for name in layers)]
-    if unmatched:
-        raise SparseliteError(f"precision pattern(s) {unmatched} match no layer with weights; the layers are "
-                              f"{', '.join(list(layers)[:8])}{' ...' if len(layers) > 8 else ''}")
-    chosen = {}
-    for name in layers:
-        chosen[name] = next((value for pattern, value in reversed(rules.items()) if re.fullmatch(pattern, name)), default)
-    depthwise = [name for name, module in layers.items()
-                 if chosen[name] == "dynamic_int8" and _is_depthwise(module)]
-    if depthwise:
-        raise SparseliteError(f"dynamic_int8 on depthwise conv(s) {', '.join(depthwise[:4])}: XNNPACK has no "
-                              "dynamic-range depthwise kernel; give them 'fp32' or 'fp16' (a precision mapping), "
-                              "or export the whole model as 'int8'")
-    return chosen
-
-
-def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules that hold a weight matrix or kernel of their own (Linear, convs, an RNN's ``weight_ih_l0``,
-    attention's ``in_proj_weight``): the layers a precision applies to."""
-    return {name: module for name, module in model.named_modules()
-            if any("weight" in p_name and p.dim() >= 2 for p_name, p in module.named_parameters(recurse=False))}
-
-
-def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
 
 
 def layer_of(tensor_name: str, layers: Iterable[str]) -> str | None:

@@ -101,6 +101,7 @@ class ExportReport:
     sha256: str | None = None  # of the file as written: a report describes exactly one file
     precision: Any = "int8"  # the export's precision option (a name, or a mapping of module regexes)
     layer_precisions: dict[str, str] = field(default_factory=dict)  # weight layer -> precision, files not fully int8
+    precision_choice: dict | None = None  # precision='auto': what it measured and chose (auto_precision.PrecisionChoice)
     stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each export stage (stages.py)
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +117,12 @@ class ExportReport:
         lines = [f"{self.path}: {self.file_bytes / 1024:.1f} KiB, {self.io_dtype} I/O, "
                  f"{self.ranges_learned} learned + {self.ranges_derived} derived + {self.ranges_fixed} fixed + "
                  f"{self.ranges_calibrated} calibrated activation ranges"]
+        if self.precision_choice:
+            chosen = self.precision_choice["precision"]
+            dynamic = sum(layer["precision"] == "dynamic_int8" for layer in self.precision_choice["layers"])
+            what = "the fully int8 file" if chosen == "int8" else f"{dynamic} of {len(self.precision_choice['layers'])} " \
+                                                                   "weight layers dynamic_int8, the rest fp32"
+            lines.append(f"  precision auto chose {what}; the same file without measuring: precision={chosen!r}")
         if self.parity:
             p = self.parity
             ties = f" ({p.ties_excluded} tied examples excluded)" if p.ties_excluded else ""

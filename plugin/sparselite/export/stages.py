@@ -2,6 +2,8 @@
 
   prepare   the float model (fake-quant and masks stripped, BN folded), the learned ranges, each layer's
             precision, the data
+  choose    precision='auto' only: candidate files built by the next two stages, measured, and the
+            precision they chose put in the options (``auto_precision.py``)
   convert   fully int8: pt2e quantization with the learned ranges, litert-torch conversion (and the float
             fallback); any other precision: the fp32 conversion
   rewrite   module names, XNNPACK's forms; fully int8: the float-island check, float I/O; otherwise each
@@ -19,7 +21,7 @@ import logging
 import lzma
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from torch import nn
 
 from sparselite.errors import SparseliteError
 from sparselite.module_copy import detached_copy
+from sparselite.export.auto_precision import PrecisionChoice, choose_precision
 from sparselite.export.conversion import convert_float, convert_with_ranges, float_model_for_export
 from sparselite.export.destination import check_destination, sha256_hex, size_bound, write_model_and_report
 from sparselite.export.io import use_float_io
@@ -45,6 +48,7 @@ from sparselite.export.precision import LayerFinder, apply_precisions, layer_pre
 from sparselite.runtime.load_probe import mark_written
 from sparselite.export.report import ExportReport, LayerSparsity
 from sparselite.pruning.targets import masked_targets, pruned_weight
+from sparselite.quantization.float_activations import simulated_precision
 from sparselite.quantization.qat import learned_ranges
 from sparselite.quantization.spec import quantize_weight
 from sparselite.tflite import flatbuffer
@@ -78,18 +82,25 @@ class ExportJob:
     dense: bytes = b""
     final: bytes = b""
     report: ExportReport | None = None
+    float_file: bytes = b""  # the fp32 conversion, made once for every float-activation file of the export
+    choice: PrecisionChoice | None = None  # precision='auto': what was measured and chosen
 
 
 def prepare(job: ExportJob) -> ExportJob:
     job.path = check_destination(job.path, job.report_path, size_bound(job.module))  # before minutes of work
+    if job.options.precision is None:  # as trained: the precision QAT simulated, else the fully int8 file
+        job.options = replace(job.options, precision=simulated_precision(job.module) or "int8")
     job.ranges = learned_ranges(job.module)
     job.train_sparsity = {name: float((target.weight == 0).float().mean())
                           for name, target in masked_targets(job.module).items()}
     job.float_model = float_model_for_export(job.module)
-    if not job.options.fully_int8:
+    if not job.options.fully_int8 and job.options.precision != "auto":
         job.precisions = layer_precisions(job.float_model, job.options.precision)  # refusals before conversion
     if job.verify_data is not None:
         _check_verifiable(job.float_model, job.example_inputs)
+    elif job.options.precision == "auto":
+        raise SparseliteError("precision='auto' measures accuracy on verification batches: pass verify_data "
+                              "(or a datamodule with a validation or test split to sparselite export)")
     job.calibration_data = _cap_examples(job.calibration_data, MAX_CALIBRATION_EXAMPLES)
     if job.options.fully_int8 and not job.ranges and not job.calibration_data:
         raise SparseliteError("the model has no QAT ranges and no calibration batches were given; "
@@ -99,9 +110,38 @@ def prepare(job: ExportJob) -> ExportJob:
     return job
 
 
+def choose(job: ExportJob) -> ExportJob:
+    if job.options.precision != "auto":
+        return job
+    has_ranges = bool(job.ranges or job.calibration_data)
+    job.choice = choose_precision(job.float_model, lambda precision: _candidate_file(job, precision),
+                                  (lambda: _candidate_file(job, "int8")[0]) if has_ranges else None,
+                                  job.verify_data, job.options.max_accuracy_drop)
+    for line in job.choice.table().splitlines():
+        log.info("%s", line)
+    int8 = job.choice.file == "int8"
+    job.options = replace(job.options, precision=job.choice.as_precision(),
+                          float_fallback=job.options.float_fallback or ("xnnpack" if int8 else False))
+    if not int8:
+        job.precisions = layer_precisions(job.float_model, job.options.precision)
+    return job
+
+
+def _candidate_file(job: ExportJob, precision) -> tuple[bytes, dict[str, str]]:
+    """The file ``convert`` and ``rewrite`` make of ``precision`` (the fully int8 one keeps float what
+    XNNPACK lacks int8 for), and the precision each layer got; the fp32 conversion is kept for the next."""
+    options = replace(job.options, precision=precision, float_fallback="xnnpack" if precision == "int8" else False)
+    candidate = replace(job, options=options, float_model=detached_copy(job.float_model), choice=None,
+                        precisions={} if options.fully_int8 else layer_precisions(job.float_model, precision))
+    candidate = rewrite(convert(candidate))
+    job.float_file = job.float_file or candidate.float_file
+    return candidate.dense, candidate.report.layer_precisions
+
+
 def convert(job: ExportJob) -> ExportJob:
     if not job.options.fully_int8:
-        job.model_t = flatbuffer.read_model(convert_float(job.float_model, job.example_inputs))
+        job.float_file = job.float_file or convert_float(job.float_model, job.example_inputs)
+        job.model_t = flatbuffer.read_model(job.float_file)
         job.report = _new_report(job, [])
         return job
     fallback = job.options.float_fallback
@@ -155,8 +195,10 @@ def encode(job: ExportJob) -> ExportJob:
                             "so a sparse file runs only with CPU fallback")
     if job.options.sparse_storage and not job.options.fully_int8:
         if job.train_sparsity:
-            report.notes.append("sparse storage is written for fully int8 files: a dynamic-range FULLY_CONNECTED "
-                                "reads only dense weights in XNNPACK, and float weights stay dense")
+            report.notes.append("sparse storage is written for fully int8 files: XNNPACK 2.3 does not delegate a "
+                                "dynamic-range CONV_2D or FULLY_CONNECTED fed by DENSIFY "
+                                "(docs/upstream/xnnpack_hybrid_conv_densify.md), so these weights stay dense; the "
+                                "zeros still shrink the compressed file")
     elif job.options.sparse_storage:
         from sparselite.export.sparse_storage import encode_sparse
 
@@ -208,10 +250,11 @@ def write(job: ExportJob) -> ExportJob:
     return job
 
 
-STAGES = (prepare, convert, rewrite, encode, verify, write)
+STAGES = (prepare, choose, convert, rewrite, encode, verify, write)
 # What each stage's progress line says it is doing (``export_tflite`` logs one line per stage).
 STAGE_TITLES = {
     "prepare": "trace the model, fold BN, read the learned ranges",
+    "choose": "choose each layer's precision (precision='auto': measured)",
     "convert": "quantize and convert (litert-torch)",
     "rewrite": "rewrite the graph for XNNPACK and the layers' precisions",
     "encode": "encode sparse weights, read sparsity back from the file",
@@ -222,15 +265,16 @@ STAGE_TITLES = {
 
 def _new_report(job: ExportJob, notes: list[str]) -> ExportReport:
     injection, precision = job.injection, job.options.precision
-    precision = dict(precision) if not isinstance(precision, str) else precision
+    precision = "auto" if job.choice else dict(precision) if not isinstance(precision, str) else precision
+    choice = job.choice.to_dict() if job.choice else None
     if injection is None:  # a file that is not fully int8: no activation ranges
         return ExportReport(path=str(job.path), file_bytes=0, io_dtype=job.options.io_dtype, ranges_learned=0,
-                            ranges_calibrated=0, notes=notes, precision=precision)
+                            ranges_calibrated=0, notes=notes, precision=precision, precision_choice=choice)
     return ExportReport(path=str(job.path), file_bytes=0, io_dtype=job.options.io_dtype,
                         ranges_learned=len(injection.learned), ranges_calibrated=len(injection.calibrated),
                         ranges_derived=len(injection.derived), ranges_fixed=len(injection.fixed),
                         calibrated_ranges=dict(injection.calibrated) if job.ranges else {}, notes=notes,
-                        precision=precision)
+                        precision=precision, precision_choice=choice)
 
 
 def _check_gpu(report: ExportReport, candidate: Path, required: bool) -> None:

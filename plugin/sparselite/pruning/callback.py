@@ -24,7 +24,8 @@ class GradualPruning(pl.Callback):
         power: exponent of the polynomial decay (3 in the paper).
         pattern: 'unstructured', a block 'RxC' (e.g. '1x16' for TFLite's sparse FULLY_CONNECTED) or 'N:M'.
         scope: 'layer' (each layer reaches the target) or 'global' (one magnitude threshold for all).
-        include / exclude: regular expressions over module names (whole-name match).
+        include / exclude: regular expressions over module names (whole-name match); a GRU/LSTM's gate
+            matrices are layers of their own, ``rnn.weight_hh_l0`` (``sparselite.pruning.targets``).
         skip_depthwise / min_params: default skips, see ``sparselite.pruning.selection``.
         policy: 'all', or 'xnnpack_latency' to prune only the 1x1 convs XNNPACK's sparse kernels run.
         overrides: {name regex: {final_sparsity: x, pattern: p}} for individual layers.

@@ -1,6 +1,7 @@
 """Gradual magnitude pruning without Lightning: prepare, step, apply, report.
 
-Masks are buffers (``<layer>.sparselite_mask``), so they travel in every state_dict and checkpoint.
+Masks are buffers (``<layer>.sparselite_mask``; a recurrent layer's ``<rnn>.sparselite_mask_weight_hh_l0``,
+see ``targets.py``), so they travel in every state_dict and checkpoint.
 The schedule is a pure function of the optimizer step, so a resumed run recomputes the same targets;
 masks are recomputed from weight magnitudes only on schedule beats, and pruned weights are exactly
 zero, so a resumed run ends with the same masks as an uninterrupted one.
@@ -20,8 +21,8 @@ from sparselite.errors import SparseliteError
 from sparselite.pruning.masks import Pattern, global_masks, layer_mask
 from sparselite.pruning.schedule import PolynomialDecay
 from sparselite.pruning.selection import LayerSelection
+from sparselite.pruning.targets import MASK_BUFFER, mask_buffer_name  # noqa: F401  (MASK_BUFFER: imported from here)
 
-MASK_BUFFER = "sparselite_mask"
 Scope = Literal["layer", "global"]  # 'layer': each layer reaches the target; 'global': one threshold for all
 
 
@@ -32,10 +33,15 @@ class PrunedLayer:
     pattern: Pattern
     schedule: PolynomialDecay
     in_global_pool: bool
+    parameter: str = "weight"  # a recurrent layer's gate matrix: 'weight_hh_l0'
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return getattr(self.module, self.parameter)
 
     @property
     def mask(self) -> torch.Tensor:
-        return getattr(self.module, MASK_BUFFER)
+        return getattr(self.module, mask_buffer_name(self.parameter))
 
 
 class MagnitudePruner:
@@ -85,11 +91,11 @@ class MagnitudePruner:
         """Pick the layers, check each pattern fits, and give each a mask buffer (all ones)."""
         selected = self.selection.select(model)
         for key in self.overrides:
-            if not any(re.fullmatch(key, name) for name in selected):
+            if not any(target.matched_by(re.compile(key)) for target in selected.values()):
                 raise SparseliteError(f"override '{key}' matches no pruned layer; pruned layers: {', '.join(selected)}")
         self.layers = {}
-        for name, module in selected.items():
-            override = next((v for k, v in self.overrides.items() if re.fullmatch(k, name)), {})
+        for name, target in selected.items():
+            override = next((v for k, v in self.overrides.items() if target.matched_by(re.compile(k))), {})
             pattern = Pattern.parse(override.get("pattern", str(self.pattern)))
             schedule = self.schedule
             if "final_sparsity" in override:
@@ -97,15 +103,16 @@ class MagnitudePruner:
                 schedule = dataclasses.replace(
                     schedule, final_sparsity=final, initial_sparsity=min(schedule.initial_sparsity, final)
                 )
-            pattern.check_fits(module.weight.shape, name)
+            pattern.check_fits(target.weight.shape, name)
             if pattern.kind == "n:m" and abs(schedule.final_sparsity - pattern.max_sparsity) > 1e-9:
                 raise SparseliteError(
                     f"pattern {pattern} means final_sparsity {pattern.max_sparsity:g} for layer '{name}', "
                     f"not {schedule.final_sparsity:g}; set final_sparsity to {pattern.max_sparsity:g}"
                 )
-            if not hasattr(module, MASK_BUFFER):
-                module.register_buffer(MASK_BUFFER, torch.ones_like(module.weight, dtype=torch.bool))
-            self.layers[name] = PrunedLayer(name, module, pattern, schedule, in_global_pool=not override)
+            if not hasattr(target.module, target.mask_buffer):
+                target.module.register_buffer(target.mask_buffer, torch.ones_like(target.weight, dtype=torch.bool))
+            self.layers[name] = PrunedLayer(name, target.module, pattern, schedule, in_global_pool=not override,
+                                            parameter=target.parameter)
         return self.layers
 
     def _require_prepared(self) -> None:
@@ -121,7 +128,7 @@ class MagnitudePruner:
             return False
         pooled = [n for n, l in self.layers.items() if l.in_global_pool and updates[n][0]]
         if self.scope == "global" and pooled:
-            new = global_masks({n: self.layers[n].module.weight for n in pooled}, updates[pooled[0]][1], self.pattern)
+            new = global_masks({n: self.layers[n].weight for n in pooled}, updates[pooled[0]][1], self.pattern)
         else:
             new = {}
         for name, layer in self.layers.items():
@@ -130,7 +137,7 @@ class MagnitudePruner:
                 continue
             mask = new.get(name)
             if mask is None:
-                mask = layer_mask(layer.module.weight, sparsity, layer.pattern)
+                mask = layer_mask(layer.weight, sparsity, layer.pattern)
             # A weight pruned once stays pruned: the schedule only ever grows sparsity.
             layer.mask.copy_(layer.mask & mask.bool())
         self.last_update_step = step
@@ -140,14 +147,15 @@ class MagnitudePruner:
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero the pruned weights; call after every optimizer step (momentum and decay revive them)."""
+        # In place: a recurrent layer's flat weight list (and cuDNN's packed copy) holds these same tensors.
         for layer in self.layers.values():
-            layer.module.weight.mul_(layer.mask)
+            layer.weight.mul_(layer.mask)
 
     def sparsity(self) -> dict[str, float]:
         """Measured sparsity (fraction of exact zeros) of every pruned weight, plus 'overall'."""
         report, zeros, total = {}, 0, 0
         for name, layer in self.layers.items():
-            weight = layer.module.weight.detach()
+            weight = layer.weight.detach()
             n_zero = int((weight == 0).sum())
             report[name] = n_zero / weight.numel()
             zeros, total = zeros + n_zero, total + weight.numel()

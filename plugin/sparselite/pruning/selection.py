@@ -1,9 +1,15 @@
 """Which layers get pruned: module types, name patterns, and the latency-aware XNNPACK policy.
 
+What is selected is a weight (``targets.PruningTarget``): a Conv/Linear layer's, named after its module,
+or each gate matrix of a GRU/LSTM/RNN, named ``<module>.<parameter>`` (``rnn.weight_hh_l0``); patterns
+match either name, so ``rnn`` addresses all of a recurrent layer's matrices and ``rnn\\.weight_hh_l0`` one.
+
 Skipped by default, and why:
   - depthwise convolutions: a 3x3 depthwise kernel has 9 weights per channel; removing them costs much
     accuracy and saves few bytes;
-  - layers with fewer than ``min_params`` weights (the stem conv, tiny heads): the same trade.
+  - weights with fewer than ``min_params`` values (the stem conv, tiny heads): the same trade.
+Recurrent cells (``nn.GRUCell``, ``nn.LSTMCell``) are not pruned: a model steps them in its own Python
+loop, and how the converter writes their weights (one constant, or one per step) has not been checked.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ from typing import Literal, get_args
 from torch import nn
 
 from sparselite.errors import SparseliteError
+from sparselite.pruning.targets import PruningTarget, layer_targets
 
-# Recurrent layers (GRU/LSTM) are not pruned: their cells export as float islands, whose weights
-# litert-torch writes as float constants that no sparse encoding reaches, so masks would buy nothing.
-DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
+# Recurrent layers count: the converter writes their gate matrices as FULLY_CONNECTED weights (fp32 or
+# dynamic-range int8 files; a float island in fully int8 ones), so their zeros reach the file whatever its
+# precision, and for a GRU/LSTM model they are most of the weights.
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.RNNBase)
 Policy = Literal["all", "xnnpack_latency"]  # 'xnnpack_latency': only the 1x1 convs XNNPACK's sparse kernels run
 
 
@@ -55,10 +63,10 @@ def match_names(patterns: Sequence[re.Pattern], names: Iterable[str]) -> dict[st
 class LayerSelection:
     """Which layers to prune. Validated at construction: bad regexes and policies fail before training.
 
-    ``include``/``exclude`` are regular expressions matched against whole module names
-    (``re.fullmatch``); an explicit include overrides the default skips (depthwise, ``min_params``).
-    A pattern that matches no module is an error at ``select``, since it is almost always a typo
-    that would silently leave a layer dense.
+    ``include``/``exclude`` are regular expressions matched against whole module names, or a recurrent
+    weight's name (``re.fullmatch``); an explicit include overrides the default skips (depthwise,
+    ``min_params``). A pattern that matches no module is an error at ``select``, since it is almost
+    always a typo that would silently leave a layer dense.
     """
 
     include: tuple[str, ...] = ()
@@ -81,11 +89,14 @@ class LayerSelection:
         object.__setattr__(self, "_includes", _compile(self.include, "include"))
         object.__setattr__(self, "_excludes", _compile(self.exclude, "exclude"))
 
-    def select(self, model: nn.Module) -> dict[str, nn.Module]:
-        """Layers to prune, by name."""
+    def select(self, model: nn.Module) -> dict[str, PruningTarget]:
+        """Weights to prune, by target name (a Conv/Linear layer's module name, ``<rnn>.<weight_ih_l0>``)."""
         named = {name: m for name, m in model.named_modules() if name}
         includes, excludes = self._includes, self._excludes
-        for kind, hits in (("include", match_names(includes, named)), ("exclude", match_names(excludes, named))):
+        addressable = list(named) + [t.name for name, m in named.items() if isinstance(m, nn.RNNBase)
+                                     for t in layer_targets(name, m)]
+        for kind, hits in (("include", match_names(includes, addressable)),
+                           ("exclude", match_names(excludes, addressable))):
             for pattern, matched in hits.items():
                 if not matched:
                     raise SparseliteError(
@@ -97,23 +108,19 @@ class LayerSelection:
 
         selected, skipped = {}, {}
         for name, module in named.items():
-            explicitly_included = any(p.fullmatch(name) for p in includes)
-            if not isinstance(module, self.module_types) or getattr(module, "weight", None) is None:
-                if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
-                    skipped[name] = f"{type(module).__name__}: recurrent layers are not pruned"
+            if isinstance(module, nn.RNNCellBase):
+                skipped[name] = f"{type(module).__name__}: recurrent cells are not pruned"
                 continue
-            if includes and not explicitly_included:
-                skipped[name] = "not matched by include"
-            elif any(p.fullmatch(name) for p in excludes):
-                skipped[name] = "matched by exclude"
-            elif self.policy == "xnnpack_latency" and not is_pointwise(module):
-                skipped[name] = "not a 1x1 conv (policy xnnpack_latency)"  # XNNPACK's SpMM exists only for 1x1 convs
-            elif not explicitly_included and self.skip_depthwise and is_depthwise(module):
-                skipped[name] = "depthwise (skip_depthwise)"
-            elif not explicitly_included and module.weight.numel() < self.min_params:
-                skipped[name] = f"{module.weight.numel()} weights < min_params={self.min_params}"
-            else:
-                selected[name] = module
+            if not isinstance(module, self.module_types):
+                continue
+            if not isinstance(module, nn.RNNBase) and getattr(module, "weight", None) is None:
+                continue
+            for target in layer_targets(name, module):
+                why = self._skip_reason(target, includes, excludes)
+                if why:
+                    skipped[target.name] = why
+                else:
+                    selected[target.name] = target
         if not selected:
             seen = "; ".join(f"{name}: {why}" for name, why in list(skipped.items())[:6])
             more = f" (+{len(skipped) - 6} more)" if len(skipped) > 6 else ""
@@ -122,6 +129,22 @@ class LayerSelection:
                 f"no layer was selected for pruning; layers of types {types} seen and skipped: {seen or 'none'}{more}"
             )
         return selected
+
+    def _skip_reason(self, target: PruningTarget, includes: Sequence[re.Pattern],
+                     excludes: Sequence[re.Pattern]) -> str | None:
+        module, count = target.module, target.weight.numel()
+        explicitly_included = any(target.matched_by(p) for p in includes)
+        if includes and not explicitly_included:
+            return "not matched by include"
+        if any(target.matched_by(p) for p in excludes):
+            return "matched by exclude"
+        if self.policy == "xnnpack_latency" and not is_pointwise(module):
+            return "not a 1x1 conv (policy xnnpack_latency)"  # XNNPACK's SpMM exists only for 1x1 convs
+        if not explicitly_included and self.skip_depthwise and is_depthwise(module):
+            return "depthwise (skip_depthwise)"
+        if not explicitly_included and count < self.min_params:
+            return f"{count} weights < min_params={self.min_params}"
+        return None
 
 
 def check_xnnpack_sparse_graph(model: nn.Module) -> None:

@@ -218,19 +218,24 @@ def point_key(layer: str, sparsity: float) -> str:
     return f"{layer}@{sparsity:.6f}"
 
 
+def _weight_of(layer: nn.Module | torch.Tensor) -> torch.Tensor:
+    return layer if isinstance(layer, torch.Tensor) else layer.weight
+
+
 def measure_sensitivity(
     model: nn.Module,
-    layers: Mapping[str, nn.Module],
+    layers: Mapping[str, nn.Module | torch.Tensor],
     patterns: Mapping[str, Pattern],
     grid: Sequence[float],
     evaluate: Callable[[nn.Module], tuple[float, float]],
-    fine_tune: Callable[[nn.Module, nn.Module, torch.Tensor], None] | None = None,
+    fine_tune: Callable[[nn.Module, nn.Module | torch.Tensor, torch.Tensor], None] | None = None,
     known: Mapping[str, Point] | None = None,
     on_point: Callable[[int, int, str, Point, bool], None] | None = None,
 ) -> list[LayerCurve]:
     """Each layer alone, pruned by magnitude (its ``patterns`` entry) to each sparsity of ``grid``, then
     ``fine_tune(model, layer, mask)`` if given (it must keep the mask applied), then ``evaluate(model)``
-    -> (loss, accuracy). The model is put back exactly after each point. ``known``: points measured before
+    -> (loss, accuracy). A layer is a module (its ``weight`` is pruned) or the weight itself (a recurrent
+    layer's ``weight_hh_l0``); ``fine_tune`` gets it as given. The model is put back exactly after each point. ``known``: points measured before
     (``point_key`` -> Point), not measured again. ``on_point(done, total, layer, point, reused)`` after each."""
     known = dict(known or {})
     base_key = point_key("", 0.0)
@@ -246,25 +251,26 @@ def measure_sensitivity(
     known[base_key] = base
     curves = []
     state = copy.deepcopy(model.state_dict()) if fine_tune is not None else None
-    for name, module in layers.items():
-        curve = LayerCurve(name, module.weight.numel(), [base])
+    for name, layer in layers.items():
+        weight = _weight_of(layer)
+        curve = LayerCurve(name, weight.numel(), [base])
         for sparsity in grid:
             key = point_key(name, sparsity)
             reused = key in known
             if not reused:
-                original = module.weight.detach().clone()
+                original = weight.detach().clone()
                 try:
-                    mask = layer_mask(module.weight.detach(), sparsity, patterns[name]).to(module.weight.dtype)
+                    mask = layer_mask(weight.detach(), sparsity, patterns[name]).to(weight.dtype)
                     with torch.no_grad():
-                        module.weight.mul_(mask)
+                        weight.mul_(mask)
                     if fine_tune is not None:
-                        fine_tune(model, module, mask)
+                        fine_tune(model, layer, mask)
                     known[key] = Point(sparsity, *evaluate(model))
                 finally:
                     if state is not None:
                         model.load_state_dict(state)
                     with torch.no_grad():
-                        module.weight.copy_(original)
+                        weight.copy_(original)
             curve.points.append(known[key])
             done += 1
             if on_point:

@@ -10,13 +10,20 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from sparselite.errors import SparseliteError
 from sparselite.quantization.fusion import FusedChain
+from sparselite.quantization.float_activations import FloatActivationSimulator
+from sparselite.quantization.layer_precision import PrecisionSpec, check_precision
 from sparselite.quantization.qat import QuantizationSimulator
 
 
 class QuantizationAwareTraining(pl.Callback):
-    """Fake-quant that simulates TFLite int8 (per-channel symmetric weights, per-tensor affine activations).
+    """Fake-quant that simulates what the exported file computes: by default TFLite int8 (per-channel
+    symmetric weights, per-tensor affine activations).
 
     Args:
+        precision: 'int8' (the fully int8 file), or a float-activation precision: 'dynamic_int8', 'fp16',
+            'fp32' or a per-layer mapping (``layer_precision.py``), simulated by ``float_activations.py``
+            (int8 weights and XNNPACK's run-time rounding of the input, or fp16 weights). The export
+            follows it unless told another precision.
         begin_step: optimizer step at which fake-quant and range observation begin (let pruning settle first).
         freeze_step: step after which activation ranges stop updating; None = never. BatchNorm keeps
             training on batch statistics (the weights are fake-quantized on the fold export uses).
@@ -26,10 +33,17 @@ class QuantizationAwareTraining(pl.Callback):
     """
 
     def __init__(self, begin_step: int = 0, freeze_step: int | None = None,
-                 averaging_constant: float | None = None) -> None:
+                 averaging_constant: float | None = None, precision: PrecisionSpec = "int8") -> None:
         # Validates now, before any training.
-        self.simulator = QuantizationSimulator(begin_step=begin_step, freeze_step=freeze_step,
-                                               averaging_constant=averaging_constant)
+        check_precision(precision)
+        if precision == "int8":
+            self.simulator = QuantizationSimulator(begin_step=begin_step, freeze_step=freeze_step,
+                                                   averaging_constant=averaging_constant)
+        else:
+            if freeze_step is not None or averaging_constant is not None:
+                raise SparseliteError(f"freeze_step and averaging_constant set activation ranges, which precision="
+                                      f"{precision!r} does not have (its activations stay float); leave them unset")
+            self.simulator = FloatActivationSimulator(precision, begin_step)
 
     def prepare(self, pl_module: pl.LightningModule, example_inputs: tuple | None = None) -> list[FusedChain]:
         """Attach fake-quant (once), so a checkpoint's learned ranges load into it. Functional ops (add,
@@ -43,6 +57,10 @@ class QuantizationAwareTraining(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before checkpoint restore, so the range buffers exist when the state_dict is loaded.
         chains = self.prepare(pl_module)
+        if isinstance(self.simulator, FloatActivationSimulator):
+            rank_zero_info(f"[sparselite] QAT for precision {self.simulator.precision!r} on {len(chains)} layers "
+                           f"from step {self.simulator.begin_step}")
+            return
         sites = (f" and {len(self.simulator.op_sites)} functional ops (add, mul, cat)" if self.simulator.op_sites_found
                  else "; functional ops (add, mul, cat) are found at the first batch")
         rank_zero_info(f"[sparselite] QAT on {len(chains)} layers{sites} from step {self.simulator.begin_step}")

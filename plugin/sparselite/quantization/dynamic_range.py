@@ -45,16 +45,18 @@ def fake_quantize_rows(x: torch.Tensor, row_dims: tuple[int, ...]) -> torch.Tens
 
 def row_dims_of(module: nn.Module) -> tuple[int, ...] | None:
     """The dimensions of the module's input that make one row of XNNPACK's dynamic quantization; None
-    for a layer that runs in no dynamic-range kernel here. XNNPACK runs a 1x1 stride-1 unpadded conv as
-    a fully connected layer over pixels, so each pixel is a row there (measured: either rule alone is
-    30-40 times further from the file than the right one)."""
+    for a layer that runs in no dynamic-range kernel: a conv whose groups each read one channel is a
+    DEPTHWISE_CONV_2D in the file (a depthwise conv, and also a stem over one channel), which has none.
+    XNNPACK runs a 1x1 stride-1 unpadded conv as a fully connected layer over pixels, so each pixel is a
+    row there (measured: either rule alone is 30-40 times further from the file than the right one)."""
     if isinstance(module, nn.Linear):
         return (-1,)
-    if not isinstance(module, nn.Conv2d) or (module.groups > 1 and module.groups == module.in_channels):
+    if not isinstance(module, nn.Conv2d) or module.in_channels // module.groups == 1:
         return None
     unpadded = isinstance(module.padding, str) or not any(module.padding)  # 'same' pads a 1x1 kernel by 0
     pointwise = module.kernel_size == (1, 1) and module.stride == (1, 1) and module.groups == 1 and unpadded
     return (1,) if pointwise else (1, 2, 3)
+
 
 def quantize_inputs_dynamically(module: nn.Module) -> torch.utils.hooks.RemovableHandle | None:
     """Hook ``module`` so its input is rounded as XNNPACK rounds it at run time; None when it has no

@@ -1,0 +1,230 @@
+"""``precision="auto"``: each layer's precision, chosen from measured XNNPACK latency and the model's
+accuracy on the verification batches.
+
+1. Which layers can be dynamic-range: the pass writes every layer that is not depthwise as
+   ``dynamic_int8``; the ones whose op has no such kernel (a DEPTHWISE_CONV_2D, which a one-channel conv
+   also becomes) come back fp32 ("no kernel").
+2. Which are faster so: each candidate layer's ops are cut out of the fp32 file and of the all-dynamic
+   file (``op_cost.ops_alone``: an RNN's weight with all the time steps that read it) and timed alone,
+   interleaved. A layer stays dynamic only below ``FASTER`` of its fp32 time ("not faster" otherwise: a
+   small layer pays more for quantizing its input than it saves).
+3. Which the accuracy tolerates: each remaining layer alone dynamic, simulated in torch as the file
+   computes it (``precision.precision_reference``, exact to float rounding), on the verification
+   batches: its top-1 flips and its logit error against the float model. With all of them dynamic, while
+   the top-1 drop exceeds ``max_accuracy_drop`` points, the layer with the largest logit error goes back
+   to fp32 ("sensitive").
+4. The whole file: the mixed file, the fp32 file and, when the model has QAT ranges or calibration
+   batches, the fully int8 file are timed whole, interleaved. Whole-file timing is what counts the cost
+   of the QUANTIZE/DEQUANTIZE pairs at int8/float borders and of the delegate's hand-overs. The fully
+   int8 file wins when it is no slower than the mixed file and within the budget on the same batches
+   (a CNN's usual outcome). A dynamic-range layer has no border: its op quantizes its own input.
+
+fp16 is never chosen: XNNPACK on x86 unpacks fp16 weights to fp32 at load, so it is no faster here
+(ask for it by name for the GPU or for half the file). Int8 and dynamic-range layers are not mixed in
+one file: the fully int8 file is all or nothing.
+
+The choice (``PrecisionChoice``) is printed as a table, written in the export report, and turns into an
+explicit precision (``as_precision``) that reproduces the same file without measuring again.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from ai_edge_litert import schema_py_generated as schema
+from torch import nn
+
+from sparselite.errors import SparseliteError
+from sparselite.export.precision import (
+    DEFAULT_KEY, LayerFinder, PrecisionSpec, _WEIGHT_OPS, _float_values, precision_reference, weight_layers,
+)
+from sparselite.module_copy import detached_copy
+from sparselite.runtime.op_cost import median_latencies, ops_alone
+from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model
+
+log = logging.getLogger("sparselite")
+
+FASTER = 0.9  # a dynamic-range layer must take under this share of its fp32 time (timing noise is a few %)
+DEFAULT_MAX_ACCURACY_DROP = 0.5  # top-1 points against the float model
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    layer: str
+    op: str  # the file's op(s) reading the weight, e.g. "FULLY_CONNECTED x28" for a GRU's
+    precision: str
+    reason: str
+    fp32_share: float | None = None  # its ops alone, as a share of the fp32 file's latency
+    dynamic_vs_fp32: float | None = None  # its ops alone: dynamic-range time / fp32 time
+    flips_alone: float | None = None  # top-1 points flipped with only this layer dynamic-range
+    logit_error_alone: float | None = None  # relative logit error (L2) with only this layer dynamic-range
+
+
+@dataclass
+class PrecisionChoice:
+    file: str  # "int8": the fully int8 file; "mixed": the per-layer precisions below
+    layers: list[LayerChoice]
+    latency_vs_fp32: dict[str, float]  # candidate file -> whole-file latency over the fp32 file's
+    top1_drop: dict[str, float]  # candidate file -> top-1 points lost against the float model
+    max_accuracy_drop: float
+    notes: list[str] = field(default_factory=list)
+
+    def as_precision(self) -> PrecisionSpec:
+        """The explicit precision that gives this file again: 'int8', or one entry per layer."""
+        if self.file == "int8":
+            return "int8"
+        return {DEFAULT_KEY: "fp32", **{re.escape(c.layer): c.precision for c in self.layers if c.precision != "fp32"}}
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "precision": self.as_precision()}
+
+    def table(self) -> str:
+        lines = [f"precision auto: the {'fully int8' if self.file == 'int8' else 'mixed-precision'} file "
+                 f"({', '.join(f'{k} {v:.2f}x' for k, v in self.latency_vs_fp32.items())} fp32 latency; "
+                 f"top-1 drop {', '.join(f'{k} {v:.2f}' for k, v in self.top1_drop.items())} points, "
+                 f"budget {self.max_accuracy_drop:g})",
+                 f"  {'layer':<32} {'op':<22} {'precision':<13} reason"]
+        for c in self.layers:
+            lines.append(f"  {c.layer[-32:]:<32} {c.op[:22]:<22} {c.precision:<13} {c.reason}")
+        return "\n".join(lines + [f"  note: {note}" for note in self.notes])
+
+
+BuildFile = Callable[[PrecisionSpec], tuple[bytes, dict[str, str]]]  # precision -> (file, precisions written)
+
+
+def choose_precision(float_model: nn.Module, build: BuildFile, int8_file: Callable[[], bytes] | None,
+                     batches: Sequence[torch.Tensor], max_accuracy_drop: float, threads: int = 1,
+                     rounds: int = 5, runs_per_round: int = 10) -> PrecisionChoice:
+    """Measure and choose (module docstring). ``build`` makes a float-activation file of a precision;
+    ``int8_file`` the fully int8 file (None: the model has no ranges to make one)."""
+    layers = weight_layers(float_model)
+    fp32_file, _ = build("fp32")
+    dynamic_file, written = build({DEFAULT_KEY: "fp32", **{re.escape(name): "dynamic_int8" for name in layers
+                                                         if not _depthwise(layers[name])}})
+    fp32_t = read_model(fp32_file)
+    ops = _ops_of_layers(fp32_t, float_model, layers)
+    candidates = [name for name in layers if written.get(name) == "dynamic_int8" and ops.get(name)]
+
+    log.info("precision auto: timing %d layers alone in fp32 and dynamic-range int8", len(candidates))
+    files = {"fp32": fp32_file}
+    for name in candidates:
+        files[f"{name}/fp32"] = ops_alone(fp32_t, ops[name])
+        files[f"{name}/dynamic"] = ops_alone(read_model(dynamic_file), ops[name])
+    seconds = median_latencies(files, threads, rounds=rounds, runs_per_round=runs_per_round)
+
+    reference = _float_outputs(float_model, batches)
+    choices: dict[str, LayerChoice] = {}
+    faster = []
+    for name in layers:
+        op = _op_summary(fp32_t, ops.get(name, []))
+        if name not in candidates:
+            choices[name] = LayerChoice(name, op, "fp32", f"no dynamic-range kernel for {op or 'its op'}")
+            continue
+        ratio = seconds[f"{name}/dynamic"] / seconds[f"{name}/fp32"]
+        share = seconds[f"{name}/fp32"] / seconds["fp32"]
+        if ratio >= FASTER:
+            choices[name] = LayerChoice(name, op, "fp32", f"dynamic_int8 not faster ({ratio:.2f}x)", share, ratio)
+            continue
+        flips, error = _effect(float_model, {name: "dynamic_int8"}, batches, reference)
+        choices[name] = LayerChoice(name, op, "dynamic_int8", f"faster ({ratio:.2f}x its fp32 time)", share, ratio,
+                                    flips, error)
+        faster.append(name)
+
+    log.info("precision auto: %d layers faster dynamic-range; checking the accuracy budget", len(faster))
+    chosen = sorted(faster, key=lambda name: choices[name].logit_error_alone)
+    drop, _ = _effect(float_model, {name: "dynamic_int8" for name in chosen}, batches, reference)
+    while chosen and drop > max_accuracy_drop:
+        worst = chosen.pop()
+        c = choices[worst]
+        choices[worst] = LayerChoice(worst, c.op, "fp32", f"sensitive ({c.logit_error_alone:.3f} logit error alone, "
+                                     f"{c.flips_alone:.2f} top-1 points)", c.fp32_share, c.dynamic_vs_fp32,
+                                     c.flips_alone, c.logit_error_alone)
+        drop, _ = _effect(float_model, {name: "dynamic_int8" for name in chosen}, batches, reference)
+
+    mixed = {DEFAULT_KEY: "fp32", **{re.escape(name): "dynamic_int8" for name in chosen}}
+    wholes = {"fp32": fp32_file, "mixed": build(mixed)[0] if chosen else fp32_file}
+    notes, top1_drop = [], {"mixed": drop}
+    if int8_file is None:
+        notes.append("the fully int8 file was not tried: the model has no QAT ranges and no calibration batches")
+    else:
+        try:
+            wholes["int8"] = int8_file()
+            top1_drop["int8"] = _file_top1_drop(wholes["int8"], batches, reference)
+        except SparseliteError as err:
+            notes.append(f"the fully int8 file could not be made: {err}")
+    log.info("precision auto: timing the candidate files whole")
+    whole_seconds = median_latencies(wholes, threads, rounds=rounds, runs_per_round=runs_per_round)
+    latency = {name: whole_seconds[name] / whole_seconds["fp32"] for name in wholes if name != "fp32"}
+    int8_wins = "int8" in latency and latency["int8"] <= latency["mixed"] and top1_drop["int8"] <= max_accuracy_drop
+    if "int8" in latency and not int8_wins:
+        why = ("slower than the mixed file" if latency["int8"] > latency["mixed"]
+               else f"over the accuracy budget ({top1_drop['int8']:.2f} points)")
+        notes.append(f"the fully int8 file was not taken: {why}")
+    if int8_wins:
+        rows = [LayerChoice(c.layer, c.op, "int8", f"the fully int8 file: {latency['int8']:.2f}x fp32, "
+                            f"{latency['mixed']:.2f}x for the mixed one", c.fp32_share) for c in choices.values()]
+        return PrecisionChoice("int8", rows, latency, top1_drop, max_accuracy_drop, notes)
+    return PrecisionChoice("mixed", list(choices.values()), latency, top1_drop, max_accuracy_drop, notes)
+
+
+def _depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
+def _ops_of_layers(model: schema.ModelT, float_model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, list[int]]:
+    """Layer -> the indices of the ops that read its weight directly (several for an RNN's steps)."""
+    find_layer = LayerFinder(float_model, layers)
+    subgraph, found, ops = model.subgraphs[0], {}, {}
+    for index, op in enumerate(subgraph.operators):
+        if builtin_code(model, op) not in _WEIGHT_OPS or len(op.inputs) < 2:
+            continue
+        weight_index = int(op.inputs[1])
+        weight = subgraph.tensors[weight_index]
+        if weight.type != schema.TensorType.FLOAT32 or model.buffers[weight.buffer].data is None:
+            continue
+        if weight_index not in found:
+            found[weight_index] = find_layer(weight.name.decode(), _float_values(model, weight))
+        if found[weight_index] is not None:
+            ops.setdefault(found[weight_index], []).append(index)
+    return ops
+
+
+def _op_summary(model: schema.ModelT, indices: list[int]) -> str:
+    names = sorted({builtin_name(builtin_code(model, model.subgraphs[0].operators[i])) for i in indices})
+    return "/".join(names) + (f" x{len(indices)}" if len(indices) > 1 else "")
+
+
+@torch.no_grad()
+def _float_outputs(model: nn.Module, batches: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([model(batch).float().flatten(1) for batch in batches])
+
+
+@torch.no_grad()
+def _effect(float_model: nn.Module, precisions: dict[str, str], batches: Sequence[torch.Tensor],
+            reference: torch.Tensor) -> tuple[float, float]:
+    """(top-1 points flipped, relative L2 logit error) of the model with ``precisions``, simulated."""
+    simulated = precision_reference(detached_copy(float_model), precisions)
+    outputs = _float_outputs(simulated, batches)
+    return _top1_drop(reference, outputs), float((outputs - reference).norm() / reference.norm().clamp(min=1e-12))
+
+
+def _top1_drop(reference: torch.Tensor, outputs: torch.Tensor) -> float:
+    return float(100.0 * (reference.argmax(1) != outputs.argmax(1)).float().mean())
+
+
+def _file_top1_drop(content: bytes, batches: Sequence[torch.Tensor], reference: torch.Tensor) -> float:
+    from sparselite.runtime.litert import LiteRTModel
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "candidate.tflite"
+        path.write_bytes(content)
+        runtime = LiteRTModel(path)
+        outputs = np.concatenate([runtime(batch.numpy()).reshape(len(batch), -1) for batch in batches])
+    return _top1_drop(reference, torch.from_numpy(outputs).float())

@@ -1,0 +1,112 @@
+"""QAT for files whose activations stay float: each weight layer trains on what its precision computes.
+
+- ``dynamic_int8``: the weight fake-quantized per output channel (the grid export writes,
+  ``spec.weight_scales``, with the fold of a following BatchNorm), and the input rounded per row as
+  XNNPACK rounds it at run time (``dynamic_range.py``);
+- ``fp16``: the weight rounded to fp16;
+- ``fp32``: unchanged.
+Gradients pass straight through the rounding. Linear and Conv2d layers are simulated whole. A
+recurrent layer's steps are no modules of their own, so a dynamic-range GRU/LSTM trains on float
+weights; the export's parity check then compares against its weights as stored.
+
+The layers keep their parameters and classes (a parametrization of the weight would hide it from the
+pruner's in-place masks): each simulated layer gets a forward of its own, an instance attribute that
+``strip`` removes. The simulated precision is kept on the model (``simulated_precision``), and an
+export that is not told otherwise follows it.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparselite.errors import SparseliteError
+from sparselite.quantization.dynamic_range import fake_quantize_rows, row_dims_of
+from sparselite.quantization.fake_quant import WeightFakeQuant
+from sparselite.quantization.fusion import find_fused_chains
+from sparselite.quantization.layer_precision import PrecisionSpec, check_precision, layer_precisions
+
+SIMULATED_PRECISION = "sparselite_simulated_precision"  # attribute on the prepared model
+
+
+def simulated_precision(model: nn.Module) -> PrecisionSpec | None:
+    """The precision a model was prepared to train for by ``FloatActivationSimulator`` (None: not)."""
+    return getattr(model, SIMULATED_PRECISION, None)
+
+
+class FloatActivationSimulator:
+    """Prepares a model for a float-activation precision and switches the rounding on at ``begin_step``.
+    Has ``QuantizationSimulator``'s surface where callers share it (``model``, ``begin_step``, ``step``,
+    ``strip``, ``op_sites_found``): there are no functional ops to find, activations stay float."""
+
+    op_sites_found = True
+
+    def __init__(self, precision: PrecisionSpec, begin_step: int = 0) -> None:
+        check_precision(precision)
+        if precision in ("int8", "auto"):
+            raise SparseliteError(f"precision={precision!r} is not a float-activation precision: 'int8' trains with "
+                                  "QuantizationSimulator; 'auto' is chosen at export (train for 'int8' or a mapping)")
+        self.precision, self.begin_step = precision, begin_step
+        self.layers: dict[str, str] = {}
+        self.model: nn.Module | None = None
+        self.simulated: list[str] = []  # the layers whose forward simulates their precision
+        self.enabled = False
+
+    def prepare(self, model: nn.Module, example_inputs: tuple | None = None) -> list[str]:
+        """Resolve each layer's precision (refusals now, before training) and give the simulated layers
+        their forward, once per model; returns the simulated layers. (``example_inputs``: unused, there
+        are no functional ops to find.)"""
+        if simulated_precision(model) is not None:
+            return self.simulated
+        self.model = model
+        self.layers = layer_precisions(model, self.precision)
+        batchnorms = {chain.producer: model.get_submodule(chain.batchnorm)
+                      for chain in find_fused_chains(model) if chain.batchnorm}
+        for name, chosen in self.layers.items():
+            module = model.get_submodule(name)
+            if chosen == "dynamic_int8" and row_dims_of(module) is None:
+                continue  # the file keeps it fp32 (a one-channel conv is a DEPTHWISE_CONV_2D); so does training
+            if chosen == "fp32" or not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
+            weight_quant = WeightFakeQuant(batchnorms.get(name)) if chosen == "dynamic_int8" else None
+            module.forward = types.MethodType(_simulated_forward(chosen, weight_quant, self), module)
+            self.simulated.append(name)
+        setattr(model, SIMULATED_PRECISION, self.precision)
+        return self.simulated
+
+    def step(self, global_step: int) -> None:
+        self.enabled = global_step >= self.begin_step
+
+    def strip(self) -> None:
+        if self.model is not None:
+            strip(self.model)
+
+
+def _simulated_forward(precision: str, weight_quant: WeightFakeQuant | None, simulator: FloatActivationSimulator):
+    def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        weight = module.weight
+        if simulator.enabled:
+            if precision == "dynamic_int8":
+                x = fake_quantize_rows(x, row_dims_of(module))
+                weight = weight_quant(weight)
+            else:  # fp16
+                weight = weight + (weight.half().to(weight.dtype) - weight).detach()
+        if isinstance(module, nn.Linear):
+            return F.linear(x, weight, module.bias)
+        return module._conv_forward(x, weight, module.bias)
+
+    forward.simulates = precision  # how ``strip`` knows it
+    return forward
+
+
+def strip(model: nn.Module) -> None:
+    """Remove the simulated forwards and the mark (also on a deep copy): the float model again."""
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if forward is not None and hasattr(getattr(forward, "__func__", None), "simulates"):
+            del module.__dict__["forward"]
+    if SIMULATED_PRECISION in model.__dict__:
+        del model.__dict__[SIMULATED_PRECISION]
