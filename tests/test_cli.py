@@ -190,6 +190,20 @@ def test_fit_then_export_round_trip(tmp_path):
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
+    # precision auto: measured once, its table printed, its choice stored in the checkpoint and reused.
+    auto = tmp_path / "auto.tflite"
+    flags = ("--precision", "auto", "--verify-batches", "1", "--calibration-batches", "1")
+    first = run_cli("export", str(ckpt), "-o", str(auto), *flags, timeout=400)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "precision auto: the " in first.stdout and "reason" in first.stdout  # the table's header
+    assert f"the choice is stored in {ckpt}" in first.stdout
+    chosen = json.loads(auto.with_suffix(".json").read_text())["precision_choice"]
+    written = auto.read_bytes()
+    second = run_cli("export", str(ckpt), "-o", str(auto), *flags, timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"the choice stored in {ckpt} (precision={chosen['precision']!r})" in second.stdout
+    assert auto.read_bytes() == written
+
     # Outputs that would overwrite something other than a model are refused before the checkpoint loads.
     (tmp_path / "folder.tflite").mkdir()
     (tmp_path / "notes.tflite").write_text("not a model")

@@ -48,3 +48,34 @@ def test_fit_without_validation_data_is_a_clear_error(tmp_path, fmnist_train):
 def test_invalid_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(SparseliteError, match=message):
         TFLiteExport(**kwargs)
+
+
+def test_auto_chooses_once_and_the_checkpoint_keeps_the_choice(tmp_path, fmnist_train, fmnist_heldout):
+    """precision='auto' measures at the end of fit, stores its choice in the last checkpoint, and a run
+    resumed from that checkpoint exports the same choice without measuring again."""
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from sparselite.export.auto_precision import CHECKPOINT_KEY
+
+    def run(export: TFLiteExport, resume: str | None = None) -> None:
+        pl.seed_everything(0, verbose=False)
+        module = ImageClassifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 256), torch.nn.ReLU(),
+                                                     torch.nn.Linear(256, 10)), lr=1e-3)
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        pl.Trainer(accelerator="cpu", max_steps=8, callbacks=[export, checkpoints], logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1).fit(
+            module, make_loader(fmnist_train, 256), make_loader(fmnist_heldout, 128), ckpt_path=resume)
+
+    first = TFLiteExport(str(tmp_path / "first.tflite"), precision="auto", verify_batches=2)
+    run(first)
+    choice = first.report.precision_choice
+    assert choice is not None and first.precision_choice == choice
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)[CHECKPOINT_KEY] == choice
+
+    again = TFLiteExport(str(tmp_path / "again.tflite"), precision="auto", verify_batches=2)
+    run(again, resume=str(last))  # max_steps already reached: fit ends at once, and exports
+    assert again.report.precision_choice is None  # nothing measured
+    assert again.report.precision == choice["precision"] and again.precision_choice == choice
+    assert (tmp_path / "again.tflite").read_bytes() == (tmp_path / "first.tflite").read_bytes()

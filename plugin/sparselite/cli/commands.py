@@ -11,6 +11,7 @@ from sparselite.errors import SparseliteError
 
 def export_command(ns: argparse.Namespace) -> None:
     """Rebuild the run from its config, restore the checkpoint (masks, ranges), export."""
+    from sparselite.export.auto_precision import store_choice, stored_choice
     from sparselite.export.destination import check_destination
     from sparselite.export.from_loader import export_from_loader
     from sparselite.export.options import ExportOptions
@@ -21,10 +22,17 @@ def export_command(ns: argparse.Namespace) -> None:
     options = ExportOptions(**{name: getattr(ns, name) for name in ExportOptions.names()})
     check_destination(ns.output, report_path(ns.output))  # before the checkpoint is loaded and the export runs
     run = restore_run(ns.checkpoint, ns.config)
+    stored = stored_choice(run.checkpoint) if options.precision == "auto" else None
+    if stored is not None:  # chosen once: the same file again, whatever this machine's timings say today
+        options = options.with_choice(stored)
+        print(f"[sparselite] precision auto: the choice stored in {ns.checkpoint} (precision={stored['precision']!r})")
     run.datamodule.setup("validate")
     channel = run.callback(ChannelPruning)
     report = export_from_loader(run.module, run.datamodule.val_dataloader(), ns.output, options,
                                 channel_pruner=None if channel is None else channel.pruner)
+    if report.precision_choice is not None:
+        store_choice(ns.checkpoint, report.precision_choice)
+        print(f"[sparselite] precision auto: the choice is stored in {ns.checkpoint}; exporting it again reuses it")
     print(report.summary())
 
 

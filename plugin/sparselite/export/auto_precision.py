@@ -24,7 +24,10 @@ fp16 is never chosen: XNNPACK on x86 unpacks fp16 weights to fp32 at load, so it
 one file: the fully int8 file is all or nothing.
 
 The choice (``PrecisionChoice``) is printed as a table, written in the export report, and turns into an
-explicit precision (``as_precision``) that reproduces the same file without measuring again.
+explicit precision (``as_precision``) that reproduces the same file without measuring again. It is kept
+in the checkpoint (``CHECKPOINT_KEY``: ``TFLiteExport`` writes it into the run's last checkpoint,
+``sparselite export`` into the checkpoint it read), and a later ``precision="auto"`` export of that
+checkpoint reuses it instead of measuring again: timings vary from run to run, a shipped choice should not.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model
 
 log = logging.getLogger("sparselite")
 
+CHECKPOINT_KEY = "sparselite_precision_choice"  # a checkpoint's entry: PrecisionChoice.to_dict()
 FASTER = 0.9  # a dynamic-range layer must take under this share of its fp32 time (timing noise is a few %)
 DEFAULT_MAX_ACCURACY_DROP = 0.5  # top-1 points against the float model
 
@@ -94,6 +98,24 @@ class PrecisionChoice:
         for c in self.layers:
             lines.append(f"  {c.layer[-32:]:<32} {c.op[:22]:<22} {c.precision:<13} {c.reason}")
         return "\n".join(lines + [f"  note: {note}" for note in self.notes])
+
+
+def stored_choice(checkpoint: dict) -> dict | None:
+    """The choice an earlier ``precision="auto"`` export stored in this checkpoint, if any."""
+    return checkpoint.get(CHECKPOINT_KEY)
+
+
+def store_choice(checkpoint_path: str | Path, choice: dict) -> None:
+    """Add the choice to a checkpoint file, which is replaced atomically (weights untouched)."""
+    import io
+
+    from sparselite.tflite.flatbuffer import write_atomically
+
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    checkpoint[CHECKPOINT_KEY] = choice
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    write_atomically(checkpoint_path, buffer.getvalue())
 
 
 BuildFile = Callable[[PrecisionSpec], tuple[bytes, dict[str, str]]]  # precision -> (file, precisions written)

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparselite.errors import SparseliteError
-from sparselite.export.auto_precision import DEFAULT_MAX_ACCURACY_DROP
+from sparselite.export.auto_precision import CHECKPOINT_KEY, DEFAULT_MAX_ACCURACY_DROP, store_choice, stored_choice
 from sparselite.export.options import ExportOptions
 from sparselite.export.report import FloatFallback, report_path
 
@@ -36,6 +36,7 @@ class TFLiteExport(pl.Callback):
                                      gpu_check=gpu_check, require_gpu=require_gpu, float_fallback=float_fallback,
                                      precision=precision, max_accuracy_drop=max_accuracy_drop)
         self.report = None
+        self.precision_choice: dict | None = None  # precision='auto': what was chosen (auto_precision.py)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # A read-only folder or a path that is not a model must fail before training, not after it.
@@ -50,11 +51,30 @@ class TFLiteExport(pl.Callback):
         from sparselite.export.from_loader import export_from_loader  # litert-torch loads only when exporting
         from sparselite.pruning.channel_callback import ChannelPruning
 
+        if trainer.datamodule is None and trainer.val_dataloaders is None:
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()  # a run resumed at its end ran no validation
         loader = trainer.datamodule.val_dataloader() if trainer.datamodule else trainer.val_dataloaders
         if loader is None:
             raise SparseliteError("TFLiteExport needs validation data to verify the export; give the Trainer a val dataloader")
         channels = next((cb.pruner for cb in trainer.callbacks if isinstance(cb, ChannelPruning)), None)
-        precision = self.options.precision or "as trained"
+        options = self.options
+        if options.precision == "auto" and self.precision_choice is not None:  # a resumed run: chosen once
+            options = options.with_choice(self.precision_choice)
+            rank_zero_info("[sparselite] precision auto: the choice stored in the checkpoint")
+        precision = options.precision or "as trained"
         rank_zero_info(f"[sparselite] exporting TFLite ({precision}) to {self.path}")
-        self.report = export_from_loader(pl_module, loader, self.path, self.options, channel_pruner=channels)
+        self.report = export_from_loader(pl_module, loader, self.path, options, channel_pruner=channels)
         rank_zero_info("[sparselite] " + self.report.summary())
+        if self.report.precision_choice is not None:
+            self.precision_choice = self.report.precision_choice
+            last = getattr(trainer.checkpoint_callback, "last_model_path", "")
+            if last and Path(last).is_file():  # saved before fit ended: the choice joins it now
+                store_choice(last, self.precision_choice)
+                rank_zero_info(f"[sparselite] precision auto: the choice is stored in {last}")
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if self.precision_choice is not None:
+            checkpoint[CHECKPOINT_KEY] = self.precision_choice
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self.precision_choice = stored_choice(checkpoint)

@@ -6,7 +6,7 @@ take these options by the same names (the CLI spells ``min_agreement`` as ``--mi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, Mapping
 
 from sparselite.errors import SparseliteError
@@ -85,6 +85,13 @@ class ExportOptions:
         if not self.fully_int8 and self.io_dtype != "float32":
             raise SparseliteError(f"io_dtype='int8' needs precision='int8' (a file with float layers has float inputs "
                                   f"and outputs), not precision={self.precision!r}")
+
+    def with_choice(self, choice: Mapping[str, Any]) -> ExportOptions:
+        """These options with the precision ``precision="auto"`` chose (``PrecisionChoice.to_dict()``, as the
+        report and the checkpoint keep it): its explicit precision, and, for the fully int8 file, float
+        kept where XNNPACK lacks int8 kernels, as auto measured it."""
+        int8 = choice["precision"] == "int8"
+        return replace(self, precision=choice["precision"], float_fallback=self.float_fallback or ("xnnpack" if int8 else False))
 
     @property
     def fully_int8(self) -> bool:

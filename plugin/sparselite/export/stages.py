@@ -119,10 +119,8 @@ def choose(job: ExportJob) -> ExportJob:
                                   job.verify_data, job.options.max_accuracy_drop)
     for line in job.choice.table().splitlines():
         log.info("%s", line)
-    int8 = job.choice.file == "int8"
-    job.options = replace(job.options, precision=job.choice.as_precision(),
-                          float_fallback=job.options.float_fallback or ("xnnpack" if int8 else False))
-    if not int8:
+    job.options = job.options.with_choice(job.choice.to_dict())
+    if not job.options.fully_int8:
         job.precisions = layer_precisions(job.float_model, job.options.precision)
     return job
 
