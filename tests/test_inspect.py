@@ -14,7 +14,7 @@ from sparselite.errors import SparseliteError
 from sparselite.tflite.flatbuffer import read_model, write_model
 from sparselite.export.sparse_storage import encode_sparse
 from sparselite.tflite.constant_values import tensor_values, weight_sparsity, weight_tensors
-from sparselite.inspect import inspect_tflite
+from sparselite.inspect import inspect_tflite, precision_summary
 
 
 def _prune_unstructured(data: bytes, sparsity: float = 0.8) -> bytes:
@@ -131,9 +131,11 @@ def test_each_op_says_what_it_computes_in(tmp_path):
     layers = [op.precision for op in inspect_tflite(path).ops if op.op == "FULLY_CONNECTED"]
     assert layers == ["dynamic_int8", "fp16", "fp32"]
     assert "float16 weight unpacked" in [op.precision for op in inspect_tflite(path).ops if op.op == "DEQUANTIZE"]
+    assert precision_summary(path) == "dynamic_int8 1, fp16 1, fp32 1"  # sparselite bench's column
 
     int8 = tmp_path / "int8.tflite"
     export_tflite(model, torch.randn(1, 16), int8, calibration_data=[torch.randn(32, 16)])
     ops = inspect_tflite(int8).ops
     assert {op.precision for op in ops if op.op == "FULLY_CONNECTED"} == {"int8"}
     assert [op.precision for op in ops if op.op in ("QUANTIZE", "DEQUANTIZE")] == ["float32->int8", "int8->float32"]
+    assert precision_summary(int8) == "int8 3"

@@ -128,6 +128,19 @@ def inspect_tflite(path: str | Path) -> InspectReport:
     return report
 
 
+def precision_summary(path: str | Path) -> str:
+    """The precisions of a file's weight ops, counted: 'int8 14', 'dynamic_int8 24, fp32 2'."""
+    model = read_model(path)
+    graph = model.subgraphs[0]
+    producers = {int(t): op for op in graph.operators for t in op.outputs}
+    counts: dict[str, int] = {}
+    for op in graph.operators:
+        if builtin_code(model, op) in WEIGHT_INPUT:
+            precision = _op_precision(model, graph, op, producers)
+            counts[precision] = counts.get(precision, 0) + 1
+    return ", ".join(f"{name} {count}" for name, count in sorted(counts.items(), key=lambda item: -item[1])) or "-"
+
+
 def _op_precision(model: schema.ModelT, graph: schema.SubGraphT, op: schema.OperatorT, producers: dict) -> str:
     """What an op computes in (``OpInfo.precision``)."""
     code = builtin_code(model, op)

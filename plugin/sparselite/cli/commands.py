@@ -72,6 +72,7 @@ def shrink_command(ns: argparse.Namespace) -> None:
 
 
 def bench_command(ns: argparse.Namespace) -> None:
+    from sparselite.inspect import precision_summary
     from sparselite.runtime.bench import interleaved_benchmark
 
     results = interleaved_benchmark({m: m for m in ns.models}, accelerator=ns.accelerator, threads=ns.threads,
@@ -80,9 +81,10 @@ def bench_command(ns: argparse.Namespace) -> None:
         print(json.dumps({m: r.to_dict() for m, r in results.items()}, indent=2))
         return
     first = results[ns.models[0]].median_ms
-    print(f"{'model':<40} {'median ms':>10} {'p90 ms':>8} {'load ms':>8} {'vs first':>9}")
+    print(f"{'model':<40} {'median ms':>10} {'p90 ms':>8} {'load ms':>8} {'vs first':>9}  weight ops by precision")
     for name, r in results.items():
-        print(f"{name[-40:]:<40} {r.median_ms:>10.3f} {r.p90_ms:>8.3f} {r.load_ms:>8.1f} {r.median_ms / first:>8.2f}x")
+        print(f"{name[-40:]:<40} {r.median_ms:>10.3f} {r.p90_ms:>8.3f} {r.load_ms:>8.1f} {r.median_ms / first:>8.2f}x"
+              f"  {precision_summary(name)}")
     print(f"({ns.accelerator}, {ns.threads} thread(s), {results[ns.models[0]].runs} runs each, interleaved; "
           "quote ratios from one run, not absolute times)")
     if ns.accelerator == "gpu":

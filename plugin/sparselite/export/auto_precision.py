@@ -48,6 +48,7 @@ from sparselite.errors import SparseliteError
 from sparselite.export.precision import (
     DEFAULT_KEY, LayerFinder, PrecisionSpec, _WEIGHT_OPS, _float_values, precision_reference, weight_layers,
 )
+from sparselite.quantization.layer_precision import is_depthwise
 from sparselite.module_copy import detached_copy
 from sparselite.runtime.op_cost import median_latencies, ops_alone
 from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model
@@ -129,8 +130,8 @@ def choose_precision(float_model: nn.Module, build: BuildFile, int8_file: Callab
     layers = weight_layers(float_model)
     fp32_file, _ = build("fp32")
     dynamic_file, written = build({DEFAULT_KEY: "fp32", **{re.escape(name): "dynamic_int8" for name in layers
-                                                         if not _depthwise(layers[name])}})
-    fp32_t = read_model(fp32_file)
+                                                         if not is_depthwise(layers[name])}})
+    fp32_t, dynamic_t = read_model(fp32_file), read_model(dynamic_file)
     ops = _ops_of_layers(fp32_t, float_model, layers)
     candidates = [name for name in layers if written.get(name) == "dynamic_int8" and ops.get(name)]
 
@@ -138,7 +139,7 @@ def choose_precision(float_model: nn.Module, build: BuildFile, int8_file: Callab
     files = {"fp32": fp32_file}
     for name in candidates:
         files[f"{name}/fp32"] = ops_alone(fp32_t, ops[name])
-        files[f"{name}/dynamic"] = ops_alone(read_model(dynamic_file), ops[name])
+        files[f"{name}/dynamic"] = ops_alone(dynamic_t, ops[name])  # the pass adds no op: the same indices
     seconds = median_latencies(files, threads, rounds=rounds, runs_per_round=runs_per_round)
 
     reference = _float_outputs(float_model, batches)
@@ -194,10 +195,6 @@ def choose_precision(float_model: nn.Module, build: BuildFile, int8_file: Callab
                             f"{latency['mixed']:.2f}x for the mixed one", c.fp32_share) for c in choices.values()]
         return PrecisionChoice("int8", rows, latency, top1_drop, max_accuracy_drop, notes)
     return PrecisionChoice("mixed", list(choices.values()), latency, top1_drop, max_accuracy_drop, notes)
-
-
-def _depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
 
 
 def _ops_of_layers(model: schema.ModelT, float_model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, list[int]]:
