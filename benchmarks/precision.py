@@ -9,8 +9,8 @@ For each model (random weights unless --train-steps: latency and size do not dep
   - the fully int8 file (``precision="int8"``, post-training calibration on 256 images;
     ``float_fallback="xnnpack"`` so that attention and recurrent cells may stay float where XNNPACK has
     no int8 kernel);
-  - ``precision="auto"`` (verification on 256 held-out images, the same calibration batch, so it may
-    choose the fully int8 file); the note says what it chose;
+  - ``precision="auto"`` (its accuracy budget on 256 held-out images and their labels, the same
+    calibration batch, so it may choose the fully int8 file); the note says what it chose;
   - ai-edge-quantizer's ``dynamic_wi8_afp32`` and fp16 weight-only recipes on the same fp32 file, for
     comparison.
 All files of one model are timed in one interleaved run (XNNPACK, 1 thread, batch 1, medians); ratios
@@ -24,6 +24,7 @@ file's top-1 accuracy on them.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import tempfile
 from pathlib import Path
@@ -155,10 +156,13 @@ def run_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]:
             del files[precision]
     files["auto"] = folder / "auto.tflite"
     report = export_tflite(model, example, files["auto"], verify_data=[held_out[:256]], calibration_data=[calibration],
-                           precision="auto", min_agreement=0.0)
+                           verify_labels=[labels[256:512]], precision="auto", min_agreement=0.0)
     choice = report.precision_choice
     dynamic = sum(row["precision"] == "dynamic_int8" for row in choice["layers"])
     notes["auto"] = "the int8 file" if choice["file"] == "int8" else f"{dynamic}/{len(choice['layers'])} layers dynamic"
+    reasons = collections.Counter(row["reason"].split(" (")[0] for row in choice["layers"])
+    print(f"  {name} auto: {dict(reasons)}; latency vs fp32 {choice['latency_vs_fp32']}, top-1 points lost "
+          f"({choice['measured_in']}) {choice['top1_drop']}", flush=True)
     files.update(aeq_files(files["fp32"], folder))
     latency = interleaved_benchmark({k: str(v) for k, v in files.items()}, threads=1, rounds=args.rounds,
                                     runs_per_round=args.runs)

@@ -52,6 +52,7 @@ def test_auto_chooses_per_layer_and_says_why(model, fmnist_heldout, tmp_path):
             assert row["fp32_share"] > 0
     assert report.layer_precisions == {layer: row["precision"] for layer, row in rows.items()}
     assert choice["top1_drop"]["mixed"] <= choice["max_accuracy_drop"] == 0.5
+    assert choice["measured_in"] == "agreement with the float model"  # no labels given
     assert "the fully int8 file was not tried" in " ".join(choice["notes"])
     # The file holds the table's precisions, and computes what the simulation does.
     subgraph = read_model(path).subgraphs[0]
@@ -67,16 +68,24 @@ def test_auto_chooses_per_layer_and_says_why(model, fmnist_heldout, tmp_path):
 
 
 def test_auto_with_calibration_batches_also_weighs_the_fully_int8_file(model, fmnist_heldout, tmp_path):
-    images = fmnist_heldout[0][:128]
-    report = export_tflite(model, images[:1], tmp_path / "m.tflite", verify_data=[images],
+    images, labels = fmnist_heldout[0][:128], fmnist_heldout[1][:128]
+    report = export_tflite(model, images[:1], tmp_path / "m.tflite", verify_data=[images], verify_labels=[labels],
                            calibration_data=[images[:32]], precision="auto", max_accuracy_drop=5.0)
     choice = report.precision_choice
+    assert choice["measured_in"] == "accuracy"  # the labels were given: flips to the right class count for it
     assert set(choice["latency_vs_fp32"]) == {"mixed", "int8"} and set(choice["top1_drop"]) == {"mixed", "int8"}
     if choice["file"] == "int8":  # no slower than the mixed file, and within the budget
         assert choice["latency_vs_fp32"]["int8"] <= choice["latency_vs_fp32"]["mixed"]
         assert report.ranges_calibrated > 0 and report.layer_precisions == {}
     else:
         assert any(note.startswith("the fully int8 file was not taken") for note in choice["notes"])
+
+
+def test_labels_that_do_not_match_the_batches_are_refused(model, fmnist_heldout, tmp_path):
+    images = fmnist_heldout[0][:64]
+    with pytest.raises(SparseliteError, match="verify_labels has 10 labels for 64 verification examples"):
+        export_tflite(model, images[:1], tmp_path / "m.tflite", verify_data=[images],
+                      verify_labels=[fmnist_heldout[1][:10]], precision="auto")
 
 
 def test_auto_needs_verification_batches(model, tmp_path):

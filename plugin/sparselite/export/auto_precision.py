@@ -10,9 +10,10 @@ accuracy on the verification batches.
    small layer pays more for quantizing its input than it saves).
 3. Which the accuracy tolerates: each remaining layer alone dynamic, simulated in torch as the file
    computes it (``precision.precision_reference``, exact to float rounding), on the verification
-   batches: its top-1 flips and its logit error against the float model. With all of them dynamic, while
-   the top-1 drop exceeds ``max_accuracy_drop`` points, the layer with the largest logit error goes back
-   to fp32 ("sensitive").
+   batches: the top-1 points it loses (``TopOneLoss``: in accuracy when the batches' labels are known,
+   else in agreement with the float model) and its logit error. With all of them dynamic, while the
+   loss exceeds ``max_accuracy_drop`` points, the layer with the largest logit error goes back to fp32
+   ("sensitive").
 4. The whole file: the mixed file, the fp32 file and, when the model has QAT ranges or calibration
    batches, the fully int8 file are timed whole, interleaved. Whole-file timing is what counts the cost
    of the QUANTIZE/DEQUANTIZE pairs at int8/float borders and of the delegate's hand-overs. The fully
@@ -68,7 +69,7 @@ class LayerChoice:
     reason: str
     fp32_share: float | None = None  # its ops alone, as a share of the fp32 file's latency
     dynamic_vs_fp32: float | None = None  # its ops alone: dynamic-range time / fp32 time
-    flips_alone: float | None = None  # top-1 points flipped with only this layer dynamic-range
+    flips_alone: float | None = None  # top-1 points lost with only this layer dynamic-range (``TopOneLoss``)
     logit_error_alone: float | None = None  # relative logit error (L2) with only this layer dynamic-range
 
 
@@ -77,8 +78,9 @@ class PrecisionChoice:
     file: str  # "int8": the fully int8 file; "mixed": the per-layer precisions below
     layers: list[LayerChoice]
     latency_vs_fp32: dict[str, float]  # candidate file -> whole-file latency over the fp32 file's
-    top1_drop: dict[str, float]  # candidate file -> top-1 points lost against the float model
+    top1_drop: dict[str, float]  # candidate file -> top-1 points lost against the float model (``TopOneLoss``)
     max_accuracy_drop: float
+    measured_in: str  # "accuracy" (the batches' labels) or "agreement with the float model"
     notes: list[str] = field(default_factory=list)
 
     def as_precision(self) -> PrecisionSpec:
@@ -93,8 +95,8 @@ class PrecisionChoice:
     def table(self) -> str:
         lines = [f"precision auto: the {'fully int8' if self.file == 'int8' else 'mixed-precision'} file "
                  f"({', '.join(f'{k} {v:.2f}x' for k, v in self.latency_vs_fp32.items())} fp32 latency; "
-                 f"top-1 drop {', '.join(f'{k} {v:.2f}' for k, v in self.top1_drop.items())} points, "
-                 f"budget {self.max_accuracy_drop:g})",
+                 f"top-1 drop in {self.measured_in}: {', '.join(f'{k} {v:.2f}' for k, v in self.top1_drop.items())} "
+                 f"points, budget {self.max_accuracy_drop:g})",
                  f"  {'layer':<32} {'op':<22} {'precision':<13} reason"]
         for c in self.layers:
             lines.append(f"  {c.layer[-32:]:<32} {c.op[:22]:<22} {c.precision:<13} {c.reason}")
@@ -123,10 +125,11 @@ BuildFile = Callable[[PrecisionSpec], tuple[bytes, dict[str, str]]]  # precision
 
 
 def choose_precision(float_model: nn.Module, build: BuildFile, int8_file: Callable[[], bytes] | None,
-                     batches: Sequence[torch.Tensor], max_accuracy_drop: float, threads: int = 1,
-                     rounds: int = 5, runs_per_round: int = 10) -> PrecisionChoice:
+                     batches: Sequence[torch.Tensor], labels: torch.Tensor | None, max_accuracy_drop: float,
+                     threads: int = 1, rounds: int = 5, runs_per_round: int = 10) -> PrecisionChoice:
     """Measure and choose (module docstring). ``build`` makes a float-activation file of a precision;
-    ``int8_file`` the fully int8 file (None: the model has no ranges to make one)."""
+    ``int8_file`` the fully int8 file (None: the model has no ranges to make one); ``labels``: the
+    batches' labels, if known (``TopOneLoss``)."""
     layers = weight_layers(float_model)
     fp32_file, _ = build("fp32")
     dynamic_file, written = build({DEFAULT_KEY: "fp32", **{re.escape(name): "dynamic_int8" for name in layers
@@ -142,7 +145,7 @@ def choose_precision(float_model: nn.Module, build: BuildFile, int8_file: Callab
         files[f"{name}/dynamic"] = ops_alone(dynamic_t, ops[name])  # the pass adds no op: the same indices
     seconds = median_latencies(files, threads, rounds=rounds, runs_per_round=runs_per_round)
 
-    reference = _float_outputs(float_model, batches)
+    loss = TopOneLoss(_float_outputs(float_model, batches), labels)
     choices: dict[str, LayerChoice] = {}
     faster = []
     for name in layers:
@@ -155,21 +158,21 @@ def choose_precision(float_model: nn.Module, build: BuildFile, int8_file: Callab
         if ratio >= FASTER:
             choices[name] = LayerChoice(name, op, "fp32", f"dynamic_int8 not faster ({ratio:.2f}x)", share, ratio)
             continue
-        flips, error = _effect(float_model, {name: "dynamic_int8"}, batches, reference)
+        flips, error = _effect(float_model, {name: "dynamic_int8"}, batches, loss)
         choices[name] = LayerChoice(name, op, "dynamic_int8", f"faster ({ratio:.2f}x its fp32 time)", share, ratio,
                                     flips, error)
         faster.append(name)
 
     log.info("precision auto: %d layers faster dynamic-range; checking the accuracy budget", len(faster))
     chosen = sorted(faster, key=lambda name: choices[name].logit_error_alone)
-    drop, _ = _effect(float_model, {name: "dynamic_int8" for name in chosen}, batches, reference)
+    drop, _ = _effect(float_model, {name: "dynamic_int8" for name in chosen}, batches, loss)
     while chosen and drop > max_accuracy_drop:
         worst = chosen.pop()
         c = choices[worst]
         choices[worst] = LayerChoice(worst, c.op, "fp32", f"sensitive ({c.logit_error_alone:.3f} logit error alone, "
-                                     f"{c.flips_alone:.2f} top-1 points)", c.fp32_share, c.dynamic_vs_fp32,
+                                     f"{c.flips_alone:.2f} top-1 points lost)", c.fp32_share, c.dynamic_vs_fp32,
                                      c.flips_alone, c.logit_error_alone)
-        drop, _ = _effect(float_model, {name: "dynamic_int8" for name in chosen}, batches, reference)
+        drop, _ = _effect(float_model, {name: "dynamic_int8" for name in chosen}, batches, loss)
 
     mixed = {DEFAULT_KEY: "fp32", **{re.escape(name): "dynamic_int8" for name in chosen}}
     wholes = {"fp32": fp32_file, "mixed": build(mixed)[0] if chosen else fp32_file}
@@ -179,7 +182,7 @@ def choose_precision(float_model: nn.Module, build: BuildFile, int8_file: Callab
     else:
         try:
             wholes["int8"] = int8_file()
-            top1_drop["int8"] = _file_top1_drop(wholes["int8"], batches, reference)
+            top1_drop["int8"] = loss(_file_outputs(wholes["int8"], batches))
         except SparseliteError as err:
             notes.append(f"the fully int8 file could not be made: {err}")
     log.info("precision auto: timing the candidate files whole")
@@ -193,8 +196,8 @@ def choose_precision(float_model: nn.Module, build: BuildFile, int8_file: Callab
     if int8_wins:
         rows = [LayerChoice(c.layer, c.op, "int8", f"the fully int8 file: {latency['int8']:.2f}x fp32, "
                             f"{latency['mixed']:.2f}x for the mixed one", c.fp32_share) for c in choices.values()]
-        return PrecisionChoice("int8", rows, latency, top1_drop, max_accuracy_drop, notes)
-    return PrecisionChoice("mixed", list(choices.values()), latency, top1_drop, max_accuracy_drop, notes)
+        return PrecisionChoice("int8", rows, latency, top1_drop, max_accuracy_drop, loss.measure, notes)
+    return PrecisionChoice("mixed", list(choices.values()), latency, top1_drop, max_accuracy_drop, loss.measure, notes)
 
 
 def _ops_of_layers(model: schema.ModelT, float_model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, list[int]]:
@@ -225,20 +228,34 @@ def _float_outputs(model: nn.Module, batches: Sequence[torch.Tensor]) -> torch.T
     return torch.cat([model(batch).float().flatten(1) for batch in batches])
 
 
+class TopOneLoss:
+    """The top-1 points a candidate loses against the float model on the verification batches: in
+    accuracy when their labels are known (a flip to the right class makes up for one to a wrong class,
+    as in the user's accuracy), else in agreement (every example whose top-1 changes counts)."""
+
+    def __init__(self, reference: torch.Tensor, labels: torch.Tensor | None) -> None:
+        self.reference, self.labels = reference, labels
+        self.measure = "accuracy" if labels is not None else "agreement with the float model"
+
+    def __call__(self, outputs: torch.Tensor) -> float:
+        if self.labels is None:
+            return float(100.0 * (self.reference.argmax(1) != outputs.argmax(1)).float().mean())
+        correct = (outputs.argmax(1) == self.labels).float().mean() - (self.reference.argmax(1) == self.labels).float().mean()
+        return float(-100.0 * correct)
+
+    def logit_error(self, outputs: torch.Tensor) -> float:
+        return float((outputs - self.reference).norm() / self.reference.norm().clamp(min=1e-12))
+
+
 @torch.no_grad()
 def _effect(float_model: nn.Module, precisions: dict[str, str], batches: Sequence[torch.Tensor],
-            reference: torch.Tensor) -> tuple[float, float]:
-    """(top-1 points flipped, relative L2 logit error) of the model with ``precisions``, simulated."""
-    simulated = precision_reference(detached_copy(float_model), precisions)
-    outputs = _float_outputs(simulated, batches)
-    return _top1_drop(reference, outputs), float((outputs - reference).norm() / reference.norm().clamp(min=1e-12))
+            loss: TopOneLoss) -> tuple[float, float]:
+    """(top-1 points lost, relative L2 logit error) of the model with ``precisions``, simulated."""
+    outputs = _float_outputs(precision_reference(detached_copy(float_model), precisions), batches)
+    return loss(outputs), loss.logit_error(outputs)
 
 
-def _top1_drop(reference: torch.Tensor, outputs: torch.Tensor) -> float:
-    return float(100.0 * (reference.argmax(1) != outputs.argmax(1)).float().mean())
-
-
-def _file_top1_drop(content: bytes, batches: Sequence[torch.Tensor], reference: torch.Tensor) -> float:
+def _file_outputs(content: bytes, batches: Sequence[torch.Tensor]) -> torch.Tensor:
     from sparselite.runtime.litert import LiteRTModel
 
     with tempfile.TemporaryDirectory() as folder:
@@ -246,4 +263,4 @@ def _file_top1_drop(content: bytes, batches: Sequence[torch.Tensor], reference: 
         path.write_bytes(content)
         runtime = LiteRTModel(path)
         outputs = np.concatenate([runtime(batch.numpy()).reshape(len(batch), -1) for batch in batches])
-    return _top1_drop(reference, torch.from_numpy(outputs).float())
+    return torch.from_numpy(outputs).float()

@@ -34,8 +34,8 @@ def export_from_loader(module: nn.Module, loader: Iterable, path: str | Path, op
     """
     options = ExportOptions.build(options, option_values)
     verify_count = options.verify_batches or 0
-    inputs = [batch[0] if isinstance(batch, (tuple, list)) else batch
-              for batch in itertools.islice(loader, verify_count + options.calibration_batches)]
+    batches = list(itertools.islice(loader, verify_count + options.calibration_batches))
+    inputs = [batch[0] if isinstance(batch, (tuple, list)) else batch for batch in batches]
     if not inputs:
         raise SparseliteError("the validation data gave no batches; the export needs some to verify or calibrate the file")
     example = getattr(module, "example_input_array", None)
@@ -45,7 +45,8 @@ def export_from_loader(module: nn.Module, loader: Iterable, path: str | Path, op
     if page.exists() and is_ours(page):
         page.unlink()  # like the old report: a kill during the export leaves no page describing the old file
     report = export_tflite(module, example, path, options, calibration_data=calibration, report_path=report_path(path),
-                           verify_data=inputs[:verify_count] if options.verifies else None)
+                           verify_data=inputs[:verify_count] if options.verifies else None,
+                           verify_labels=_class_labels(batches[:verify_count]))
     if channel_pruner is not None and channel_pruner.shrunk:
         from sparselite.export.channel_report import compare_with_unpruned
 
@@ -53,6 +54,15 @@ def export_from_loader(module: nn.Module, loader: Iterable, path: str | Path, op
         report.save(report_path(path))
     _write_page(report, path)
     return report
+
+
+def _class_labels(batches: list) -> list[torch.Tensor] | None:
+    """The batches' second items when every one is a vector of class indices, one per input."""
+    labels = [batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None for batch in batches]
+    if not labels or any(not isinstance(y, torch.Tensor) or y.dim() != 1 or y.dtype not in (torch.int64, torch.int32)
+                         or len(y) != len(batch[0]) for y, batch in zip(labels, batches)):
+        return None
+    return labels
 
 
 # Op types are timed for the page only while that stays this cheap (a small model takes well under a second).

@@ -70,6 +70,7 @@ class ExportJob:
     options: ExportOptions
     verify_data: list[torch.Tensor] | None
     calibration_data: list[torch.Tensor]
+    verify_labels: torch.Tensor | None = None  # the verify batches' class labels, when known
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     train_sparsity: dict[str, float] = field(default_factory=dict)  # pruned layer -> sparsity in training
     float_model: nn.Module | None = None
@@ -98,6 +99,10 @@ def prepare(job: ExportJob) -> ExportJob:
         job.precisions = layer_precisions(job.float_model, job.options.precision)  # refusals before conversion
     if job.verify_data is not None:
         _check_verifiable(job.float_model, job.example_inputs)
+        examples = sum(len(batch) for batch in job.verify_data)
+        if job.verify_labels is not None and len(job.verify_labels) != examples:
+            raise SparseliteError(f"verify_labels has {len(job.verify_labels)} labels for {examples} verification "
+                                  "examples; give one class index per example, batch for batch")
     elif job.options.precision == "auto":
         raise SparseliteError("precision='auto' measures accuracy on verification batches: pass verify_data "
                               "(or a datamodule with a validation or test split to sparselite export)")
@@ -116,7 +121,7 @@ def choose(job: ExportJob) -> ExportJob:
     has_ranges = bool(job.ranges or job.calibration_data)
     job.choice = choose_precision(job.float_model, lambda precision: _candidate_file(job, precision),
                                   (lambda: _candidate_file(job, "int8")[0]) if has_ranges else None,
-                                  job.verify_data, job.options.max_accuracy_drop)
+                                  job.verify_data, job.verify_labels, job.options.max_accuracy_drop)
     for line in job.choice.table().splitlines():
         log.info("%s", line)
     job.options = job.options.with_choice(job.choice.to_dict())

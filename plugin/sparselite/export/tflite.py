@@ -33,6 +33,7 @@ def export_tflite(
     options: ExportOptions | None = None,
     *,
     verify_data: Iterable[torch.Tensor] | None = None,
+    verify_labels: Iterable[torch.Tensor] | None = None,
     calibration_data: Iterable[torch.Tensor] | None = None,
     report_path: str | Path | None = None,
     **option_values: Any,
@@ -48,6 +49,8 @@ def export_tflite(
             XNNPACK against the torch model (the fake-quant model when QAT ran). Below
             ``min_agreement`` the export fails and writes nothing. No data, or ``verify_batches=None``:
             no check.
+        verify_labels: the class labels of ``verify_data``'s batches, if known: ``precision="auto"``
+            then counts its accuracy budget in accuracy rather than in agreement with the float model.
         calibration_data: input batches; the first ``calibration_batches`` of them calibrate the ranges
             QAT did not learn (all ranges, for a model trained without QAT).
         report_path: also write the report (JSON) there, with the model as one unit
@@ -64,6 +67,8 @@ def export_tflite(
         example_inputs=(example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs),
         report_path=None if report_path is None else Path(report_path),
         verify_data=list(itertools.islice(verify_data, options.verify_batches)) if verifying else None,
+        verify_labels=torch.cat(list(itertools.islice(verify_labels, options.verify_batches)))
+        if verifying and verify_labels is not None else None,
         calibration_data=list(itertools.islice(calibration_data or [], options.calibration_batches)),
     )
     seconds: dict[str, float] = {}
