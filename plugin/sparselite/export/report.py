@@ -37,7 +37,7 @@ class Parity:
     top1_agreement: float  # over the examples without an exact tie for the top logit (the gate's measure)
     max_logit_diff_lsb: float  # in steps of the int8 output scale
     output_scale: float
-    reference: str  # "fake-quant" (QAT ranges) or "float" (post-training calibration)
+    reference: str  # "fake-quant" (QAT ranges), "float" (post-training calibration), "simulated-precision" (float activations)
     ties_excluded: int = 0  # examples whose top logit was tied in the file or the torch model
     top1_agreement_all: float | None = None  # over every example, ties counted as they fall
     degenerate_reference: str | None = None  # why the torch model looks dead (then agreement means nothing)

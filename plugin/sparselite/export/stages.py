@@ -231,7 +231,7 @@ def verify(job: ExportJob) -> ExportJob:
         if job.verify_data is not None:
             reference = None if options.fully_int8 else (
                 precision_reference(detached_copy(job.float_model), job.report.layer_precisions),
-                "the file's rounding simulated in")  # the summary reads "parity vs ... torch"
+                "simulated-precision")  # weights and dynamic-range inputs rounded as the file rounds them
             report.parity = verify_parity(job.module, candidate, job.verify_data, job.output_scale, reference)
             if report.parity.top1_agreement < options.min_agreement:
                 measure_noise_floor(report.parity, candidate, job.verify_data)
