@@ -26,7 +26,7 @@ RECURRENT_WEIGHT = re.compile(r"weight_(ih|hh)_l\d+(_reverse)?")
 
 
 def mask_buffer_name(parameter: str) -> str:
-    """``sparselite_mask`` for a layer's ``weight`` (the name checkpoints have always held), else one per parameter."""
+    """``sparselite_mask`` for a layer's ``weight`` (what checkpoints of Conv/Linear layers hold), else one per parameter."""
     return MASK_BUFFER if parameter == "weight" else f"{MASK_BUFFER}_{parameter}"
 
 
