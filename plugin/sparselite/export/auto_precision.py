@@ -14,11 +14,14 @@ accuracy on the verification batches.
    else in agreement with the float model) and its logit error. With all of them dynamic, while the
    loss exceeds ``max_accuracy_drop`` points, the layer with the largest logit error goes back to fp32
    ("sensitive").
-4. The whole file: the mixed file, the fp32 file and, when the model has QAT ranges or calibration
-   batches, the fully int8 file are timed whole, interleaved. Whole-file timing is what counts the cost
-   of the QUANTIZE/DEQUANTIZE pairs at int8/float borders and of the delegate's hand-overs. The fully
-   int8 file wins when it is no slower than the mixed file and within the budget on the same batches
-   (a CNN's usual outcome). A dynamic-range layer has no border: its op quantizes its own input.
+4. The whole file: the mixed file, the fp32 file, the "widest" file (every layer with the kernel
+   dynamic-range but the sensitive ones, when that differs and keeps the budget) and, when the model has
+   QAT ranges or calibration batches, the fully int8 file are timed whole, interleaved. Whole-file timing
+   counts what timing alone misses: XNNPACK's fusions, the cost of the QUANTIZE/DEQUANTIZE pairs at
+   int8/float borders, the delegate's hand-overs. The widest file replaces the per-layer choice when it
+   is faster whole; the fully int8 file wins when it is no slower than the better float-activation file
+   and within the budget (a CNN's usual outcome). A dynamic-range layer has no border: its op quantizes
+   its own input.
 
 fp16 is never chosen: XNNPACK on x86 unpacks fp16 weights to fp32 at load, so it is no faster here
 (ask for it by name for the GPU or for half the file). Int8 and dynamic-range layers are not mixed in
@@ -132,8 +135,7 @@ def choose_precision(float_model: nn.Module, build: BuildFile, int8_file: Callab
     batches' labels, if known (``TopOneLoss``)."""
     layers = weight_layers(float_model)
     fp32_file, _ = build("fp32")
-    dynamic_file, written = build({DEFAULT_KEY: "fp32", **{re.escape(name): "dynamic_int8" for name in layers
-                                                         if not is_depthwise(layers[name])}})
+    dynamic_file, written = build(_dynamic([name for name in layers if not is_depthwise(layers[name])]))
     fp32_t, dynamic_t = read_model(fp32_file), read_model(dynamic_file)
     ops = _ops_of_layers(fp32_t, float_model, layers)
     candidates = [name for name in layers if written.get(name) == "dynamic_int8" and ops.get(name)]
@@ -174,9 +176,17 @@ def choose_precision(float_model: nn.Module, build: BuildFile, int8_file: Callab
                                      c.flips_alone, c.logit_error_alone)
         drop, _ = _effect(float_model, {name: "dynamic_int8" for name in chosen}, batches, loss)
 
-    mixed = {DEFAULT_KEY: "fp32", **{re.escape(name): "dynamic_int8" for name in chosen}}
-    wholes = {"fp32": fp32_file, "mixed": build(mixed)[0] if chosen else fp32_file}
+    sensitive = {name for name, c in choices.items() if c.reason.startswith("sensitive")}
+    wholes = {"fp32": fp32_file, "mixed": build(_dynamic(chosen))[0] if chosen else fp32_file}
     notes, top1_drop = [], {"mixed": drop}
+    # Timing alone misses what a layer's neighbours make of it (XNNPACK fuses, and a float op between two
+    # dynamic-range ones is no border at all): every layer with the kernel, but the sensitive ones, is
+    # also tried whole, and wins over the per-layer choice when faster within the budget.
+    widest = [name for name in candidates if name not in sensitive]
+    if set(widest) != set(chosen):
+        top1_drop["widest"], _ = _effect(float_model, {name: "dynamic_int8" for name in widest}, batches, loss)
+        if top1_drop["widest"] <= max_accuracy_drop:
+            wholes["widest"] = dynamic_file if set(widest) == set(candidates) else build(_dynamic(widest))[0]
     if int8_file is None:
         notes.append("the fully int8 file was not tried: the model has no QAT ranges and no calibration batches")
     else:
@@ -188,6 +198,18 @@ def choose_precision(float_model: nn.Module, build: BuildFile, int8_file: Callab
     log.info("precision auto: timing the candidate files whole")
     whole_seconds = median_latencies(wholes, threads, rounds=rounds, runs_per_round=runs_per_round)
     latency = {name: whole_seconds[name] / whole_seconds["fp32"] for name in wholes if name != "fp32"}
+    if "widest" in latency and latency["widest"] < latency["mixed"]:
+        for name in set(widest) - set(chosen):
+            c = choices[name]
+            choices[name] = LayerChoice(name, c.op, "dynamic_int8", f"the file is faster whole with it ({latency['widest']:.2f}x "
+                                        f"fp32, {latency['mixed']:.2f}x without; alone {c.dynamic_vs_fp32:.2f}x)",
+                                        c.fp32_share, c.dynamic_vs_fp32, c.flips_alone, c.logit_error_alone)
+        latency["mixed"], top1_drop["mixed"] = latency["widest"], top1_drop["widest"]
+    elif "widest" in top1_drop:
+        notes.append("every layer with the kernel dynamic-range (but the sensitive ones) was tried whole: "
+                     + ("not faster" if "widest" in latency else f"over the budget ({top1_drop['widest']:.2f} points)"))
+    latency.pop("widest", None)
+    top1_drop.pop("widest", None)
     int8_wins = "int8" in latency and latency["int8"] <= latency["mixed"] and top1_drop["int8"] <= max_accuracy_drop
     if "int8" in latency and not int8_wins:
         why = ("slower than the mixed file" if latency["int8"] > latency["mixed"]
@@ -199,6 +221,10 @@ def choose_precision(float_model: nn.Module, build: BuildFile, int8_file: Callab
         return PrecisionChoice("int8", rows, latency, top1_drop, max_accuracy_drop, loss.measure, notes)
     return PrecisionChoice("mixed", list(choices.values()), latency, top1_drop, max_accuracy_drop, loss.measure, notes)
 
+
+def _dynamic(layers: Sequence[str]) -> dict[str, str]:
+    """The precision mapping that makes ``layers`` dynamic-range and every other layer fp32."""
+    return {DEFAULT_KEY: "fp32", **{re.escape(name): "dynamic_int8" for name in layers}}
 
 def _ops_of_layers(model: schema.ModelT, float_model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, list[int]]:
     """Layer -> the indices of the ops that read its weight directly (several for an RNN's steps)."""
