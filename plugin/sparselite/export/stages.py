@@ -327,19 +327,19 @@ def _match_layers(model_t, float_model: nn.Module, pruned: Sequence[str]) -> dic
     layer a mixed-precision file keeps float, or a recurrent layer's gate matrix, which a fully int8 file
     keeps in a float island)."""
     subgraph = model_t.subgraphs[0]
-    candidates = {}
+    candidates = []  # (name, values): names are not unique (an int8 weight and an fp32 constant may share one)
     for tensor in subgraph.tensors:
         data = model_t.buffers[tensor.buffer].data
         dtype = {TensorType.INT8: np.int8, TensorType.FLOAT32: np.float32}.get(tensor.type)
         if dtype is not None and data is not None and len(tensor.shape) in (2, 4):  # int8 and fp32 constants
-            candidates[tensor.name.decode()] = np.asarray(data, dtype=np.uint8).view(dtype).reshape(tensor.shape)
+            candidates.append((tensor.name.decode(), np.asarray(data, dtype=np.uint8).view(dtype).reshape(tensor.shape)))
     matches = {}
     for layer in pruned:
         weight = pruned_weight(float_model, layer).detach()
         for expected in (quantize_weight(weight).numpy(), weight.numpy()):
             # TFLite conv weights are OHWI; depthwise are [1, H, W, C].
             forms = [expected] if expected.ndim != 4 else [expected.transpose(0, 2, 3, 1), expected.transpose(1, 2, 3, 0)]
-            found = next((name for name, values in candidates.items() if values.dtype == expected.dtype
+            found = next((name for name, values in candidates if values.dtype == expected.dtype
                           and any(values.shape == f.shape and np.array_equal(values, f) for f in forms)), None)
             if found is not None:
                 matches[layer] = found
