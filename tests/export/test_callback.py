@@ -29,6 +29,11 @@ def test_fit_ends_with_the_file_and_its_report(tmp_path, fmnist_train, fmnist_he
     saved = json.loads(path.with_suffix(".json").read_text())
     assert saved == json.loads(json.dumps(export.report.to_dict()))
     assert saved["parity"]["examples"] == 64 and saved["ranges_learned"] > 0  # 2 verify batches of 32
+    # The loader's labels give each model's accuracy on the same examples (the report page's first table).
+    accuracy = saved["accuracy"]
+    assert set(accuracy) == {"fp32", "fake_quant", "file", "examples"} and accuracy["examples"] == 64
+    assert all(0.0 <= accuracy[key] <= 1.0 for key in ("fp32", "fake_quant", "file"))
+    assert "labelled verification examples" in export.report.summary()
 
 
 def test_fit_without_validation_data_is_a_clear_error(tmp_path, fmnist_train):

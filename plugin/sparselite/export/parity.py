@@ -47,9 +47,10 @@ def fake_quant_reference(module: nn.Module) -> tuple[nn.Module, str]:
 
 @torch.no_grad()
 def verify(module: nn.Module, path: Path, batches: Iterable[torch.Tensor], output_scale: float,
-           reference: tuple[nn.Module, str] | None = None) -> Parity:
+           reference: tuple[nn.Module, str] | None = None, labels: torch.Tensor | None = None) -> Parity:
     """The file on XNNPACK vs the torch model (``reference``: the model and what it is; by default
-    ``fake_quant_reference(module)``): top-1 agreement without ties, max |logit diff| in output LSBs."""
+    ``fake_quant_reference(module)``): top-1 agreement without ties, max |logit diff| in output LSBs;
+    with the batches' ``labels``, also each one's top-1 accuracy."""
     from sparselite.runtime.litert import LiteRTModel
 
     reference, kind = reference or fake_quant_reference(module)
@@ -62,7 +63,15 @@ def verify(module: nn.Module, path: Path, batches: Iterable[torch.Tensor], outpu
         log.info("export: verify batch %d/%s on XNNPACK", number, total)
     if not expected:
         raise SparseliteError("verify_data gave no batches; pass at least one held-out batch, or verify_batches=None to skip the check")
-    return compare_logits(np.concatenate(expected), np.concatenate(got), output_scale, kind)
+    parity = compare_logits(np.concatenate(expected), np.concatenate(got), output_scale, kind)
+    if labels is not None:
+        parity.reference_top1 = top1_accuracy(np.concatenate(expected), labels)
+        parity.file_top1 = top1_accuracy(np.concatenate(got), labels)
+    return parity
+
+
+def top1_accuracy(logits: np.ndarray, labels: torch.Tensor) -> float:
+    return float(np.mean(logits.reshape(len(logits), -1).argmax(1) == labels.numpy()))
 
 
 def measure_noise_floor(parity: Parity, path: Path, batches: Iterable[torch.Tensor]) -> None:

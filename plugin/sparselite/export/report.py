@@ -45,6 +45,9 @@ class Parity:
     kernel_agreement: float | None = None
     kernel_max_lsb: float | None = None
     rule: str = GATE_RULE
+    # With the verification batches' labels: the top-1 accuracy of the torch model compared and of the file.
+    reference_top1: float | None = None
+    file_top1: float | None = None
 
     @property
     def trustworthy(self) -> bool:
@@ -102,6 +105,8 @@ class ExportReport:
     precision: Any = "int8"  # the export's precision option (a name, or a mapping of module regexes)
     layer_precisions: dict[str, str] = field(default_factory=dict)  # weight layer -> precision, files not fully int8
     precision_choice: dict | None = None  # precision='auto': what it measured and chose (auto_precision.PrecisionChoice)
+    # Top-1 on the verification batches, when their labels are known: {"fp32", "fake_quant" (QAT runs), "file", "examples"}
+    accuracy: dict | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each export stage (stages.py)
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +139,11 @@ class ExportReport:
             if not p.trustworthy:
                 lines.append(f"  WARNING: parity proves nothing here: the torch model {p.degenerate_reference}; "
                              "train longer or check the model before shipping this file")
+        if self.accuracy:
+            kinds = [(key, label) for key, label in (("fp32", "fp32"), ("fake_quant", "fake-quant"), ("file", "the file"))
+                     if self.accuracy.get(key) is not None]
+            lines.append(f"  top-1 on {self.accuracy['examples']} labelled verification examples: "
+                         + ", ".join(f"{label} {self.accuracy[key]:.2%}" for key, label in kinds))
         for island in self.float_islands:
             cost = "" if island.latency_share is None else f" ({island.latency_share:.0%} of the XNNPACK latency, timed alone)"
             lines.append(f"  float island: {island.count} x {island.op} from {shortened(island.modules)}{cost}")

@@ -43,7 +43,7 @@ from sparselite.export.islands import (
 from sparselite.export.xnnpack_forms import use_xnnpack_forms
 from sparselite.export.names import use_module_names
 from sparselite.export.options import ExportOptions
-from sparselite.export.parity import gate_failure, measure_noise_floor, verify as verify_parity
+from sparselite.export.parity import gate_failure, measure_noise_floor, top1_accuracy, verify as verify_parity
 from sparselite.export.precision import LayerFinder, apply_precisions, layer_precisions, precision_reference
 from sparselite.runtime.load_probe import mark_written
 from sparselite.export.report import ExportReport, LayerSparsity
@@ -232,7 +232,10 @@ def verify(job: ExportJob) -> ExportJob:
             reference = None if options.fully_int8 else (
                 precision_reference(detached_copy(job.float_model), job.report.layer_precisions),
                 "simulated-precision")  # weights and dynamic-range inputs rounded as the file rounds them
-            report.parity = verify_parity(job.module, candidate, job.verify_data, job.output_scale, reference)
+            report.parity = verify_parity(job.module, candidate, job.verify_data, job.output_scale, reference,
+                                          job.verify_labels)
+            if job.verify_labels is not None:
+                report.accuracy = _accuracies(job, report.parity)
             if report.parity.top1_agreement < options.min_agreement:
                 measure_noise_floor(report.parity, candidate, job.verify_data)
             failure = gate_failure(report.parity, options.min_agreement)
@@ -278,6 +281,16 @@ def _new_report(job: ExportJob, notes: list[str]) -> ExportReport:
                         ranges_derived=len(injection.derived), ranges_fixed=len(injection.fixed),
                         calibrated_ranges=dict(injection.calibrated) if job.ranges else {}, notes=notes,
                         precision=precision, precision_choice=choice)
+
+
+@torch.no_grad()
+def _accuracies(job: ExportJob, parity) -> dict:
+    """Top-1 on the labelled verification batches: the fp32 model, the fake-quant model (QAT), the file."""
+    fp32 = np.concatenate([job.float_model(batch).float().numpy() for batch in job.verify_data])
+    accuracy = {"fp32": top1_accuracy(fp32, job.verify_labels), "file": parity.file_top1, "examples": len(job.verify_labels)}
+    if parity.reference == "fake-quant":
+        accuracy["fake_quant"] = parity.reference_top1
+    return accuracy
 
 
 def _check_gpu(report: ExportReport, candidate: Path, required: bool) -> None:
