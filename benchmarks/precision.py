@@ -163,7 +163,10 @@ def run_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]:
     reasons = collections.Counter(row["reason"].split(" (")[0] for row in choice["layers"])
     print(f"  {name} auto: {dict(reasons)}; latency vs fp32 {choice['latency_vs_fp32']}, top-1 points lost "
           f"({choice['measured_in']}) {choice['top1_drop']}", flush=True)
-    files.update(aeq_files(files["fp32"], folder))
+    try:
+        files.update(aeq_files(files["fp32"], folder))
+    except Exception as err:  # ai-edge-quantizer refuses some converted graphs (tensor names it needs unique)
+        print(f"  {name}: ai-edge-quantizer failed: {type(err).__name__}: {str(err).splitlines()[0]}", flush=True)
     latency = interleaved_benchmark({k: str(v) for k, v in files.items()}, threads=1, rounds=args.rounds,
                                     runs_per_round=args.runs)
     base_ms, base_bytes = latency["fp32"].median_ms, files["fp32"].stat().st_size
@@ -190,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as folder:
             rows += run_model(name, args, Path(folder))
         print(f"done {name}", flush=True)
+        if args.json:  # after each model: a late failure keeps what was measured
+            args.json.write_text(json.dumps(rows, indent=2))
     print(f"{'model':<13}{'file':<18}{'KB':>9}{'size':>8}{'latency':>9}{'agree':>8}{'top-1':>7}  note")
     for r in rows:
         accuracy = "-" if r["top1"] is None else f"{r['top1']:.3f}"
