@@ -140,12 +140,8 @@ def choose_precision(float_model: nn.Module, build: BuildFile, int8_file: Callab
     ops = _ops_of_layers(fp32_t, float_model, layers)
     candidates = [name for name in layers if written.get(name) == "dynamic_int8" and ops.get(name)]
 
-    log.info("precision auto: timing %d layers alone in fp32 and dynamic-range int8", len(candidates))
-    files = {"fp32": fp32_file}
-    for name in candidates:
-        files[f"{name}/fp32"] = ops_alone(fp32_t, ops[name])
-        files[f"{name}/dynamic"] = ops_alone(dynamic_t, ops[name])  # the pass adds no op: the same indices
-    seconds = median_latencies(files, threads, rounds=rounds, runs_per_round=runs_per_round)
+    timing = {"threads": threads, "rounds": rounds, "runs_per_round": runs_per_round}
+    seconds = _time_alone(fp32_file, fp32_t, dynamic_t, {name: ops[name] for name in candidates}, timing)
 
     loss = TopOneLoss(_float_outputs(float_model, batches), labels)
     choices: dict[str, LayerChoice] = {}
@@ -166,6 +162,24 @@ def choose_precision(float_model: nn.Module, build: BuildFile, int8_file: Callab
         faster.append(name)
 
     log.info("precision auto: %d layers faster dynamic-range; checking the accuracy budget", len(faster))
+    chosen, drop = _within_budget(float_model, choices, faster, batches, loss, max_accuracy_drop)
+    return _choose_files(float_model, build, int8_file, batches, loss, choices, candidates, chosen, drop,
+                         {"fp32": fp32_file, "dynamic": dynamic_file}, max_accuracy_drop, timing)
+
+
+def _time_alone(fp32_file: bytes, fp32_t, dynamic_t, ops: dict[str, list[int]], timing: dict) -> dict[str, float]:
+    """Median seconds of each layer's ops cut out of the fp32 and the dynamic-range file, and of the fp32 file."""
+    log.info("precision auto: timing %d layers alone in fp32 and dynamic-range int8", len(ops))
+    files = {"fp32": fp32_file}
+    for name, indices in ops.items():
+        files[f"{name}/fp32"] = ops_alone(fp32_t, indices)
+        files[f"{name}/dynamic"] = ops_alone(dynamic_t, indices)  # the pass adds no op: the same indices
+    return median_latencies(files, **timing)
+
+
+def _within_budget(float_model: nn.Module, choices: dict[str, LayerChoice], faster: list[str],
+                   batches: Sequence[torch.Tensor], loss: TopOneLoss, max_accuracy_drop: float) -> tuple[list[str], float]:
+    """The faster layers, less the most sensitive ones until the loss fits the budget (their rows say so)."""
     chosen = sorted(faster, key=lambda name: choices[name].logit_error_alone)
     drop, _ = _effect(float_model, {name: "dynamic_int8" for name in chosen}, batches, loss)
     while chosen and drop > max_accuracy_drop:
@@ -175,7 +189,15 @@ def choose_precision(float_model: nn.Module, build: BuildFile, int8_file: Callab
                                      f"{c.flips_alone:.2f} top-1 points lost)", c.fp32_share, c.dynamic_vs_fp32,
                                      c.flips_alone, c.logit_error_alone)
         drop, _ = _effect(float_model, {name: "dynamic_int8" for name in chosen}, batches, loss)
+    return chosen, drop
 
+
+def _choose_files(float_model: nn.Module, build: BuildFile, int8_file: Callable[[], bytes] | None,
+                  batches: Sequence[torch.Tensor], loss: TopOneLoss, choices: dict[str, LayerChoice],
+                  candidates: list[str], chosen: list[str], drop: float, made: dict[str, bytes],
+                  max_accuracy_drop: float, timing: dict) -> PrecisionChoice:
+    """Step 4 (module docstring): the candidate files timed whole, and the choice among them."""
+    fp32_file, dynamic_file = made["fp32"], made["dynamic"]
     sensitive = {name for name, c in choices.items() if c.reason.startswith("sensitive")}
     wholes = {"fp32": fp32_file, "mixed": build(_dynamic(chosen))[0] if chosen else fp32_file}
     notes, top1_drop = [], {"mixed": drop}
@@ -196,7 +218,7 @@ def choose_precision(float_model: nn.Module, build: BuildFile, int8_file: Callab
         except SparseliteError as err:
             notes.append(f"the fully int8 file could not be made: {err}")
     log.info("precision auto: timing the candidate files whole")
-    whole_seconds = median_latencies(wholes, threads, rounds=rounds, runs_per_round=runs_per_round)
+    whole_seconds = median_latencies(wholes, **timing)
     latency = {name: whole_seconds[name] / whole_seconds["fp32"] for name in wholes if name != "fp32"}
     if "widest" in latency and latency["widest"] < latency["mixed"]:
         for name in set(widest) - set(chosen):
