@@ -178,8 +178,10 @@ def test_fit_then_export_round_trip(tmp_path):
     # Progress: one line per stage, and per parity batch, on stdout.
     progress = [line for line in export.stdout.splitlines() if line.startswith("[sparselite] export")]
     assert [line.split()[2] for line in progress if line.split()[2][0].isdigit()] == [f"{n}/7" for n in range(1, 8)]
-    assert sum("verify batch" in line for line in progress) == 2 and "[sparselite] export: wrote" in progress[-1]
+    assert sum("verify batch" in line for line in progress) == 2 and "[sparselite] export: wrote" in progress[-2]
+    assert "against the fp32 file" in progress[-1]
     report = json.loads(out.with_suffix(".json").read_text())
+    assert report["latency"]["ratio"] > 0 and report["fp32_bytes"] > report["file_bytes"]
     assert report["io_dtype"] == "float32" and report["ranges_learned"] > 0
     assert report["parity"]["examples"] == 128 and report["parity"]["top1_agreement"] >= 0.98
     assert report["layers"] and all(abs(l["sparsity_in_file"] - 0.5) < 0.01 for l in report["layers"])

@@ -6,6 +6,7 @@ data loader, and write the report next to the file (``model.json``, and the page
 from __future__ import annotations
 
 import itertools
+import logging
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +21,8 @@ from sparselite.export.options import ExportOptions
 from sparselite.export.report import ExportReport, report_path
 from sparselite.export.tflite import export_tflite
 from sparselite.pruning.channels import ChannelPruner
+
+log = logging.getLogger("sparselite")
 
 
 def export_from_loader(module: nn.Module, loader: Iterable, path: str | Path, options: ExportOptions | None = None, *,
@@ -51,7 +54,8 @@ def export_from_loader(module: nn.Module, loader: Iterable, path: str | Path, op
         from sparselite.export.channel_report import compare_with_unpruned
 
         report.channels = compare_with_unpruned(channel_pruner, example, path, calibration or inputs[:1])
-        report.save(report_path(path))
+    _compare_with_fp32(report, module, example, path)
+    report.save(report_path(path))
     _write_page(report, path)
     return report
 
@@ -63,6 +67,19 @@ def _class_labels(batches: list) -> list[torch.Tensor] | None:
                          or len(y) != len(batch[0]) for y, batch in zip(labels, batches)):
         return None
     return labels
+
+
+def _compare_with_fp32(report: ExportReport, module: nn.Module, example: torch.Tensor, path: str | Path) -> None:
+    """Size and latency against the fp32 file, for the report and its page; the export stands without them."""
+    from sparselite.export.fp32_comparison import compare_with_fp32
+
+    log.info("export: timing the file against the fp32 file of the same weights")
+    try:
+        compared = compare_with_fp32(module, example, path)
+    except Exception as err:  # e.g. a model litert-torch converts only quantized; the file is written either way
+        report.notes.append(f"no comparison with the fp32 file: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        return
+    report.fp32_bytes, report.latency = compared["fp32_bytes"], compared["latency"]
 
 
 # Op types are timed for the page only while that stays this cheap (a small model takes well under a second).

@@ -156,6 +156,8 @@ def latency_section(page: Page, data: dict, op_latency: Mapping[str, float] | No
     if _is_number(latency.get("ms")) and _is_number(latency.get("fp32_ms")):
         page.table(["file", "median ms"], [["fp32 file", f"{latency['fp32_ms']:.3f}"], ["this file", f"{latency['ms']:.3f}"],
                                            ["ratio", f"{latency['ms'] / latency['fp32_ms']:.2f}x"]])
+        if latency.get("setting"):
+            page.add(f"<p>{_e(latency['setting'])}.</p>")
     else:
         page.missing("Latency against the fp32 file is not in this report; time both with "
                      "`sparselite bench fp32.tflite MODEL.tflite` (interleaved, same machine).")

@@ -108,6 +108,9 @@ class ExportReport:
     # Top-1 on the verification batches, when their labels are known: {"fp32", "fake_quant" (QAT runs), "file", "examples"}
     accuracy: dict | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each export stage (stages.py)
+    # Against the fp32 file of the same weights (fp32_comparison.py; exports with a report page):
+    fp32_bytes: int | None = None
+    latency: dict | None = None  # {"ms", "fp32_ms", "ratio", "setting"}: XNNPACK medians from one interleaved run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,6 +158,10 @@ class ExportReport:
             if self.dense_int8_bytes is not None and self.dense_int8_bytes != self.file_bytes:
                 size += f"; with dense weight storage {self.dense_int8_bytes:,} B (xz -9: {self.dense_int8_xz_bytes:,} B)"
             lines.append(size)
+        if self.latency:
+            lines.append(f"  XNNPACK latency {self.latency['ms']:.3f} ms vs the fp32 file's {self.latency['fp32_ms']:.3f} ms "
+                         f"({self.latency['ratio']:.2f}x; 1 thread, medians of one interleaved run); fp32 file "
+                         f"{self.fp32_bytes:,} B")
         if self.overall_sparsity_in_file is not None:
             lines.append(f"  sparsity read from the file: {self.overall_sparsity_in_file:.1%} over {len(self.layers)} pruned layers")
         if self.channels:
