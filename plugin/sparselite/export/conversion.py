@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparselite.deploy_form import to_deploy_form
 from sparselite.errors import SparseliteError
 from sparselite.export.islands import float_ops_error
 from sparselite.export.xnnpack_forms import use_xnnpack_forms
@@ -23,8 +24,9 @@ from sparselite.tflite import flatbuffer
 
 def float_model_for_export(module: nn.Module) -> nn.Module:
     """A float copy: fake-quant and masks stripped, BN folded into convs (or a depthwise 1x1 conv where
-    it follows none), eval mode."""
+    it follows none), reparameterizable blocks in their deploy form (``deploy_form.py``), eval mode."""
     model = detached_copy(module).eval()
+    to_deploy_form(model)  # a model trained without sparselite's callbacks; else already done, and kept
     strip_fake_quant(model)
     strip_float_activation_quant(model)
     strip_masks(model)

@@ -30,6 +30,7 @@ import torch
 from ai_edge_litert.schema_py_generated import TensorType
 from torch import nn
 
+from sparselite.deploy_form import deploy_form_blocks
 from sparselite.errors import SparseliteError
 from sparselite.module_copy import detached_copy
 from sparselite.export.auto_precision import PrecisionChoice, choose_precision
@@ -46,7 +47,7 @@ from sparselite.export.options import ExportOptions
 from sparselite.export.parity import gate_failure, measure_noise_floor, top1_accuracy, verify as verify_parity
 from sparselite.export.precision import LayerFinder, apply_precisions, layer_precisions, precision_reference
 from sparselite.runtime.load_probe import mark_written
-from sparselite.export.report import ExportReport, LayerSparsity
+from sparselite.export.report import ExportReport, LayerSparsity, shortened
 from sparselite.pruning.targets import masked_targets, pruned_weight
 from sparselite.quantization.float_activations import simulated_precision
 from sparselite.quantization.qat import learned_ranges
@@ -271,6 +272,9 @@ STAGE_TITLES = {
 
 def _new_report(job: ExportJob, notes: list[str]) -> ExportReport:
     injection, precision = job.injection, job.options.precision
+    if blocks := deploy_form_blocks(job.float_model):
+        notes = [f"{len(blocks)} reparameterizable blocks exported in their deploy form (the one their reparameterize() or "
+                 f"switch_to_deploy() gives): {shortened(blocks)}"] + notes
     precision = "auto" if job.choice else dict(precision) if not isinstance(precision, str) else precision
     choice = job.choice.to_dict() if job.choice else None
     if injection is None:  # a file that is not fully int8: no activation ranges

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparselite.deploy_form import to_deploy_form
 from sparselite.errors import SparseliteError
 from sparselite.hook_ids import hook_ids_apart
 from sparselite.module_copy import detached_copy
@@ -129,6 +130,7 @@ class ChannelPruner:
     def prepare(self, model: nn.Module, example_inputs: torch.Tensor | tuple) -> dict[str, PrunedGroup]:
         """Trace the model, find its channel groups, check each is safe to remove, give each a mask."""
         self.model = model
+        to_deploy_form(model)  # the channels of the convs the file holds
         self.example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         hooks = _PlanHooks(self)
         with hook_ids_apart(model):  # a pickled copy keeps its hooks when new ones come (hook_ids.py)

@@ -17,6 +17,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from sparselite.deploy_form import to_deploy_form
 from sparselite.errors import SparseliteError
 from sparselite.pruning.masks import Pattern, global_masks, layer_mask
 from sparselite.pruning.schedule import PolynomialDecay
@@ -88,7 +89,9 @@ class MagnitudePruner:
         return value
 
     def prepare(self, model: nn.Module) -> dict[str, PrunedLayer]:
-        """Pick the layers, check each pattern fits, and give each a mask buffer (all ones)."""
+        """Pick the layers (of the deploy form, ``deploy_form.py``), check each pattern fits, and give each a
+        mask buffer (all ones)."""
+        to_deploy_form(model)
         selected = self.selection.select(model)
         for key in self.overrides:
             if not any(target.matched_by(re.compile(key)) for target in selected.values()):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparselite.deploy_form import to_deploy_form
 from sparselite.errors import SparseliteError
 from sparselite.quantization.dynamic_range import fake_quantize_rows, row_dims_of
 from sparselite.quantization.fake_quant import WeightFakeQuant
@@ -62,6 +63,7 @@ class FloatActivationSimulator:
         if simulated_precision(model) is not None:
             return self.simulated
         self.model = model
+        to_deploy_form(model)  # the convs the file holds, not a reparameterizable block's branches
         self.layers = layer_precisions(model, self.precision)
         batchnorms = {chain.producer: model.get_submodule(chain.batchnorm)
                       for chain in find_fused_chains(model) if chain.batchnorm}

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparselite.deploy_form import to_deploy_form
 from sparselite.errors import SparseliteError
 from sparselite.hook_ids import hook_ids_apart
 from sparselite.quantization.fake_quant import (
@@ -229,6 +230,7 @@ class QuantizationSimulator:
         load before that (their fake-quants are made from the state_dict's keys)."""
         if self.model is not None:
             return self.chains
+        to_deploy_form(model)  # the convs the file holds, not a reparameterizable block's branches
         with hook_ids_apart(model):  # a pickled copy keeps its hooks when new ones come (hook_ids.py)
             return self._attach(model, example_inputs)
 
