@@ -141,3 +141,68 @@ def test_a_precision_a_layer_cannot_have_is_refused_before_any_work(conv_mlp, tm
 def test_int8_io_needs_the_fully_int8_file():
     with pytest.raises(SparseliteError, match="io_dtype='int8' needs precision='int8'"):
         ExportOptions(io_dtype="int8", precision="fp16")
+
+
+@pytest.fixture(scope="module")
+def pruned_conv_mlp(conv_mlp):
+    """conv_mlp with its weights pruned to 80% by the pruner (masks on, as after a GMP run)."""
+    import copy
+
+    from sparselite.pruning.pruner import MagnitudePruner
+    from sparselite.pruning.schedule import PolynomialDecay
+    from sparselite.pruning.selection import LayerSelection
+
+    model = copy.deepcopy(conv_mlp)
+    pruner = MagnitudePruner(PolynomialDecay(final_sparsity=0.8, begin_step=0, end_step=1, frequency=1),
+                             selection=LayerSelection(min_params=0, skip_depthwise=True))
+    pruner.prepare(model)
+    pruner.step(1)
+    pruner.apply_masks()
+    return model.eval()
+
+
+def _sparse_weights(path) -> dict[str, str]:
+    """Each sparse-stored constant's name -> the op that reads it (a DENSIFY, for every one here)."""
+    model = read_model(path)
+    subgraph = model.subgraphs[0]
+    readers = {int(t): builtin_name(builtin_code(model, op)) for op in subgraph.operators for t in op.inputs}
+    return {t.name.decode(): readers.get(i) for i, t in enumerate(subgraph.tensors) if t.sparsity is not None}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_pruned_float_weights_are_stored_sparse_and_run_as_the_dense_file(pruned_conv_mlp, fmnist_heldout, tmp_path,
+                                                                           precision):
+    from conftest import xnnpack_partitions
+    from sparselite.runtime.litert import LiteRTModel
+
+    images = fmnist_heldout[0][:256]
+    sparse, dense = tmp_path / "sparse.tflite", tmp_path / "dense.tflite"
+    report = export_tflite(pruned_conv_mlp, images[:1], sparse, verify_data=[images], precision=precision)
+    export_tflite(pruned_conv_mlp, images[:1], dense, verify_data=None, precision=precision, sparse=False)
+    stored = _sparse_weights(sparse)
+    assert {"hidden;1", "head;1"} <= set(stored) and set(stored.values()) == {"DENSIFY"}, stored
+    # Each pruned weight is sparse unless that takes more bytes (the stem's 72 fp16 weights, with a DENSIFY).
+    pruned = [e for e in report.sparse_encoding if e["sparsity"] > 0.5]
+    assert len(pruned) == 4 and all((e["encoding"] != "dense") == (e["name"] in stored) for e in pruned)
+    assert {e["reason"] for e in pruned if e["encoding"] == "dense"} <= {"sparse storage would not be smaller"}
+    assert sparse.stat().st_size < 0.6 * dense.stat().st_size
+    # XNNPACK densifies them at load and runs the whole graph, computing exactly what the dense file does.
+    assert xnnpack_partitions(sparse) == 1
+    assert (LiteRTModel(sparse)(images.numpy()) == LiteRTModel(dense)(images.numpy())).all()
+    # Sparsity read back from the file's weights, through the DENSIFY (and the fp16 weights' DEQUANTIZE).
+    assert {layer.layer for layer in report.layers} == {"stem", "conv", "hidden", "head"}
+    for layer in report.layers:
+        assert layer.sparsity_in_file == pytest.approx(layer.sparsity_in_training, abs=1e-6) and layer.sparsity_in_file >= 0.79
+    assert not any("not read from the file" in note for note in report.notes)
+
+
+def test_pruned_dynamic_range_weights_stay_dense_and_say_why(pruned_conv_mlp, fmnist_heldout, tmp_path):
+    images = fmnist_heldout[0][:256]
+    path = tmp_path / "m.tflite"
+    report = export_tflite(pruned_conv_mlp, images[:1], path, verify_data=[images],
+                           precision={"default": "dynamic_int8", "hidden": "fp16", "depthwise": "fp32"})
+    assert list(_sparse_weights(path)) == ["hidden;1"]  # the fp16 weight
+    kept = [e for e in report.sparse_encoding if e["reason"].startswith("dynamic-range")]
+    assert {e["op"] for e in kept} == {"CONV_2D", "FULLY_CONNECTED"}
+    assert any("dynamic-range weights stay dense" in note for note in report.notes)
+    assert {layer.layer for layer in report.layers} == {"stem", "conv", "hidden", "head"}  # int8 ones too

@@ -1,6 +1,7 @@
-"""Flatbuffer pass: store pruned int8 weights in TFLite's sparse format, only where it saves bytes.
+"""Flatbuffer pass: store pruned weights in TFLite's sparse format, only where it saves bytes.
 
-For every int8 conv/depthwise/FC weight with zeros, the pass takes the smallest layout
+For every conv/depthwise/FC weight with zeros (int8, fp32, or fp16 behind its DEQUANTIZE), the pass takes
+the smallest layout
 ``sparse_encoding`` knows and stores it only if that plus its flatbuffer overhead (SparsityParameters
 tables, DENSIFY op and tensor: about 320-360 bytes) is smaller than dense. Conv and depthwise conv
 can't read sparse weights: each gets a DENSIFY op, placed right before its first consumer (run once
@@ -14,8 +15,14 @@ Decision for the int8 classifier (FULLY_CONNECTED): it stays dense. With ai-edge
     node and returns wrong logits (off by up to 80 LSB). XNNPACK is the default CPU path, so no.
     ``test_xnnpack_misreads_1x16_sparse_int8_fc`` fails once the runtime gets this right.
 The classifier is a small share of a CNN's weights.
-Hybrid FCs (float input, int8 weights) stay dense too: their sparse kernel needs op version 8, which
-needs an op code of its own, and sparselite's int8 export doesn't produce them.
+
+Float weights: an fp32 conv/depthwise/FC weight, and an fp16 weight (read by a DEQUANTIZE), get a DENSIFY
+like int8 conv weights: XNNPACK densifies both at load and delegates the whole graph, with outputs equal
+to the dense file's (``tests/export/test_sparse_storage.py``).
+
+Dynamic-range weights (int8 weights read by an op with a float input) stay dense: XNNPACK 2.3 does not
+delegate such an op fed by DENSIFY (docs/upstream/xnnpack_hybrid_conv_densify.md), and a hybrid FC's own
+sparse kernel needs op version 8, which needs an op code of its own.
 
 The ``keep_stablehlo_constant`` metadata is a model-wide flag ("true") read by TF's sparsify pass,
 not by the runtime, and this pass reads int8 weights whatever the flag says, so it is left alone.
@@ -37,6 +44,8 @@ from sparselite.tflite.flatbuffer import (
     WEIGHT_INPUT, builtin_code, builtin_name, operator_code_index, read_model, tensor_name, write_model,
 )
 from sparselite.tflite.constant_values import INDEX_DTYPE_NAMES, sparse_payload_bytes, tensor_values, weight_tensors
+
+_STORED_TYPES = (schema.TensorType.INT8, schema.TensorType.FLOAT32, schema.TensorType.FLOAT16)
 
 # File bytes a sparse tensor costs beyond its payload (measured: 320-355 for a 4-D conv weight):
 # the SparsityParameters tables, and the DENSIFY op with its output tensor.
@@ -72,10 +81,10 @@ def encode_sparse(
     share_quantization: bool = True,
     sparse_int8_fc: bool = False,
 ) -> tuple[bytes, list[TensorEncoding]]:
-    """Re-encode the int8 conv/depthwise/FC weights of a .tflite so that pruned zeros cost fewer bytes.
+    """Re-encode the conv/depthwise/FC weights of a .tflite so that pruned zeros cost fewer bytes.
 
     Takes .tflite bytes (or a path) and returns new .tflite bytes, to be written with
-    ``write_atomically``, plus one ``TensorEncoding`` per int8 weight tensor. A weight is considered
+    ``write_atomically``, plus one ``TensorEncoding`` per int8, fp32 or fp16 weight tensor. A weight is considered
     when it has zeros and at least ``min_sparsity`` of it is zeros; it is stored sparse only when
     that, with the DENSIFY op and metadata it brings, is smaller than dense. ``share_quantization``
     writes equal quantization tables and vectors once (lossless; per-channel zero points are all
@@ -98,7 +107,7 @@ def encode_sparse(
         insertions: list[tuple[int, schema.OperatorT]] = []
         for tensor_index, _ in list(weight_tensors(model, graph)):
             tensor = graph.tensors[tensor_index]
-            if tensor.type != schema.TensorType.INT8 or tensor.sparsity is not None:
+            if tensor.type not in _STORED_TYPES or tensor.sparsity is not None:
                 continue
             weights = tensor_values(model, tensor)
             if weights is None or weights.size == 0:
@@ -160,23 +169,26 @@ def _policy(model, graph, uses, weights, sparsity, min_sparsity, sparse_int8_fc)
         return [], False, "all zeros (a zero-initialized residual branch): a sparse tensor needs a stored value"
     if sparsity < min_sparsity:
         return [], False, f"sparsity {sparsity:.2f} < min_sparsity {min_sparsity:.2f}"
+    if weights.dtype == np.float16:  # read by its DEQUANTIZE, which a DENSIFY can feed
+        if any(builtin_code(model, graph.operators[i]) != schema.BuiltinOperator.DEQUANTIZE or slot for i, slot in uses):
+            return [], False, "an fp16 weight read by an op other than its DEQUANTIZE"
+        return candidate_layouts(weights.shape), True, ""
     codes = set()
     for op_index, slot in uses:
         op = graph.operators[op_index]
         code = builtin_code(model, op)
         if WEIGHT_INPUT.get(code) != slot:
             return [], False, f"also read by {builtin_name(code)} input {slot}"
+        if weights.dtype == np.int8 and graph.tensors[op.inputs[0]].type != schema.TensorType.INT8:
+            return [], False, (f"dynamic-range {builtin_name(code)} stays dense (XNNPACK does not delegate it fed by "
+                               "DENSIFY, docs/upstream/xnnpack_hybrid_conv_densify.md)")
         codes.add(code)
-    if schema.BuiltinOperator.FULLY_CONNECTED not in codes:
+    if weights.dtype == np.float32 or schema.BuiltinOperator.FULLY_CONNECTED not in codes:
         return candidate_layouts(weights.shape), True, ""
     if len(codes) > 1:
         return [], False, "shared by FULLY_CONNECTED and another op"
     if not sparse_int8_fc:
         return [], False, "int8 FULLY_CONNECTED stays dense (see sparse_storage.py)"
-    for op_index, _ in uses:
-        input_tensor = graph.tensors[graph.operators[op_index].inputs[0]]
-        if input_tensor.type != schema.TensorType.INT8:
-            return [], False, "hybrid FULLY_CONNECTED stays dense (its sparse kernel needs op version 8)"
     if weights.ndim != 2 or weights.shape[1] % 16:
         return [], False, "int8 FULLY_CONNECTED reads only 1x16 blocks; its input size is not a multiple of 16"
     return [Layout(16, (False, True, False))], False, ""

@@ -197,22 +197,21 @@ def encode(job: ExportJob) -> ExportJob:
     if job.options.sparse and job.options.require_gpu:
         report.notes.append("sparse encoding skipped for require_gpu: LiteRT's GPU accelerator has no DENSIFY op, "
                             "so a sparse file runs only with CPU fallback")
-    if job.options.sparse_storage and not job.options.fully_int8:
-        if job.train_sparsity:
-            report.notes.append("sparse storage is written for fully int8 files: XNNPACK 2.3 does not delegate a "
-                                "dynamic-range CONV_2D or FULLY_CONNECTED fed by DENSIFY "
-                                "(docs/upstream/xnnpack_hybrid_conv_densify.md), so these weights stay dense; the "
-                                "zeros still shrink the compressed file")
-    elif job.options.sparse_storage:
+    if job.options.sparse_storage:
         from sparselite.export.sparse_storage import encode_sparse
 
         # Also for models whose masks were stripped: the pass keeps every tensor that would not shrink dense.
+        # Every precision: int8 and float weights get a DENSIFY, dynamic-range ones stay dense (sparse_storage.py).
         job.final, encodings = encode_sparse(job.dense)
         report.sparse_encoding = [e.to_dict() for e in encodings]
+        if any(e.reason.startswith("dynamic-range") for e in encodings):
+            report.notes.append("dynamic-range weights stay dense: XNNPACK 2.3 does not delegate a dynamic-range "
+                                "CONV_2D or FULLY_CONNECTED fed by DENSIFY (docs/upstream/xnnpack_hybrid_conv_densify.md); "
+                                "their zeros still shrink the compressed file")
     if any(e["encoding"] != "dense" for e in report.sparse_encoding):
         report.notes.append(
             "sparse storage shrinks the file; it does not speed up XNNPACK on x86, which densifies weights at "
-            "load and runs dense int8 kernels (XNNPACK's sparse kernels are fp32/fp16, ARM only)"
+            "load and runs dense kernels (XNNPACK's sparse kernels are fp32/fp16, ARM only)"
         )
     if report.float_islands:
         time_islands(report, job.dense)
@@ -340,20 +339,20 @@ def _output_scale(model_t) -> float:
 
 
 def _match_layers(model_t, float_model: nn.Module, pruned: Sequence[str]) -> dict[str, str]:
-    """Pruned torch weight -> the TFLite weight tensor holding exactly its int8 values, or its fp32 values (a
-    layer a mixed-precision file keeps float, or a recurrent layer's gate matrix, which a fully int8 file
-    keeps in a float island)."""
+    """Pruned torch weight -> the TFLite weight tensor holding exactly its int8 values, or its fp32 or fp16
+    values (a layer a file keeps float, or a recurrent layer's gate matrix, which a fully int8 file keeps in
+    a float island)."""
     subgraph = model_t.subgraphs[0]
     candidates = []  # (name, values): names are not unique (an int8 weight and an fp32 constant may share one)
     for tensor in subgraph.tensors:
         data = model_t.buffers[tensor.buffer].data
-        dtype = {TensorType.INT8: np.int8, TensorType.FLOAT32: np.float32}.get(tensor.type)
-        if dtype is not None and data is not None and len(tensor.shape) in (2, 4):  # int8 and fp32 constants
+        dtype = {TensorType.INT8: np.int8, TensorType.FLOAT32: np.float32, TensorType.FLOAT16: np.float16}.get(tensor.type)
+        if dtype is not None and data is not None and len(tensor.shape) in (2, 4):  # int8, fp32 and fp16 constants
             candidates.append((tensor.name.decode(), np.asarray(data, dtype=np.uint8).view(dtype).reshape(tensor.shape)))
     matches = {}
     for layer in pruned:
         weight = pruned_weight(float_model, layer).detach()
-        for expected in (quantize_weight(weight).numpy(), weight.numpy()):
+        for expected in (quantize_weight(weight).numpy(), weight.numpy(), weight.half().numpy()):
             # TFLite conv weights are OHWI; depthwise are [1, H, W, C].
             forms = [expected] if expected.ndim != 4 else [expected.transpose(0, 2, 3, 1), expected.transpose(1, 2, 3, 0)]
             found = next((name for name, values in candidates if values.dtype == expected.dtype

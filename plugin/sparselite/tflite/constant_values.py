@@ -133,17 +133,23 @@ def describe_layout(tensor: schema.TensorT) -> tuple[str, str]:
 
 
 def weight_tensors(model: schema.ModelT, graph: schema.SubGraphT) -> Iterator[tuple[int, int]]:
-    """(tensor index, op index) for every weight input of conv/depthwise/FC, following DENSIFY back."""
-    densified = {}
+    """(tensor index, op index) for every weight input of conv/depthwise/FC, following DENSIFY back, and the
+    DEQUANTIZE of a constant (an fp16 weight, dense or behind its DENSIFY)."""
+    source = {}  # an op's output -> the constant it is made from, at load
     for op in graph.operators:
-        if builtin_code(model, op) == schema.BuiltinOperator.DENSIFY:
-            densified[int(op.outputs[0])] = int(op.inputs[0])
+        code = builtin_code(model, op)
+        if code == schema.BuiltinOperator.DENSIFY:
+            source[int(op.outputs[0])] = int(op.inputs[0])
+        elif code == schema.BuiltinOperator.DEQUANTIZE and len(op.inputs) and op.inputs[0] >= 0:
+            read = source.get(int(op.inputs[0]), int(op.inputs[0]))
+            if model.buffers[graph.tensors[read].buffer].data is not None:
+                source[int(op.outputs[0])] = read
     seen = set()
     for op_index, op in enumerate(graph.operators):
         slot = WEIGHT_INPUT.get(builtin_code(model, op))
         if slot is None or len(op.inputs) <= slot or op.inputs[slot] < 0:
             continue
-        tensor_index = densified.get(int(op.inputs[slot]), int(op.inputs[slot]))
+        tensor_index = source.get(int(op.inputs[slot]), int(op.inputs[slot]))
         if tensor_index not in seen:
             seen.add(tensor_index)
             yield tensor_index, op_index
