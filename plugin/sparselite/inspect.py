@@ -22,6 +22,7 @@ from sparselite.tflite.flatbuffer import (
     WEIGHT_INPUT, builtin_code, builtin_name, read_model, tensor_name, tensor_type_name,
 )
 from sparselite.tflite.constant_values import describe_layout, sparse_payload_bytes, tensor_values
+from sparselite.tflite.ops import op_precision
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def inspect_tflite(path: str | Path) -> InspectReport:
     producers = {int(t): op for op in graph.operators for t in op.outputs}
     report.ops = [
         OpInfo(index=i, op=builtin_name(builtin_code(model, op)), xnnpack=None if delegated is None else i in delegated,
-               precision=_op_precision(model, graph, op, producers))
+               precision=op_precision(model, graph, op, producers))
         for i, op in enumerate(graph.operators)
     ]
     return report
@@ -136,34 +137,9 @@ def precision_summary(path: str | Path) -> str:
     counts: dict[str, int] = {}
     for op in graph.operators:
         if builtin_code(model, op) in WEIGHT_INPUT:
-            precision = _op_precision(model, graph, op, producers)
+            precision = op_precision(model, graph, op, producers)
             counts[precision] = counts.get(precision, 0) + 1
     return ", ".join(f"{name} {count}" for name, count in sorted(counts.items(), key=lambda item: -item[1])) or "-"
-
-
-def _op_precision(model: schema.ModelT, graph: schema.SubGraphT, op: schema.OperatorT, producers: dict) -> str:
-    """What an op computes in (``OpInfo.precision``)."""
-    code = builtin_code(model, op)
-    inputs = [graph.tensors[int(t)] if t >= 0 else None for t in op.inputs]
-    slot = WEIGHT_INPUT.get(code)
-    if slot is not None and slot < len(op.inputs) and inputs[0] is not None:
-        weight = int(op.inputs[slot])
-        while weight in producers and builtin_code(model, producers[weight]) in _UNPACKING:  # fp16 or sparse weights
-            weight = int(producers[weight].inputs[0])
-        if inputs[0].type == schema.TensorType.INT8:
-            return "int8"
-        return {schema.TensorType.INT8: "dynamic_int8", schema.TensorType.FLOAT16: "fp16"}.get(graph.tensors[weight].type, "fp32")
-    outputs = [graph.tensors[int(t)].type for t in op.outputs]
-    if code == schema.BuiltinOperator.QUANTIZE and inputs[0] is not None:
-        return f"{tensor_type_name(inputs[0].type)}->{tensor_type_name(outputs[0])}"
-    if code == schema.BuiltinOperator.DEQUANTIZE and inputs[0] is not None:
-        constant = model.buffers[inputs[0].buffer].data is not None
-        return f"{tensor_type_name(inputs[0].type)} weight unpacked" if constant else f"{tensor_type_name(inputs[0].type)}->float32"
-    return tensor_type_name(outputs[0]) if outputs else ""
-
-
-# Ops between a stored weight and the op that reads it: the weight's stored type is what counts.
-_UNPACKING = (schema.BuiltinOperator.DEQUANTIZE, schema.BuiltinOperator.DENSIFY)
 
 
 def _zstd_size(data: bytes) -> int | None:

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from conftest import make_loader, tiny_mobilenet
 from sparselite import GradualPruning, QuantizationAwareTraining, SparseliteError
 from sparselite.export import html_report
-from sparselite.export.from_loader import export_from_loader
+from sparselite.export.from_loader import LATENCY_SHARES_BUDGET_S, export_from_loader
 from sparselite.models.classifier import ImageClassifier
 
 IMG = re.compile(r'<img class="plot" id="(plot-\d+)" alt="([^"]*)" src="data:image/svg\+xml;base64,([^"]+)">')
@@ -60,14 +60,15 @@ def test_every_export_writes_its_page_next_to_the_report(export_run):
     page = page_path.read_text()
     assert f"sha256 <code>{report.sha256[:16]}" in page  # the page names the exact file it describes
     found = plots(page)
-    # accuracy/parity, size, op-type latency, layer sparsity, layer bytes, schedules
-    assert len(found) == 6, [alt for _, alt, _ in found]
+    # accuracy/parity, size, op-type latency, layer latency, layer sparsity, layer bytes, schedules
+    assert len(found) == 7, [alt for _, alt, _ in found]
     for _, alt, svg in found:
         assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "<path" in svg, alt
     for layer in report.layers:  # per-layer sparsity: every pruned layer, read from the file
         assert layer.layer in page
     assert "Per-layer sparsity read from the file against training" in page
     assert "Share of XNNPACK latency per op type" in page  # a small file is timed at export
+    assert "Share of XNNPACK latency per weight layer, with its precision" in page
     assert "CONV_2D" in page and ">int8<" in page  # each weight's precision, read from the file
 
 
@@ -103,6 +104,22 @@ def test_size_and_latency_against_the_fp32_file_of_the_same_weights(export_run):
     assert saved["fp32_bytes"] == report.fp32_bytes and saved["latency"] == latency
 
 
+def test_every_weight_layer_has_its_precision_and_share_of_the_latency(export_run):
+    path, report, _ = export_run
+    shares = report.latency_shares
+    layers = {entry["layer"]: entry for entry in shares["layers"]}
+    # Every pruned layer's weight, and the unpruned ones (depthwise convs), each with the precision it has.
+    assert {layer.tensor.split(";")[0] for layer in report.layers} < set(layers)
+    assert {entry["precision"] for entry in layers.values()} == {"int8"}
+    assert {entry["op"] for entry in layers.values()} == {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
+    assert all(0 < entry["share"] < 1.5 for entry in layers.values())  # alone, a layer may cost more than in the file
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"} <= set(shares["op_types"])
+    assert "DENSIFY" not in shares["op_types"]  # it runs once, at load
+    page = path.with_suffix(".html").read_text()
+    for name in layers:
+        assert f"<td>{name}</td>" in page
+
+
 def test_a_report_without_the_comparison_says_so(export_run):
     data = json.loads(export_run[0].with_suffix(".json").read_text())
     data.pop("latency"), data.pop("fp32_bytes")
@@ -119,7 +136,7 @@ def test_schedules_come_from_the_runs_metrics_and_config(export_run):
 
 
 def test_a_saved_report_alone_still_gives_a_page(export_run, tmp_path):
-    """Only the JSON copied elsewhere: no file (no precisions, no timing) and no run logs."""
+    """Only the JSON copied elsewhere: no file (no precisions, no new timing) and no run logs."""
     path, report, _ = export_run
     data = json.loads(path.with_suffix(".json").read_text())
     data["path"] = str(tmp_path / "gone.tflite")
@@ -131,7 +148,8 @@ def test_a_saved_report_alone_still_gives_a_page(export_run, tmp_path):
     page = html_report.build_html(loaded, model_note=note, source=str(saved))
     assert "Weight storage types need the .tflite the report describes" in page
     assert "No logged metrics of the training run were found" in page
-    assert len(plots(page)) == 4  # parity, size, layer sparsity, layer bytes
+    # parity, size, op-type and layer latency (timed at export, kept in the report), layer sparsity, layer bytes
+    assert len(plots(page)) == 6
     # A different file next to the report is not taken for the one it describes.
     shutil.copy(path, tmp_path / "model.tflite")
     (tmp_path / "model.tflite").write_bytes((tmp_path / "model.tflite").read_bytes() + b"\0")
@@ -161,7 +179,8 @@ def test_the_page_costs_little_of_the_export(export_run, tmp_path):
     path, report, export_s = export_run
     started = time.perf_counter()
     shutil.copy(path, tmp_path / "model.tflite")
-    html_report.write_report_html(report, tmp_path / "model.tflite", time_ops_budget_s=2.0)
+    html_report.timed_latency_shares(tmp_path / "model.tflite", LATENCY_SHARES_BUDGET_S)
+    html_report.write_report_html(report, tmp_path / "model.tflite")
     assert time.perf_counter() - started < max(5.0, 0.5 * export_s)
 
 
@@ -212,5 +231,5 @@ def test_sparselite_report_rebuilds_the_page_from_the_json(export_run, tmp_path)
     result = run_cli("report", str(path.with_suffix(".json")), "-o", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     assert str(out) in result.stdout and "metrics.csv" in result.stdout
-    assert html_report.is_ours(out) and len(plots(out.read_text())) == 6
+    assert html_report.is_ours(out) and len(plots(out.read_text())) == 7  # as the export wrote it
     assert "Traceback" not in result.stderr

@@ -28,12 +28,12 @@ def report_command(ns: argparse.Namespace) -> None:
     metrics_csv = Path(ns.metrics) if ns.metrics else pages.find_run_metrics(source)
     if ns.metrics and not metrics_csv.is_file():
         raise SparseliteError(f"--metrics {metrics_csv} does not exist")
-    op_latency, timing_note = None, "--no-timing" if ns.no_timing else model_note
+    shares, timing_note = None, "--no-timing" if ns.no_timing else model_note
     if model is not None and not ns.no_timing:
-        op_latency, timing_note = pages.timed_op_types(model, ns.timing_budget)
+        shares, timing_note = pages.timed_latency_shares(model, ns.timing_budget)
     try:
-        page = pages.build_html(data, model_file=model, model_note=model_note, op_latency=op_latency,
-                                op_latency_note=timing_note, source=str(source),
+        page = pages.build_html(data, model_file=model, model_note=model_note, latency_shares=shares,
+                                latency_shares_note=timing_note, source=str(source),
                                 metrics=pages.read_run_metrics(metrics_csv) if metrics_csv else None)
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as err:  # a hand-edited or foreign JSON
         raise SparseliteError(f"{source} is not a valid sparselite export report: {type(err).__name__}: "

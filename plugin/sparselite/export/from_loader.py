@@ -55,6 +55,7 @@ def export_from_loader(module: nn.Module, loader: Iterable, path: str | Path, op
 
         report.channels = compare_with_unpruned(channel_pruner, example, path, calibration or inputs[:1])
     _compare_with_fp32(report, module, example, path)
+    _time_latency_shares(report, path)
     report.save(report_path(path))
     _write_page(report, path)
     return report
@@ -82,15 +83,24 @@ def _compare_with_fp32(report: ExportReport, module: nn.Module, example: torch.T
     report.fp32_bytes, report.latency = compared["fp32_bytes"], compared["latency"]
 
 
-# Op types are timed for the page only while that stays this cheap (a small model takes well under a second).
-PAGE_TIMING_BUDGET_S = 2.0
+# Op types and layers are timed at export only while that stays this cheap (a small model: well under a second).
+LATENCY_SHARES_BUDGET_S = 2.0
+
+
+def _time_latency_shares(report: ExportReport, path: str | Path) -> None:
+    from sparselite.export.html_report import timed_latency_shares
+
+    report.latency_shares, why = timed_latency_shares(path, LATENCY_SHARES_BUDGET_S)
+    if report.latency_shares is None:
+        report.notes.append(f"each op type's and layer's share of the latency was not timed at export ({why}); "
+                            "`sparselite report MODEL.json` times them with a larger budget")
 
 
 def _write_page(report: ExportReport, path: str | Path) -> None:
     """The HTML page next to the report. The file and its JSON are what an export promises; a page that
     cannot be written is one line on stderr, never a failed export."""
     try:
-        write_report_html(report, path, time_ops_budget_s=PAGE_TIMING_BUDGET_S)
+        write_report_html(report, path)
     except SparseliteError as err:
         print(f"sparselite: warning: no report page written: {err}", file=sys.stderr)
     except Exception as err:  # the page is a view of the report; a bug in it must not lose the export

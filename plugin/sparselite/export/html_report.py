@@ -8,7 +8,8 @@ number is not there instead of inventing one. Three optional extras go in when t
 - the ``.tflite`` the report describes (its sha256 must match): the precision of each layer's weight;
 - the run's CSV metrics (Lightning's ``CSVLogger``, found next to the export by ``find_run_metrics``) and
   the ``config.yaml`` LightningCLI saved beside them: the sparsity and QAT schedules over the steps;
-- each op type's share of the XNNPACK latency, timed alone (``time_op_types``; ``sparselite report``).
+- each op type's and each layer's share of the XNNPACK latency, timed alone (``time_latency_shares``; in the
+  report when the export timed them, else by ``sparselite report``).
 
 No Lightning and no torch here: the page can be rebuilt from any saved ``model.json``.
 """
@@ -174,42 +175,68 @@ def weight_precisions(tflite: str | Path) -> dict[str, str]:
     return precisions
 
 
-def time_op_types(tflite: str | Path, budget_s: float = 10.0, rounds: int = 5, runs_per_round: int = 20) -> dict[str, float]:
-    """Each op type's share of the file's XNNPACK latency (1 thread), its ops cut out and timed alone,
-    interleaved with the whole file (``runtime/op_cost.py``; an estimate that errs both ways). DENSIFY runs
-    once at load and is left out. Fewer runs when the file is slow; ``SparseliteError`` when even the fewest
-    would take longer than ``budget_s``."""
+def time_latency_shares(tflite: str | Path, budget_s: float = 10.0, rounds: int = 5,
+                        runs_per_round: int = 20) -> dict[str, Any]:
+    """Each op type's and each weight layer's share of the file's XNNPACK latency (1 thread), its ops cut
+    out and timed alone, interleaved with the whole file (``runtime/op_cost.py``; an estimate that errs both
+    ways): ``{"op_types": {type: share}, "layers": [{"layer", "op", "precision", "share"}], "setting"}``.
+    DENSIFY runs once at load and is left out. Fewer runs when the file is slow; ``SparseliteError`` when
+    even the fewest would take longer than ``budget_s``."""
     from sparselite.runtime.op_cost import latency_shares, median_latencies
-    from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model
+    from sparselite.tflite.flatbuffer import read_model
 
     data = Path(tflite).read_bytes()
     model = read_model(data)
-    subsets: dict[str, list[int]] = {}
-    for index, op in enumerate(model.subgraphs[0].operators or []):
-        name = builtin_name(builtin_code(model, op))
-        if name != "DENSIFY":
-            subsets.setdefault(name, []).append(index)
-    if len(subsets) < 2:  # one op type is the whole file
-        return {name: 1.0 for name in subsets}
+    types, layers = _op_groups(model)
+    subsets = {f"type {name}": ops for name, ops in types.items()} | {f"layer {name}": g["ops"] for name, g in layers.items()}
     whole_s = median_latencies({"whole": data}, warmup=1, rounds=1, runs_per_round=3)["whole"]
     # Every cut-out file costs at most the whole one; 3 warm-up runs each.
     per_run = whole_s * (len(subsets) + 1)
     runs = min(runs_per_round, int(budget_s / max(per_run, 1e-9)) // rounds - 3)
     if runs < 2:
-        raise SparseliteError(f"one run of the file takes {whole_s * 1e3:.1f} ms; timing its {len(subsets)} op types "
-                              f"would take more than {budget_s:.0f} s")
-    return latency_shares(model, data, subsets, rounds=rounds, runs_per_round=runs)
+        raise SparseliteError(f"one run of the file takes {whole_s * 1e3:.1f} ms; timing its {len(types)} op types and "
+                              f"{len(layers)} layers would take more than {budget_s:.0f} s")
+    shares = latency_shares(model, data, subsets, rounds=rounds, runs_per_round=runs)
+    return {"op_types": {name: shares[f"type {name}"] for name in types},
+            "layers": [{"layer": name, "op": g["op"], "precision": g["precision"], "share": shares[f"layer {name}"]}
+                       for name, g in layers.items()],
+            "setting": f"XNNPACK, 1 thread, each group's ops cut out and timed alone, {rounds}x{runs} runs interleaved "
+                       "with the whole file"}
+
+
+def _op_groups(model) -> tuple[dict[str, list[int]], dict[str, dict[str, Any]]]:
+    """The ops of each op type (DENSIFY left out), and of each weight layer: the conv/FC ops reading one stored
+    weight (an unrolled RNN's steps read one), named after the torch module its tensor name carries."""
+    from sparselite.tflite.flatbuffer import builtin_code, builtin_name, tensor_name
+    from sparselite.tflite.ops import op_precision, stored_weight
+
+    graph = model.subgraphs[0]
+    producers = {int(t): op for op in graph.operators or [] for t in op.outputs}
+    types: dict[str, list[int]] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    for index, op in enumerate(graph.operators or []):
+        name = builtin_name(builtin_code(model, op))
+        if name == "DENSIFY":
+            continue
+        types.setdefault(name, []).append(index)
+        weight = stored_weight(model, op, producers)
+        if weight is not None:
+            layer = tensor_name(graph.tensors[weight]).split(";")[0] or f"{name} {index}"
+            group = layers.setdefault(layer, {"ops": [], "op": name, "precision": op_precision(model, graph, op, producers)})
+            group["ops"].append(index)
+    return types, layers
 
 
 # ---------------------------------------------------------------------------------------------- page
 
 
 def build_html(report: Any, *, model_file: str | Path | None = None, model_note: str | None = None,
-               metrics: RunMetrics | None = None, op_latency: Mapping[str, float] | None = None,
-               op_latency_note: str | None = None, source: str | None = None) -> str:
+               metrics: RunMetrics | None = None, latency_shares: Mapping[str, Any] | None = None,
+               latency_shares_note: str | None = None, source: str | None = None) -> str:
     """The page for ``report`` (an ``ExportReport`` or its dict). ``model_file``: the .tflite it describes
-    (for weight precisions); ``metrics``: the run's logged metrics; ``op_latency``: op type -> share of the
-    file's XNNPACK latency (``time_op_types``); the notes say why an extra is absent."""
+    (for weight precisions); ``metrics``: the run's logged metrics; ``latency_shares``: each op type's and
+    layer's share of the file's XNNPACK latency (``time_latency_shares``; by default the report's own); the
+    notes say why an extra is absent."""
     data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
     precisions: dict[str, str] = {}
     if model_file is not None:
@@ -221,7 +248,9 @@ def build_html(report: Any, *, model_file: str | Path | None = None, model_note:
     header(page, data, source)
     accuracy_section(page, data)
     size_section(page, data)
-    latency_section(page, data, op_latency, op_latency_note)
+    if latency_shares is None and isinstance(data.get("latency_shares"), dict):
+        latency_shares = data["latency_shares"]
+    latency_section(page, data, latency_shares, latency_shares_note)
     layers_section(page, data, precisions, model_note)
     schedule_section(page, metrics)
     channels_section(page, data)
@@ -233,26 +262,23 @@ def write_html(path: str | Path, text: str) -> None:
     write_atomically(path, text.encode("utf-8"))
 
 
-def write_report_html(report: Any, tflite_path: str | Path, *, time_ops_budget_s: float = 0.0) -> Path:
+def write_report_html(report: Any, tflite_path: str | Path) -> Path:
     """The page next to an export that was just written (``model.tflite`` -> ``model.html``), with the run's
-    metrics when they are found next to it, and each op type timed when that takes under
-    ``time_ops_budget_s`` (0: not timed). Refuses to replace an HTML file it did not write."""
+    metrics when they are found next to it. Refuses to replace an HTML file it did not write."""
     out = html_path(tflite_path)
     if out.exists() and not is_ours(out):
         raise SparseliteError(f"{out} exists and is not a sparselite report page; it was left as it is")
     metrics_csv = find_run_metrics(tflite_path)
-    op_latency, note = None, "not timed at export; `sparselite report MODEL.json` times each op type"
-    if time_ops_budget_s > 0:
-        op_latency, note = timed_op_types(tflite_path, time_ops_budget_s)
+    note = "not timed at export; `sparselite report MODEL.json` times each op type and layer"
     page = build_html(report, model_file=tflite_path, metrics=read_run_metrics(metrics_csv) if metrics_csv else None,
-                      op_latency=op_latency, op_latency_note=note, source=str(Path(tflite_path).with_suffix(".json")))
+                      latency_shares_note=note, source=str(Path(tflite_path).with_suffix(".json")))
     write_html(out, page)
     return out
 
 
-def timed_op_types(tflite: str | Path, budget_s: float = 10.0) -> tuple[dict[str, float] | None, str | None]:
-    """``time_op_types``, or (None, why it could not be timed)."""
+def timed_latency_shares(tflite: str | Path, budget_s: float = 10.0) -> tuple[dict[str, Any] | None, str | None]:
+    """``time_latency_shares``, or (None, why it could not be timed)."""
     try:
-        return time_op_types(tflite, budget_s=budget_s), None
+        return time_latency_shares(tflite, budget_s=budget_s), None
     except Exception as err:  # a file XNNPACK cannot run in pieces still gets its page
-        return None, f"the op types could not be timed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        return None, f"the ops could not be timed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"

@@ -18,8 +18,9 @@ if TYPE_CHECKING:
     from sparselite.export.html_report import RunMetrics
 
 GENERATOR = "sparselite export report"  # <meta name="generator">: a page we may overwrite
-# Colours by weight precision, one per TFLite type a weight is stored in.
-PRECISION_COLOURS = {"int8": "#1f77b4", "float32": "#d62728", "float16": "#ff7f0e", "int16": "#9467bd"}
+# Colours by weight precision: the TFLite type a weight is stored in, and a layer's precision.
+PRECISION_COLOURS = {"int8": "#1f77b4", "float32": "#d62728", "float16": "#ff7f0e", "int16": "#9467bd",
+                     "fp32": "#d62728", "fp16": "#ff7f0e", "dynamic_int8": "#17becf"}
 
 
 @dataclass
@@ -150,7 +151,7 @@ def size_section(page: Page, data: dict) -> None:
         page.plot(fig, "File size: as stored, with dense weight storage, and compressed for download (xz -9)")
 
 
-def latency_section(page: Page, data: dict, op_latency: Mapping[str, float] | None, note: str | None) -> None:
+def latency_section(page: Page, data: dict, latency_shares: Mapping[str, Any] | None, note: str | None) -> None:
     page.section("Latency")
     latency = data.get("latency") if isinstance(data.get("latency"), dict) else {}
     if _is_number(latency.get("ms")) and _is_number(latency.get("fp32_ms")):
@@ -161,20 +162,23 @@ def latency_section(page: Page, data: dict, op_latency: Mapping[str, float] | No
     else:
         page.missing("Latency against the fp32 file is not in this report; time both with "
                      "`sparselite bench fp32.tflite MODEL.tflite` (interleaved, same machine).")
-    if op_latency:
-        shares = sorted(((k, float(v)) for k, v in op_latency.items() if _is_number(v)), key=lambda kv: -kv[1])
-        fig, ax = _figure(6.5, 0.5 + 0.32 * len(shares))
-        ax.barh([k for k, _ in shares], [100 * v for _, v in shares], color="#2ca02c")
-        for i, (_, v) in enumerate(shares):
+    shares = latency_shares if isinstance(latency_shares, Mapping) else {}
+    op_types = shares.get("op_types") if isinstance(shares.get("op_types"), Mapping) else {}
+    by_type = sorted(((str(k), float(v)) for k, v in op_types.items() if _is_number(v)), key=lambda kv: -kv[1])
+    if by_type:
+        fig, ax = _figure(6.5, 0.5 + 0.32 * len(by_type))
+        ax.barh([k for k, _ in by_type], [100 * v for _, v in by_type], color="#2ca02c")
+        for i, (_, v) in enumerate(by_type):
             ax.text(100 * v, i, f" {100 * v:.0f}%", va="center", fontsize=8)
         ax.set_xlabel("% of the whole file's XNNPACK latency (each op type timed alone)")
-        ax.set_xlim(0, max(100 * v for _, v in shares) * 1.2 + 1)
+        ax.set_xlim(0, max(100 * v for _, v in by_type) * 1.2 + 1)
         ax.invert_yaxis()
         page.plot(fig, "Share of XNNPACK latency per op type (1 thread; each type's ops cut out and timed alone, "
-                       f"so the shares need not add up to 100%: here {100 * sum(v for _, v in shares):.0f}%). An op that "
+                       f"so the shares need not add up to 100%: here {100 * sum(v for _, v in by_type):.0f}%). An op that "
                        "XNNPACK fuses into its neighbour (a PAD into the next convolution) costs more alone than in the file.")
     else:
         page.missing(f"The share of XNNPACK latency per op type is not in this report ({note or 'not timed'}).")
+    _layer_latency(page, shares.get("layers"))
     islands = [i for i in data.get("float_islands") or [] if isinstance(i, dict)]
     if islands:
         page.table(["float island op", "count", "from modules", "share of XNNPACK latency (timed alone)"],
@@ -192,6 +196,29 @@ def latency_section(page: Page, data: dict, op_latency: Mapping[str, float] | No
                      "of the XNNPACK latency, timed alone.</p>")
     else:
         page.add("<p>Every op is int8 or a border op: the file has no float islands.</p>")
+
+
+# The layers a chart shows, the costliest first (the table below it lists every one).
+MAX_CHARTED_LAYERS = 30
+
+
+def _layer_latency(page: Page, layers: Any) -> None:
+    """Each weight layer's share of the XNNPACK latency, with its precision: which layers the time goes to."""
+    rows = [l for l in layers if isinstance(l, Mapping) and _is_number(l.get("share"))] if isinstance(layers, list) else []
+    if not rows:
+        return
+    rows = sorted(rows, key=lambda l: -float(l["share"]))
+    charted = rows[:MAX_CHARTED_LAYERS]
+    fig, ax = _figure(7, 0.6 + 0.3 * len(charted))
+    colours = [PRECISION_COLOURS.get(str(l.get("precision")), "#7f7f7f") for l in charted]
+    ax.barh([f"{_short(str(l.get('layer')))} ({l.get('precision')})" for l in charted], [100 * float(l["share"]) for l in charted],
+            color=colours)
+    ax.set_xlabel("% of the whole file's XNNPACK latency (each layer's ops timed alone)")
+    ax.invert_yaxis()
+    shown = "" if len(rows) == len(charted) else f"; the {len(charted)} costliest of {len(rows)}"
+    page.plot(fig, f"Share of XNNPACK latency per weight layer, with its precision (timed alone{shown})")
+    page.table(["layer", "op", "precision", "share of XNNPACK latency (timed alone)"],
+               [[l.get("layer"), l.get("op"), l.get("precision"), _pct(l["share"])] for l in rows])
 
 
 def layers_section(page: Page, data: dict, precisions: dict[str, str], model_note: str | None) -> None:

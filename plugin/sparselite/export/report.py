@@ -111,6 +111,8 @@ class ExportReport:
     # Against the fp32 file of the same weights (fp32_comparison.py; exports with a report page):
     fp32_bytes: int | None = None
     latency: dict | None = None  # {"ms", "fp32_ms", "ratio", "setting"}: XNNPACK medians from one interleaved run
+    # Each op type's and weight layer's share of the file's XNNPACK latency, timed alone (html_report.time_latency_shares)
+    latency_shares: dict | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
