@@ -12,7 +12,7 @@ PACKAGE = Path(sparselite.__file__).parent
 # Lower levels may not import higher ones.
 LEVEL = {
     "errors": 0, "tflite": 0, "quiet": 0, "progress": 0, "compat": 0, "interrupts": 0, "module_copy": 0,
-    "hook_ids": 0, "stopping": 0,
+    "hook_ids": 0, "stopping": 0, "deploy_form": 0,
     "checkpoints": 1,
     "runtime": 1, "pruning": 1, "quantization": 1, "distillation": 1, "models": 1, "data": 1, "evaluation": 1,
     "export": 2,

@@ -312,7 +312,13 @@ def test_upstream_xnnpack_refuses_a_dynamic_range_conv_fed_by_densify(tmp_path):
         model[0].weight.mul_(torch.rand_like(model[0].weight) > 0.8)  # 80% zeros: CSR saves bytes
     dense = tmp_path / "dynamic.tflite"
     export_tflite(model, torch.randn(1, 16, 8, 8), dense, precision="dynamic_int8")
-    encoded, encodings = encode_sparse(dense.read_bytes())
+    kept, encodings = encode_sparse(dense.read_bytes())  # what the export does: the weight stays dense
+    assert [e.reason for e in encodings if e.op == "CONV_2D"] == [
+        "dynamic-range CONV_2D stays dense (XNNPACK does not delegate it fed by DENSIFY, "
+        "docs/upstream/xnnpack_hybrid_conv_densify.md)"]
+    (tmp_path / "kept.tflite").write_bytes(kept)
+    LiteRTModel(tmp_path / "kept.tflite")  # loads: XNNPACK takes the dense dynamic-range conv
+    encoded, encodings = encode_sparse(dense.read_bytes(), sparse_dynamic_range=True)
     assert [e.encoding for e in encodings if e.op == "CONV_2D"] == ["csr"]
     sparse = tmp_path / "sparse.tflite"
     sparse.write_bytes(encoded)

@@ -80,6 +80,7 @@ def encode_sparse(
     *,
     share_quantization: bool = True,
     sparse_int8_fc: bool = False,
+    sparse_dynamic_range: bool = False,
 ) -> tuple[bytes, list[TensorEncoding]]:
     """Re-encode the conv/depthwise/FC weights of a .tflite so that pruned zeros cost fewer bytes.
 
@@ -90,6 +91,8 @@ def encode_sparse(
     writes equal quantization tables and vectors once (lossless; per-channel zero points are all
     zeros, and a DENSIFY output repeats its weight's scales). ``sparse_int8_fc``: let an int8 FC read
     1x16-block weights directly (off: XNNPACK misreads them, see the module docstring).
+    ``sparse_dynamic_range``: give dynamic-range ops' weights a DENSIFY too (off: XNNPACK does not delegate
+    them, see the module docstring).
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise SparseliteError(f"min_sparsity={min_sparsity} must be in [0, 1]")
@@ -114,7 +117,7 @@ def encode_sparse(
                 continue
             uses = uses_of.get(tensor_index, [])
             report = _encode_weight(model, graph, tensor_index, weights, uses, min_sparsity, sparse_int8_fc,
-                                    shared_buffer=buffer_users.get(tensor.buffer, 0) > 1)
+                                    sparse_dynamic_range, shared_buffer=buffer_users.get(tensor.buffer, 0) > 1)
             reports.append(report)
             if report.densify:
                 insertions.append(_add_densify(model, graph, tensor_index, uses))
@@ -125,7 +128,8 @@ def encode_sparse(
 
 
 def _encode_weight(model, graph, tensor_index: int, weights: np.ndarray, uses: list[tuple[int, int]],
-                   min_sparsity: float, sparse_int8_fc: bool, shared_buffer: bool) -> TensorEncoding:
+                   min_sparsity: float, sparse_int8_fc: bool, sparse_dynamic_range: bool,
+                   shared_buffer: bool) -> TensorEncoding:
     """Store one weight sparse, in place, where the policy allows it and it saves bytes; says how."""
     tensor = graph.tensors[tensor_index]
     sparsity = float(np.mean(weights == 0))
@@ -137,7 +141,8 @@ def _encode_weight(model, graph, tensor_index: int, weights: np.ndarray, uses: l
         dense_bytes=weights.nbytes,
         min_bytes=best_layout(weights, candidate_layouts(weights.shape), overhead=0)[1],
     )
-    layouts, densify, reason = _policy(model, graph, uses, weights, sparsity, min_sparsity, sparse_int8_fc)
+    layouts, densify, reason = _policy(model, graph, uses, weights, sparsity, min_sparsity, sparse_int8_fc,
+                                       sparse_dynamic_range)
     layout = None
     if layouts:
         overhead = _METADATA_OVERHEAD + _DIM_OVERHEAD * (weights.ndim + 1) + (_DENSIFY_OVERHEAD if densify else 0)
@@ -161,7 +166,7 @@ def _encode_weight(model, graph, tensor_index: int, weights: np.ndarray, uses: l
                           stored_bytes=sparse_payload_bytes(model, tensor), densify=densify)
 
 
-def _policy(model, graph, uses, weights, sparsity, min_sparsity, sparse_int8_fc):
+def _policy(model, graph, uses, weights, sparsity, min_sparsity, sparse_int8_fc, sparse_dynamic_range):
     """(allowed layouts, needs DENSIFY, reason when none) for one weight and its consumers."""
     if sparsity == 0.0:
         return [], False, "no zeros"
@@ -179,7 +184,7 @@ def _policy(model, graph, uses, weights, sparsity, min_sparsity, sparse_int8_fc)
         code = builtin_code(model, op)
         if WEIGHT_INPUT.get(code) != slot:
             return [], False, f"also read by {builtin_name(code)} input {slot}"
-        if weights.dtype == np.int8 and graph.tensors[op.inputs[0]].type != schema.TensorType.INT8:
+        if weights.dtype == np.int8 and graph.tensors[op.inputs[0]].type != schema.TensorType.INT8 and not sparse_dynamic_range:
             return [], False, (f"dynamic-range {builtin_name(code)} stays dense (XNNPACK does not delegate it fed by "
                                "DENSIFY, docs/upstream/xnnpack_hybrid_conv_densify.md)")
         codes.add(code)
