@@ -159,18 +159,26 @@ def test_pruning_and_qat_train_the_deploy_form_and_the_int8_file_holds_it(fmnist
     assert report.parity.top1_agreement >= 0.99 and round(report.parity.max_logit_diff_lsb) <= 4, report.parity
 
 
-def test_a_resumed_run_switches_before_its_checkpoint_loads(fmnist_train, tmp_path):
+def test_a_resumed_run_switches_before_its_checkpoint_loads(fmnist_train, tmp_path, caplog):
     """Exact resume: the fresh module is switched at set-up, so the checkpoint's fused weights, masks and
-    ranges load into the same structure, and the resumed run ends where the uninterrupted one did."""
+    ranges load into the same structure, and the resumed run ends where the uninterrupted one did. A run
+    from scratch is told its blocks' norms never ran; the resumed one, whose checkpoint is trained, is not."""
     loader = lambda: make_loader(fmnist_train, 512, batch_size=64)  # noqa: E731
     pl.seed_everything(0, verbose=False)
     module_a = ImageClassifier(RepNet(), lr=5e-3)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=40, save_top_k=-1, filename="{step}")
-    make_trainer(tmp_path, 80, [*_compression_callbacks(), checkpoint], checkpointing=True, name="a").fit(module_a, loader())
+    with caplog.at_level("WARNING", logger="sparselite"):
+        make_trainer(tmp_path, 80, [*_compression_callbacks(), checkpoint], checkpointing=True, name="a").fit(module_a, loader())
+    warnings = [r.getMessage() for r in caplog.records if "before their BatchNorms ever ran" in r.getMessage()]
+    assert len(warnings) == 1 and "model.blocks.0, model.blocks.1, model.blocks.2" in warnings[0]
+    caplog.clear()
 
     pl.seed_everything(1, verbose=False)
     module_b = ImageClassifier(RepNet(), lr=5e-3)
-    make_trainer(tmp_path, 80, _compression_callbacks(), name="b").fit(module_b, loader(), ckpt_path=tmp_path / "ckpt" / "step=40.ckpt")
+    with caplog.at_level("WARNING", logger="sparselite"):
+        make_trainer(tmp_path, 80, _compression_callbacks(), name="b").fit(module_b, loader(),
+                                                                           ckpt_path=tmp_path / "ckpt" / "step=40.ckpt")
+    assert not [r for r in caplog.records if "before their BatchNorms ever ran" in r.getMessage()]
     state_a, state_b = module_a.state_dict(), module_b.state_dict()
     assert state_a.keys() == state_b.keys() and any(k.endswith("fused.weight") for k in state_a)
     for key in state_a:

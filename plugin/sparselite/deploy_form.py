@@ -15,18 +15,23 @@ counts (a method that does nothing, like a ghost module without re-parameterizab
 The switch happens once per model, when the first sparselite callback prepares it (before a checkpoint's
 state_dict loads, so a resumed run matches its checkpoint) or, for a model trained without them, on the
 export's float copy. The branches' BatchNorms fold with their running statistics, so fine-tuning from
-trained weights loses nothing; training from scratch trains the deploy form, without the branches.
+trained weights loses nothing; training from scratch trains the deploy form, without the branches and their
+norms, and the callbacks say so when such a fit starts (``warn_if_untrained``).
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 from torch import nn
 
+log = logging.getLogger("sparselite")
+
 DEPLOY_METHODS = ("reparameterize", "switch_to_deploy")
 _SWITCHED = "_sparselite_deploy_form"  # on the root: the names of the blocks switched
+_UNTRAINED = "_sparselite_deploy_form_untrained"  # ... and of those whose norms had never run
 
 
 def to_deploy_form(model: nn.Module) -> list[str]:
@@ -35,10 +40,24 @@ def to_deploy_form(model: nn.Module) -> list[str]:
     if _SWITCHED in model.__dict__:
         return list(model.__dict__[_SWITCHED])
     switched: list[str] = []
+    untrained: list[str] = []
     with torch.no_grad():
-        _switch_children(model, "", switched)
+        _switch_children(model, "", switched, untrained)
     model.__dict__[_SWITCHED] = tuple(switched)  # a plain attribute: copies keep it, state_dicts do not hold it
+    model.__dict__[_UNTRAINED] = tuple(untrained)
     return switched
+
+
+def warn_if_untrained(model: nn.Module) -> None:
+    """Once per model: say so when the blocks were switched before their norms ever ran. Callbacks call it
+    for a fit that starts from the model as built (not for one that resumes: its checkpoint holds trained
+    deploy-form weights, and the fresh model's norms are untrained by construction)."""
+    untrained = model.__dict__.pop(_UNTRAINED, ())
+    if untrained:
+        log.warning("reparameterizable blocks switched to their deploy form before their BatchNorms ever ran (%s%s): "
+                    "the deploy form trains without its branches and norms; for the multi-branch form's accuracy, "
+                    "train the dense model first and compress from its checkpoint",
+                    ", ".join(untrained[:3]), f" and {len(untrained) - 3} more" if len(untrained) > 3 else "")
 
 
 def deploy_form_blocks(model: nn.Module) -> list[str]:
@@ -46,15 +65,23 @@ def deploy_form_blocks(model: nn.Module) -> list[str]:
     return list(model.__dict__.get(_SWITCHED, ()))
 
 
-def _switch_children(module: nn.Module, prefix: str, switched: list[str]) -> None:
+def _switch_children(module: nn.Module, prefix: str, switched: list[str], untrained: list[str]) -> None:
     for name, child in list(module.named_children()):
         method = _deploy_method(child)
         if method is not None:
             before = _structure(child)
+            fresh = _has_untrained_norm(child)
             method()
             if _structure(child) != before:
                 switched.append(prefix + name)
-        _switch_children(child, f"{prefix}{name}.", switched)  # nested blocks (a FastViT stage's mixers)
+                untrained += [prefix + name] if fresh else []
+        _switch_children(child, f"{prefix}{name}.", switched, untrained)  # nested blocks (a FastViT stage's mixers)
+
+
+def _has_untrained_norm(module: nn.Module) -> bool:
+    """A BatchNorm that never saw a training batch: its running statistics are still 0 and 1 (a model from scratch)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_batches_tracked is not None
+               and int(m.num_batches_tracked) == 0 for m in module.modules())
 
 
 def _deploy_method(module: nn.Module):

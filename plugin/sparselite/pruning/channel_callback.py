@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from sparselite.deploy_form import warn_if_untrained
 from sparselite.errors import SparseliteError
 from sparselite.pruning.channels import ChannelPruner
 from sparselite.pruning.schedule import PolynomialDecay
@@ -92,6 +93,10 @@ class ChannelPruning(pl.Callback):
                           "channels stay masked (zeros) and are not removed", stacklevel=2)
 
     # ------------------------------------------------------------------ training
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path is None:  # a resumed run's checkpoint holds trained deploy-form weights
+            warn_if_untrained(pl_module)
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if self.pruner.step(step):

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from sparselite.deploy_form import warn_if_untrained
 from sparselite.errors import SparseliteError
 from sparselite.quantization.fusion import FusedChain
 from sparselite.quantization.float_activations import FloatActivationSimulator
@@ -64,6 +65,10 @@ class QuantizationAwareTraining(pl.Callback):
         sites = (f" and {len(self.simulator.op_sites)} functional ops (add, mul, cat)" if self.simulator.op_sites_found
                  else "; functional ops (add, mul, cat) are found at the first batch")
         rank_zero_info(f"[sparselite] QAT on {len(chains)} layers{sites} from step {self.simulator.begin_step}")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path is None:  # a resumed run's checkpoint holds trained deploy-form weights
+            warn_if_untrained(pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if not self.simulator.op_sites_found:
