@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import make_loader, make_trainer, xnnpack_partitions
 from sparselite import GradualPruning, QuantizationAwareTraining, export_tflite
-from sparselite.deploy_form import deploy_form_blocks, to_deploy_form
+from sparselite.deploy_form import deploy_form_blocks, to_deploy_form, warn_if_untrained
 from sparselite.models.classifier import ImageClassifier
 from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model
 
@@ -110,13 +110,16 @@ def _randomize_batchnorms(model: nn.Module) -> None:
         bn.weight.data.copy_(torch.rand(bn.num_features, generator=generator) + 0.5)
 
 
-def test_blocks_switch_once_and_compute_what_their_branches_computed():
+def test_blocks_switch_once_and_compute_what_their_branches_computed(caplog):
     torch.manual_seed(0)
     model = RepNet().eval()
-    _randomize_batchnorms(model)
+    _randomize_batchnorms(model)  # trained statistics, and no batch count (as pretrained weights often load)
     x = torch.randn(4, 1, 28, 28)
     before = model(x)
     assert to_deploy_form(model) == ["blocks.0", "blocks.1", "blocks.2"]  # not the sampler, not the no-op
+    with caplog.at_level("WARNING", logger="sparselite"):
+        warn_if_untrained(model)
+    assert not caplog.records  # trained norms: nothing to warn about
     assert not model.sampler.called and model.tail.deployed
     assert all(b.fused is not None and not hasattr(b, "conv1") for b in model.blocks)
     torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)

@@ -79,9 +79,10 @@ def _switch_children(module: nn.Module, prefix: str, switched: list[str], untrai
 
 
 def _has_untrained_norm(module: nn.Module) -> bool:
-    """A BatchNorm that never saw a training batch: its running statistics are still 0 and 1 (a model from scratch)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_batches_tracked is not None
-               and int(m.num_batches_tracked) == 0 for m in module.modules())
+    """A BatchNorm that never saw a training batch: its running statistics are still exactly 0 and 1 (a model
+    from scratch). Not its batch count: pretrained weights often come without one, and load as 0."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+               and bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all()) for m in module.modules())
 
 
 def _deploy_method(module: nn.Module):
