@@ -1,5 +1,6 @@
-"""Reparameterizable blocks (RepVGG, MobileOne, FastViT, ...) are switched to their deploy form before pruning
-and QAT, so that the pruned, fake-quantized conv is the one the int8 file holds.
+"""Reparameterizable blocks (RepVGG, MobileOne, FastViT, ...) with trained norms are switched to their deploy form
+before pruning and QAT, so that the pruned, fake-quantized conv is the one the int8 file holds; blocks whose
+norms never ran (a model from scratch) keep their training form, and the user is told.
 
 The block here is written as RepVGG's code writes it (three branches summed; ``reparameterize()`` builds the
 one conv they add up to), from plain torch; one test uses timm's own ``RepVggBlock``."""
@@ -15,7 +16,7 @@ from torch import nn
 
 from conftest import make_loader, make_trainer, xnnpack_partitions
 from sparselite import GradualPruning, QuantizationAwareTraining, export_tflite
-from sparselite.deploy_form import deploy_form_blocks, to_deploy_form, warn_if_untrained
+from sparselite.deploy_form import deploy_form_blocks, to_deploy_form, training_form_blocks, warn_if_kept
 from sparselite.models.classifier import ImageClassifier
 from sparselite.tflite.flatbuffer import builtin_code, builtin_name, read_model
 
@@ -102,12 +103,14 @@ class RepNet(nn.Module):
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def _randomize_batchnorms(model: nn.Module) -> None:
+def _randomize_batchnorms(model: nn.Module) -> nn.Module:
+    """Running statistics as trained (or pretrained) weights have them."""
     generator = torch.Generator().manual_seed(0)
     for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
         bn.running_mean.copy_(torch.randn(bn.num_features, generator=generator) * 0.1)
         bn.running_var.copy_(torch.rand(bn.num_features, generator=generator) + 0.5)
         bn.weight.data.copy_(torch.rand(bn.num_features, generator=generator) + 0.5)
+    return model
 
 
 def test_blocks_switch_once_and_compute_what_their_branches_computed(caplog):
@@ -118,14 +121,26 @@ def test_blocks_switch_once_and_compute_what_their_branches_computed(caplog):
     before = model(x)
     assert to_deploy_form(model) == ["blocks.0", "blocks.1", "blocks.2"]  # not the sampler, not the no-op
     with caplog.at_level("WARNING", logger="sparselite"):
-        warn_if_untrained(model)
-    assert not caplog.records  # trained norms: nothing to warn about
+        warn_if_kept(model)
+    assert not caplog.records and training_form_blocks(model) == []  # trained norms: nothing kept
     assert not model.sampler.called and model.tail.deployed
     assert all(b.fused is not None and not hasattr(b, "conv1") for b in model.blocks)
     torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
     fused = model.blocks[0].fused
     assert to_deploy_form(model) == ["blocks.0", "blocks.1", "blocks.2"] and model.blocks[0].fused is fused
     assert deploy_form_blocks(model) == ["blocks.0", "blocks.1", "blocks.2"]
+
+
+def test_blocks_whose_norms_never_ran_keep_their_training_form(caplog):
+    """From scratch, a deploy form trains without normalization: the blocks keep their branches, and a fit is
+    told once."""
+    model = RepNet()
+    assert to_deploy_form(model) == [] and training_form_blocks(model) == ["blocks.0", "blocks.1", "blocks.2"]
+    assert all(b.fused is None and hasattr(b, "conv1") for b in model.blocks)
+    with caplog.at_level("WARNING", logger="sparselite"):
+        warn_if_kept(model), warn_if_kept(model)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "3 reparameterizable blocks keep their training form" in warning and "blocks.0, blocks.1, blocks.2" in warning
 
 
 def _compression_callbacks() -> list:
@@ -142,7 +157,7 @@ def test_pruning_and_qat_train_the_deploy_form_and_the_int8_file_holds_it(fmnist
     """A plain Trainer with GMP + QAT: the pruned and fake-quantized convs are the fused ones, the strict
     export writes one CONV_2D per block (no ADD of branches), with the training sparsity and parity."""
     pl.seed_everything(0, verbose=False)
-    module = ImageClassifier(RepNet(), lr=5e-3)
+    module = ImageClassifier(_randomize_batchnorms(RepNet()), lr=5e-3)  # fine-tuning trained weights
     callbacks = _compression_callbacks()
     make_trainer(tmp_path, 160, callbacks).fit(module, make_loader(fmnist_train, 2048, batch_size=64))
     assert deploy_form_blocks(module) == ["model.blocks.0", "model.blocks.1", "model.blocks.2"]
@@ -162,30 +177,38 @@ def test_pruning_and_qat_train_the_deploy_form_and_the_int8_file_holds_it(fmnist
     assert report.parity.top1_agreement >= 0.99 and round(report.parity.max_logit_diff_lsb) <= 4, report.parity
 
 
-def test_a_resumed_run_switches_before_its_checkpoint_loads(fmnist_train, tmp_path, caplog):
+def test_a_resumed_run_switches_before_its_checkpoint_loads(fmnist_train, tmp_path):
     """Exact resume: the fresh module is switched at set-up, so the checkpoint's fused weights, masks and
-    ranges load into the same structure, and the resumed run ends where the uninterrupted one did. A run
-    from scratch is told its blocks' norms never ran; the resumed one, whose checkpoint is trained, is not."""
+    ranges load into the same structure, and the resumed run ends where the uninterrupted one did."""
     loader = lambda: make_loader(fmnist_train, 512, batch_size=64)  # noqa: E731
     pl.seed_everything(0, verbose=False)
-    module_a = ImageClassifier(RepNet(), lr=5e-3)
+    module_a = ImageClassifier(_randomize_batchnorms(RepNet()), lr=5e-3)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=40, save_top_k=-1, filename="{step}")
-    with caplog.at_level("WARNING", logger="sparselite"):
-        make_trainer(tmp_path, 80, [*_compression_callbacks(), checkpoint], checkpointing=True, name="a").fit(module_a, loader())
-    warnings = [r.getMessage() for r in caplog.records if "before their BatchNorms ever ran" in r.getMessage()]
-    assert len(warnings) == 1 and "model.blocks.0, model.blocks.1, model.blocks.2" in warnings[0]
-    caplog.clear()
+    make_trainer(tmp_path, 80, [*_compression_callbacks(), checkpoint], checkpointing=True, name="a").fit(module_a, loader())
 
     pl.seed_everything(1, verbose=False)
-    module_b = ImageClassifier(RepNet(), lr=5e-3)
-    with caplog.at_level("WARNING", logger="sparselite"):
-        make_trainer(tmp_path, 80, _compression_callbacks(), name="b").fit(module_b, loader(),
-                                                                           ckpt_path=tmp_path / "ckpt" / "step=40.ckpt")
-    assert not [r for r in caplog.records if "before their BatchNorms ever ran" in r.getMessage()]
+    module_b = ImageClassifier(_randomize_batchnorms(RepNet()), lr=5e-3)  # built as run A was: pretrained
+    make_trainer(tmp_path, 80, _compression_callbacks(), name="b").fit(module_b, loader(),
+                                                                       ckpt_path=tmp_path / "ckpt" / "step=40.ckpt")
     state_a, state_b = module_a.state_dict(), module_b.state_dict()
     assert state_a.keys() == state_b.keys() and any(k.endswith("fused.weight") for k in state_a)
     for key in state_a:
         assert torch.equal(state_a[key], state_b[key]), key
+
+
+def test_from_scratch_the_file_holds_the_training_form_and_says_so(fmnist_train, fmnist_heldout, tmp_path, caplog):
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(RepNet(), lr=5e-3)
+    with caplog.at_level("WARNING", logger="sparselite"):
+        make_trainer(tmp_path, 120, [QuantizationAwareTraining(begin_step=40, freeze_step=100)]).fit(
+            module, make_loader(fmnist_train, 2048, batch_size=64))
+    assert [r for r in caplog.records if "keep their training form" in r.getMessage()]
+    images = fmnist_heldout[0]
+    path = tmp_path / "scratch.tflite"
+    report = export_tflite(module.eval(), images[:1], path, verify_data=[images[:256], images[256:]])
+    assert _op_types(path).count("ADD") >= 3  # the branches, summed in int8
+    assert any("3 reparameterizable blocks exported in their training form" in note for note in report.notes)
+    assert report.parity.top1_agreement >= 0.99 and round(report.parity.max_logit_diff_lsb) <= 4, report.parity
 
 
 def test_timm_repvgg_blocks_export_fused(fmnist_train, fmnist_heldout, tmp_path):
@@ -202,7 +225,7 @@ def test_timm_repvgg_blocks_export_fused(fmnist_train, fmnist_heldout, tmp_path)
             return self.head(F.adaptive_avg_pool2d(self.blocks(x), 1).flatten(1))
 
     pl.seed_everything(0, verbose=False)
-    module = ImageClassifier(TimmRepNet(), lr=5e-3)
+    module = ImageClassifier(_randomize_batchnorms(TimmRepNet()), lr=5e-3)  # as from pretrained weights
     make_trainer(tmp_path, 120, [QuantizationAwareTraining(begin_step=40, freeze_step=100)]).fit(
         module, make_loader(fmnist_train, 2048, batch_size=64))
     images = fmnist_heldout[0]

@@ -14,9 +14,12 @@ Blocks are found by that method, never by a class or model name, and only a call
 counts (a method that does nothing, like a ghost module without re-parameterizable branches, is no switch).
 The switch happens once per model, when the first sparselite callback prepares it (before a checkpoint's
 state_dict loads, so a resumed run matches its checkpoint) or, for a model trained without them, on the
-export's float copy. The branches' BatchNorms fold with their running statistics, so fine-tuning from
-trained weights loses nothing; training from scratch trains the deploy form, without the branches and their
-norms, and the callbacks say so when such a fit starts (``warn_if_untrained``).
+export's float copy. The branches' BatchNorms fold with their running statistics, so the switch is made only
+for a block whose norms have run (trained or pretrained weights: fine-tuning loses nothing). A block whose
+norms never ran (a model from scratch) keeps its training form, branches and norms, through training and
+into the file: its deploy form would train without normalization, and a RepVGG-style net from scratch then
+does not train at all (repvgg_a0: chance accuracy at 100 steps). The callbacks say so when such a fit starts
+(``warn_if_kept``), and the report lists both kinds.
 """
 
 from __future__ import annotations
@@ -31,33 +34,34 @@ log = logging.getLogger("sparselite")
 
 DEPLOY_METHODS = ("reparameterize", "switch_to_deploy")
 _SWITCHED = "_sparselite_deploy_form"  # on the root: the names of the blocks switched
-_UNTRAINED = "_sparselite_deploy_form_untrained"  # ... and of those whose norms had never run
+_KEPT = "_sparselite_training_form"  # ... and of those kept in their training form (norms that never ran)
+_WARN = "_sparselite_training_form_warning"  # the kept blocks, until a callback has said so once
 
 
 def to_deploy_form(model: nn.Module) -> list[str]:
-    """Switch every block under ``model`` that offers its deploy form; returns the blocks switched. A second
-    call (another callback, the export) changes nothing and returns the first call's list."""
+    """Switch every block under ``model`` that offers its deploy form and whose norms have run; returns the
+    blocks switched. Decided once per model: a second call (another callback, the export) changes nothing
+    and returns the first call's list, so training, its checkpoints and its file hold one form."""
     if _SWITCHED in model.__dict__:
         return list(model.__dict__[_SWITCHED])
     switched: list[str] = []
-    untrained: list[str] = []
+    kept: list[str] = []
     with torch.no_grad():
-        _switch_children(model, "", switched, untrained)
-    model.__dict__[_SWITCHED] = tuple(switched)  # a plain attribute: copies keep it, state_dicts do not hold it
-    model.__dict__[_UNTRAINED] = tuple(untrained)
+        _switch_children(model, "", switched, kept)
+    # Plain attributes: copies keep them, state_dicts do not hold them.
+    model.__dict__[_SWITCHED], model.__dict__[_KEPT], model.__dict__[_WARN] = tuple(switched), tuple(kept), tuple(kept)
     return switched
 
 
-def warn_if_untrained(model: nn.Module) -> None:
-    """Once per model: say so when the blocks were switched before their norms ever ran. Callbacks call it
-    for a fit that starts from the model as built (not for one that resumes: its checkpoint holds trained
-    deploy-form weights, and the fresh model's norms are untrained by construction)."""
-    untrained = model.__dict__.pop(_UNTRAINED, ())
-    if untrained:
-        log.warning("reparameterizable blocks switched to their deploy form before their BatchNorms ever ran (%s%s): "
-                    "the deploy form trains without its branches and norms; for the multi-branch form's accuracy, "
-                    "train the dense model first and compress from its checkpoint",
-                    ", ".join(untrained[:3]), f" and {len(untrained) - 3} more" if len(untrained) > 3 else "")
+def warn_if_kept(model: nn.Module) -> None:
+    """Once per model: say which blocks keep their training form, and how to get the deploy form. Callbacks
+    call it for a fit that starts from the model as built, not for one that resumes."""
+    kept = model.__dict__.pop(_WARN, ())
+    if kept:
+        log.warning("%d reparameterizable blocks keep their training form (every branch, in training and in the "
+                    "file): their BatchNorms never ran (%s), and their deploy form would train without "
+                    "normalization; train the dense model first and compress from its checkpoint to get one conv "
+                    "per block", len(kept), _listed(kept))
 
 
 def deploy_form_blocks(model: nn.Module) -> list[str]:
@@ -65,17 +69,27 @@ def deploy_form_blocks(model: nn.Module) -> list[str]:
     return list(model.__dict__.get(_SWITCHED, ()))
 
 
-def _switch_children(module: nn.Module, prefix: str, switched: list[str], untrained: list[str]) -> None:
+def training_form_blocks(model: nn.Module) -> list[str]:
+    """The blocks ``to_deploy_form`` left in their training form: their norms had never run."""
+    return list(model.__dict__.get(_KEPT, ()))
+
+
+def _listed(names: tuple[str, ...] | list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _switch_children(module: nn.Module, prefix: str, switched: list[str], kept: list[str]) -> None:
     for name, child in list(module.named_children()):
         method = _deploy_method(child)
+        if method is not None and _has_untrained_norm(child):
+            kept.append(prefix + name)
+            continue  # and its nested blocks with it
         if method is not None:
             before = _structure(child)
-            fresh = _has_untrained_norm(child)
             method()
             if _structure(child) != before:
                 switched.append(prefix + name)
-                untrained += [prefix + name] if fresh else []
-        _switch_children(child, f"{prefix}{name}.", switched, untrained)  # nested blocks (a FastViT stage's mixers)
+        _switch_children(child, f"{prefix}{name}.", switched, kept)  # nested blocks (a FastViT stage's mixers)
 
 
 def _has_untrained_norm(module: nn.Module) -> bool:

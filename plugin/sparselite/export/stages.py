@@ -30,7 +30,7 @@ import torch
 from ai_edge_litert.schema_py_generated import TensorType
 from torch import nn
 
-from sparselite.deploy_form import deploy_form_blocks
+from sparselite.deploy_form import deploy_form_blocks, training_form_blocks
 from sparselite.errors import SparseliteError
 from sparselite.module_copy import detached_copy
 from sparselite.export.auto_precision import PrecisionChoice, choose_precision
@@ -274,6 +274,10 @@ def _new_report(job: ExportJob, notes: list[str]) -> ExportReport:
     if blocks := deploy_form_blocks(job.float_model):
         notes = [f"{len(blocks)} reparameterizable blocks exported in their deploy form (the one their reparameterize() or "
                  f"switch_to_deploy() gives): {shortened(blocks)}"] + notes
+    if blocks := training_form_blocks(job.float_model):
+        notes = [f"{len(blocks)} reparameterizable blocks exported in their training form, every branch: their norms had "
+                 f"never run when pruning or QAT prepared the model (from scratch): {shortened(blocks)}; compress from "
+                 "trained weights for one conv per block"] + notes
     precision = "auto" if job.choice else dict(precision) if not isinstance(precision, str) else precision
     choice = job.choice.to_dict() if job.choice else None
     if injection is None:  # a file that is not fully int8: no activation ranges

@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from sparselite.deploy_form import warn_if_untrained
+from sparselite.deploy_form import warn_if_kept
 from sparselite.pruning.pruner import MagnitudePruner, PrunedLayer, Scope
 from sparselite.pruning.schedule import PolynomialDecay
 from sparselite.pruning.selection import LayerSelection, Policy
@@ -70,8 +70,8 @@ class GradualPruning(pl.Callback):
             rank_zero_info(f"[sparselite] pruning {len(layers)} layers to {final:.0%}: {', '.join(layers)}")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.ckpt_path is None:  # a resumed run's checkpoint holds trained deploy-form weights
-            warn_if_untrained(pl_module)
+        if trainer.ckpt_path is None:  # a resumed run was told when it started
+            warn_if_kept(pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.pruner.step(trainer.global_step):

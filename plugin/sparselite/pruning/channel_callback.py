@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from sparselite.deploy_form import warn_if_untrained
+from sparselite.deploy_form import warn_if_kept
 from sparselite.errors import SparseliteError
 from sparselite.pruning.channels import ChannelPruner
 from sparselite.pruning.schedule import PolynomialDecay
@@ -94,8 +94,8 @@ class ChannelPruning(pl.Callback):
 
     # ------------------------------------------------------------------ training
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.ckpt_path is None:  # a resumed run's checkpoint holds trained deploy-form weights
-            warn_if_untrained(pl_module)
+        if trainer.ckpt_path is None:  # a resumed run was told when it started
+            warn_if_kept(pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from sparselite.deploy_form import warn_if_untrained
+from sparselite.deploy_form import warn_if_kept
 from sparselite.errors import SparseliteError
 from sparselite.quantization.fusion import FusedChain
 from sparselite.quantization.float_activations import FloatActivationSimulator
@@ -67,8 +67,8 @@ class QuantizationAwareTraining(pl.Callback):
         rank_zero_info(f"[sparselite] QAT on {len(chains)} layers{sites} from step {self.simulator.begin_step}")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.ckpt_path is None:  # a resumed run's checkpoint holds trained deploy-form weights
-            warn_if_untrained(pl_module)
+        if trainer.ckpt_path is None:  # a resumed run was told when it started
+            warn_if_kept(pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if not self.simulator.op_sites_found:
