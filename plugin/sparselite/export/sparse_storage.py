@@ -18,7 +18,7 @@ The classifier is a small share of a CNN's weights.
 
 Float weights: an fp32 conv/depthwise/FC weight, and an fp16 weight (read by a DEQUANTIZE), get a DENSIFY
 like int8 conv weights: XNNPACK densifies both at load and delegates the whole graph, with outputs equal
-to the dense file's (``tests/export/test_sparse_storage.py``).
+to the dense file's (``tests/export/test_precision.py``).
 
 Dynamic-range weights (int8 weights read by an op with a float input) stay dense: XNNPACK 2.3 does not
 delegate such an op fed by DENSIFY (docs/upstream/xnnpack_hybrid_conv_densify.md), and a hybrid FC's own
