@@ -211,8 +211,9 @@ def _layer_latency(page: Page, layers: Any) -> None:
     charted = rows[:MAX_CHARTED_LAYERS]
     fig, ax = _figure(7, 0.6 + 0.3 * len(charted))
     colours = [PRECISION_COLOURS.get(str(l.get("precision")), "#7f7f7f") for l in charted]
-    ax.barh([f"{_short(str(l.get('layer')))} ({l.get('precision')})" for l in charted], [100 * float(l["share"]) for l in charted],
-            color=colours)
+    y = list(range(len(charted)))  # positions, not labels: two long names may shorten alike
+    ax.barh(y, [100 * float(l["share"]) for l in charted], color=colours)
+    ax.set_yticks(y, [f"{_short(str(l.get('layer')))} ({l.get('precision')})" for l in charted], fontsize=8)
     ax.set_xlabel("% of the whole file's XNNPACK latency (each layer's ops timed alone)")
     ax.invert_yaxis()
     shown = "" if len(rows) == len(charted) else f"; the {len(charted)} costliest of {len(rows)}"
