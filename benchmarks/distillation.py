@@ -187,10 +187,12 @@ def train_and_measure(row: Row, index: int, distillation: dict | None, args, tea
     key = "without" if distillation is None else "with"
     options = "" if not distillation or set(distillation) == {"teacher"} else "_" + "_".join(
         f"{k}{v:g}" for k, v in sorted(distillation.items()) if k != "teacher")
-    root = Path(args.out) / "runs" / f"{index}_{key}{options}"
+    from_dense = args.start == "dense"
+    root = Path(args.out) / "runs" / f"{index}_{key}{options}{'_from_dense' if from_dense else ''}"
     saved, trained_record = root / "result.json", root / "trained.json"
     cache_key = json.loads(json.dumps({"teacher": teacher_key, "steps": args.steps, "row": row.name,
-                                       "distillation": distillation, "test_limit": args.test_limit}))
+                                       "distillation": distillation, "test_limit": args.test_limit,
+                                       **({"start": "dense"} if from_dense else {})}))
     if saved.is_file() and not args.retrain:
         result = json.loads(saved.read_text())
         if result.get("cache_key") == cache_key:
@@ -202,7 +204,8 @@ def train_and_measure(row: Row, index: int, distillation: dict | None, args, tea
         recipe, export_args = scaled_recipe(row, args.steps, root, distillation)
         started = time.perf_counter()
         with _quietly():
-            cli = build_lightning_cli(["fit", "-c", str(CONFIG), "-c", str(recipe), *_step_overrides(args.steps)])
+            cli = build_lightning_cli(["fit", "-c", str(CONFIG), "-c", str(recipe), *_step_overrides(args.steps),
+                                       *(["--initial_weights", str(teacher)] if from_dense else [])])
         probe = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "RunProbe")
         checkpoint = cli.trainer.checkpoint_callback
         if cli.trainer.global_step != args.steps:
@@ -259,10 +262,11 @@ def other_settings(out: Path, index: int, shown: dict) -> list[dict]:
     """The row's distilled runs with other --temperature / --weight (same teacher and steps), kept next to it:
     a row re-run with another setting shows both, not only the better one."""
     found = []
-    for path in sorted((out / "runs").glob(f"{index}_with_*/result.json")):
+    for path in sorted((out / "runs").glob(f"{index}_with*/result.json")):
         result = json.loads(path.read_text())
         key, own = result.get("cache_key", {}), shown["cache_key"]
-        if (key.get("teacher"), key.get("steps"), key.get("test_limit")) == (own["teacher"], own["steps"], own["test_limit"]) \
+        if [key.get(k) for k in ("teacher", "steps", "test_limit", "start")] == \
+                [own.get(k) for k in ("teacher", "steps", "test_limit", "start")] \
                 and result["distillation"] != shown["distillation"]:
             found.append(result)
     return found
@@ -345,6 +349,10 @@ def main() -> None:
                         help=f"which rows (0..{len(ROWS) - 1}): " + "; ".join(f"{i} {r.name}" for i, r in enumerate(ROWS)))
     parser.add_argument("--temperature", type=float, default=None, help="Distillation's (default: the recipe's)")
     parser.add_argument("--weight", type=float, default=None, help="Distillation's (default: the recipe's)")
+    parser.add_argument("--start", choices=("scratch", "dense"), default="scratch",
+                        help="scratch: every model from the config's seeded initialization; dense: the students start "
+                             "from the trained teacher's weights (`sparselite fit --initial_weights`), as when a user "
+                             "compresses a model already trained")
     parser.add_argument("--test-limit", type=int, default=10000)
     parser.add_argument("--overhead-turns", type=int, default=30, help="interleaved step pairs (0: skip)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 30 steps, 2 rows, 1000 test images")
@@ -408,6 +416,8 @@ def main() -> None:
     lines = [C.environment_line(env),
              f"# MobileNetLite on Fashion-MNIST: sparselite fit -c configs/fmnist_mobilenet.yaml -c <row's recipe>, "
              f"{args.steps} steps per model; {args.test_limit} test images; teacher and reference: recipes/dense.yaml, "
+             + ("students start from the teacher's weights (--initial_weights), "
+                if args.start == "dense" else "every model from the same seeded initialization, ") +
              f"dense fp32 (torch) top-1 {dense_fp32:.2%}; Distillation {options or 'T=4, weight=0.9 (the recipe)'}",
              C.table(headers, rows),
              "", "step ms: median training step of the run itself (Lightning batch start to end), without / with the "

@@ -59,3 +59,22 @@ def test_a_tensor_checkpoint_loads(tmp_path):
 def test_a_missing_checkpoint_names_the_path(tmp_path):
     with pytest.raises(SparseliteError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.ckpt")
+
+
+def test_model_weights_load_without_the_compression_state_saved_beside_them():
+    from sparselite.checkpoints import load_model_weights
+
+    source, target = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    saved = {**source.state_dict(), "sparselite_mask_weight": torch.ones(3, 4)}  # a pruned run's mask buffer
+    load_model_weights(target, saved, "run.ckpt")
+    torch.testing.assert_close(target.weight, source.weight)
+
+
+def test_model_weights_of_another_architecture_are_one_line():
+    from sparselite.checkpoints import load_model_weights
+
+    with pytest.raises(SparseliteError, match=r"run.ckpt does not fit the model's architecture \(missing \['bias'\]\)"):
+        load_model_weights(torch.nn.Linear(4, 3), {"weight": torch.zeros(3, 4)}, "run.ckpt")
+    with pytest.raises(SparseliteError, match="run.ckpt does not fit the model's architecture: .*size mismatch") as err:
+        load_model_weights(torch.nn.Linear(4, 3), torch.nn.Linear(5, 3).state_dict(), "run.ckpt")
+    assert "\n" not in str(err.value)

@@ -61,3 +61,40 @@ def test_refused_by_the_real_cli_with_one_line_and_exit_2(tmp_path):
                                                   str(tmp_path / n), *SMALL_RUN), names))
     for name, result in zip(names, results):
         assert_one_line_error(result, *FRAGMENTS[name])
+
+
+def test_initial_weights_start_the_run_from_a_trained_model(tmp_path):
+    """``sparselite fit --initial_weights``: the checkpoint's weights are in the model when training starts, with the
+    recipe's pruning callback prepared over them; the step count starts at 0, not at the checkpoint's."""
+    import torch
+
+    from sparselite.models.classifier import ImageClassifier
+    from sparselite.models.mobilenet import MobileNetLite
+
+    torch.manual_seed(123)  # not the config's seed: other weights than the run would initialize
+    trained = ImageClassifier(MobileNetLite())
+    torch.save({"state_dict": trained.state_dict()}, tmp_path / "trained.ckpt")
+    recipe = tmp_path / "prune.yaml"
+    recipe.write_text(ONE_MAPPING.replace("    class_path", "    - class_path").replace("    init_args", "      init_args"))
+    cli = build_lightning_cli(["fit", "-c", CONFIG, "-c", str(recipe), "--initial_weights", str(tmp_path / "trained.ckpt"),
+                               "--trainer.default_root_dir", str(tmp_path / "run"), *SMALL_RUN, "--trainer.max_steps", "0"])
+    assert cli.trainer.global_step == 0
+    assert any(name.endswith("sparselite_mask") for name, _ in cli.model.named_buffers())
+    started = dict(trained.named_parameters())
+    for name, parameter in cli.model.named_parameters():
+        torch.testing.assert_close(parameter.detach(), started[name].detach(), msg=name)
+
+
+@pytest.mark.parametrize("case", ["missing", "other_architecture"])
+def test_bad_initial_weights_are_refused_in_one_line(tmp_path, case):
+    import torch
+
+    path = tmp_path / "initial.ckpt"
+    if case == "other_architecture":
+        torch.save({"state_dict": torch.nn.Linear(3, 2).state_dict()}, path)
+    with pytest.raises(SparseliteError) as err:
+        build_lightning_cli(["fit", "-c", CONFIG, "--initial_weights", str(path), "--trainer.default_root_dir",
+                             str(tmp_path / "run"), *SMALL_RUN])
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith(f"initial_weights={path} ")
+    assert ("does not exist" if case == "missing" else "does not fit the model's architecture") in str(err.value)

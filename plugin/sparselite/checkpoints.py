@@ -38,3 +38,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise SparseliteError(f"{path} has no 'state_dict'; pass a Lightning checkpoint (.ckpt) written by `sparselite fit`")
     return checkpoint
+
+
+COMPRESSION_STATE = "sparselite_"  # in a state-dict key: masks, fake-quant ranges, channel plans; not weights
+
+
+def load_model_weights(module: torch.nn.Module, state_dict: dict[str, Any], source: str) -> None:
+    """Load a checkpoint's model weights into ``module``, whose architecture they must fit exactly. The
+    compression state a sparselite run saves next to them is left out on both sides: weights of a pruned or
+    quantized run go into a plain model too. ``source`` names the file in the error."""
+    weights = {k: v for k, v in state_dict.items() if COMPRESSION_STATE not in k}
+    own = {k for k in module.state_dict() if COMPRESSION_STATE not in k}
+    missing, unexpected = sorted(own - set(weights)), sorted(set(weights) - own)
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise SparseliteError(f"{source} does not fit the model's architecture ({what})")
+    try:
+        module.load_state_dict(weights, strict=False)
+    except RuntimeError as err:
+        raise SparseliteError(f"{source} does not fit the model's architecture: "
+                              f"{str(err).strip().splitlines()[-1].strip()}") from None

@@ -7,7 +7,7 @@ parser, and stay in one place.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import contextlib
 import inspect
@@ -139,10 +139,33 @@ def _sparselite_cli_class():
             _let_distillation_rebuild_runs([*(config.get("callbacks") or []), *callbacks])
             return super()._instantiate_trainer(config, callbacks)
 
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument(
+                "--initial_weights", type=Optional[str], default=None,
+                help="a checkpoint (e.g. a dense run's last.ckpt) whose model weights the model starts from, read "
+                     "as tensors only: prune and quantize a trained model. Not a resume: the step count, optimizer "
+                     "and schedules start at 0 (--ckpt_path resumes)")
+
         def before_fit(self) -> None:
+            path = self._get(self.config, "initial_weights")
+            if path:
+                load_initial_weights(self.model, Path(path))
             _check_model_takes_data(self.model, self.datamodule)
 
     return SparseliteCLI
+
+
+def load_initial_weights(module: Any, path: Path) -> None:
+    """``initial_weights``: the checkpoint's model weights (not its masks, ranges or plans) into the model, before
+    any callback prepares it; a file that is missing, unreadable or of another architecture fails in one line."""
+    from sparselite.checkpoints import load_checkpoint, load_model_weights
+
+    if not path.is_file():
+        raise SparseliteError(f"initial_weights={path} does not exist; train that model first or fix the path")
+    try:
+        load_model_weights(module, load_checkpoint(path)["state_dict"], f"initial_weights={path}")
+    except SparseliteError as err:
+        raise SparseliteError(f"{err}" if str(err).startswith("initial_weights") else f"initial_weights: {err}") from None
 
 
 def _refuse_callback_mapping(callbacks: Any) -> None:

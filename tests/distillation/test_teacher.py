@@ -80,7 +80,7 @@ def test_checkpoint_without_run_config_loads_into_a_copy_of_the_student(tmp_path
 def test_checkpoint_of_another_architecture_without_config_is_one_line(tmp_path):
     other = ImageClassifier(tiny_mobilenet(num_classes=7))
     torch.save({"state_dict": other.state_dict()}, tmp_path / "other.ckpt")
-    with pytest.raises(SparseliteError, match=r"other.ckpt does not fit the student's architecture") as err:
+    with pytest.raises(SparseliteError, match=r"other.ckpt does not fit the model's architecture") as err:
         resolve_teacher(tmp_path / "other.ckpt", student())
     assert "\n" not in str(err.value)
 

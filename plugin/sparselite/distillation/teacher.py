@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparselite.checkpoints import COMPRESSION_STATE, load_model_weights
 from sparselite.errors import SparseliteError
 from sparselite.module_copy import detached_copy
 from sparselite.quantization.qat import strip_fake_quant
@@ -35,7 +36,6 @@ from sparselite.quantization.qat import strip_fake_quant
 INITIAL = "initial"
 # checkpoint path -> the run's model rebuilt from its config, or None where it has none (set by the CLI layer).
 RunRebuilder = Callable[[Path], "nn.Module | None"]
-SPARSELITE_STATE = "sparselite_"  # masks, fake-quant ranges, channel plans: compression state, not weights
 
 
 def check_teacher_argument(teacher: object) -> str:
@@ -64,7 +64,7 @@ def fingerprint(module: nn.Module) -> str:
     state (``sparselite_*``) is left out, so a teacher that was pruned or quantized when saved still matches."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
-        if SPARSELITE_STATE in name or not isinstance(tensor, torch.Tensor):
+        if COMPRESSION_STATE in name or not isinstance(tensor, torch.Tensor):
             continue
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}:{tuple(data.shape)}:{data.dtype};".encode())
@@ -84,7 +84,7 @@ def without_compression_state(module: nn.Module) -> nn.Module:
     state-dict hooks (masks are all ones at setup; the teacher never applies them, and keeps every channel)."""
     strip_fake_quant(module)
     for submodule in module.modules():
-        for name in [n for n in submodule._buffers if n.startswith(SPARSELITE_STATE)]:
+        for name in [n for n in submodule._buffers if n.startswith(COMPRESSION_STATE)]:
             del submodule._buffers[name]
         for hooks in (submodule._state_dict_hooks, submodule._state_dict_pre_hooks,
                       submodule._load_state_dict_pre_hooks, submodule._load_state_dict_post_hooks):
@@ -135,19 +135,11 @@ def load_teacher_checkpoint(path: Path, student: nn.Module, rebuild_run: RunRebu
 def _load_into_copy(state_dict: dict, student: nn.Module, path: Path) -> nn.Module:
     """A checkpoint with no run config: its weights in a float copy of the student's architecture."""
     module = float_snapshot(student)
-    weights = {k: v for k, v in state_dict.items() if SPARSELITE_STATE not in k}
-    own = {k for k in module.state_dict() if SPARSELITE_STATE not in k}
-    missing, unexpected = sorted(own - set(weights)), sorted(set(weights) - own)
-    if missing or unexpected:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise SparseliteError(f"teacher checkpoint {path} has no config.yaml next to it and does not fit the "
-                              f"student's architecture ({what}); pass the teacher as a module, or a checkpoint "
-                              "written by `sparselite fit`")
     try:
-        module.load_state_dict(weights, strict=False)
-    except RuntimeError as err:
-        raise SparseliteError(f"teacher checkpoint {path} does not fit the student's architecture: "
-                              f"{str(err).strip().splitlines()[-1].strip()}") from None
+        load_model_weights(module, state_dict, f"teacher checkpoint {path}")
+    except SparseliteError as err:
+        raise SparseliteError(f"{err}, and has no config.yaml next to it to rebuild its own; pass the teacher as a "
+                              "module, or a checkpoint written by `sparselite fit`") from None
     return module
 
 
