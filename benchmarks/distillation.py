@@ -119,13 +119,13 @@ def _quietly():
     return contextlib.redirect_stdout(sys.stderr)  # Lightning's and the converter's lines stay off the table
 
 
-def dense_teacher(out: Path, steps: int, retrain: bool) -> tuple[Path, str]:
+def dense_teacher(out: Path, steps: int, retrain: bool, config: Path = CONFIG) -> tuple[Path, str]:
     """The cached dense baseline's checkpoint (trained with recipes/dense.yaml if needed) and its cache key."""
     from sparselite.checkpoints import load_checkpoint
     from sparselite.lightning_cli import build_lightning_cli
     from sparselite.models import classifier, mobilenet
 
-    key = _fingerprint_of_files([CONFIG, DENSE_RECIPE, Path(mobilenet.__file__), Path(classifier.__file__)],
+    key = _fingerprint_of_files([config, DENSE_RECIPE, Path(mobilenet.__file__), Path(classifier.__file__)],
                                 f"steps={steps};threads={torch.get_num_threads()}")
     folder = out / "dense"
     record = folder / "teacher.json"
@@ -134,11 +134,11 @@ def dense_teacher(out: Path, steps: int, retrain: bool) -> tuple[Path, str]:
         if cached.get("key") == key and Path(cached["checkpoint"]).is_file():
             print(f"[bench] dense fp32 teacher (cached): {cached['checkpoint']}", file=sys.stderr, flush=True)
             return Path(cached["checkpoint"]), key
-    print(f"[bench] dense fp32 teacher: sparselite fit -c {CONFIG.name} -c recipes/dense.yaml ({steps} steps)",
+    print(f"[bench] dense fp32 teacher: sparselite fit -c {config.name} -c recipes/dense.yaml ({steps} steps)",
           file=sys.stderr, flush=True)
     folder.mkdir(parents=True, exist_ok=True)
     with _quietly():
-        cli = build_lightning_cli(["fit", "-c", str(CONFIG), "-c", str(DENSE_RECIPE), "--trainer.default_root_dir",
+        cli = build_lightning_cli(["fit", "-c", str(config), "-c", str(DENSE_RECIPE), "--trainer.default_root_dir",
                                    str(folder), *_step_overrides(steps)])
     checkpoint = Path(cli.trainer.checkpoint_callback.last_model_path)
     if load_checkpoint(checkpoint).get("global_step") != steps:
@@ -204,7 +204,7 @@ def train_and_measure(row: Row, index: int, distillation: dict | None, args, tea
         recipe, export_args = scaled_recipe(row, args.steps, root, distillation)
         started = time.perf_counter()
         with _quietly():
-            cli = build_lightning_cli(["fit", "-c", str(CONFIG), "-c", str(recipe), *_step_overrides(args.steps),
+            cli = build_lightning_cli(["fit", "-c", str(args.config), "-c", str(recipe), *_step_overrides(args.steps),
                                        *(["--initial_weights", str(teacher)] if from_dense else [])])
         probe = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "RunProbe")
         checkpoint = cli.trainer.checkpoint_callback
@@ -262,7 +262,7 @@ def other_settings(out: Path, index: int, shown: dict) -> list[dict]:
     """The row's distilled runs with other --temperature / --weight (same teacher and steps), kept next to it:
     a row re-run with another setting shows both, not only the better one."""
     found = []
-    for path in sorted((out / "runs").glob(f"{index}_with*/result.json")):
+    for path in sorted((out / "runs").glob(f"{index}_with_*/result.json")):
         result = json.loads(path.read_text())
         key, own = result.get("cache_key", {}), shown["cache_key"]
         if [key.get(k) for k in ("teacher", "steps", "test_limit", "start")] == \
@@ -349,6 +349,9 @@ def main() -> None:
                         help=f"which rows (0..{len(ROWS) - 1}): " + "; ".join(f"{i} {r.name}" for i, r in enumerate(ROWS)))
     parser.add_argument("--temperature", type=float, default=None, help="Distillation's (default: the recipe's)")
     parser.add_argument("--weight", type=float, default=None, help="Distillation's (default: the recipe's)")
+    parser.add_argument("--config", type=Path, default=CONFIG,
+                        help="the model, data and trainer config (default: the demo's; the controlled step-time "
+                             "measure is the demo model's and runs with it only)")
     parser.add_argument("--start", choices=("scratch", "dense"), default="scratch",
                         help="scratch: every model from the config's seeded initialization; dense: the students start "
                              "from the trained teacher's weights (`sparselite fit --initial_weights`), as when a user "
@@ -356,7 +359,8 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=10000)
     parser.add_argument("--overhead-turns", type=int, default=30, help="interleaved step pairs (0: skip)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 30 steps, 2 rows, 1000 test images")
-    parser.add_argument("--out", default="runs/bench_distillation", help="runs, files and the teacher cache")
+    parser.add_argument("--out", default=None, help="runs, files and the teacher cache (default: "
+                        "runs/bench_distillation, or runs/bench_distillation_<config> for another --config)")
     parser.add_argument("--retrain-teacher", action="store_true")
     parser.add_argument("--retrain", action="store_true", help="retrain the rows even if their results are kept")
     parser.add_argument("--json", default=None)
@@ -370,16 +374,24 @@ def main() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     env = C.environment()
     data = C.load_data()
-    test = DataLoader(TensorDataset(data.test_x[: args.test_limit], data.test_y[: args.test_limit]), batch_size=500)
-    out = Path(args.out)
+    from sparselite.data.fashion_mnist import resize_images
+    from sparselite.lightning_cli import build_datamodule
+
+    datamodule = build_datamodule([str(args.config)])  # the config's image size and channels
+    test_x = resize_images(data.test_x[: args.test_limit], datamodule.image_size, datamodule.channels)
+    test_y = data.test_y[: args.test_limit]
+    test = DataLoader(TensorDataset(test_x, test_y), batch_size=500)
+    args.config = args.config.resolve()
+    out = Path(args.out or ("runs/bench_distillation" + ("" if args.config == CONFIG else f"_{args.config.stem}")))
+    args.out = str(out)
     options = {k: v for k, v in (("temperature", args.temperature), ("weight", args.weight)) if v is not None}
 
     from sparselite.lightning_cli import restore_run
 
-    teacher_path, teacher_key = dense_teacher(out, args.steps, args.retrain_teacher)
+    teacher_path, teacher_key = dense_teacher(out, args.steps, args.retrain_teacher, args.config)
     with _quietly():
         teacher = restore_run(teacher_path).module
-    dense_fp32 = C.torch_accuracy(teacher, data.test_x[: args.test_limit], data.test_y[: args.test_limit])
+    dense_fp32 = C.torch_accuracy(teacher, test_x, test_y)
     print(f"[bench] dense fp32 (torch) top-1 {dense_fp32:.2%}", file=sys.stderr, flush=True)
 
     results = []
@@ -396,7 +408,7 @@ def main() -> None:
             "other_settings": other_settings(out, index, with_)})
     results.sort(key=lambda r: r["index"])  # --rows may ask for them in another order (the targets' rows first)
     overhead = [step_overhead(teacher, data, args.overhead_turns),
-                step_overhead(teacher, data, args.overhead_turns, sparsity=0.0, width=0.5)] if args.overhead_turns else []
+                step_overhead(teacher, data, args.overhead_turns, sparsity=0.0, width=0.5)] if args.overhead_turns and args.config == CONFIG else []
 
     headers = ["row", "int8 top-1 without", "with distillation", "vs dense fp32 without", "with", "target", "met",
                "same init", "step ms without", "with", "ratio"]
@@ -414,7 +426,7 @@ def main() -> None:
                          f"{r['without']['step_ms_median']:.0f}", f"{run['step_ms_median']:.0f}",
                          f"{run['step_ms_median'] / r['without']['step_ms_median']:.2f}x"])
     lines = [C.environment_line(env),
-             f"# MobileNetLite on Fashion-MNIST: sparselite fit -c configs/fmnist_mobilenet.yaml -c <row's recipe>, "
+             f"# {type(getattr(teacher, 'model', teacher)).__name__} on Fashion-MNIST: sparselite fit -c configs/{args.config.name} -c <row's recipe>, "
              f"{args.steps} steps per model; {args.test_limit} test images; teacher and reference: recipes/dense.yaml, "
              + ("students start from the teacher's weights (--initial_weights), "
                 if args.start == "dense" else "every model from the same seeded initialization, ") +
@@ -435,7 +447,7 @@ def main() -> None:
         command = " ".join(["# OMP_NUM_THREADS=1 MKL_NUM_THREADS=1" if torch.get_num_threads() == 1 else "#",
                              ".venv/bin/python -m benchmarks.distillation", *sys.argv[1:]])
         Path(args.txt).write_text(command + "\n" + text + "\n")
-    C.write_json(args.json, {"environment": env, "args": vars(args), "steps": args.steps, "dense_fp32": dense_fp32,
+    C.write_json(args.json, {"environment": env, "args": {**vars(args), "config": str(args.config.relative_to(REPO))}, "steps": args.steps, "dense_fp32": dense_fp32,
                              "teacher_checkpoint": str(teacher_path), "rows": results, "overhead": overhead,
                              "options": options})
 
