@@ -64,6 +64,19 @@ def test_cached_baseline_file_is_a_teacher_for_the_demo_model(tmp_path):
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
 
 
+def test_cached_baseline_file_is_where_the_compressed_runs_start(tmp_path):
+    """The compressed runs get ``--initial_weights <cache file>``: it loads, as tensors only, into a fresh model."""
+    from sparselite.lightning_cli import load_initial_weights
+
+    baseline, path = _saved_baseline(tmp_path)
+    with torch.no_grad():
+        baseline.model.classifier.bias.fill_(0.25)
+    torch.save({"fingerprint": demo._baseline_fingerprint(), "state_dict": baseline.state_dict()}, path)
+    student = _fresh_baseline()
+    load_initial_weights(student, path)
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), baseline.state_dict().values()))
+
+
 def test_teacher_file_refuses_a_foreign_run_config_above_it(tmp_path):
     _, path = _saved_baseline(tmp_path / "elsewhere" / "out")
     (tmp_path / "elsewhere" / "config.yaml").write_text("trainer: {}\n")

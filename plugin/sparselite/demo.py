@@ -1,9 +1,11 @@
-"""The default demo: a dense fp32 baseline vs 80% GMP + QAT distilled from it, both exported and measured on LiteRT.
+"""The default demo: a dense fp32 baseline, then that baseline compressed (80% GMP + QAT, distilled from it), both
+exported and measured on LiteRT.
 
 Runs the same configs and recipes a user would (``configs/fmnist_mobilenet.yaml`` with
 ``recipes/dense.yaml`` and ``recipes/gmp80_qat_distill_export.yaml``), then prints one table. The baseline
-is trained once and cached under ``<out>/dense``; it is also the compressed run's teacher (``Distillation``:
-its cached weights, loaded into a float copy of the student).
+is trained once and cached under ``<out>/dense``. The compressed run starts from its weights
+(``sparselite fit --initial_weights``: a model is compressed after it is trained) and learns from it as its
+teacher (``Distillation``: the same cached weights, loaded into a float copy of the student).
 
 The table shows the distilled file only: the same recipe without distillation is a second training run
 (about as long as the rest of a cached demo), and ``benchmarks/distillation.py`` measures that comparison on
@@ -40,10 +42,13 @@ COMPRESSED_RECIPE = REPO / "recipes" / "gmp80_qat_distill_export.yaml"  # 80% GM
 UNDISTILLED_RECIPE = REPO / "recipes" / "gmp80_qat_export.yaml"  # the same without a teacher (compare_distillation)
 
 
-def _fit(recipe: Path, root: Path):
+def _fit(recipe: Path, root: Path, initial_weights: Path | None = None):
+    """``sparselite fit`` with the demo's config; ``initial_weights``: the run starts from that model's weights."""
     if not CONFIG.is_file():
         raise SparseliteError(f"{CONFIG} not found; run the demo from a checkout of the sparselite repo")
     args = ["fit", "-c", str(CONFIG), "-c", str(recipe), "--trainer.default_root_dir", str(root)]
+    if initial_weights is not None:
+        args += ["--initial_weights", str(initial_weights)]
     return build_lightning_cli(args)
 
 
@@ -123,11 +128,12 @@ def run_demo(out_dir: Path = Path("runs/demo"), retrain_baseline: bool = False, 
     fp32_path = out_dir / "fp32.tflite"
     export_float_tflite(baseline, example, fp32_path)
 
-    # 2. 80% GMP + QAT distilled from the baseline, exported by the recipe's TFLiteExport callback.
-    print("[demo] 2/4 80% gradual pruning + QAT + int8 export, distilled from the dense baseline")
+    # 2. The baseline compressed: it is the starting point (as when you compress a model you trained) and the
+    # teacher of 80% GMP + QAT, exported by the recipe's TFLiteExport callback.
+    print("[demo] 2/4 80% gradual pruning + QAT + int8 export of the dense baseline, distilled from it")
     int8_path = out_dir / "int8.tflite"
     root = out_dir / "gmp80_qat_distill"
-    cli = _fit(_recipe_exporting_to(int8_path, root / "recipe.yaml", teacher=teacher), root)
+    cli = _fit(_recipe_exporting_to(int8_path, root / "recipe.yaml", teacher=teacher), root, initial_weights=teacher)
     compressed = cli.model
     exporter = next(cb for cb in cli.trainer.callbacks if isinstance(cb, TFLiteExport))
     report = exporter.report
@@ -146,7 +152,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), retrain_baseline: bool = False, 
         print("[demo] +  80% gradual pruning + QAT + int8 export, without distillation")
         undistilled_path = out_dir / "int8_no_distillation.tflite"
         root = out_dir / "gmp80_qat"
-        _fit(_recipe_exporting_to(undistilled_path, root / "recipe.yaml", UNDISTILLED_RECIPE), root)
+        _fit(_recipe_exporting_to(undistilled_path, root / "recipe.yaml", UNDISTILLED_RECIPE), root, initial_weights=teacher)
         accuracy["int8_sparse_no_distillation_tflite_xnnpack"] = LiteRTModel(undistilled_path).evaluate(test_loader)["accuracy"]
 
     channel_run = None
@@ -264,7 +270,7 @@ def _fit_channels(out_dir: Path, test_loader: DataLoader, teacher: Path | None =
     print("[demo] +  50% channel pruning + QAT + int8 export (--channels)")
     path = out_dir / "channels50_int8.tflite"
     root = out_dir / "channels50_qat"
-    cli = _fit(_recipe_exporting_to(path, root / "recipe.yaml", CHANNEL_RECIPE, teacher), root)
+    cli = _fit(_recipe_exporting_to(path, root / "recipe.yaml", CHANNEL_RECIPE, teacher), root, initial_weights=teacher)
     report = next(cb for cb in cli.trainer.callbacks if isinstance(cb, TFLiteExport)).report
     return {"path": str(path), "bytes": path.stat().st_size, "distilled": _distillation_settings(cli) is not None, "accuracy": LiteRTModel(path).evaluate(test_loader)["accuracy"],
             "parity_top1_agreement": report.parity.top1_agreement if report.parity else None, "channel_report": report.channels}
