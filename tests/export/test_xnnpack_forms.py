@@ -12,10 +12,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from conftest import pt2e_int8_tflite, xnnpack_partitions
-from sparselite.export.graph_edit import axes_before
+from sparselite.export.graph_edit import axes_before, producers_of
 from sparselite.export.xnnpack_forms import (
-    fold_transposes_into_means, fuse_activations_into_transpose_convs, nearest_upsampling_as_depth_to_space,
-    split_wide_concatenations,
+    fold_transposes_into_means, fuse_activations_into_transpose_convs, large_depthwise_kernels_on_tflite,
+    nearest_upsampling_as_depth_to_space, split_wide_concatenations,
 )
 from sparselite.export.xnnpack_pool_forms import averages_as_depthwise_convs, crop_kernels_to_their_input, pads_as_rows
 from sparselite.export.conversion import convert_with_ranges, float_model_for_export
@@ -317,3 +317,89 @@ def test_a_pad_whose_value_could_win_a_max_stays_as_it_is(precision, stem):
     # this one in NCHW, between two TRANSPOSEs): a zero would lose it.
     assert pads_as_rows(model_t) == 0
     assert _count(model_t, schema.BuiltinOperator.PADV2) == 1
+
+
+class _MixedKernels(nn.Module):
+    """MixNet's mixed depthwise conv (3x3 and 7x7 on two halves of the channels), then a 3x9 one: 9, 49 and
+    27 taps, of which XNNPACK runs the last two far slower than TFLite's own kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(3, 32, 1)
+        self.small = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.large = nn.Conv2d(16, 16, 7, padding=3, groups=16)
+        self.wide = nn.Conv2d(32, 32, (3, 9), padding=(1, 4), groups=32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.relu(self.expand(x)).split(16, dim=1)
+        return self.wide(torch.relu(torch.cat([self.small(a), self.large(b)], dim=1)))
+
+
+def _depthwise_weights(model_t) -> list[tuple[tuple[int, ...], bool]]:
+    """(weight shape, whether the conv reads the constant itself) of each DEPTHWISE_CONV_2D."""
+    graph = model_t.subgraphs[0]
+    found = []
+    for op in graph.operators:
+        if builtin_code(model_t, op) == schema.BuiltinOperator.DEPTHWISE_CONV_2D:
+            weight = graph.tensors[int(op.inputs[1])]
+            found.append((tuple(int(d) for d in weight.shape), model_t.buffers[weight.buffer].data is not None))
+    return sorted(found)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_depthwise_convs_of_more_than_25_taps_read_their_weights_at_run_time_with_the_same_values(precision, tmp_path):
+    from sparselite.tflite.constant_values import weight_sparsity
+    from sparselite.tflite.ops import op_precision
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 12, 12)
+    model = _MixedKernels().eval()
+    with torch.no_grad():
+        model.large.weight[:, :, ::2] = 0  # pruned rows: the file's sparsity must still be read through the RESHAPE
+    model_t = _converted_file(model, x, precision)
+    (tmp_path / "raw.tflite").write_bytes(write_model(model_t))
+
+    assert large_depthwise_kernels_on_tflite(model_t) == 2
+    assert _depthwise_weights(model_t) == [((1, 3, 3, 16), True), ((1, 3, 9, 32), False), ((1, 7, 7, 16), False)]
+    graph, producers = model_t.subgraphs[0], producers_of(model_t.subgraphs[0])
+    for op in graph.operators:
+        if builtin_code(model_t, op) == schema.BuiltinOperator.DEPTHWISE_CONV_2D:
+            assert op_precision(model_t, graph, op, producers) == precision  # read through the RESHAPE
+    (tmp_path / "rewritten.tflite").write_bytes(write_model(model_t))
+    assert weight_sparsity(tmp_path / "rewritten.tflite") == weight_sparsity(tmp_path / "raw.tflite")
+    assert max(weight_sparsity(tmp_path / "rewritten.tflite").values()) >= 4 / 7  # rows 0, 2, 4, 6 of 7
+
+    raw, rewritten = LiteRTModel(tmp_path / "raw.tflite")(x.numpy()), LiteRTModel(tmp_path / "rewritten.tflite")(x.numpy())
+    if precision == "fp32":
+        np.testing.assert_allclose(rewritten, raw, rtol=1e-5, atol=1e-5)
+    else:  # TFLite's kernel and XNNPACK's may round a half apart: at most one step of the output's grid
+        output = graph.tensors[int(graph.outputs[0])]
+        dequantize = producers[int(graph.outputs[0])]
+        scale = float(graph.tensors[int(dequantize.inputs[0])].quantization.scale[0]) if output.type == schema.TensorType.FLOAT32 \
+            else float(output.quantization.scale[0])
+        assert np.abs(rewritten - raw).max() <= scale * 1.001
+
+
+def test_upstream_xnnpack_runs_depthwise_convs_of_more_than_25_taps_slower_than_tflite(tmp_path):
+    """docs/upstream/xnnpack_large_depthwise.md: when this fails, XNNPACK's int8 7x7 depthwise conv is no
+    longer several times slower than TFLite's builtin kernel (13x measured), and
+    ``large_depthwise_kernels_on_tflite`` can go."""
+    import time
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 96, 16, 16)
+    model_t = _int8_file(nn.Conv2d(96, 96, 7, padding=3, groups=96).eval(), x)
+    (tmp_path / "xnnpack.tflite").write_bytes(write_model(model_t))
+    assert large_depthwise_kernels_on_tflite(model_t) == 1
+    (tmp_path / "tflite.tflite").write_bytes(write_model(model_t))
+    runtimes = {name: LiteRTModel(tmp_path / f"{name}.tflite", threads=1) for name in ("xnnpack", "tflite")}
+    one = x[:1].numpy()
+    times: dict[str, list[float]] = {name: [] for name in runtimes}
+    for _ in range(15):  # interleaved, medians: the machine is shared
+        for name, runtime in runtimes.items():
+            started = time.perf_counter()
+            for _ in range(5):
+                runtime(one)
+            times[name].append(time.perf_counter() - started)
+    xnnpack, tflite = (float(np.median(times[name])) for name in ("xnnpack", "tflite"))
+    assert xnnpack > 3 * tflite, (xnnpack, tflite)

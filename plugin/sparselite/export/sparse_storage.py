@@ -174,6 +174,9 @@ def _policy(model, graph, uses, weights, sparsity, min_sparsity, sparse_int8_fc,
         return [], False, "all zeros (a zero-initialized residual branch): a sparse tensor needs a stored value"
     if sparsity < min_sparsity:
         return [], False, f"sparsity {sparsity:.2f} < min_sparsity {min_sparsity:.2f}"
+    if any(builtin_code(model, graph.operators[i]) == schema.BuiltinOperator.RESHAPE for i, _ in uses):
+        return [], False, ("a large-kernel depthwise weight, read through the RESHAPE that keeps its conv on "
+                           "TFLite's kernel (xnnpack_forms.py), stays dense")
     if weights.dtype == np.float16:  # read by its DEQUANTIZE, which a DENSIFY can feed
         if any(builtin_code(model, graph.operators[i]) != schema.BuiltinOperator.DEQUANTIZE or slot for i, slot in uses):
             return [], False, "an fp16 weight read by an op other than its DEQUANTIZE"

@@ -174,7 +174,7 @@ def rewrite(job: ExportJob) -> ExportJob:
         job.report.float_islands = float_islands(job.model_t)
         if job.report.float_islands and not job.options.float_fallback:
             raise SparseliteError(islands_error(job.report.float_islands))
-    use_xnnpack_forms(job.model_t)
+    use_xnnpack_forms(job.model_t, keep_weights_constant=job.options.require_gpu)
     if not job.options.fully_int8:
         written = apply_precisions(job.model_t, job.precisions, LayerFinder(job.float_model, job.precisions))
         job.report.layer_precisions = written

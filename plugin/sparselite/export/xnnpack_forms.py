@@ -22,6 +22,13 @@ only is there because XNNPACK's fp32 op is already as fast.
   to NCHW and one back (its fp32 conversion pads in NHWC): the PAD of the untransposed value, with its
   paddings permuted. The same integers, without two transposes.
 - the pooling and padding forms of ``xnnpack_pool_forms``.
+- ``large_depthwise_kernels_on_tflite``: XNNPACK (ai-edge-litert 2.3, x86) runs a DEPTHWISE_CONV_2D of more
+  than 25 taps (7x7, 9x9, 3x9: MixNet's mixed kernels, ConvNeXt's 7x7) 2-3x slower than TFLite's own kernel
+  in fp32 and 10-13x slower in int8; up to 25 taps it is 3-5x faster (docs/upstream/xnnpack_large_depthwise.md).
+  Such a conv reads its weights through a RESHAPE to the same shape: XNNPACK takes only constant weights,
+  so the conv runs on TFLite's kernel and the ops around it stay delegated. The same values, up to the
+  kernels' rounding of a half (at most 1 LSB in int8). Not for files meant for the GPU accelerator, which
+  takes constant weights only too (``keep_weights_constant``).
 
 ``benchmarks/layout_forms.py`` times each with and without.
 """
@@ -245,8 +252,41 @@ def pads_in_the_graphs_layout(model: schema.ModelT) -> int:
     return len(removed) // 2
 
 
-def use_xnnpack_forms(model: schema.ModelT) -> int:
-    """Every form above, in place; returns how many ops changed."""
+XNNPACK_MAX_FAST_DEPTHWISE_TAPS = 25  # its largest one-pass depthwise kernel (5x5): more taps run far slower
+
+
+def large_depthwise_kernels_on_tflite(model: schema.ModelT) -> int:
+    """Give every DEPTHWISE_CONV_2D with constant weights of more than 25 taps (kernel height x width) its
+    weights through a RESHAPE to their own shape, in place: XNNPACK then leaves the conv to TFLite's kernel.
+    Returns how many."""
+    subgraph = model.subgraphs[0]
+    changed = []
+    for index, op in enumerate(subgraph.operators):
+        if builtin_code(model, op) != schema.BuiltinOperator.DEPTHWISE_CONV_2D or len(op.inputs) < 2:
+            continue
+        weights = subgraph.tensors[int(op.inputs[1])]
+        if model.buffers[weights.buffer].data is None or len(weights.shape) != 4:
+            continue  # weights made at run time already (an fp16 DEQUANTIZE): XNNPACK reads those as constant
+        if int(weights.shape[1]) * int(weights.shape[2]) <= XNNPACK_MAX_FAST_DEPTHWISE_TAPS:
+            continue
+        shape = append_tensor(model, [4], schema.TensorType.INT32, b"depthwise_weight_shape",
+                              data=np.asarray(weights.shape, dtype="<i4").tobytes())
+        read = append_tensor(model, list(weights.shape), weights.type, weights.name + b";run_time",
+                             copy.deepcopy(weights.quantization))
+        reshape = schema.OperatorT()
+        reshape.opcodeIndex = operator_code_index(model, schema.BuiltinOperator.RESHAPE)
+        reshape.inputs, reshape.outputs = [int(op.inputs[1]), shape], [read]
+        op.inputs = [int(t) if slot != 1 else read for slot, t in enumerate(op.inputs)]
+        changed.append((index, reshape))
+    for index, reshape in reversed(changed):
+        subgraph.operators.insert(index, reshape)
+    return len(changed)
+
+
+def use_xnnpack_forms(model: schema.ModelT, keep_weights_constant: bool = False) -> int:
+    """Every form above, in place; returns how many ops changed. ``keep_weights_constant``: for the GPU
+    accelerator, which takes only constant weights, leave out ``large_depthwise_kernels_on_tflite``."""
     return (fold_transposes_into_means(model) + pads_in_the_graphs_layout(model) + fuse_activations_into_transpose_convs(model)
             + nearest_upsampling_as_depth_to_space(model) + split_wide_concatenations(model)
-            + averages_as_depthwise_convs(model) + crop_kernels_to_their_input(model) + pads_as_rows(model))
+            + averages_as_depthwise_convs(model) + crop_kernels_to_their_input(model) + pads_as_rows(model)
+            + (0 if keep_weights_constant else large_depthwise_kernels_on_tflite(model)))

@@ -134,13 +134,14 @@ def describe_layout(tensor: schema.TensorT) -> tuple[str, str]:
 
 def weight_tensors(model: schema.ModelT, graph: schema.SubGraphT) -> Iterator[tuple[int, int]]:
     """(tensor index, op index) for every weight input of conv/depthwise/FC, following DENSIFY back, and the
-    DEQUANTIZE of a constant (an fp16 weight, dense or behind its DENSIFY)."""
+    DEQUANTIZE (an fp16 weight, dense or behind its DENSIFY) or RESHAPE (a large-kernel depthwise conv's,
+    export/xnnpack_forms.py) of a constant."""
     source = {}  # an op's output -> the constant it is made from, at load
     for op in graph.operators:
         code = builtin_code(model, op)
         if code == schema.BuiltinOperator.DENSIFY:
             source[int(op.outputs[0])] = int(op.inputs[0])
-        elif code == schema.BuiltinOperator.DEQUANTIZE and len(op.inputs) and op.inputs[0] >= 0:
+        elif code in (schema.BuiltinOperator.DEQUANTIZE, schema.BuiltinOperator.RESHAPE) and len(op.inputs) and op.inputs[0] >= 0:
             read = source.get(int(op.inputs[0]), int(op.inputs[0]))
             if model.buffers[graph.tensors[read].buffer].data is not None:
                 source[int(op.outputs[0])] = read

@@ -8,8 +8,9 @@ from ai_edge_litert import schema_py_generated as schema
 
 from sparselite.tflite.flatbuffer import WEIGHT_INPUT, builtin_code, builtin_name, tensor_name, tensor_type_name
 
-# Ops between a stored weight and the op that reads it: the weight's stored type is what counts.
-_UNPACKING = (schema.BuiltinOperator.DEQUANTIZE, schema.BuiltinOperator.DENSIFY)
+# Ops between a stored weight and the op that reads it: the weight's stored type is what counts. (A RESHAPE
+# to the same shape keeps a large-kernel depthwise conv off XNNPACK: export/xnnpack_forms.py.)
+_UNPACKING = (schema.BuiltinOperator.DEQUANTIZE, schema.BuiltinOperator.DENSIFY, schema.BuiltinOperator.RESHAPE)
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,11 @@ def stored_weight(model: schema.ModelT, op: schema.OperatorT, producers: dict) -
     slot = WEIGHT_INPUT.get(builtin_code(model, op))
     if slot is None or slot >= len(op.inputs) or op.inputs[slot] < 0:
         return None
-    weight = int(op.inputs[slot])
+    read = weight = int(op.inputs[slot])
     while weight in producers and builtin_code(model, producers[weight]) in _UNPACKING:
         weight = int(producers[weight].inputs[0])
-    return weight
+    graph = model.subgraphs[0]
+    return weight if model.buffers[graph.tensors[weight].buffer].data is not None else read
 
 
 def op_precision(model: schema.ModelT, graph: schema.SubGraphT, op: schema.OperatorT, producers: dict) -> str:
