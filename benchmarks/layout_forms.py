@@ -120,6 +120,26 @@ class PooledStem(nn.Module):
         return self.conv(F.max_pool2d(self.stem(x), 3, 2, 1))
 
 
+class MixedKernels(nn.Module):
+    """MixNet's mixed depthwise convs: a quarter of the channels each through a 3x3, 5x5, 7x7 and 9x9 depthwise
+    conv, concatenated, twice (the last two kernels have more than XNNPACK's 25 fast taps)."""
+
+    def __init__(self, width: int = 96) -> None:
+        super().__init__()
+        self.stem = _conv(3, width, 4)
+        quarter = width // 4
+        self.mixes = nn.ModuleList(nn.ModuleList(nn.Conv2d(quarter, quarter, k, padding=k // 2, groups=quarter)
+                                                 for k in (3, 5, 7, 9)) for _ in range(2))
+        self.projects = nn.ModuleList(nn.Conv2d(width, width, 1) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for mix, project in zip(self.mixes, self.projects):
+            parts = x.chunk(4, dim=1)
+            x = torch.relu(project(torch.relu(torch.cat([conv(part) for conv, part in zip(mix, parts)], dim=1))))
+        return x
+
+
 # rewrite (a function that export/xnnpack_forms.py applies) -> the model with its pattern
 CASES = {
     "nearest_upsampling_as_depth_to_space": TopDown,
@@ -127,13 +147,14 @@ CASES = {
     "averages_as_depthwise_convs": PooledTail,
     "crop_kernels_to_their_input": WideKernelTail,
     "pads_as_rows": PooledStem,
+    "large_depthwise_kernels_on_tflite": MixedKernels,
 }
 
 
 @contextmanager
 def _switched_off(name: str):
     original = getattr(xnnpack_forms, name)
-    setattr(xnnpack_forms, name, lambda model: 0)
+    setattr(xnnpack_forms, name, lambda model, *args: 0)
     try:
         yield
     finally:
