@@ -12,7 +12,7 @@ schedules, the recipe's ``TFLiteExport``).
      50% channels (channels50_qat_export.yaml), 50% channels + 80% unstructured (channels50_gmp80_qat_export.yaml).
      Each is trained twice from the same initialization (the config's ``seed_everything``; the initial weights'
      fingerprint is recorded and compared): the recipe as it is, and the recipe plus the ``Distillation`` entry
-     of recipes/gmp80_qat_distill_export.yaml (T=4, weight=0.9 unless ``--temperature`` / ``--weight``), its
+     of recipes/gmp80_qat_distill_export.yaml (T=2, weight=0.5 unless ``--temperature`` / ``--weight``), its
      teacher the cached checkpoint, rebuilt from that run's config.yaml as ``sparselite fit`` does.
   3. The recipe's ``TFLiteExport`` writes the int8 file; its top-1 on the test images (LiteRTModel, XNNPACK)
      against the dense fp32 model.
@@ -262,7 +262,9 @@ def other_settings(out: Path, index: int, shown: dict) -> list[dict]:
     """The row's distilled runs with other --temperature / --weight (same teacher and steps), kept next to it:
     a row re-run with another setting shows both, not only the better one."""
     found = []
-    for path in sorted((out / "runs").glob(f"{index}_with_*/result.json")):
+    for path in sorted((out / "runs").glob(f"{index}_with*/result.json")):
+        if path.parent.name.startswith(f"{index}_without"):
+            continue
         result = json.loads(path.read_text())
         key, own = result.get("cache_key", {}), shown["cache_key"]
         if [key.get(k) for k in ("teacher", "steps", "test_limit", "start")] == \
@@ -384,7 +386,10 @@ def main() -> None:
     args.config = args.config.resolve()
     out = Path(args.out or ("runs/bench_distillation" + ("" if args.config == CONFIG else f"_{args.config.stem}")))
     args.out = str(out)
-    options = {k: v for k, v in (("temperature", args.temperature), ("weight", args.weight)) if v is not None}
+    (recipe_entry,) = [cb for cb in yaml.safe_load(DISTILL_RECIPE.read_text())["trainer"]["callbacks"]
+                       if cb["class_path"].endswith("Distillation")]
+    options = {"temperature": float(recipe_entry["init_args"]["temperature"]), "weight": float(recipe_entry["init_args"]["weight"])}
+    options.update({k: v for k, v in (("temperature", args.temperature), ("weight", args.weight)) if v is not None})
 
     from sparselite.lightning_cli import restore_run
 
@@ -430,7 +435,7 @@ def main() -> None:
              f"{args.steps} steps per model; {args.test_limit} test images; teacher and reference: recipes/dense.yaml, "
              + ("students start from the teacher's weights (--initial_weights), "
                 if args.start == "dense" else "every model from the same seeded initialization, ") +
-             f"dense fp32 (torch) top-1 {dense_fp32:.2%}; Distillation {options or 'T=4, weight=0.9 (the recipe)'}",
+             f"dense fp32 (torch) top-1 {dense_fp32:.2%}; Distillation {describe(options)}",
              C.table(headers, rows),
              "", "step ms: median training step of the run itself (Lightning batch start to end), without / with the "
              "teacher; the other core was busy"]

@@ -43,7 +43,7 @@ def test_recipe_parses_with_a_checkpoint_teacher(recipe):
                               run=False)
     (distillation,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, Distillation)]
     assert distillation.teacher_argument.endswith(".ckpt") and distillation.source == distillation.teacher_argument
-    assert (distillation.temperature, distillation.weight, distillation.end_step) == (4.0, 0.9, None)
+    assert (distillation.temperature, distillation.weight, distillation.end_step) == (2.0, 0.5, None)
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ class Distillation(pl.Callback):
             calls, e.g. ``self.model(x)``); '' or a submodule name to say so.
     """
 
-    def __init__(self, teacher: str | nn.Module, temperature: float = 4.0, weight: float = 0.9,
+    def __init__(self, teacher: str | nn.Module, temperature: float = 2.0, weight: float = 0.5,
                  begin_step: int = 0, end_step: int | None = None, student: str | None = None) -> None:
         # Everything checked now; the teacher file itself at setup (`sparselite export` parses a recipe
         # again after training, when the teacher file need not be there any more).

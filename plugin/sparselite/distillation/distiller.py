@@ -1,7 +1,7 @@
 """``Distiller``: distillation without Lightning. Capture the student's outputs, run the teacher on the
 same input, add the loss on its schedule.
 
-    distiller = Distiller(teacher, temperature=4.0, weight=0.9)
+    distiller = Distiller(teacher, temperature=2.0, weight=0.5)
     distiller.attach(model)                     # hooks on the student; the teacher stays outside it
     with distiller.capture():
         loss = F.cross_entropy(model(x), y)     # the user's loss, computed as always
@@ -80,7 +80,7 @@ class Distiller:
             (except once, at the first step, to check its output shape).
     """
 
-    def __init__(self, teacher: nn.Module, temperature: float = 4.0, weight: float = 0.9, begin_step: int = 0,
+    def __init__(self, teacher: nn.Module, temperature: float = 2.0, weight: float = 0.5, begin_step: int = 0,
                  end_step: int | None = None) -> None:
         check_schedule(temperature, weight, begin_step, end_step)
         self.teacher = teacher
