@@ -99,7 +99,7 @@ class CallsTheNetworkDirectly(ImageClassifier):
 def test_student_submodule_is_found_when_training_step_bypasses_forward(tmp_path, teacher, fmnist_train):
     pl.seed_everything(0, verbose=False)
     module, record = CallsTheNetworkDirectly(tiny_mobilenet(), lr=5e-3), RecordLoss()
-    distillation = Distillation(teacher=teacher, weight=0.5)
+    distillation = Distillation(teacher=teacher, temperature=4.0, weight=0.5)
     make_trainer(tmp_path, 1, [distillation, record]).fit(module, make_loader(fmnist_train, 32))
     assert distillation.distiller.student == "model"
     images, labels = fmnist_train[0][:32], fmnist_train[1][:32]
