@@ -50,14 +50,20 @@ def test_compressed_recipe_distils_from_the_cached_baseline(tmp_path):
         demo._recipe_exporting_to(tmp_path / "x.tflite", tmp_path / "x" / "recipe.yaml")
 
 
-def test_cached_baseline_file_is_a_teacher_for_the_demo_model(tmp_path):
-    """The cache file (tensors and a fingerprint string) loads, as tensors only, into a float copy of the student."""
-    from sparselite.distillation.teacher import resolve_teacher
-
+def _marked_baseline(tmp_path):
+    """A saved baseline with a bias a fresh model would not have."""
     baseline, path = _saved_baseline(tmp_path)
     with torch.no_grad():
         baseline.model.classifier.bias.fill_(0.25)
     torch.save({"fingerprint": demo._baseline_fingerprint(), "state_dict": baseline.state_dict()}, path)
+    return baseline, path
+
+
+def test_cached_baseline_file_is_a_teacher_for_the_demo_model(tmp_path):
+    """The cache file (tensors and a fingerprint string) loads, as tensors only, into a float copy of the student."""
+    from sparselite.distillation.teacher import resolve_teacher
+
+    baseline, path = _marked_baseline(tmp_path)
     student = _fresh_baseline()
     teacher = resolve_teacher(str(demo._teacher_file(path)), student)
     assert torch.equal(teacher.model.classifier.bias, baseline.model.classifier.bias)
@@ -68,10 +74,7 @@ def test_cached_baseline_file_is_where_the_compressed_runs_start(tmp_path):
     """The compressed runs get ``--initial_weights <cache file>``: it loads, as tensors only, into a fresh model."""
     from sparselite.lightning_cli import load_initial_weights
 
-    baseline, path = _saved_baseline(tmp_path)
-    with torch.no_grad():
-        baseline.model.classifier.bias.fill_(0.25)
-    torch.save({"fingerprint": demo._baseline_fingerprint(), "state_dict": baseline.state_dict()}, path)
+    baseline, path = _marked_baseline(tmp_path)
     student = _fresh_baseline()
     load_initial_weights(student, path)
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), baseline.state_dict().values()))
