@@ -85,12 +85,14 @@ def convert_float(float_model: nn.Module, example_inputs: tuple) -> bytes:
     return data
 
 
-def export_float_tflite(module: nn.Module, example_inputs: torch.Tensor | tuple, path: str | Path) -> int:
-    """The fp32 baseline file (BN folded, no quantization), for size and latency comparisons. Returns bytes."""
+def export_float_tflite(module: nn.Module, example_inputs: torch.Tensor | tuple, path: str | Path,
+                        keep_weights_constant: bool = False) -> int:
+    """The fp32 baseline file (BN folded, no quantization), for size and latency comparisons. Returns bytes.
+    ``keep_weights_constant``: the forms of a ``require_gpu`` export (``xnnpack_forms.use_xnnpack_forms``)."""
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     data = convert_float(float_model_for_export(module), example_inputs)
     model_t = flatbuffer.read_model(data)
-    if use_xnnpack_forms(model_t):  # as in the int8 export: their latency ratio compares quantization only
+    if use_xnnpack_forms(model_t, keep_weights_constant):  # as in the int8 export: their latency ratio compares quantization only
         data = flatbuffer.write_model(model_t)
     flatbuffer.write_atomically(path, data)
     return len(data)

@@ -18,14 +18,16 @@ from torch import nn
 ROUNDS, RUNS_PER_ROUND, WARMUP = 7, 10, 5
 
 
-def compare_with_fp32(module: nn.Module, example_inputs: torch.Tensor, exported: str | Path) -> dict[str, Any]:
-    """``{"fp32_bytes", "latency": {"ms", "fp32_ms", "ratio", "setting"}}`` for the file at ``exported``."""
+def compare_with_fp32(module: nn.Module, example_inputs: torch.Tensor, exported: str | Path,
+                      keep_weights_constant: bool = False) -> dict[str, Any]:
+    """``{"fp32_bytes", "latency": {"ms", "fp32_ms", "ratio", "setting"}}`` for the file at ``exported``
+    (``keep_weights_constant``: as a ``require_gpu`` export writes its forms)."""
     from sparselite.export.conversion import export_float_tflite
     from sparselite.runtime.bench import interleaved_benchmark
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = Path(tmp) / "fp32.tflite"
-        fp32_bytes = export_float_tflite(module, example_inputs, fp32_path)
+        fp32_bytes = export_float_tflite(module, example_inputs, fp32_path, keep_weights_constant)
         timed = interleaved_benchmark({"fp32": str(fp32_path), "file": str(exported)}, threads=1, warmup=WARMUP,
                                       rounds=ROUNDS, runs_per_round=RUNS_PER_ROUND)
     file_ms, fp32_ms = timed["file"].median_ms, timed["fp32"].median_ms

@@ -54,7 +54,7 @@ def export_from_loader(module: nn.Module, loader: Iterable, path: str | Path, op
         from sparselite.export.channel_report import compare_with_unpruned
 
         report.channels = compare_with_unpruned(channel_pruner, example, path, calibration or inputs[:1])
-    _compare_with_fp32(report, module, example, path)
+    _compare_with_fp32(report, module, example, path, keep_weights_constant=options.require_gpu)
     _time_latency_shares(report, path)
     report.save(report_path(path))
     _write_page(report, path)
@@ -70,13 +70,14 @@ def _class_labels(batches: list) -> list[torch.Tensor] | None:
     return labels
 
 
-def _compare_with_fp32(report: ExportReport, module: nn.Module, example: torch.Tensor, path: str | Path) -> None:
+def _compare_with_fp32(report: ExportReport, module: nn.Module, example: torch.Tensor, path: str | Path,
+                       keep_weights_constant: bool = False) -> None:
     """Size and latency against the fp32 file, for the report and its page; the export stands without them."""
     from sparselite.export.fp32_comparison import compare_with_fp32
 
     log.info("export: timing the file against the fp32 file of the same weights")
     try:
-        compared = compare_with_fp32(module, example, path)
+        compared = compare_with_fp32(module, example, path, keep_weights_constant)
     except Exception as err:  # e.g. a model litert-torch converts only quantized; the file is written either way
         report.notes.append(f"no comparison with the fp32 file: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         return

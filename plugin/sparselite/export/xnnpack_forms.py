@@ -266,7 +266,7 @@ def large_depthwise_kernels_on_tflite(model: schema.ModelT) -> int:
             continue
         weights = subgraph.tensors[int(op.inputs[1])]
         if model.buffers[weights.buffer].data is None or len(weights.shape) != 4:
-            continue  # weights made at run time already (an fp16 DEQUANTIZE): XNNPACK reads those as constant
+            continue  # not stored in the conv's own constant (an fp16 weight behind its DEQUANTIZE): left as it is
         if int(weights.shape[1]) * int(weights.shape[2]) <= XNNPACK_MAX_FAST_DEPTHWISE_TAPS:
             continue
         shape = append_tensor(model, [4], schema.TensorType.INT32, b"depthwise_weight_shape",
