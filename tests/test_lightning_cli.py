@@ -75,7 +75,8 @@ def test_initial_weights_start_the_run_from_a_trained_model(tmp_path):
     trained = ImageClassifier(MobileNetLite())
     torch.save({"state_dict": trained.state_dict()}, tmp_path / "trained.ckpt")
     recipe = tmp_path / "prune.yaml"
-    recipe.write_text(ONE_MAPPING.replace("    class_path", "    - class_path").replace("    init_args", "      init_args"))
+    recipe.write_text("trainer:\n  callbacks:\n    - class_path: sparselite.GradualPruning\n"
+                      "      init_args: {final_sparsity: 0.5, begin_step: 0, end_step: 2, frequency: 1}\n")
     cli = build_lightning_cli(["fit", "-c", CONFIG, "-c", str(recipe), "--initial_weights", str(tmp_path / "trained.ckpt"),
                                "--trainer.default_root_dir", str(tmp_path / "run"), *SMALL_RUN, "--trainer.max_steps", "0"])
     assert cli.trainer.global_step == 0
