@@ -15,7 +15,7 @@ from conftest import pt2e_int8_tflite, xnnpack_partitions
 from sparselite.export.graph_edit import axes_before, producers_of
 from sparselite.export.xnnpack_forms import (
     fold_transposes_into_means, fuse_activations_into_transpose_convs, large_depthwise_kernels_on_tflite,
-    nearest_upsampling_as_depth_to_space, split_wide_concatenations,
+    left_to_tflite_on_purpose, nearest_upsampling_as_depth_to_space, split_wide_concatenations,
 )
 from sparselite.export.xnnpack_pool_forms import averages_as_depthwise_convs, crop_kernels_to_their_input, pads_as_rows
 from sparselite.export.conversion import convert_with_ranges, float_model_for_export
@@ -361,6 +361,11 @@ def test_depthwise_convs_of_more_than_25_taps_read_their_weights_at_run_time_wit
 
     assert large_depthwise_kernels_on_tflite(model_t) == 2
     assert _depthwise_weights(model_t) == [((1, 3, 3, 16), True), ((1, 3, 9, 32), False), ((1, 7, 7, 16), False)]
+    assert len(left_to_tflite_on_purpose(model_t)) == 4  # two convs and their RESHAPEs
+    if precision == "int8":  # on purpose: float_fallback='xnnpack' must not keep them float
+        from sparselite.export.islands import int8_ops_xnnpack_leaves_out
+
+        assert not {item.op for item in int8_ops_xnnpack_leaves_out(model_t, model)} & {"DEPTHWISE_CONV_2D", "RESHAPE"}
     graph, producers = model_t.subgraphs[0], producers_of(model_t.subgraphs[0])
     for op in graph.operators:
         if builtin_code(model_t, op) == schema.BuiltinOperator.DEPTHWISE_CONV_2D:
@@ -378,6 +383,16 @@ def test_depthwise_convs_of_more_than_25_taps_read_their_weights_at_run_time_wit
         scale = float(graph.tensors[int(dequantize.inputs[0])].quantization.scale[0]) if output.type == schema.TensorType.FLOAT32 \
             else float(output.quantization.scale[0])
         assert np.abs(rewritten - raw).max() <= scale * 1.001
+
+
+def test_a_patch_embedding_of_one_input_channel_keeps_its_depthwise_conv_on_xnnpack():
+    """The converter writes a conv of one input channel as a depthwise conv with a channel multiplier: not the
+    case measured slow, so it stays as it is."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 28, 28)
+    model_t = _converted_file(nn.Sequential(nn.Conv2d(1, 16, 7, 7), nn.ReLU()).eval(), x, "int8")
+    assert _depthwise_weights(model_t) == [((1, 7, 7, 16), True)]
+    assert large_depthwise_kernels_on_tflite(model_t) == 0
 
 
 def test_upstream_xnnpack_runs_depthwise_convs_of_more_than_25_taps_slower_than_tflite(tmp_path):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ai_edge_litert.schema_py_generated import TensorType
 from torch import nn
 
-from sparselite.export.xnnpack_forms import use_xnnpack_forms
+from sparselite.export.xnnpack_forms import left_to_tflite_on_purpose, use_xnnpack_forms
 from sparselite.export.names import use_module_names
 from sparselite.export.report import ExportReport, FloatIsland, shortened
 from sparselite.runtime.litert import xnnpack_delegated_ops
@@ -130,10 +130,11 @@ def int8_ops_xnnpack_leaves_out(model_t, float_model: nn.Module) -> list[LeftOut
         return name if name in modules else "" if name == root_type else None
 
     already_float = {i for indices in island_ops(named).values() for i in indices}
+    on_purpose = left_to_tflite_on_purpose(named)  # large depthwise convs: TFLite's kernel is the faster one
     left = []
     for index, op in enumerate(graph.operators):
         name = flatbuffer.builtin_name(flatbuffer.builtin_code(named, op))
-        if index in delegated or index in already_float or name in _IO_OPS or not len(op.outputs):
+        if index in delegated or index in already_float or index in on_purpose or name in _IO_OPS or not len(op.outputs):
             continue
         owner = module(op.outputs[0])
         if owner is None:

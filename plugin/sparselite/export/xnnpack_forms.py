@@ -256,17 +256,20 @@ XNNPACK_MAX_FAST_DEPTHWISE_TAPS = 25  # its largest one-pass depthwise kernel (5
 
 
 def large_depthwise_kernels_on_tflite(model: schema.ModelT) -> int:
-    """Give every DEPTHWISE_CONV_2D with constant weights of more than 25 taps (kernel height x width) its
-    weights through a RESHAPE to their own shape, in place: XNNPACK then leaves the conv to TFLite's kernel.
-    Returns how many."""
+    """Give every DEPTHWISE_CONV_2D of one output channel per input channel with constant weights of more than
+    25 taps (kernel height x width) its weights through a RESHAPE to their own shape, in place: XNNPACK then
+    leaves the conv to TFLite's kernel. (A conv of one input channel, which the converter also writes as a
+    depthwise conv, stays: its slowness was not measured.) Returns how many."""
     subgraph = model.subgraphs[0]
     changed = []
     for index, op in enumerate(subgraph.operators):
         if builtin_code(model, op) != schema.BuiltinOperator.DEPTHWISE_CONV_2D or len(op.inputs) < 2:
             continue
-        weights = subgraph.tensors[int(op.inputs[1])]
-        if model.buffers[weights.buffer].data is None or len(weights.shape) != 4:
+        source, weights = subgraph.tensors[int(op.inputs[0])], subgraph.tensors[int(op.inputs[1])]
+        if model.buffers[weights.buffer].data is None or len(weights.shape) != 4 or len(source.shape) != 4:
             continue  # not stored in the conv's own constant (an fp16 weight behind its DEQUANTIZE): left as it is
+        if int(weights.shape[3]) != int(source.shape[3]):
+            continue
         if int(weights.shape[1]) * int(weights.shape[2]) <= XNNPACK_MAX_FAST_DEPTHWISE_TAPS:
             continue
         shape = append_tensor(model, [4], schema.TensorType.INT32, b"depthwise_weight_shape",
@@ -281,6 +284,24 @@ def large_depthwise_kernels_on_tflite(model: schema.ModelT) -> int:
     for index, reshape in reversed(changed):
         subgraph.operators.insert(index, reshape)
     return len(changed)
+
+
+def left_to_tflite_on_purpose(model: schema.ModelT) -> set[int]:
+    """The ops ``large_depthwise_kernels_on_tflite`` leaves to TFLite's kernels: each depthwise conv whose weights
+    come through a RESHAPE of a constant, and that RESHAPE (op indices of the first subgraph)."""
+    subgraph = model.subgraphs[0]
+    producers = {int(t): index for index, op in enumerate(subgraph.operators) for t in op.outputs}
+    found = set()
+    for index, op in enumerate(subgraph.operators):
+        if builtin_code(model, op) != schema.BuiltinOperator.DEPTHWISE_CONV_2D or len(op.inputs) < 2:
+            continue
+        reshape = producers.get(int(op.inputs[1]))
+        if reshape is None or builtin_code(model, subgraph.operators[reshape]) != schema.BuiltinOperator.RESHAPE:
+            continue
+        stored = subgraph.tensors[int(subgraph.operators[reshape].inputs[0])]
+        if model.buffers[stored.buffer].data is not None:
+            found |= {index, reshape}
+    return found
 
 
 def use_xnnpack_forms(model: schema.ModelT, keep_weights_constant: bool = False) -> int:
