@@ -346,6 +346,17 @@ def _depthwise_weights(model_t) -> list[tuple[tuple[int, ...], bool]]:
     return sorted(found)
 
 
+def test_forms_for_the_gpu_keep_every_depthwise_weight_constant():
+    """The GPU accelerator takes constant weights only: a require_gpu export (and what float_fallback='xnnpack'
+    times for it, islands.as_written) leaves large depthwise convs on their constants."""
+    from sparselite.export.islands import as_written
+
+    model = _MixedKernels().eval()
+    model_t = _converted_file(model, torch.randn(4, 3, 12, 12), "int8")
+    assert all(constant for _, constant in _depthwise_weights(as_written(model_t, keep_weights_constant=True)))
+    assert not all(constant for _, constant in _depthwise_weights(as_written(model_t)))
+
+
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
 def test_depthwise_convs_of_more_than_25_taps_read_their_weights_at_run_time_with_the_same_values(precision, tmp_path):
     from sparselite.tflite.constant_values import weight_sparsity

@@ -219,7 +219,7 @@ def _op_groups(model) -> tuple[dict[str, list[int]], dict[str, dict[str, Any]]]:
         if name == "DENSIFY":
             continue
         types.setdefault(name, []).append(index)
-        weight = stored_weight(model, op, producers)
+        weight = stored_weight(model, op, producers, graph)
         if weight is not None:
             layer = tensor_name(graph.tensors[weight]).split(";")[0] or f"{name} {index}"
             group = layers.setdefault(layer, {"ops": [], "op": name, "precision": op_precision(model, graph, op, producers)})

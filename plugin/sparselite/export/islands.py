@@ -111,12 +111,12 @@ class LeftOut:
     consumers: frozenset[str]  # the modules of the ops that read its output
 
 
-def int8_ops_xnnpack_leaves_out(model_t, float_model: nn.Module) -> list[LeftOut]:
+def int8_ops_xnnpack_leaves_out(model_t, float_model: nn.Module, keep_weights_constant: bool = False) -> list[LeftOut]:
     """Read from the file loaded in XNNPACK (int8 RSQRT, SOFTMAX, GELU and BATCH_MATMUL in XNNPACK 2.3);
     float islands and the model's own (de)quantization are not counted. The file as export writes it:
     with the forms XNNPACK takes (``layout.use_xnnpack_forms``: a 7-input concatenation is left out
-    before it is split, not after)."""
-    named = as_written(model_t)
+    before it is split, not after; ``keep_weights_constant`` as for a ``require_gpu`` export)."""
+    named = as_written(model_t, keep_weights_constant)
     use_module_names(named)
     delegated, _ = xnnpack_delegated_ops(flatbuffer.write_model(named))
     if delegated is None:  # XNNPACK cannot load the file at all: verification says so
@@ -145,17 +145,19 @@ def int8_ops_xnnpack_leaves_out(model_t, float_model: nn.Module) -> list[LeftOut
     return left
 
 
-def as_written(model_t):
-    """A copy of a converted model in the forms export writes for XNNPACK."""
+def as_written(model_t, keep_weights_constant: bool = False):
+    """A copy of a converted model in the forms export writes for XNNPACK (``keep_weights_constant``: those of
+    a ``require_gpu`` export)."""
     written = copy.deepcopy(model_t)
-    use_xnnpack_forms(written)
+    use_xnnpack_forms(written, keep_weights_constant)
     return written
 
 
 MIN_GAIN = 0.05  # a candidate with more modules float is kept only if this much faster
 
 
-def keep_float_where_xnnpack_lacks_int8(convert: Callable[[frozenset[str]], tuple], float_model: nn.Module, converted: tuple
+def keep_float_where_xnnpack_lacks_int8(convert: Callable[[frozenset[str]], tuple], float_model: nn.Module, converted: tuple,
+                                        keep_weights_constant: bool = False
                                         ) -> tuple[tuple, frozenset[str], list[LeftOut], str]:
     """``float_fallback="xnnpack"``: the fastest file on XNNPACK among the all-int8 one (``converted``, from
     ``convert(frozenset())`` -> (model_t, ...)), one with the modules whose int8 ops XNNPACK leaves out kept
@@ -163,19 +165,20 @@ def keep_float_where_xnnpack_lacks_int8(convert: Callable[[frozenset[str]], tupl
     reading from what is still left out: the converter fuses a lone unannotated op between two
     quantized neighbours back into int8 (GELU between two linears). Float costs compute where int8
     costs hand-overs to TFLite's kernels, so the candidates are timed, not counted. Returns the chosen
-    result, the modules kept float, what XNNPACK still leaves out there, and a note with the timings."""
-    left = int8_ops_xnnpack_leaves_out(converted[0], float_model)
+    result, the modules kept float, what XNNPACK still leaves out there, and a note with the timings. Each
+    candidate is timed in the forms it would be written in (``keep_weights_constant``: a ``require_gpu`` export's)."""
+    left = int8_ops_xnnpack_leaves_out(converted[0], float_model, keep_weights_constant)
     kept = frozenset(item.module for item in left)
     if not kept:
         return converted, kept, left, ""
     candidates = [(converted, frozenset(), left)]
     narrow = convert(kept)
-    candidates.append((narrow, kept, int8_ops_xnnpack_leaves_out(narrow[0], float_model)))
+    candidates.append((narrow, kept, int8_ops_xnnpack_leaves_out(narrow[0], float_model, keep_weights_constant)))
     wider = kept | {module for item in candidates[-1][2] for module in item.consumers}
     if wider != kept:
         wide = convert(wider)
-        candidates.append((wide, wider, int8_ops_xnnpack_leaves_out(wide[0], float_model)))
-    files = {str(i): flatbuffer.write_model(as_written(result[0])) for i, (result, _, _) in enumerate(candidates)}
+        candidates.append((wide, wider, int8_ops_xnnpack_leaves_out(wide[0], float_model, keep_weights_constant)))
+    files = {str(i): flatbuffer.write_model(as_written(result[0], keep_weights_constant)) for i, (result, _, _) in enumerate(candidates)}
     seconds = median_latencies(files, rounds=5, runs_per_round=10)
     latency = [seconds[str(i)] * 1e3 for i in range(len(candidates))]
     # More float must win clearly: a near tie would make the same model export differently run to run.

@@ -157,9 +157,9 @@ def convert(job: ExportJob) -> ExportJob:
     converted, timings = convert_keeping_float(), ""
     if fallback == "xnnpack":
         converted, job.kept_float, left_out, timings = keep_float_where_xnnpack_lacks_int8(
-            convert_keeping_float, job.float_model, converted)
+            convert_keeping_float, job.float_model, converted, job.options.require_gpu)
     else:  # still worth a note: an int8 op XNNPACK does not take runs on TFLite's kernels
-        left_out = int8_ops_xnnpack_leaves_out(converted[0], job.float_model)
+        left_out = int8_ops_xnnpack_leaves_out(converted[0], job.float_model, job.options.require_gpu)
     job.model_t, job.injection = converted
     job.output_scale = _output_scale(job.model_t)
     job.layer_tensors = _match_layers(job.model_t, job.float_model, list(job.train_sparsity))

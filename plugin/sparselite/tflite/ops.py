@@ -35,16 +35,18 @@ def op_list(model: schema.ModelT, subgraph: int = 0) -> list[OpEntry]:
     return entries
 
 
-def stored_weight(model: schema.ModelT, op: schema.OperatorT, producers: dict) -> int | None:
+def stored_weight(model: schema.ModelT, op: schema.OperatorT, producers: dict,
+                  graph: schema.SubGraphT | None = None) -> int | None:
     """The index of the constant a conv/depthwise/FC op's weight is stored in (through the DENSIFY of sparse
-    storage and the DEQUANTIZE of fp16 weights), or None for an op without weights."""
+    storage and the DEQUANTIZE of fp16 weights), or None for an op without weights. ``graph``: the subgraph
+    ``op`` is in (default: the main one)."""
     slot = WEIGHT_INPUT.get(builtin_code(model, op))
     if slot is None or slot >= len(op.inputs) or op.inputs[slot] < 0:
         return None
     read = weight = int(op.inputs[slot])
     while weight in producers and builtin_code(model, producers[weight]) in _UNPACKING:
         weight = int(producers[weight].inputs[0])
-    graph = model.subgraphs[0]
+    graph = model.subgraphs[0] if graph is None else graph
     return weight if model.buffers[graph.tensors[weight].buffer].data is not None else read
 
 
@@ -54,7 +56,7 @@ def op_precision(model: schema.ModelT, graph: schema.SubGraphT, op: schema.Opera
     border they make; any other op its output's type. ``producers``: tensor index -> the op writing it."""
     code = builtin_code(model, op)
     inputs = [graph.tensors[int(t)] if t >= 0 else None for t in op.inputs]
-    weight = stored_weight(model, op, producers)
+    weight = stored_weight(model, op, producers, graph)
     if weight is not None and inputs[0] is not None:
         if inputs[0].type == schema.TensorType.INT8:
             return "int8"
