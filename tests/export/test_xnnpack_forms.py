@@ -396,6 +396,17 @@ def test_depthwise_convs_of_more_than_25_taps_read_their_weights_at_run_time_wit
         assert np.abs(rewritten - raw).max() <= scale * 1.001
 
 
+def test_the_export_report_names_the_depthwise_convs_left_to_tflite(tmp_path):
+    from sparselite import export_tflite
+
+    torch.manual_seed(0)
+    images = torch.randn(8, 3, 12, 12)
+    report = export_tflite(_MixedKernels().eval(), images[:1], tmp_path / "m.tflite", calibration_data=[images],
+                           verify_data=[images])
+    (note,) = [n for n in report.notes if "TFLite's own kernel" in n]
+    assert note.startswith("2 depthwise conv(s)") and note.endswith(("large, wide", "wide, large")), note
+
+
 def test_a_patch_embedding_of_one_input_channel_keeps_its_depthwise_conv_on_xnnpack():
     """The converter writes a conv of one input channel as a depthwise conv with a channel multiplier: not the
     case measured slow, so it stays as it is."""

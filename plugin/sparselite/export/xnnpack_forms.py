@@ -304,6 +304,18 @@ def left_to_tflite_on_purpose(model: schema.ModelT) -> set[int]:
     return found
 
 
+def large_depthwise_convs_on_tflite(model: schema.ModelT) -> list[str]:
+    """The names of the stored weights of the depthwise convs ``large_depthwise_kernels_on_tflite`` left to
+    TFLite's kernel (the module names, once ``names.use_module_names`` has run), in op order."""
+    subgraph = model.subgraphs[0]
+    names = []
+    for index in sorted(left_to_tflite_on_purpose(model)):
+        op = subgraph.operators[index]
+        if builtin_code(model, op) == schema.BuiltinOperator.RESHAPE:
+            names.append(subgraph.tensors[int(op.inputs[0])].name.decode(errors="replace").split(";")[0])
+    return names
+
+
 def use_xnnpack_forms(model: schema.ModelT, keep_weights_constant: bool = False) -> int:
     """Every form above, in place; returns how many ops changed. ``keep_weights_constant``: for the GPU
     accelerator, which takes only constant weights, leave out ``large_depthwise_kernels_on_tflite``."""
