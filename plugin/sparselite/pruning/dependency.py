@@ -158,11 +158,30 @@ class ChannelGraph:
 
 
 def count_macs_and_params(model: nn.Module, example_inputs: torch.Tensor | tuple) -> tuple[int, int]:
-    """(multiply-accumulates, parameters) of one forward pass (torch-pruning's op counter)."""
+    """(multiply-accumulates, parameters) of one forward pass (torch-pruning's op counter).
+
+    Its counter finds a module's formula by exact type, so it counts no MACs for a subclass: QAT's conv
+    and linear (``_QATConv2d``), a library's own ``Linear``. Each subclass is given the formula of its
+    nearest torch base (docs/upstream/torch_pruning_subclass_macs.md)."""
+    from torch_pruning.utils import op_counter
+
     was_training = model.training
     try:
+        op_counter.CUSTOM_MODULES_MAPPING = _formulas_of_subclasses(model, op_counter.MODULES_MAPPING)
         with torch.no_grad():
             macs, params = tp.utils.count_ops_and_params(model, example_inputs)
     finally:
+        op_counter.CUSTOM_MODULES_MAPPING = {}
         model.train(was_training)
     return int(macs), int(params)
+
+
+def _formulas_of_subclasses(model: nn.Module, formulas: dict) -> dict:
+    """type -> torch-pruning's counting hook of its nearest base in ``formulas``, for each module type of
+    ``model`` that is not in ``formulas`` itself but subclasses one that is."""
+    found = {}
+    for module_type in {type(m) for m in model.modules()} - set(formulas):
+        base = next((b for b in module_type.__mro__[1:] if b in formulas), None)
+        if base is not None:
+            found[module_type] = formulas[base]
+    return found
