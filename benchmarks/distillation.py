@@ -188,11 +188,13 @@ def train_and_measure(row: Row, index: int, distillation: dict | None, args, tea
     options = "" if not distillation or set(distillation) == {"teacher"} else "_" + "_".join(
         f"{k}{v:g}" for k, v in sorted(distillation.items()) if k != "teacher")
     from_dense = args.start == "dense"
-    root = Path(args.out) / "runs" / f"{index}_{key}{options}{'_from_dense' if from_dense else ''}"
+    seeded = args.seed is not None
+    root = Path(args.out) / "runs" / f"{index}_{key}{options}{'_from_dense' if from_dense else ''}{f'_seed{args.seed}' if seeded else ''}"
     saved, trained_record = root / "result.json", root / "trained.json"
     cache_key = json.loads(json.dumps({"teacher": teacher_key, "steps": args.steps, "row": row.name,
                                        "distillation": distillation, "test_limit": args.test_limit,
-                                       **({"start": "dense"} if from_dense else {})}))
+                                       **({"start": "dense"} if from_dense else {}),
+                                       **({"seed": args.seed} if seeded else {})}))
     if saved.is_file() and not args.retrain:
         result = json.loads(saved.read_text())
         if result.get("cache_key") == cache_key:
@@ -205,7 +207,8 @@ def train_and_measure(row: Row, index: int, distillation: dict | None, args, tea
         started = time.perf_counter()
         with _quietly():
             cli = build_lightning_cli(["fit", "-c", str(args.config), "-c", str(recipe), *_step_overrides(args.steps),
-                                       *(["--initial_weights", str(teacher)] if from_dense else [])])
+                                       *(["--initial_weights", str(teacher)] if from_dense else []),
+                                       *(["--seed_everything", str(args.seed)] if seeded else [])])
         probe = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "RunProbe")
         checkpoint = cli.trainer.checkpoint_callback
         if cli.trainer.global_step != args.steps:
@@ -267,8 +270,8 @@ def other_settings(out: Path, index: int, shown: dict) -> list[dict]:
             continue
         result = json.loads(path.read_text())
         key, own = result.get("cache_key", {}), shown["cache_key"]
-        if [key.get(k) for k in ("teacher", "steps", "test_limit", "start")] == \
-                [own.get(k) for k in ("teacher", "steps", "test_limit", "start")] \
+        if [key.get(k) for k in ("teacher", "steps", "test_limit", "start", "seed")] == \
+                [own.get(k) for k in ("teacher", "steps", "test_limit", "start", "seed")] \
                 and result["distillation"] != shown["distillation"]:
             found.append(result)
     return found
@@ -362,6 +365,10 @@ def main() -> None:
                         help="training steps of the dense teacher (default: --steps). A teacher that stops short of "
                              "converging is weaker than a student fine-tuned from it for --steps more, and teaches it "
                              "nothing: train it longer")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the students' seed_everything (default: the config's): their initialization (from "
+                             "scratch) and batch order; the teacher stays the config's. Repeat with other seeds to "
+                             "see the spread")
     parser.add_argument("--test-limit", type=int, default=10000)
     parser.add_argument("--overhead-turns", type=int, default=30, help="interleaved step pairs (0: skip)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 30 steps, 2 rows, 1000 test images")
@@ -373,7 +380,7 @@ def main() -> None:
     parser.add_argument("--txt", default=None, help="also write the printed table here")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.test_limit, args.overhead_turns, args.teacher_steps = 30, 1000, 8, None
+        args.steps, args.test_limit, args.overhead_turns, args.teacher_steps, args.seed = 30, 1000, 8, None, None
         if args.rows == list(range(len(ROWS))):
             args.rows = [0, 2]
     C.quiet_logs()
@@ -441,7 +448,8 @@ def main() -> None:
              + ("" if args.teacher_steps == args.steps else f" ({args.teacher_steps} steps)") + ", "
              + ("students start from the teacher's weights (--initial_weights), "
                 if args.start == "dense" else "every model from the same seeded initialization, ") +
-             f"dense fp32 (torch) top-1 {dense_fp32:.2%}; Distillation {describe(options)}",
+             f"dense fp32 (torch) top-1 {dense_fp32:.2%}; Distillation {describe(options)}"
+             + ("" if args.seed is None else f"; students' seed_everything {args.seed}"),
              C.table(headers, rows),
              "", "step ms: median training step of the run itself (Lightning batch start to end), without / with the "
              "teacher; the other core was busy"]
