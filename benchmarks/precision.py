@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    from benchmarks import _common as C
+
+    environment = C.environment_line(C.environment())  # at the start: the load the run began under
     rows = []
     for name in args.models:
         with tempfile.TemporaryDirectory() as folder:
@@ -195,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"done {name}", flush=True)
         if args.json:  # after each model: a late failure keeps what was measured
             args.json.write_text(json.dumps(rows, indent=2))
+    print(environment)
     print(f"{'model':<13}{'file':<18}{'KB':>9}{'size':>8}{'latency':>9}{'agree':>8}{'top-1':>7}  note")
     for r in rows:
         accuracy = "-" if r["top1"] is None else f"{r['top1']:.3f}"
