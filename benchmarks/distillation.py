@@ -366,9 +366,9 @@ def main() -> None:
                              "converging is weaker than a student fine-tuned from it for --steps more, and teaches it "
                              "nothing: train it longer")
     parser.add_argument("--seed", type=int, default=None,
-                        help="the students' seed_everything (default: the config's): their initialization (from "
-                             "scratch) and batch order; the teacher stays the config's. Repeat with other seeds to "
-                             "see the spread")
+                        help="the students' seed_everything (default: the config's): their initialization from "
+                             "scratch; the teacher stays the config's. With --start dense it changes nothing: "
+                             "FashionMNISTDataModule shuffles with its own fixed generator (exact resume)")
     parser.add_argument("--test-limit", type=int, default=10000)
     parser.add_argument("--overhead-turns", type=int, default=30, help="interleaved step pairs (0: skip)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 30 steps, 2 rows, 1000 test images")
