@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -289,11 +291,18 @@ def environment_line(env: dict) -> str:
             f"torch {env['torch']}  litert-torch {env['litert-torch']}  ai-edge-litert {env['ai-edge-litert']}")
 
 
-def write_json(path: str | None, payload: dict) -> None:
+def without_machine_paths(text: str) -> str:
+    """Paths in this checkout made relative to it, temporary ones written ``<tmp>/...``: a saved result
+    names no machine's folders."""
+    text = text.replace(str(REPO) + os.sep, "").replace(str(REPO), ".")
+    return re.sub(re.escape(tempfile.gettempdir().rstrip(os.sep) + os.sep), "<tmp>/", text)
+
+
+def write_json(path: str | None, payload: dict | list) -> None:
     if not path:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=2, default=str))
+    Path(path).write_text(without_machine_paths(json.dumps(payload, indent=2, default=str)))
     print(f"\nJSON written to {path}")
 
 

@@ -250,7 +250,7 @@ def main() -> None:
     print(text)
     if args.txt:
         Path(args.txt).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.txt).write_text(text + "\n")
+        Path(args.txt).write_text(C.without_machine_paths(text + "\n"))
     if args.plot:
         plot(rows, args.plot, args.steps, title, targets["latency_50"])
     C.write_json(args.json, {"environment": env, "args": vars(args), "fp32_baseline_test_acc": fp32_acc,

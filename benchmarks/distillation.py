@@ -466,7 +466,7 @@ def main() -> None:
         Path(args.txt).parent.mkdir(parents=True, exist_ok=True)
         command = " ".join(["# OMP_NUM_THREADS=1 MKL_NUM_THREADS=1" if torch.get_num_threads() == 1 else "#",
                              ".venv/bin/python -m benchmarks.distillation", *sys.argv[1:]])
-        Path(args.txt).write_text(command + "\n" + text + "\n")
+        Path(args.txt).write_text(C.without_machine_paths(command + "\n" + text + "\n"))
     C.write_json(args.json, {"environment": env, "args": {**vars(args), "config": str(args.config.relative_to(REPO))}, "steps": args.steps, "dense_fp32": dense_fp32,
                              "teacher_checkpoint": str(teacher_path), "rows": results, "overhead": overhead,
                              "options": options})

@@ -36,7 +36,7 @@ import torch
 
 import sparselite  # noqa: F401  (before torchvision: see sparselite/compat/torchvision.py)
 from benchmarks._common import (
-    environment, environment_line, fmt, peak_rss_bytes, quiet_logs, reset_peak_rss, scale_batchnorm_momentum, table, write_json,
+    environment, environment_line, fmt, peak_rss_bytes, quiet_logs, reset_peak_rss, scale_batchnorm_momentum, table, without_machine_paths, write_json,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
                               f"{args.verify} test images, accuracy on {args.eval}; latency: {args.rounds} interleaved rounds of "
                               f"{args.runs} calls per file, medians", print_table(results)])
             if args.txt:
-                Path(args.txt).write_text(text + "\n")
+                Path(args.txt).write_text(without_machine_paths(text + "\n"))
             write_json(args.json, {"environment": env, "args": vars(args), "results": results})
             print(print_table(results[-1:]), file=sys.stderr, flush=True)
     print(text)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import tempfile
 from pathlib import Path
 
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             rows += run_model(name, args, Path(folder))
         print(f"done {name}", flush=True)
         if args.json:  # after each model: a late failure keeps what was measured
-            args.json.write_text(json.dumps(rows, indent=2))
+            C.write_json(str(args.json), rows)
     print(environment)
     print(f"{'model':<13}{'file':<18}{'KB':>9}{'size':>8}{'latency':>9}{'agree':>8}{'top-1':>7}  note")
     for r in rows:
@@ -208,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
           "run's fp32 file; " + (f"{args.train_steps} training steps" if args.train_steps else "random weights") +
           "; agreement: top-1 against the float torch model on 512 test images)")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        C.write_json(str(args.json), rows)
 
 
 if __name__ == "__main__":
