@@ -44,6 +44,39 @@ def test_fused_chains_of_mobilenet(tiny_model):
     assert chains[0].output_module == "features.0.2" and chains[-1].output_module == "classifier"
 
 
+class _ShapeBranching(nn.Module):
+    """A block fx cannot trace as a whole (control flow on a shape, as attention blocks that fold patches
+    have), with traceable children: a conv chain, and a conv whose output leaves its child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 1))
+        self.norm = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if x.shape[-1] % 2:  # fx cannot branch on a traced size
+            x = F.pad(x, (0, 1, 0, 1))
+        y = self.branch(x)
+        return self.norm(y) + y
+
+
+def test_chains_inside_the_children_of_a_block_fx_cannot_trace():
+    model = _ShapeBranching().eval()
+    chains = find_fused_chains(model)
+    assert FusedChain("stem.0", "stem.1", "stem.2") in chains
+    # branch.0's output leaves its child, to the norm and to the add: no fold, the norm heads its own chain
+    assert FusedChain("branch.0", None, None) in chains and FusedChain("norm", None, None) in chains
+    for bn in (model.stem[1], model.norm):  # statistics of a trained norm, so the fold changes the weights
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    images = torch.randn(2, 3, 9, 9)
+    expected = model(images)
+    fold_batchnorm(model, chains)
+    assert isinstance(model.stem[1], nn.Identity) and isinstance(model.norm, nn.BatchNorm2d)
+    torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_prepare_attaches_fake_quant(tiny_model):
     simulator = QuantizationSimulator()
     chains = simulator.prepare(tiny_model)

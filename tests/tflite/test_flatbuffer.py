@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import pt2e_int8_tflite
 from sparselite.errors import SparseliteError
-from sparselite.tflite.flatbuffer import builtin_name, read_model, tensor_type_name, write_atomically, write_model
+from sparselite.tflite.flatbuffer import append_tensor, builtin_name, read_model, tensor_type_name, write_atomically, write_model
 from sparselite.tflite.ops import op_list
 
 
@@ -29,6 +29,15 @@ def test_op_list_names_ops_in_order(int8_file):
     assert [e.index for e in ops] == list(range(len(ops)))
     assert {"CONV_2D", "FULLY_CONNECTED"} <= {e.op for e in ops}
     assert all(e.outputs for e in ops)
+
+
+def test_appended_tensors_get_names_the_subgraph_does_not_have(int8_file):
+    model = read_model(int8_file)
+    existing = model.subgraphs[0].tensors[0].name
+    added = [append_tensor(model, [1], 0, name) for name in (b"shape", b"shape", existing, b"shape")]
+    names = [t.name for t in model.subgraphs[0].tensors]
+    assert len(set(names)) == len(names)  # ai-edge-quantizer refuses a file with a repeated tensor name
+    assert [names[i] for i in added] == [b"shape", b"shape_1", existing + b"_1", b"shape_2"]
 
 
 @pytest.mark.parametrize("data, message", [(b"not a model", "not a TFLite flatbuffer"),

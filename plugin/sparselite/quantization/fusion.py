@@ -155,15 +155,14 @@ class ActivationAfterFold(nn.Module):
 def find_fused_chains(model: nn.Module) -> list[FusedChain]:
     """Every conv/linear with the BN and activation modules that follow it alone.
 
-    Uses torch.fx symbolic tracing; a model it cannot trace gets chains of one module each, which
-    is still correct, just with ranges taken before the activation.
+    Uses torch.fx symbolic tracing (``_traced_graphs``): where a module cannot be traced as a whole, its
+    children are, so the chains inside them are still found. A producer in no traced graph gets a chain
+    of its own, which is still correct, just with ranges taken before the activation.
     """
     modules = dict(model.named_modules())
     producers = [name for name, m in modules.items() if _is_producer(m)]
-    try:
-        graph = _NormFoldedTracer({m for m in modules.values() if norm_activation(m) is not None}).trace(model)
-    except Exception:
-        return [FusedChain(name, None, None) for name in producers]
+    graphs = _traced_graphs(model, _NormFoldedTracer({m for m in modules.values() if norm_activation(m) is not None}))
+    nodes = [node for graph in graphs for node in graph.nodes]
 
     def sole_module_user(node: torch.fx.Node, types: tuple[type, ...]) -> torch.fx.Node | None:
         users = [u for u in node.users if not (u.op == "call_function" and u.target is operator.getitem)]
@@ -177,12 +176,12 @@ def find_fused_chains(model: nn.Module) -> list[FusedChain]:
     # A module called more than once (ResNet's one ReLU, after the conv and after the add) cannot
     # end a chain: a hook on it would give every call the chain's range.
     calls: dict[str, int] = {}
-    for node in graph.nodes:
+    for node in nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
 
     chains = []
-    for node in graph.nodes:
+    for node in nodes:
         if node.op != "call_module" or node.target not in producers:
             continue
         if calls[node.target] > 1:  # a shared conv/linear: one chain of its own, whatever follows each call
@@ -190,21 +189,48 @@ def find_fused_chains(model: nn.Module) -> list[FusedChain]:
                 chains.append(FusedChain(node.target, None, None))
             continue
         chains.append(_chain_from(node, modules, calls, sole_module_user))
+    chained = {c.producer for c in chains}
+    chains += [FusedChain(name, None, None) for name in producers if name not in chained]  # in no traced graph
     folded = {c.batchnorm for c in chains}
-    for node in graph.nodes:
+    for node in nodes:
         if node.op != "call_module" or node.target in folded or calls[node.target] != 1:
             continue
         norm = norm_activation(modules[node.target])
         if norm is None:
             continue
         if norm.activation is not None:  # a norm+activation module after no conv (after a concatenation)
-            inner = f"{node.target}.{norm.activation}"
-            fused = isinstance(modules[inner], ACTIVATION_TYPES)
-            chains.append(FusedChain(node.target, None, inner if fused else None, output_before=None if fused else inner))
+            chains.append(_norm_chain(node.target, norm, modules))
             continue
         act = sole_module_user(node, ACTIVATION_TYPES)
         chains.append(FusedChain(node.target, None, act.target if act is not None and calls[act.target] == 1 else None))
+    chains += [_norm_chain(name, norm, modules) for name, module in modules.items()  # norms in no traced graph
+               if name not in calls and (norm := norm_activation(module)) is not None]
     return chains
+
+
+def _norm_chain(name: str, norm: NormActivation, modules: dict[str, nn.Module]) -> FusedChain:
+    """The chain a norm (+activation) module after no conv heads: it ends at the module's activation
+    where TFLite fuses that, else the norm's output is requantized before the activation."""
+    if norm.activation is None:
+        return FusedChain(name, None, None)
+    inner = f"{name}.{norm.activation}"
+    fused = isinstance(modules[inner], ACTIVATION_TYPES)
+    return FusedChain(name, None, inner if fused else None, output_before=None if fused else inner)
+
+
+def _traced_graphs(module: nn.Module, tracer: torch.fx.Tracer, prefix: str = "") -> list[torch.fx.Graph]:
+    """fx graphs that cover ``module``: its own, or where its forward cannot be traced (control flow on
+    a shape, as in attention blocks that fold patches), those of its children, recursively. Module
+    targets are qualified from the model's root. A chain across a child's border is not found; a chain
+    inside one sees every use of its tensors (a child that returns a conv's output gives it a second user)."""
+    try:
+        graph = tracer.trace(module)
+    except Exception:
+        return [g for name, child in module.named_children() for g in _traced_graphs(child, tracer, f"{prefix}{name}.")]
+    for node in graph.nodes:
+        if node.op == "call_module":
+            node.target = prefix + node.target
+    return [graph]
 
 
 def _chain_from(node: torch.fx.Node, modules: dict[str, nn.Module], calls: dict[str, int], sole_module_user) -> FusedChain:

@@ -67,7 +67,8 @@ def write_model(model: schema.ModelT) -> bytes:
 def append_tensor(model: schema.ModelT, shape, tensor_type: int, name: bytes,
                   quantization: schema.QuantizationParametersT | None = None, data: bytes | None = None) -> int:
     """A new tensor in the first subgraph, with a buffer of its own (holding ``data`` for a constant);
-    returns its index."""
+    returns its index. The name gets a numbered suffix where the subgraph already has it: tools that key
+    tensors by name (ai-edge-quantizer) refuse a file with a repeated one."""
     buffer = schema.BufferT()
     if data is not None:
         buffer.data = np.frombuffer(data, dtype=np.uint8)
@@ -77,9 +78,16 @@ def append_tensor(model: schema.ModelT, shape, tensor_type: int, name: bytes,
     tensor.type = tensor_type
     tensor.quantization = quantization
     tensor.buffer = len(model.buffers) - 1
-    tensor.name = name
+    tensor.name = _unused_name(model.subgraphs[0], name)
     model.subgraphs[0].tensors.append(tensor)
     return len(model.subgraphs[0].tensors) - 1
+
+
+def _unused_name(subgraph: schema.SubGraphT, name: bytes) -> bytes:
+    taken = {t.name for t in subgraph.tensors}
+    if name not in taken:
+        return name
+    return next(candidate for n in range(1, len(taken) + 2) if (candidate := name + b"_%d" % n) not in taken)
 
 
 def builtin_code(model: schema.ModelT, op: schema.OperatorT) -> int:
