@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import tempfile
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from torch import nn
 import sparselite  # noqa: F401  (makes the registry's torchvision importable)
 from sparselite import LiteRTModel, export_tflite
 from sparselite.data.fashion_mnist import load_split, resize_images
-from sparselite.export.conversion import export_float_tflite
+from sparselite.export.conversion import export_float_tflite, float_model_for_export
 from sparselite.runtime.bench import interleaved_benchmark
 
 
@@ -107,20 +108,48 @@ def agreement(path: Path, model: nn.Module, images: torch.Tensor) -> float:
     return float(np.mean(got == expected))
 
 
-def train(model: nn.Module, shape: tuple[int, int, int], steps: int) -> None:
-    """``steps`` Adam steps of 32 Fashion-MNIST training images (resized to ``shape``)."""
+def train(model: nn.Module, shape: tuple[int, int, int], steps: int, start: int = 0, simulator=None) -> None:
+    """``steps`` Adam steps of 32 Fashion-MNIST training images (resized to ``shape``), from image
+    ``start * 32`` on; with a QAT ``simulator`` (prepared on ``model``), stepped as its callback steps it."""
     images, labels = load_split("train", None)
-    images, labels = images[:steps * 32], labels[:steps * 32]
+    images, labels = images[start * 32:(start + steps) * 32], labels[start * 32:(start + steps) * 32]
     if tuple(images.shape[1:]) != shape:
         images = resize_images(images, shape[-1], shape[0])
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     model.train()
     for step in range(steps):
+        if simulator is not None:
+            simulator.step(step)
         batch = slice(step * 32, step * 32 + 32)
         loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
+
+def after_more_steps(model: nn.Module, shape: tuple[int, int, int], chosen, args: argparse.Namespace,
+                     example: torch.Tensor, calibration: torch.Tensor, files: dict[str, Path],
+                     folder: Path) -> dict[str, nn.Module]:
+    """Two ways on from the same trained weights, ``--qat-steps`` more steps each on the same images:
+    QAT simulating auto's choice (``chosen``: 'int8' or its per-layer mapping), then the export that
+    follows it ("auto+qat"); and float training, then ai-edge-quantizer's dynamic-range recipe
+    ("aeq_dynamic_int8+more"). Adds both files; returns the float model each one's agreement is
+    measured against (the QAT model with its simulation stripped, and the float model)."""
+    from sparselite.quantization.float_activations import FloatActivationSimulator
+    from sparselite.quantization.qat import QuantizationSimulator
+
+    more, qat = copy.deepcopy(model), copy.deepcopy(model)
+    train(more, shape, args.qat_steps, start=args.train_steps)
+    simulator = QuantizationSimulator() if chosen == "int8" else FloatActivationSimulator(chosen)
+    simulator.prepare(qat, (example,))
+    train(qat, shape, args.qat_steps, start=args.train_steps, simulator=simulator)
+    more.eval(), qat.eval()
+    files["auto+qat"] = folder / "auto_qat.tflite"
+    export_tflite(qat, example, files["auto+qat"], calibration_data=[calibration], min_agreement=0.0)
+    (folder / "more").mkdir()
+    export_float_tflite(more, example, folder / "more" / "fp32.tflite")
+    files["aeq_dynamic_int8+more"] = aeq_files(folder / "more" / "fp32.tflite", folder / "more")["aeq_dynamic_int8"]
+    return {"auto+qat": float_model_for_export(qat), "aeq_dynamic_int8+more": more}
 
 
 def top1(path: Path, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -164,14 +193,17 @@ def run_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]:
           f"({choice['measured_in']}) {choice['top1_drop']}", flush=True)
     try:
         files.update(aeq_files(files["fp32"], folder))
-    except Exception as err:  # ai-edge-quantizer refuses some converted graphs (tensor names it needs unique)
+    except Exception as err:  # ai-edge-quantizer refuses some converted graphs
         print(f"  {name}: ai-edge-quantizer failed: {type(err).__name__}: {str(err).splitlines()[0]}", flush=True)
+    references = dict.fromkeys(files, model)
+    if args.qat_steps:
+        references.update(after_more_steps(model, shape, choice["precision"], args, example, calibration, files, folder))
     latency = interleaved_benchmark({k: str(v) for k, v in files.items()}, threads=1, rounds=args.rounds,
                                     runs_per_round=args.runs)
     base_ms, base_bytes = latency["fp32"].median_ms, files["fp32"].stat().st_size
     return [{"model": name, "file": label, "bytes": path.stat().st_size, "size_ratio": path.stat().st_size / base_bytes,
              "median_ms": latency[label].median_ms, "latency_ratio": latency[label].median_ms / base_ms,
-             "agreement": agreement(path, model, held_out), "note": notes.get(label, ""),
+             "agreement": agreement(path, references[label], held_out), "note": notes.get(label, ""),
              "top1": top1(path, held_out, labels[256:768]) if args.train_steps else None}
             for label, path in files.items()]
 
@@ -184,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--runs", type=int, default=20, help="timed runs per file per round")
     parser.add_argument("--train-steps", type=int, default=0, help="Adam steps on Fashion-MNIST before exporting")
+    parser.add_argument("--qat-steps", type=int, default=0,
+                        help="with --train-steps: N more steps, QAT simulating auto's choice against float + ai-edge-quantizer")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -198,10 +232,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:  # after each model: a late failure keeps what was measured
             C.write_json(str(args.json), rows)
     print(environment)
-    print(f"{'model':<13}{'file':<18}{'KB':>9}{'size':>8}{'latency':>9}{'agree':>8}{'top-1':>7}  note")
+    print(f"{'model':<13}{'file':<23}{'KB':>9}{'size':>8}{'latency':>9}{'agree':>8}{'top-1':>7}  note")
     for r in rows:
         accuracy = "-" if r["top1"] is None else f"{r['top1']:.3f}"
-        print(f"{r['model']:<13}{r['file']:<18}{r['bytes'] / 1024:>9.1f}{r['size_ratio']:>7.2f}x{r['latency_ratio']:>8.2f}x"
+        print(f"{r['model']:<13}{r['file']:<23}{r['bytes'] / 1024:>9.1f}{r['size_ratio']:>7.2f}x{r['latency_ratio']:>8.2f}x"
               f"{r['agreement']:>8.3f}{accuracy:>7}  {r['note']}")
     print(f"(XNNPACK, 1 thread, batch 1, {args.rounds}x{args.runs} interleaved runs per file; ratios against the same "
           "run's fp32 file; " + (f"{args.train_steps} training steps" if args.train_steps else "random weights") +

@@ -61,6 +61,49 @@ def test_training_simulates_the_file_and_the_export_follows_it(precision, writte
     assert report.parity.max_logit_diff_lsb < 1e-4 * np.abs(got).max()
 
 
+class RowReader(nn.Module):
+    """Reads an image row by row with a recurrent layer and classifies its last output."""
+
+    def __init__(self, recurrent: nn.Module) -> None:
+        super().__init__()
+        self.recurrent = recurrent
+        self.head = nn.Linear(recurrent.hidden_size * (2 if recurrent.bidirectional else 1), 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.recurrent(x.flatten(1, 2))[0][:, -1])
+
+
+@pytest.mark.parametrize("recurrent", [lambda: nn.GRU(28, 16, batch_first=True),
+                                       lambda: nn.LSTM(28, 12, batch_first=True, bidirectional=True)],
+                         ids=["gru", "bidirectional_lstm"])
+def test_a_recurrent_layer_trains_step_by_step_as_the_file_computes_it(recurrent, fmnist_train, fmnist_heldout, tmp_path):
+    """XNNPACK rounds each step's input and hidden state per row; training does the same, step by step."""
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(RowReader(recurrent()), lr=3e-3)
+    qat = QuantizationAwareTraining(begin_step=2, precision="dynamic_int8")
+    make_trainer(tmp_path, max_steps=6, callbacks=[qat]).fit(module, make_loader(fmnist_train, 256))
+    assert qat.simulator.simulated == ["model.recurrent", "model.head"]
+
+    images = fmnist_heldout[0][:64]
+    path = tmp_path / "m.tflite"
+    report = export_tflite(module, images[:1], path, verify_data=[images])
+    assert report.layer_precisions == {"model.recurrent": "dynamic_int8", "model.head": "dynamic_int8"}
+    module.eval()
+    with torch.no_grad():
+        simulated, float_out = module(images).numpy(), ImageClassifier.forward(_stripped(module), images).numpy()
+    got = LiteRTModel(path)(images.numpy())
+    assert np.abs(got - simulated).max() < 1e-4 * np.abs(got).max()
+    assert np.abs(got - float_out).max() > 1e-3 * np.abs(got).max()  # what the simulation stands for
+
+
+def _stripped(module: nn.Module) -> nn.Module:
+    import copy
+
+    copied = copy.deepcopy(module)
+    strip(copied)
+    return copied
+
+
 def test_the_simulation_rounds_inputs_and_weights_only_once_on():
     model = ConvAndLinears()
     qat = QuantizationAwareTraining(begin_step=5, precision="dynamic_int8")

@@ -163,8 +163,8 @@ def _to_fp16(model: schema.ModelT, weight_index: int, operators: list) -> int:
 def precision_reference(float_model: nn.Module, precisions: Mapping[str, str]) -> nn.Module:
     """The float model computing what the file computes, given the precisions the pass wrote: each layer's
     weights as the file stores them (int8 per channel, or fp16), and the input of each dynamic-range
-    layer rounded per row as XNNPACK rounds it at run time (``dynamic_range.py``; a recurrent layer's
-    steps are no modules of their own, so for it only the weights are). Changes ``float_model`` in place."""
+    layer rounded per row as XNNPACK rounds it at run time (``dynamic_range.py``; a GRU or LSTM step
+    by step, ``recurrent_steps.py``). Changes ``float_model`` in place."""
     for name, chosen in precisions.items():
         module = float_model.get_submodule(name)
         if isinstance(module, nn.modules.conv._ConvTransposeNd):

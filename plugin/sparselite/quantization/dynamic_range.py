@@ -20,8 +20,12 @@ train through it and the export's parity reference can compute what the file com
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
+
+from sparselite.quantization.recurrent_steps import steps_forward, stepwise
 
 QMIN, QMAX = -128.0, 127.0
 
@@ -58,14 +62,20 @@ def row_dims_of(module: nn.Module) -> tuple[int, ...] | None:
     return (1,) if pointwise else (1, 2, 3)
 
 
-def quantize_inputs_dynamically(module: nn.Module) -> torch.utils.hooks.RemovableHandle | None:
-    """Hook ``module`` so its input is rounded as XNNPACK rounds it at run time; None when it has no
-    dynamic-range kernel (a recurrent layer's steps are not separate modules: its weights alone are simulated)."""
+def quantize_inputs_dynamically(module: nn.Module) -> bool:
+    """Make ``module`` round the inputs of its matrix products as XNNPACK rounds them at run time: a
+    hook on a linear or conv layer's input; a GRU or LSTM computed step by step (``recurrent_steps``),
+    each step's input and hidden state rounded. False for a layer with no dynamic-range kernel."""
+    if stepwise(module):
+        module.forward = types.MethodType(
+            lambda m, x, hx=None: steps_forward(m, x, hx, round_rows=lambda v: fake_quantize_rows(v, (-1,))), module)
+        return True
     row_dims = row_dims_of(module)
     if row_dims is None:
-        return None
+        return False
 
     def rounded_input(_module: nn.Module, args: tuple) -> tuple:
         return (fake_quantize_rows(args[0], row_dims), *args[1:])
 
-    return module.register_forward_pre_hook(rounded_input)
+    module.register_forward_pre_hook(rounded_input)
+    return True

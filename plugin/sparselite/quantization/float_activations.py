@@ -5,9 +5,9 @@
   XNNPACK rounds it at run time (``dynamic_range.py``);
 - ``fp16``: the weight rounded to fp16;
 - ``fp32``: unchanged.
-Gradients pass straight through the rounding. Linear and Conv2d layers are simulated whole. A
-recurrent layer's steps are no modules of their own, so a dynamic-range GRU/LSTM trains on float
-weights; the export's parity check then compares against its weights as stored.
+Gradients pass straight through the rounding. Linear and Conv2d layers are simulated whole; a GRU or
+LSTM step by step as the file computes it (``recurrent_steps.py``), each step's input and hidden state
+rounded per row in dynamic range.
 
 The layers keep their parameters and classes (a parametrization of the weight would hide it from the
 pruner's in-place masks): each simulated layer gets a forward of its own, an instance attribute that
@@ -29,6 +29,7 @@ from sparselite.quantization.dynamic_range import fake_quantize_rows, row_dims_o
 from sparselite.quantization.fake_quant import WeightFakeQuant
 from sparselite.quantization.fusion import find_fused_chains
 from sparselite.quantization.layer_precision import PrecisionSpec, check_precision, layer_precisions
+from sparselite.quantization.recurrent_steps import stepwise, steps_forward
 
 SIMULATED_PRECISION = "sparselite_simulated_precision"  # attribute on the prepared model
 
@@ -69,6 +70,10 @@ class FloatActivationSimulator:
                       for chain in find_fused_chains(model) if chain.batchnorm}
         for name, chosen in self.layers.items():
             module = model.get_submodule(name)
+            if chosen != "fp32" and stepwise(module):
+                module.forward = types.MethodType(_simulated_steps(chosen, self), module)
+                self.simulated.append(name)
+                continue
             if chosen == "dynamic_int8" and row_dims_of(module) is None:
                 continue  # the file keeps it fp32 (a one-channel conv is a DEPTHWISE_CONV_2D); so does training
             if chosen == "fp32" or not isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -94,14 +99,35 @@ def _simulated_forward(precision: str, weight_quant: WeightFakeQuant | None, sim
             if precision == "dynamic_int8":
                 x = fake_quantize_rows(x, row_dims_of(module))
                 weight = weight_quant(weight)
-            else:  # fp16
-                weight = weight + (weight.half().to(weight.dtype) - weight).detach()
+            else:
+                weight = _fp16_rounded(weight)
         if isinstance(module, nn.Linear):
             return F.linear(x, weight, module.bias)
         return module._conv_forward(x, weight, module.bias)
 
     forward.simulates = precision  # how ``strip`` knows it
     return forward
+
+
+def _simulated_steps(precision: str, simulator: FloatActivationSimulator):
+    """A GRU's or LSTM's forward, step by step, with its weights (and in dynamic range the inputs of its
+    matrix products) rounded as the file stores (computes) them. A packed sequence keeps torch's kernel."""
+    weight_quant = WeightFakeQuant()
+
+    def forward(module: nn.Module, x, hx=None):
+        if not simulator.enabled or isinstance(x, nn.utils.rnn.PackedSequence):
+            return type(module).forward(module, x, hx)
+        if precision == "dynamic_int8":
+            return steps_forward(module, x, hx, round_rows=lambda v: fake_quantize_rows(v, (-1,)),
+                                 weight_of=lambda _, weight: weight_quant(weight))
+        return steps_forward(module, x, hx, weight_of=lambda _, weight: _fp16_rounded(weight))
+
+    forward.simulates = precision
+    return forward
+
+
+def _fp16_rounded(weight: torch.Tensor) -> torch.Tensor:
+    return weight + (weight.half().to(weight.dtype) - weight).detach()
 
 
 def strip(model: nn.Module) -> None:
