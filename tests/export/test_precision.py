@@ -124,7 +124,7 @@ def test_a_recurrent_layer_is_dynamic_at_every_step(fmnist_train, fmnist_heldout
     assert weight_types(path) == {"FULLY_CONNECTED": {TensorType.INT8}}
     assert report.layer_precisions == {"gru": "dynamic_int8", "head": "dynamic_int8"}
     # The parity reference computes the GRU step by step, each step's input and hidden state rounded as
-    # XNNPACK rounds them: the file to float rounding (with its weights alone simulated, 1e-2 of the logits away).
+    # XNNPACK rounds them: the file to float rounding (with its weights alone simulated, about 1e-2 of the logits away).
     logits = LiteRTModel(path)(images.numpy())
     assert report.parity.max_logit_diff_lsb < 1e-4 * np.abs(logits).max()
 
