@@ -232,10 +232,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:  # after each model: a late failure keeps what was measured
             C.write_json(str(args.json), rows)
     print(environment)
-    print(f"{'model':<13}{'file':<23}{'KB':>9}{'size':>8}{'latency':>9}{'agree':>8}{'top-1':>7}  note")
+    print(f"{'model':<16}{'file':<23}{'KB':>9}{'size':>8}{'latency':>9}{'agree':>8}{'top-1':>7}  note")
     for r in rows:
         accuracy = "-" if r["top1"] is None else f"{r['top1']:.3f}"
-        print(f"{r['model']:<13}{r['file']:<23}{r['bytes'] / 1024:>9.1f}{r['size_ratio']:>7.2f}x{r['latency_ratio']:>8.2f}x"
+        print(f"{r['model']:<16}{r['file']:<23}{r['bytes'] / 1024:>9.1f}{r['size_ratio']:>7.2f}x{r['latency_ratio']:>8.2f}x"
               f"{r['agreement']:>8.3f}{accuracy:>7}  {r['note']}")
     print(f"(XNNPACK, 1 thread, batch 1, {args.rounds}x{args.runs} interleaved runs per file; ratios against the same "
           "run's fp32 file; " + (f"{args.train_steps} training steps" if args.train_steps else "random weights") +
