@@ -187,7 +187,8 @@ def run_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]:
                            verify_labels=[labels[256:512]], precision="auto", min_agreement=0.0)
     choice = report.precision_choice
     dynamic = sum(row["precision"] == "dynamic_int8" for row in choice["layers"])
-    notes["auto"] = "the int8 file" if choice["file"] == "int8" else f"{dynamic}/{len(choice['layers'])} layers dynamic"
+    notes["auto"] = ("the int8 file" if choice["file"] == "int8" else
+                     f"{dynamic}/{len(choice['layers'])} layers dynamic" + (", the rest int8" if choice["file"] == "int8+dynamic" else ""))
     reasons = collections.Counter(row["reason"].split(" (")[0] for row in choice["layers"])
     print(f"  {name} auto: {dict(reasons)}; latency vs fp32 {choice['latency_vs_fp32']}, top-1 points lost "
           f"({choice['measured_in']}) {choice['top1_drop']}", flush=True)

@@ -97,3 +97,34 @@ def test_auto_needs_verification_batches(model, tmp_path):
 
 def test_the_choice_is_a_stage_of_its_own():
     assert list(STAGE_TITLES)[:3] == ["prepare", "choose", "convert"]
+
+
+def test_the_int8_file_with_dynamic_range_islands_is_a_candidate(fmnist_train, fmnist_heldout, tmp_path):
+    """A transformer's int8 file keeps its attention float (no int8 kernel around it on XNNPACK): auto also
+    weighs that file with the attention's linears dynamic-range, and the choice reproduces its file."""
+    from model_blocks import TransformerBlockNet
+
+    torch.manual_seed(0)
+    model = TransformerBlockNet().eval()
+    images, labels = fmnist_heldout[0][:128], fmnist_heldout[1][:128]
+    path = tmp_path / "auto.tflite"
+    report = export_tflite(model, images[:1], path, verify_data=[images], verify_labels=[labels],
+                           calibration_data=[fmnist_train[0][:64]], precision="auto", max_accuracy_drop=100.0)
+    choice = report.precision_choice
+    assert set(choice["latency_vs_fp32"]) == {"mixed", "int8", "int8+dynamic"}
+    if choice["file"] == "int8+dynamic":
+        assert choice["precision"]["default"] == "int8" and report.layer_precisions == {"attn": "dynamic_int8"}
+    again = tmp_path / "again.tflite"
+    export_tflite(model, images[:1], again, verify_data=[images], calibration_data=[fmnist_train[0][:64]],
+                  precision=choice["precision"], min_agreement=0.0)
+    assert again.read_bytes() == path.read_bytes()
+
+
+def test_an_int8_file_with_dynamic_range_islands_is_given_back_as_a_mapping():
+    from sparselite.export.auto_precision import INT8_DYNAMIC, LayerChoice, PrecisionChoice
+
+    rows = [LayerChoice("blocks.0.attn", "FULLY_CONNECTED", "dynamic_int8", "float in the int8 file"),
+            LayerChoice("blocks.0.mlp", "FULLY_CONNECTED", "int8", "the int8 file")]
+    choice = PrecisionChoice(INT8_DYNAMIC, rows, {"mixed": 0.8, INT8_DYNAMIC: 0.6}, {}, 0.5, "accuracy")
+    assert choice.as_precision() == {"default": "int8", r"blocks\.0\.attn": "dynamic_int8"}
+    assert choice.table().startswith("precision auto: the int8 file with dynamic-range islands")

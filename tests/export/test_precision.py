@@ -114,6 +114,31 @@ def test_dynamic_weights_are_the_int8_values_qat_trains_on(conv_mlp, fmnist_held
     assert any("stem" in note and "dynamic_int8 asked, fp32 written" in note for note in report.notes)
 
 
+def test_an_int8_file_makes_the_layers_of_its_float_islands_dynamic_range(fmnist_train, fmnist_heldout, tmp_path):
+    """``{"default": "int8", ...}``: the int8 file, with the named layers dynamic-range where the file keeps
+    them float (attention, between its float softmax and the float ops XNNPACK lacks int8 for); a named
+    layer the file holds in int8 stays int8, and the report says so."""
+    from model_blocks import TransformerBlockNet
+
+    model = trained(TransformerBlockNet(), fmnist_train, steps=30)
+    images = fmnist_heldout[0][:128]
+    path = tmp_path / "m.tflite"
+    report = export_tflite(model, images[:1], path, verify_data=[images], calibration_data=[fmnist_train[0][:128]],
+                           precision={"default": "int8", "attn": "dynamic_int8", "head": "dynamic_int8"},
+                           float_fallback="xnnpack", min_agreement=0.9)
+    model_t = read_model(path)
+    subgraph = model_t.subgraphs[0]
+    fully_connected = [(subgraph.tensors[int(op.inputs[1])].name.decode().split(";")[0],
+                        subgraph.tensors[int(op.inputs[0])].type, subgraph.tensors[int(op.inputs[1])].type)
+                       for op in model_t.subgraphs[0].operators if builtin_name(builtin_code(model_t, op)) == "FULLY_CONNECTED"]
+    attention = [(inputs, weights) for name, inputs, weights in fully_connected if name.startswith("attn")]
+    assert attention and set(attention) == {(TensorType.FLOAT32, TensorType.INT8)}  # dynamic range: float input
+    assert {(inputs, weights) for name, inputs, weights in fully_connected if name.startswith(("mlp", "head"))} == \
+        {(TensorType.INT8, TensorType.INT8)}
+    assert report.layer_precisions == {"attn": "dynamic_int8"}
+    assert any("int8 file holds in int8" in note and "head" in note for note in report.notes)
+
+
 def test_a_recurrent_layer_is_dynamic_at_every_step(fmnist_train, fmnist_heldout, tmp_path):
     """The converter unrolls the GRU into FULLY_CONNECTED ops; the recurrent weight is one constant, named
     after no module, read at every step: it is found by its values."""
@@ -132,7 +157,7 @@ def test_a_recurrent_layer_is_dynamic_at_every_step(fmnist_train, fmnist_heldout
 @pytest.mark.parametrize("precision, message", [
     ("dynamic_int8", "dynamic_int8 on depthwise conv.* depthwise: XNNPACK has no dynamic-range depthwise kernel"),
     ({"default": "fp32", "classifier": "fp16"}, r"precision pattern\(s\) \['classifier'\] match no layer"),
-    ({"default": "int8"}, "a layer's precision is one of dynamic_int8, fp16, fp32"),
+    ({"default": "fp32", "head": "int8"}, "a layer's precision is one of dynamic_int8, fp16, fp32 .'int8' is the int8 file: only the default"),
     ("int4", "precision='int4' must be one of"),
     ({"default": "fp16", "(": "fp32"}, "not a valid regular expression"),
 ])

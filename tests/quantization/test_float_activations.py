@@ -123,6 +123,7 @@ def test_the_simulation_rounds_inputs_and_weights_only_once_on():
     (dict(precision="auto"), "precision='auto' is not a float-activation precision"),
     (dict(precision="dynamic_int8", freeze_step=10), "freeze_step and averaging_constant set activation ranges"),
     (dict(precision="int4"), "precision='int4' must be one of"),
+    (dict(precision={"default": "int8", "head": "dynamic_int8"}), "a mapping whose default is 'int8' is for the export"),
 ])
 def test_bad_precisions_fail_at_construction(kwargs, message):
     with pytest.raises(SparseliteError, match=message):

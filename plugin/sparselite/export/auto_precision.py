@@ -16,16 +16,18 @@ accuracy on the verification batches.
    ("sensitive").
 4. The whole file: the mixed file, the fp32 file, the "widest" file (every layer with the kernel
    dynamic-range but the sensitive ones, when that differs and keeps the budget) and, when the model has
-   QAT ranges or calibration batches, the fully int8 file are timed whole, interleaved. Whole-file timing
-   counts what timing alone misses: XNNPACK's fusions, the cost of the QUANTIZE/DEQUANTIZE pairs at
-   int8/float borders, the delegate's hand-overs. The widest file replaces the per-layer choice when it
-   is faster whole; the fully int8 file wins when it is no slower than the better float-activation file
-   and within the budget (a CNN's usual outcome). A dynamic-range layer has no border: its op quantizes
-   its own input.
+   QAT ranges or calibration batches, the int8 file (float kept where XNNPACK has no int8 kernel) are
+   timed whole, interleaved; where that int8 file keeps layers with weights float (a transformer's
+   attention between float softmax and norms), also the int8 file with those layers dynamic-range
+   ("int8+dynamic": int8 and dynamic-range layers in one file). Whole-file timing counts what timing
+   alone misses: XNNPACK's fusions, the cost of the QUANTIZE/DEQUANTIZE pairs at int8/float borders, the
+   delegate's hand-overs. The widest file replaces the per-layer choice when it is faster whole; the
+   faster of the two int8 files within the budget wins when it is no slower than the better
+   float-activation file (a CNN's usual outcome: the fully int8 file). A dynamic-range layer has no
+   border: its op quantizes its own input.
 
 fp16 is never chosen: XNNPACK on x86 unpacks fp16 weights to fp32 at load, so it is no faster here
-(ask for it by name for the GPU or for half the file). Int8 and dynamic-range layers are not mixed in
-one file: the fully int8 file is all or nothing.
+(ask for it by name for the GPU or for half the file).
 
 The choice (``PrecisionChoice``) is printed as a table, written in the export report, and turns into an
 explicit precision (``as_precision``) that reproduces the same file without measuring again. It is kept
@@ -50,7 +52,7 @@ from torch import nn
 
 from sparselite.errors import SparseliteError
 from sparselite.export.precision import (
-    DEFAULT_KEY, LayerFinder, PrecisionSpec, _WEIGHT_OPS, _float_values, precision_reference, weight_layers,
+    DEFAULT_KEY, LayerFinder, PrecisionSpec, _DYNAMIC_OPS, _WEIGHT_OPS, _float_values, precision_reference, weight_layers,
 )
 from sparselite.quantization.layer_precision import is_depthwise
 from sparselite.module_copy import detached_copy
@@ -76,9 +78,15 @@ class LayerChoice:
     logit_error_alone: float | None = None  # relative logit error (L2) with only this layer dynamic-range
 
 
+INT8_DYNAMIC = "int8+dynamic"  # the int8 file, its float islands' layers dynamic-range
+_FILE_NAMES = {"int8": "fully int8 file", INT8_DYNAMIC: "int8 file with dynamic-range islands"}
+
+
 @dataclass
 class PrecisionChoice:
-    file: str  # "int8": the fully int8 file; "mixed": the per-layer precisions below
+    # "int8": the fully int8 file; "int8+dynamic": it, with the layers of its float islands dynamic-range;
+    # "mixed": the per-layer float-activation precisions below
+    file: str
     layers: list[LayerChoice]
     latency_vs_fp32: dict[str, float]  # candidate file -> whole-file latency over the fp32 file's
     top1_drop: dict[str, float]  # candidate file -> top-1 points lost against the float model (``TopOneLoss``)
@@ -87,16 +95,18 @@ class PrecisionChoice:
     notes: list[str] = field(default_factory=list)
 
     def as_precision(self) -> PrecisionSpec:
-        """The explicit precision that gives this file again: 'int8', or one entry per layer."""
+        """The explicit precision that gives this file again: 'int8', or one entry per layer that differs
+        from the file's default."""
         if self.file == "int8":
             return "int8"
-        return {DEFAULT_KEY: "fp32", **{re.escape(c.layer): c.precision for c in self.layers if c.precision != "fp32"}}
+        default = "int8" if self.file == INT8_DYNAMIC else "fp32"
+        return {DEFAULT_KEY: default, **{re.escape(c.layer): c.precision for c in self.layers if c.precision != default}}
 
     def to_dict(self) -> dict:
         return {**asdict(self), "precision": self.as_precision()}
 
     def table(self) -> str:
-        lines = [f"precision auto: the {'fully int8' if self.file == 'int8' else 'mixed-precision'} file "
+        lines = [f"precision auto: the {_FILE_NAMES.get(self.file, 'mixed-precision file')} "
                  f"({', '.join(f'{k} {v:.2f}x' for k, v in self.latency_vs_fp32.items())} fp32 latency; "
                  f"top-1 drop in {self.measured_in}: {', '.join(f'{k} {v:.2f}' for k, v in self.top1_drop.items())} "
                  f"points, budget {self.max_accuracy_drop:g})",
@@ -209,12 +219,17 @@ def _choose_files(float_model: nn.Module, build: BuildFile, int8_file: Callable[
         top1_drop["widest"], _ = _effect(float_model, {name: "dynamic_int8" for name in widest}, batches, loss)
         if top1_drop["widest"] <= max_accuracy_drop:
             wholes["widest"] = dynamic_file if set(widest) == set(candidates) else build(_dynamic(widest))[0]
+    island_layers: list[str] = []
     if int8_file is None:
         notes.append("the fully int8 file was not tried: the model has no QAT ranges and no calibration batches")
     else:
         try:
             wholes["int8"] = int8_file()
             top1_drop["int8"] = loss(_file_outputs(wholes["int8"], batches))
+            island_layers = _float_weight_layers(wholes["int8"], float_model)
+            if island_layers:  # the int8 file keeps them float (no int8 kernel around them): dynamic-range there
+                wholes[INT8_DYNAMIC] = build(_int8_but(island_layers))[0]
+                top1_drop[INT8_DYNAMIC] = loss(_file_outputs(wholes[INT8_DYNAMIC], batches))
         except SparseliteError as err:
             notes.append(f"the fully int8 file could not be made: {err}")
     log.info("precision auto: timing the candidate files whole")
@@ -232,16 +247,43 @@ def _choose_files(float_model: nn.Module, build: BuildFile, int8_file: Callable[
                      + ("not faster" if "widest" in latency else f"over the budget ({top1_drop['widest']:.2f} points)"))
     latency.pop("widest", None)
     top1_drop.pop("widest", None)
-    int8_wins = "int8" in latency and latency["int8"] <= latency["mixed"] and top1_drop["int8"] <= max_accuracy_drop
-    if "int8" in latency and not int8_wins:
-        why = ("slower than the mixed file" if latency["int8"] > latency["mixed"]
-               else f"over the accuracy budget ({top1_drop['int8']:.2f} points)")
-        notes.append(f"the fully int8 file was not taken: {why}")
+    int8_files = [name for name in ("int8", INT8_DYNAMIC) if name in latency]
+    within = [name for name in int8_files if top1_drop[name] <= max_accuracy_drop]
+    best = min(within, key=latency.__getitem__, default=None)
+    int8_wins = best is not None and latency[best] <= latency["mixed"]
+    for name in int8_files:
+        if not int8_wins or name != best:
+            why = (f"over the accuracy budget ({top1_drop[name]:.2f} points)" if name not in within
+                   else f"slower than the {'mixed' if not int8_wins else best} file")
+            notes.append(f"the {_FILE_NAMES[name]} was not taken: {why}")
     if int8_wins:
-        rows = [LayerChoice(c.layer, c.op, "int8", f"the fully int8 file: {latency['int8']:.2f}x fp32, "
-                            f"{latency['mixed']:.2f}x for the mixed one", c.fp32_share) for c in choices.values()]
-        return PrecisionChoice("int8", rows, latency, top1_drop, max_accuracy_drop, loss.measure, notes)
+        why = f"the {_FILE_NAMES[best]}: {latency[best]:.2f}x fp32, {latency['mixed']:.2f}x for the mixed one"
+        rows = [LayerChoice(c.layer, c.op, "dynamic_int8", f"float in the int8 file (no int8 kernel around it on XNNPACK), "
+                            f"dynamic-range; {why}", c.fp32_share) if best == INT8_DYNAMIC and c.layer in island_layers
+                else LayerChoice(c.layer, c.op, "int8", why, c.fp32_share) for c in choices.values()]
+        return PrecisionChoice(best, rows, latency, top1_drop, max_accuracy_drop, loss.measure, notes)
     return PrecisionChoice("mixed", list(choices.values()), latency, top1_drop, max_accuracy_drop, loss.measure, notes)
+
+
+def _float_weight_layers(content: bytes, float_model: nn.Module) -> list[str]:
+    """The layers whose FULLY_CONNECTED or CONV_2D weights an int8 file keeps float (its float islands)."""
+    model = read_model(content)
+    subgraph = model.subgraphs[0]
+    find = LayerFinder(float_model, weight_layers(float_model))
+    found: list[str] = []
+    for op in subgraph.operators:
+        weight = subgraph.tensors[int(op.inputs[1])] if builtin_code(model, op) in _DYNAMIC_OPS and len(op.inputs) > 1 else None
+        if weight is None or weight.type != schema.TensorType.FLOAT32 or model.buffers[weight.buffer].data is None:
+            continue
+        layer = find(weight.name.decode(), _float_values(model, weight))
+        if layer is not None and layer not in found:
+            found.append(layer)
+    return found
+
+
+def _int8_but(layers: Sequence[str]) -> dict[str, str]:
+    """The precision mapping of the int8 file with ``layers`` dynamic-range in it."""
+    return {DEFAULT_KEY: "int8", **{re.escape(name): "dynamic_int8" for name in layers}}
 
 
 def _dynamic(layers: Sequence[str]) -> dict[str, str]:

@@ -12,6 +12,7 @@ from typing import Any, Literal, Mapping
 from sparselite.errors import SparseliteError
 from sparselite.export.auto_precision import DEFAULT_MAX_ACCURACY_DROP
 from sparselite.export.precision import PrecisionSpec, check_precision
+from sparselite.quantization.layer_precision import is_int8_file
 from sparselite.export.report import FLOAT_FALLBACKS, FloatFallback
 
 IO_DTYPES = ("float32", "int8")
@@ -82,7 +83,7 @@ class ExportOptions:
         if self.precision == "auto" and self.verify_batches is None:
             raise SparseliteError("precision='auto' measures accuracy on the verification batches; set verify_batches "
                                   "(the default is 8) and pass verify_data")
-        if not self.fully_int8 and self.io_dtype != "float32":
+        if not self.int8_file and self.io_dtype != "float32":
             raise SparseliteError(f"io_dtype='int8' needs precision='int8' (a file with float layers has float inputs "
                                   f"and outputs), not precision={self.precision!r}")
 
@@ -90,12 +91,13 @@ class ExportOptions:
         """These options with the precision ``precision="auto"`` chose (``PrecisionChoice.to_dict()``, as the
         report and the checkpoint keep it): its explicit precision, and, for the fully int8 file, float
         kept where XNNPACK lacks int8 kernels, as auto measured it."""
-        int8 = choice["precision"] == "int8"
+        int8 = is_int8_file(choice["precision"])
         return replace(self, precision=choice["precision"], float_fallback=self.float_fallback or ("xnnpack" if int8 else False))
 
     @property
-    def fully_int8(self) -> bool:
-        return self.precision in (None, "int8")  # None is resolved at export (``stages.prepare``)
+    def int8_file(self) -> bool:
+        """The int8 route: the fully int8 file, or one whose precision mapping keeps some layers float-activation."""
+        return is_int8_file(self.precision)  # None is resolved at export (``stages.prepare``)
 
     @property
     def verifies(self) -> bool:

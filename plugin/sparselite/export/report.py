@@ -130,8 +130,9 @@ class ExportReport:
         if self.precision_choice:
             chosen = self.precision_choice["precision"]
             dynamic = sum(layer["precision"] == "dynamic_int8" for layer in self.precision_choice["layers"])
+            rest = "int8" if self.precision_choice["file"] == "int8+dynamic" else "fp32"
             what = "the fully int8 file" if chosen == "int8" else f"{dynamic} of {len(self.precision_choice['layers'])} " \
-                                                                   "weight layers dynamic_int8, the rest fp32"
+                                                                   f"weight layers dynamic_int8, the rest {rest}"
             lines.append(f"  precision auto chose {what}; the same file without measuring: precision={chosen!r}")
         if self.parity:
             p = self.parity

@@ -46,6 +46,7 @@ from sparselite.export.names import use_module_names
 from sparselite.export.options import ExportOptions
 from sparselite.export.parity import gate_failure, measure_noise_floor, top1_accuracy, verify as verify_parity
 from sparselite.export.precision import LayerFinder, apply_precisions, layer_precisions, precision_reference
+from sparselite.quantization.layer_precision import is_int8_file
 from sparselite.runtime.load_probe import mark_written
 from sparselite.export.report import ExportReport, LayerSparsity, shortened
 from sparselite.pruning.targets import masked_targets, pruned_weight
@@ -96,8 +97,8 @@ def prepare(job: ExportJob) -> ExportJob:
     job.train_sparsity = {name: float((target.weight == 0).float().mean())
                           for name, target in masked_targets(job.module).items()}
     job.float_model = float_model_for_export(job.module)
-    if not job.options.fully_int8 and job.options.precision != "auto":
-        job.precisions = layer_precisions(job.float_model, job.options.precision)  # refusals before conversion
+    if job.options.precision not in ("auto", "int8"):
+        job.precisions = _float_layers(job.float_model, job.options.precision)  # refusals before conversion
     if job.verify_data is not None:
         _check_verifiable(job.float_model, job.example_inputs)
         examples = sum(len(batch) for batch in job.verify_data)
@@ -108,10 +109,10 @@ def prepare(job: ExportJob) -> ExportJob:
         raise SparseliteError("precision='auto' measures accuracy on verification batches: pass verify_data "
                               "(or a datamodule with a validation or test split to sparselite export)")
     job.calibration_data = _cap_examples(job.calibration_data, MAX_CALIBRATION_EXAMPLES)
-    if job.options.fully_int8 and not job.ranges and not job.calibration_data:
+    if job.options.int8_file and not job.ranges and not job.calibration_data:
         raise SparseliteError("the model has no QAT ranges and no calibration batches were given; "
                               "pass calibration_data=[...] (a few batches)")
-    if job.options.fully_int8:
+    if job.options.int8_file:
         log.info("quantizing with %d learned ranges, %d calibration batches", len(job.ranges), len(job.calibration_data))
     return job
 
@@ -126,24 +127,31 @@ def choose(job: ExportJob) -> ExportJob:
     for line in job.choice.table().splitlines():
         log.info("%s", line)
     job.options = job.options.with_choice(job.choice.to_dict())
-    if not job.options.fully_int8:
-        job.precisions = layer_precisions(job.float_model, job.options.precision)
+    job.precisions = _float_layers(job.float_model, job.options.precision)
     return job
+
+
+def _float_layers(float_model: nn.Module, precision) -> dict[str, str]:
+    """Each float-activation layer's precision: every weight layer's, but none in the fully int8 file
+    and only the layers a mapping names in an int8 file that keeps some float."""
+    if precision == "int8":
+        return {}
+    return {layer: chosen for layer, chosen in layer_precisions(float_model, precision).items() if chosen != "int8"}
 
 
 def _candidate_file(job: ExportJob, precision) -> tuple[bytes, dict[str, str]]:
     """The file ``convert`` and ``rewrite`` make of ``precision`` (the fully int8 one keeps float what
     XNNPACK lacks int8 for), and the precision each layer got; the fp32 conversion is kept for the next."""
-    options = replace(job.options, precision=precision, float_fallback="xnnpack" if precision == "int8" else False)
+    options = replace(job.options, precision=precision, float_fallback="xnnpack" if is_int8_file(precision) else False)
     candidate = replace(job, options=options, float_model=detached_copy(job.float_model), choice=None,
-                        precisions={} if options.fully_int8 else layer_precisions(job.float_model, precision))
+                        precisions=_float_layers(job.float_model, precision))
     candidate = rewrite(convert(candidate))
     job.float_file = job.float_file or candidate.float_file
     return candidate.dense, candidate.report.layer_precisions
 
 
 def convert(job: ExportJob) -> ExportJob:
-    if not job.options.fully_int8:
+    if not job.options.int8_file:
         job.float_file = job.float_file or convert_float(job.float_model, job.example_inputs)
         job.model_t = flatbuffer.read_model(job.float_file)
         job.report = _new_report(job, [])
@@ -169,7 +177,7 @@ def convert(job: ExportJob) -> ExportJob:
 
 def rewrite(job: ExportJob) -> ExportJob:
     renamed = use_module_names(job.model_t)
-    if job.options.fully_int8:
+    if job.options.int8_file:
         job.layer_tensors = {layer: renamed.get(tensor, tensor) for layer, tensor in job.layer_tensors.items()}
         job.report.float_islands = float_islands(job.model_t)
         if job.report.float_islands and not job.options.float_fallback:
@@ -180,15 +188,18 @@ def rewrite(job: ExportJob) -> ExportJob:
         job.report.notes.append(f"{len(on_tflite)} depthwise conv(s) of more than 25 taps run on TFLite's own kernel, "
                                 "2-13x faster than XNNPACK 2.3's there (docs/upstream/xnnpack_large_depthwise.md): "
                                 + ", ".join(on_tflite))
-    if not job.options.fully_int8:
+    if job.precisions:  # every layer of a float-activation file; in an int8 file, the float ones it names
         written = apply_precisions(job.model_t, job.precisions, LayerFinder(job.float_model, job.precisions))
         job.report.layer_precisions = written
+        if job.options.int8_file and (int8 := sorted(set(job.precisions) - set(written))):
+            job.report.notes.append(f"layers named for {sorted(set(job.precisions.values()))} that the int8 file holds in "
+                                    f"int8 (they are float only in its float islands): {', '.join(int8[:6])}")
         kept = {layer: f"{chosen} asked, {written[layer]} written" for layer, chosen in job.precisions.items()
                 if layer in written and written[layer] != chosen}
         if kept:  # e.g. a conv the converter writes as DEPTHWISE_CONV_2D, which has no dynamic-range kernel
             job.report.notes.append(f"layers whose op has no kernel for the precision asked: {kept}")
         job.layer_tensors = _match_layers(job.model_t, job.float_model, list(job.train_sparsity))
-    elif job.options.io_dtype == "float32":
+    if job.options.int8_file and job.options.io_dtype == "float32":
         use_float_io(job.model_t)
     from sparselite.export.quantization_sharing import share_quantization_tables
 
@@ -234,7 +245,7 @@ def verify(job: ExportJob) -> ExportJob:
         candidate = Path(tmp) / job.path.name
         candidate.write_bytes(job.final)
         if job.verify_data is not None:
-            reference = None if options.fully_int8 else (
+            reference = None if options.int8_file else (
                 precision_reference(detached_copy(job.float_model), job.report.layer_precisions),
                 "simulated-precision")  # weights and dynamic-range inputs rounded as the file rounds them
             report.parity = verify_parity(job.module, candidate, job.verify_data, job.output_scale, reference,

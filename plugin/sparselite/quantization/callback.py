@@ -12,7 +12,7 @@ from sparselite.deploy_form import warn_if_kept
 from sparselite.errors import SparseliteError
 from sparselite.quantization.fusion import FusedChain
 from sparselite.quantization.float_activations import FloatActivationSimulator
-from sparselite.quantization.layer_precision import PrecisionSpec, check_precision
+from sparselite.quantization.layer_precision import PrecisionSpec, check_precision, is_int8_file
 from sparselite.quantization.qat import QuantizationSimulator
 
 
@@ -37,6 +37,10 @@ class QuantizationAwareTraining(pl.Callback):
                  averaging_constant: float | None = None, precision: PrecisionSpec = "int8") -> None:
         # Validates now, before any training.
         check_precision(precision)
+        if precision != "int8" and is_int8_file(precision):
+            raise SparseliteError(f"precision={precision!r}: a mapping whose default is 'int8' is for the export (an int8 "
+                                  "file with some layers float-activation); train with precision='int8' and pass the "
+                                  "mapping to the export")
         if precision == "int8":
             self.simulator = QuantizationSimulator(begin_step=begin_step, freeze_step=freeze_step,
                                                    averaging_constant=averaging_constant)

@@ -28,7 +28,7 @@ from sparselite.errors import SparseliteError
 from sparselite.quantization.dynamic_range import fake_quantize_rows, row_dims_of
 from sparselite.quantization.fake_quant import WeightFakeQuant
 from sparselite.quantization.fusion import find_fused_chains
-from sparselite.quantization.layer_precision import PrecisionSpec, check_precision, layer_precisions
+from sparselite.quantization.layer_precision import PrecisionSpec, check_precision, is_int8_file, layer_precisions
 from sparselite.quantization.recurrent_steps import stepwise, steps_forward
 
 SIMULATED_PRECISION = "sparselite_simulated_precision"  # attribute on the prepared model
@@ -48,9 +48,10 @@ class FloatActivationSimulator:
 
     def __init__(self, precision: PrecisionSpec, begin_step: int = 0) -> None:
         check_precision(precision)
-        if precision in ("int8", "auto"):
-            raise SparseliteError(f"precision={precision!r} is not a float-activation precision: 'int8' trains with "
-                                  "QuantizationSimulator; 'auto' is chosen at export (train for 'int8' or a mapping)")
+        if is_int8_file(precision) or precision == "auto":
+            raise SparseliteError(f"precision={precision!r} is not a float-activation precision: 'int8' (and a mapping "
+                                  "whose default is 'int8') trains with QuantizationSimulator; 'auto' is chosen at "
+                                  "export (train for 'int8' or a float-activation mapping)")
         self.precision, self.begin_step = precision, begin_step
         self.layers: dict[str, str] = {}
         self.model: nn.Module | None = None

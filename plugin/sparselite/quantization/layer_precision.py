@@ -5,7 +5,12 @@ writes them).
 A precision is ``"int8"`` (the fully int8 file), ``"dynamic_int8"``, ``"fp16"``, ``"fp32"``, ``"auto"``
 (chosen at export, ``export/auto_precision.py``), or a mapping from module-name regular expressions
 (whole-name match) to ``"dynamic_int8"``, ``"fp16"`` or ``"fp32"``, with a ``"default"`` entry for the
-layers no pattern names: ``{"default": "dynamic_int8", "features\\..*": "fp32"}``.
+layers no pattern names: ``{"default": "dynamic_int8", "features\\..*": "fp32"}``. The default may also
+be ``"int8"``: the int8 file, whose float islands (the ops ``float_fallback`` keeps float where XNNPACK
+has no int8 kernel) hold the layers the patterns name at their precision
+(``{"default": "int8", "encoder\\..*attention": "dynamic_int8"}``: a transformer's attention, float
+between its softmax and norms, dynamic-range; the rest int8). A named layer the file holds in int8
+stays int8: between int8 neighbours, a float layer would only add conversions.
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ def check_precision(spec: PrecisionSpec) -> None:
     if not isinstance(spec, Mapping) or not spec:
         raise SparseliteError(f"precision={spec!r} must be one of {', '.join(PRECISIONS)} or a non-empty mapping")
     for pattern, value in spec.items():
+        if pattern == DEFAULT_KEY and value == "int8":
+            continue
         if value not in LAYER_PRECISIONS:
             raise SparseliteError(f"precision[{pattern!r}]={value!r}: a layer's precision is one of "
-                                  f"{', '.join(LAYER_PRECISIONS)} ('int8' is the fully int8 file, for the whole model)")
+                                  f"{', '.join(LAYER_PRECISIONS)} ('int8' is the int8 file: only the default can be it)")
         if pattern != DEFAULT_KEY:
             try:
                 re.compile(pattern)
@@ -44,9 +51,15 @@ def check_precision(spec: PrecisionSpec) -> None:
                 raise SparseliteError(f"precision pattern {pattern!r} is not a valid regular expression: {err}") from None
 
 
+def is_int8_file(spec: PrecisionSpec | None) -> bool:
+    """Whether ``spec`` makes the int8 file: ``"int8"`` (or None, resolved at export), or a mapping whose
+    default is ``"int8"`` (its other layers float-activation in it)."""
+    return spec in (None, "int8") or (isinstance(spec, Mapping) and spec.get(DEFAULT_KEY) == "int8")
+
+
 def layer_precisions(model: nn.Module, spec: PrecisionSpec) -> dict[str, str]:
-    """Each weight layer's precision (module name -> precision) for a file that is not fully int8. Refuses
-    a pattern that names no layer and a precision a layer cannot have, naming them."""
+    """Each weight layer's precision (module name -> precision; "int8" for the layers of an int8 file's
+    default). Refuses a pattern that names no layer and a precision a layer cannot have, naming them."""
     check_precision(spec)
     layers = weight_layers(model)
     rules = dict(spec) if isinstance(spec, Mapping) else {DEFAULT_KEY: spec}
