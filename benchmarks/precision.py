@@ -136,16 +136,19 @@ def after_more_steps(model: nn.Module, shape: tuple[int, int, int], chosen, args
     ("aeq_dynamic_int8+more"). Adds both files; returns the float model each one's agreement is
     measured against (the QAT model with its simulation stripped, and the float model)."""
     from sparselite.quantization.float_activations import FloatActivationSimulator
+    from sparselite.quantization.layer_precision import is_int8_file
     from sparselite.quantization.qat import QuantizationSimulator
 
     more, qat = copy.deepcopy(model), copy.deepcopy(model)
     train(more, shape, args.qat_steps, start=args.train_steps)
-    simulator = QuantizationSimulator() if chosen == "int8" else FloatActivationSimulator(chosen)
+    int8 = is_int8_file(chosen)  # the int8 file (with dynamic-range islands, perhaps): int8 QAT
+    simulator = QuantizationSimulator() if int8 else FloatActivationSimulator(chosen)
     simulator.prepare(qat, (example,))
     train(qat, shape, args.qat_steps, start=args.train_steps, simulator=simulator)
     more.eval(), qat.eval()
     files["auto+qat"] = folder / "auto_qat.tflite"
-    export_tflite(qat, example, files["auto+qat"], calibration_data=[calibration], min_agreement=0.0)
+    export_tflite(qat, example, files["auto+qat"], calibration_data=[calibration], min_agreement=0.0, precision=chosen,
+                  float_fallback="xnnpack" if int8 else False)
     (folder / "more").mkdir()
     export_float_tflite(more, example, folder / "more" / "fp32.tflite")
     files["aeq_dynamic_int8+more"] = aeq_files(folder / "more" / "fp32.tflite", folder / "more")["aeq_dynamic_int8"]
