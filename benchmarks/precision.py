@@ -12,13 +12,16 @@ For each model (random weights unless --train-steps: latency and size do not dep
   - ``precision="auto"`` (its accuracy budget on 256 held-out images and their labels, the same
     calibration batch, so it may choose the fully int8 file); the note says what it chose;
   - ai-edge-quantizer's ``dynamic_wi8_afp32`` and fp16 weight-only recipes on the same fp32 file, for
-    comparison.
+    comparison;
+  - with --qat-steps N (after --train-steps): "auto+qat", N more steps of QAT simulating auto's choice
+    and the export that follows it, against "aeq_dynamic_int8+more", N more float steps and
+    ai-edge-quantizer's dynamic-range recipe (the same images, from the same weights).
 All files of one model are timed in one interleaved run (XNNPACK, 1 thread, batch 1, medians); ratios
 are against that run's fp32 file. Agreement: top-1 of each file against the float torch model on 512
 test images (on random weights this measures rounding, not accuracy); with --train-steps also each
 file's top-1 accuracy on them.
 
-    .venv/bin/python -m benchmarks.precision [--models vit_s gru ...] [--train-steps 150] [--rounds 7] [--json out.json]
+    .venv/bin/python -m benchmarks.precision [--models vit_s gru ...] [--train-steps 150] [--qat-steps 100] [--rounds 7] [--json out.json]
 """
 
 from __future__ import annotations
