@@ -226,12 +226,15 @@ def _choose_files(float_model: nn.Module, build: BuildFile, int8_file: Callable[
         try:
             wholes["int8"] = int8_file()
             top1_drop["int8"] = loss(_file_outputs(wholes["int8"], batches))
-            island_layers = _float_weight_layers(wholes["int8"], float_model)
-            if island_layers:  # the int8 file keeps them float (no int8 kernel around them): dynamic-range there
-                wholes[INT8_DYNAMIC] = build(_int8_but(island_layers))[0]
-                top1_drop[INT8_DYNAMIC] = loss(_file_outputs(wholes[INT8_DYNAMIC], batches))
         except SparseliteError as err:
             notes.append(f"the fully int8 file could not be made: {err}")
+        island_layers = _float_weight_layers(wholes["int8"], float_model) if "int8" in wholes else []
+        if island_layers:  # the int8 file keeps them float (no int8 kernel around them): dynamic-range there
+            try:
+                wholes[INT8_DYNAMIC] = build(_int8_but(island_layers))[0]
+                top1_drop[INT8_DYNAMIC] = loss(_file_outputs(wholes[INT8_DYNAMIC], batches))
+            except SparseliteError as err:
+                notes.append(f"the {_FILE_NAMES[INT8_DYNAMIC]} could not be made: {err}")
     log.info("precision auto: timing the candidate files whole")
     whole_seconds = median_latencies(wholes, **timing)
     latency = {name: whole_seconds[name] / whole_seconds["fp32"] for name in wholes if name != "fp32"}
