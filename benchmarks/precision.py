@@ -148,7 +148,8 @@ def after_more_steps(model: nn.Module, shape: tuple[int, int, int], chosen, args
     simulator = QuantizationSimulator() if int8 else FloatActivationSimulator(chosen)
     simulator.prepare(qat, (example,))
     train(qat, shape, args.qat_steps, start=args.train_steps, simulator=simulator)
-    more.eval(), qat.eval()
+    more.eval()
+    qat.eval()
     files["auto+qat"] = folder / "auto_qat.tflite"
     export_tflite(qat, example, files["auto+qat"], calibration_data=[calibration], min_agreement=0.0, precision=chosen,
                   float_fallback="xnnpack" if int8 else False)
