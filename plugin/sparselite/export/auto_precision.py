@@ -219,22 +219,7 @@ def _choose_files(float_model: nn.Module, build: BuildFile, int8_file: Callable[
         top1_drop["widest"], _ = _effect(float_model, {name: "dynamic_int8" for name in widest}, batches, loss)
         if top1_drop["widest"] <= max_accuracy_drop:
             wholes["widest"] = dynamic_file if set(widest) == set(candidates) else build(_dynamic(widest))[0]
-    island_layers: list[str] = []
-    if int8_file is None:
-        notes.append("the fully int8 file was not tried: the model has no QAT ranges and no calibration batches")
-    else:
-        try:
-            wholes["int8"] = int8_file()
-            top1_drop["int8"] = loss(_file_outputs(wholes["int8"], batches))
-        except SparseliteError as err:
-            notes.append(f"the fully int8 file could not be made: {err}")
-        island_layers = _float_weight_layers(wholes["int8"], float_model) if "int8" in wholes else []
-        if island_layers:  # the int8 file keeps them float (no int8 kernel around them): dynamic-range there
-            try:
-                wholes[INT8_DYNAMIC] = build(_int8_but(island_layers))[0]
-                top1_drop[INT8_DYNAMIC] = loss(_file_outputs(wholes[INT8_DYNAMIC], batches))
-            except SparseliteError as err:
-                notes.append(f"the {_FILE_NAMES[INT8_DYNAMIC]} could not be made: {err}")
+    island_layers = _add_int8_files(float_model, build, int8_file, batches, loss, wholes, top1_drop, notes)
     log.info("precision auto: timing the candidate files whole")
     whole_seconds = median_latencies(wholes, **timing)
     latency = {name: whole_seconds[name] / whole_seconds["fp32"] for name in wholes if name != "fp32"}
@@ -266,6 +251,30 @@ def _choose_files(float_model: nn.Module, build: BuildFile, int8_file: Callable[
                 else LayerChoice(c.layer, c.op, "int8", why, c.fp32_share) for c in choices.values()]
         return PrecisionChoice(best, rows, latency, top1_drop, max_accuracy_drop, loss.measure, notes)
     return PrecisionChoice("mixed", list(choices.values()), latency, top1_drop, max_accuracy_drop, loss.measure, notes)
+
+
+def _add_int8_files(float_model: nn.Module, build: BuildFile, int8_file: Callable[[], bytes] | None,
+                    batches: Sequence[torch.Tensor], loss: TopOneLoss, wholes: dict[str, bytes],
+                    top1_drop: dict[str, float], notes: list[str]) -> list[str]:
+    """Add the int8 file, and the int8 file with its float islands' layers dynamic-range, to ``wholes``
+    (with their top-1 drops); returns those layers."""
+    if int8_file is None:
+        notes.append("the fully int8 file was not tried: the model has no QAT ranges and no calibration batches")
+        return []
+    try:
+        wholes["int8"] = int8_file()
+        top1_drop["int8"] = loss(_file_outputs(wholes["int8"], batches))
+    except SparseliteError as err:
+        notes.append(f"the fully int8 file could not be made: {err}")
+        return []
+    island_layers = _float_weight_layers(wholes["int8"], float_model)
+    if island_layers:  # the int8 file keeps them float (no int8 kernel around them): dynamic-range there
+        try:
+            wholes[INT8_DYNAMIC] = build(_int8_but(island_layers))[0]
+            top1_drop[INT8_DYNAMIC] = loss(_file_outputs(wholes[INT8_DYNAMIC], batches))
+        except SparseliteError as err:
+            notes.append(f"the {_FILE_NAMES[INT8_DYNAMIC]} could not be made: {err}")
+    return island_layers
 
 
 def _float_weight_layers(content: bytes, float_model: nn.Module) -> list[str]:
