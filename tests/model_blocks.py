@@ -321,6 +321,20 @@ class MixedConvNorm(nn.Module):
         return self.project_norm(self.project(y))
 
 
+class LargeKernelDepthwise(nn.Module):
+    """ConvNeXt's and MixNet's large depthwise kernels: a 7x7 conv -> BN -> ReLU and a 3x9 conv (49 and 27
+    taps), which the file runs on TFLite's kernel rather than XNNPACK's, then a projection."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.large = conv_bn(channels, channels, 7, groups=channels)
+        self.wide = nn.Conv2d(channels, channels, (3, 9), padding=(1, 4), groups=channels)
+        self.project = conv_bn(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.relu(self.wide(self.large(x))))
+
+
 class TFSameConv2d(nn.Conv2d):
     """A conv that pads as TensorFlow's SAME, from the input's size (timm's Conv2dSame, in EfficientNet's
     and MixNet's TF ports): the odd pixel after, so a strided conv's windows differ from torch's padding."""
@@ -383,6 +397,7 @@ def family_models() -> dict[str, Callable[[], nn.Module]]:
         "norm_after_concatenation": lambda: BlockNet(MixedConvNorm(16), 16),
         "tf_same_padding": lambda: BlockNet(TFSameBlock(16), 16),
         "scalar_affine_channel_pad": lambda: BlockNet(AffineChannelPad(16), 16),
+        "large_kernel_depthwise": lambda: BlockNet(LargeKernelDepthwise(16), 16),
     }
 
 

@@ -15,7 +15,8 @@ from conftest import pt2e_int8_tflite, xnnpack_partitions
 from sparselite.export.graph_edit import axes_before, producers_of
 from sparselite.export.xnnpack_forms import (
     fold_transposes_into_means, fuse_activations_into_transpose_convs, large_depthwise_kernels_on_tflite,
-    left_to_tflite_on_purpose, nearest_upsampling_as_depth_to_space, split_wide_concatenations,
+    left_to_tflite_on_purpose, nearest_upsampling_as_depth_to_space, split_wide_concatenations, use_xnnpack_forms,
+    patch_convs_as_space_to_depth,
 )
 from sparselite.export.xnnpack_pool_forms import averages_as_depthwise_convs, crop_kernels_to_their_input, pads_as_rows
 from sparselite.export.conversion import convert_with_ranges, float_model_for_export
@@ -440,3 +441,67 @@ def test_upstream_xnnpack_runs_depthwise_convs_of_more_than_25_taps_slower_than_
             times[name].append(time.perf_counter() - started)
     xnnpack, tflite = (float(np.median(times[name])) for name in ("xnnpack", "tflite"))
     assert xnnpack > 3 * tflite, (xnnpack, tflite)
+
+
+@pytest.mark.parametrize("kernel, padding, stride, size", [
+    (7, 3, 1, (12, 12)),  # 49 taps
+    (7, 3, 1, (4, 4)),  # all 49 reach the input
+    (7, 3, 1, (3, 3)),  # cropped to 5x5: 25
+    (7, 3, 1, (2, 2)),  # cropped to 3x3
+    (7, 3, 1, (2, 12)),  # cropped to 3x7: 21
+    (7, 0, 1, (12, 12)),  # no SAME padding: nothing cropped
+    (7, 3, 2, (12, 12)),  # strided: nothing cropped
+    ((3, 9), (1, 4), 1, (12, 12)),  # 27
+    (5, 2, 1, (12, 12)),  # 25
+])
+def test_training_and_export_agree_on_which_depthwise_convs_run_on_tflites_kernel(kernel, padding, stride, size):
+    """QAT computes these convs with TFLite's requantization (``int8_layer``): it must pick the very convs
+    export leaves to TFLite's kernel, after cropping the taps that read only padding."""
+    from sparselite.quantization.qat import on_tflite_depthwise_kernel
+
+    conv = nn.Conv2d(8, 8, kernel, stride, padding, groups=8).eval()
+    x = torch.randn(1, 8, *size)
+    model_t = _converted_file(conv, x, "fp32")
+    use_xnnpack_forms(model_t)
+    assert on_tflite_depthwise_kernel(conv, x, padded_before=False) == bool(left_to_tflite_on_purpose(model_t))
+
+
+class _PatchEmbeddings(nn.Module):
+    """Patch embeddings (4x4 over 16x16, 2x2 after it, 2x2 over the 18x18 padded input: the converter writes
+    its padding as a PAD) and convs that are none: overlapping windows, windows that do not tile the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patches = nn.Conv2d(3, 16, 4, 4)
+        self.overlapping = nn.Conv2d(3, 8, 4, 2)
+        self.untiled = nn.Conv2d(3, 8, 3, 3)  # 16 is no multiple of 3
+        self.padded = nn.Conv2d(3, 8, 2, 2, padding=1)
+        self.merge = nn.Conv2d(16, 8, 2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = [F.adaptive_avg_pool2d(torch.relu(conv(x)), 1) for conv in (self.overlapping, self.untiled, self.padded)]
+        merged = F.adaptive_avg_pool2d(self.merge(torch.relu(self.patches(x))), 1)
+        return torch.cat([merged, *pooled], dim=1).flatten(1)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_patch_embeddings_become_space_to_depth_and_a_pointwise_conv_with_the_same_values(precision, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 16, 16)
+    model_t = _converted_file(_PatchEmbeddings().eval(), x, precision)
+    (tmp_path / "raw.tflite").write_bytes(write_model(model_t))
+
+    assert patch_convs_as_space_to_depth(model_t) == 3
+    (tmp_path / "rewritten.tflite").write_bytes(write_model(model_t))
+    graph = model_t.subgraphs[0]
+    assert _count(model_t, schema.BuiltinOperator.SPACE_TO_DEPTH) == 3
+    pointwise = sorted(tuple(int(d) for d in graph.tensors[int(op.inputs[1])].shape) for op in graph.operators
+                       if builtin_code(model_t, op) == schema.BuiltinOperator.CONV_2D
+                       and graph.tensors[int(op.inputs[1])].shape[1] == 1)
+    assert pointwise == [(8, 1, 1, 12), (8, 1, 1, 64), (16, 1, 1, 48)]
+    assert xnnpack_partitions(tmp_path / "rewritten.tflite") == 1
+    raw, rewritten = LiteRTModel(tmp_path / "raw.tflite")(x.numpy()), LiteRTModel(tmp_path / "rewritten.tflite")(x.numpy())
+    if precision == "int8":  # the same int32 sums, requantized alike
+        np.testing.assert_array_equal(rewritten, raw)
+    else:  # the same products, summed in another order
+        np.testing.assert_allclose(rewritten, raw, rtol=1e-5, atol=1e-5)

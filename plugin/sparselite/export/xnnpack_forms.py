@@ -30,6 +30,11 @@ only is there because XNNPACK's fp32 op is already as fast.
   kernels' rounding of a half (at most 1 LSB in int8). Not for files meant for the GPU accelerator, which
   takes constant weights only too (``keep_weights_constant``).
 
+- ``patch_convs_as_space_to_depth``: a conv whose square kernel is its stride (a ViT's patch embedding) as
+  SPACE_TO_DEPTH and a 1x1 conv: XNNPACK's indirect GEMM reads a few input channels per tap, its fully
+  connected GEMM a whole patch per row. The same sums in fp32 and int8; a dynamic-range conv quantizes its
+  input per patch rather than per image (``quantization/dynamic_range``).
+
 ``benchmarks/layout_forms.py`` times each with and without.
 """
 
@@ -42,6 +47,7 @@ from ai_edge_litert import schema_py_generated as schema
 
 from sparselite.export.graph_edit import axes_before, constant_ints, producers_of, readers_of, same_quantization
 from sparselite.export.xnnpack_pool_forms import averages_as_depthwise_convs, crop_kernels_to_their_input, pads_as_rows
+from sparselite.quantization.spec import XNNPACK_MAX_FAST_DEPTHWISE_TAPS, non_overlapping_patches
 from sparselite.tflite.flatbuffer import append_tensor, builtin_code, operator_code_index
 
 
@@ -252,9 +258,6 @@ def pads_in_the_graphs_layout(model: schema.ModelT) -> int:
     return len(removed) // 2
 
 
-XNNPACK_MAX_FAST_DEPTHWISE_TAPS = 25  # its largest one-pass depthwise kernel (5x5): more taps run far slower
-
-
 def large_depthwise_kernels_on_tflite(model: schema.ModelT) -> int:
     """Give every DEPTHWISE_CONV_2D of one output channel per input channel with constant weights of more than
     25 taps (kernel height x width) its weights through a RESHAPE to their own shape, in place: XNNPACK then
@@ -316,10 +319,53 @@ def large_depthwise_convs_on_tflite(model: schema.ModelT) -> list[str]:
     return names
 
 
+def patch_convs_as_space_to_depth(model: schema.ModelT) -> int:
+    """Write each CONV_2D whose square kernel is its stride (a ViT's patch embedding, ConvNeXt's stem: windows
+    that neither overlap nor leave a gap) over an input its stride divides, without padding, as
+    SPACE_TO_DEPTH then a 1x1 conv, in place. XNNPACK runs the strided conv as an indirect GEMM that reads
+    the few input channels of one tap at a time: a 3-channel 8x8 patch embedding took 5x the time per
+    multiply-add of the model's other GEMMs in a dynamic-range ViT. SPACE_TO_DEPTH lays each window's
+    values out as one pixel's channels, in the order (row, column, channel) in which the conv's OHWI
+    weight already stores them: the weight keeps its bytes, with the shape [O, 1, 1, k x k x C]. The same
+    sums in the same order per tap. Returns how many."""
+    subgraph = model.subgraphs[0]
+    readers = readers_of(subgraph)
+    changed = []
+    for index, op in enumerate(subgraph.operators):
+        options = op.builtinOptions
+        if builtin_code(model, op) != schema.BuiltinOperator.CONV_2D or options is None or len(op.inputs) < 2:
+            continue
+        source, weight = subgraph.tensors[int(op.inputs[0])], subgraph.tensors[int(op.inputs[1])]
+        if model.buffers[weight.buffer].data is None or weight.sparsity is not None or len(readers.get(int(op.inputs[1]), [])) != 1:
+            continue
+        if len(weight.shape) != 4 or len(source.shape) != 4:
+            continue
+        (_, kh, kw, channels), (batch, h, w, source_channels) = [int(d) for d in weight.shape], [int(d) for d in source.shape]
+        if not (non_overlapping_patches((kh, kw), (options.strideH, options.strideW), (h, w)) and channels == source_channels
+                and options.padding == schema.Padding.VALID and (options.dilationHFactor, options.dilationWFactor) == (1, 1)):
+            continue
+        blocks = append_tensor(model, [batch, h // kh, w // kw, kh * kw * channels], source.type,
+                               source.name + b";space_to_depth", copy.deepcopy(source.quantization))
+        space_to_depth = schema.OperatorT()
+        space_to_depth.opcodeIndex = operator_code_index(model, schema.BuiltinOperator.SPACE_TO_DEPTH)
+        space_to_depth.builtinOptionsType = schema.BuiltinOptions.SpaceToDepthOptions
+        space_to_depth.builtinOptions = schema.SpaceToDepthOptionsT()
+        space_to_depth.builtinOptions.blockSize = kh
+        space_to_depth.inputs, space_to_depth.outputs = [int(op.inputs[0])], [blocks]
+        op.inputs = [blocks] + [int(t) for t in op.inputs[1:]]
+        options.strideH = options.strideW = 1
+        weight.shape = np.array([weight.shape[0], 1, 1, kh * kw * channels], dtype=np.int32)
+        changed.append((index, space_to_depth))
+    for index, space_to_depth in reversed(changed):
+        subgraph.operators.insert(index, space_to_depth)
+    return len(changed)
+
+
 def use_xnnpack_forms(model: schema.ModelT, keep_weights_constant: bool = False) -> int:
     """Every form above, in place; returns how many ops changed. ``keep_weights_constant``: for the GPU
     accelerator, which takes only constant weights, leave out ``large_depthwise_kernels_on_tflite``."""
     return (fold_transposes_into_means(model) + pads_in_the_graphs_layout(model) + fuse_activations_into_transpose_convs(model)
             + nearest_upsampling_as_depth_to_space(model) + split_wide_concatenations(model)
             + averages_as_depthwise_convs(model) + crop_kernels_to_their_input(model) + pads_as_rows(model)
+            + patch_convs_as_space_to_depth(model)
             + (0 if keep_weights_constant else large_depthwise_kernels_on_tflite(model)))

@@ -16,7 +16,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from sparselite.export.graph_edit import WEIGHT_DTYPES, axes_before, constant_ints, producers_of, readers_of, reshape_op, same_quantization
-from sparselite.quantization.spec import average_as_depthwise
+from sparselite.quantization.spec import average_as_depthwise, kernel_taps_used
 from sparselite.tflite.flatbuffer import append_tensor, builtin_code, operator_code_index
 
 
@@ -143,7 +143,7 @@ def crop_kernels_to_their_input(model: schema.ModelT) -> int:
                 or len(source.shape) != 4 or len(readers.get(int(op.inputs[1]), [])) != 1):
             continue
         (_, kh, kw, _), (_, h, w, _) = ([int(d) for d in weight.shape], [int(d) for d in source.shape])
-        used_h, used_w = min(kh, 2 * h - 1), min(kw, 2 * w - 1)
+        used_h, used_w = kernel_taps_used(kh, h), kernel_taps_used(kw, w)
         if kh % 2 == 0 or kw % 2 == 0 or (used_h, used_w) == (kh, kw):
             continue
         top, left = (kh - used_h) // 2, (kw - used_w) // 2

@@ -5,7 +5,8 @@ A dynamic-range FULLY_CONNECTED or CONV_2D (int8 weights read directly by the op
 multiplied in int8 and rescaled to float. A "row" is what XNNPACK calls a batch element of the convert:
 one vector of the last dimension for FULLY_CONNECTED (a token of a transformer, a time step of an RNN),
 one whole image (H x W x C) for CONV_2D, but one pixel for a 1x1 stride-1 CONV_2D, which XNNPACK
-runs as a fully connected layer.
+runs as a fully connected layer, and so one patch for a patch embedding, which export writes as
+SPACE_TO_DEPTH and such a conv (``spec.non_overlapping_patches``).
 
 The parameters follow XNNPACK's ``xnn_qd8_asymmetric_quantization_params`` (``src/xnnpack/quantization.h``):
 the range is widened to hold 0; ``inv_scale = 255 / (max - min)`` in float32 (1 when the range is empty);
@@ -23,9 +24,11 @@ from __future__ import annotations
 import types
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparselite.quantization.recurrent_steps import steps_forward, stepwise
+from sparselite.quantization.spec import non_overlapping_patches
 
 QMIN, QMAX = -128.0, 127.0
 
@@ -62,6 +65,37 @@ def row_dims_of(module: nn.Module) -> tuple[int, ...] | None:
     return (1,) if pointwise else (1, 2, 3)
 
 
+def _padding(module: nn.Module) -> tuple[int, int] | None:
+    if not isinstance(module, nn.Conv2d) or module.padding == "same" or module.padding_mode != "zeros":
+        return None
+    return (0, 0) if module.padding == "valid" else tuple(module.padding)
+
+
+def _patch_size(module: nn.Module, x: torch.Tensor) -> int | None:
+    """The side of the patches a patch-embedding conv reads from ``x`` (``spec.non_overlapping_patches``), else
+    None. A padded one too: the converter writes its padding as a PAD, and XNNPACK quantizes the padded input."""
+    padding = _padding(module)
+    if padding is None or module.groups != 1 or x.dim() != 4 or module.dilation != (1, 1):
+        return None
+    padded = (x.shape[-2] + 2 * padding[0], x.shape[-1] + 2 * padding[1])
+    return module.kernel_size[0] if non_overlapping_patches(module.kernel_size, module.stride, padded) else None
+
+
+def dynamically_quantized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x``, the input of a dynamic-range ``module`` (``row_dims_of`` not None), rounded as XNNPACK rounds
+    it at run time: per row, or per patch for a patch embedding (of the padded input: its zeros change no
+    row's range, which always holds 0)."""
+    patch = _patch_size(module, x)
+    if patch is None:
+        return fake_quantize_rows(x, row_dims_of(module))
+    pad_h, pad_w = _padding(module)
+    padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
+    n, c, h, w = padded.shape
+    patches = padded.reshape(n, c, h // patch, patch, w // patch, patch)
+    rounded = fake_quantize_rows(patches, (1, 3, 5)).reshape(padded.shape)
+    return rounded[..., pad_h : h - pad_h, pad_w : w - pad_w]
+
+
 def quantize_inputs_dynamically(module: nn.Module) -> bool:
     """Make ``module`` round the inputs of its matrix products as XNNPACK rounds them at run time: a
     hook on a linear or conv layer's input; a GRU or LSTM computed step by step (``recurrent_steps``),
@@ -70,12 +104,11 @@ def quantize_inputs_dynamically(module: nn.Module) -> bool:
         module.forward = types.MethodType(
             lambda m, x, hx=None: steps_forward(m, x, hx, round_rows=lambda v: fake_quantize_rows(v, (-1,))), module)
         return True
-    row_dims = row_dims_of(module)
-    if row_dims is None:
+    if row_dims_of(module) is None:
         return False
 
     def rounded_input(_module: nn.Module, args: tuple) -> tuple:
-        return (fake_quantize_rows(args[0], row_dims), *args[1:])
+        return (dynamically_quantized(module, args[0]), *args[1:])
 
     module.register_forward_pre_hook(rounded_input)
     return True

@@ -25,7 +25,7 @@ from torch import nn
 
 from sparselite.deploy_form import to_deploy_form
 from sparselite.errors import SparseliteError
-from sparselite.quantization.dynamic_range import fake_quantize_rows, row_dims_of
+from sparselite.quantization.dynamic_range import dynamically_quantized, fake_quantize_rows, row_dims_of
 from sparselite.quantization.fake_quant import WeightFakeQuant
 from sparselite.quantization.fusion import find_fused_chains
 from sparselite.quantization.layer_precision import PrecisionSpec, check_precision, is_int8_file, layer_precisions
@@ -98,7 +98,7 @@ def _simulated_forward(precision: str, weight_quant: WeightFakeQuant | None, sim
         weight = module.weight
         if simulator.enabled:
             if precision == "dynamic_int8":
-                x = fake_quantize_rows(x, row_dims_of(module))
+                x = dynamically_quantized(module, x)
                 weight = weight_quant(weight)
             else:
                 weight = _fp16_rounded(weight)

@@ -38,6 +38,7 @@ from sparselite.quantization.fake_quant import (
 )
 from sparselite.quantization.fusion import FusedChain, find_fused_chains
 from sparselite.quantization.library_layers import TF_SAME_PADDING, library_form, pad_tf_same
+from sparselite.quantization.spec import depthwise_on_tflite_kernel
 from sparselite.quantization.int8_layer import Compute, int8_output, normalization_int8_output, with_float_gradient
 from sparselite.quantization.functional_ops import (
     HOOK_FUNCTIONS, LOAD_HOOK_FUNCTIONS, OP_QUANT, attach_op_sites, op_sites_from_state_dict,
@@ -49,15 +50,16 @@ OUTPUT_QUANT = "sparselite_output_quant"
 INPUT_QUANT = "sparselite_input_quant"
 
 
-def _forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, compute: Compute, channel_dim: int) -> torch.Tensor:
+def _forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, compute: Compute, channel_dim: int,
+             tflite_kernel: bool = False) -> torch.Tensor:
     """Training: float sums of the fake-quantized weight. Eval: the int8 file's arithmetic where it is
     known (``int8_layer``), else the float sums with the int32 bias's rounding. ``weight``: output
-    channels first (``compute`` takes it so)."""
+    channels first (``compute`` takes it so). ``tflite_kernel``: the file runs it on TFLite's kernel."""
     weight_quant = getattr(layer, WEIGHT_QUANT)
     as_file = None
     if not layer.training and weight_quant.enabled:
         as_file = int8_output(x, weight, layer.bias, weight_quant.batchnorm, layer._modules.get(OUTPUT_QUANT),
-                              compute, channel_dim)
+                              compute, channel_dim, tflite_kernel)
     if as_file is not None and not torch.is_grad_enabled():
         return as_file
     out = compute(x, weight_quant(weight), layer.bias)
@@ -66,9 +68,22 @@ def _forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, compute: C
     return getattr(layer, BIAS_QUANT)(out, x, weight, layer.bias, channel_dim)
 
 
+def on_tflite_depthwise_kernel(conv: nn.Conv2d, x: torch.Tensor, padded_before: bool) -> bool:
+    """Whether the file runs ``conv`` on TFLite's depthwise kernel (``spec.depthwise_on_tflite_kernel``):
+    one output channel per input channel, and more taps than XNNPACK runs fast once export has cropped
+    what only reads padding. ``padded_before``: the input was padded by the module itself (no SAME padding)."""
+    if not (conv.groups == conv.in_channels == conv.out_channels > 1) or x.dim() != 4:
+        return False
+    kernel = tuple(conv.kernel_size)
+    same_padding = (not padded_before and conv.padding_mode == "zeros" and conv.stride == (1, 1)
+                    and conv.dilation == (1, 1) and all(k % 2 == 1 for k in kernel)
+                    and conv.padding in ("same", tuple(k // 2 for k in kernel)))
+    return depthwise_on_tflite_kernel(kernel, tuple(x.shape[-2:]), cropped=same_padding)
+
+
 class _QATConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _forward(self, x, self.weight, self._conv_forward, 1)
+        return _forward(self, x, self.weight, self._conv_forward, 1, on_tflite_depthwise_kernel(self, x, padded_before=False))
 
 
 class _QATConv1d(nn.Conv1d):
@@ -80,7 +95,8 @@ class _QATConv2dSame(nn.Conv2d):
     """A conv that pads as TensorFlow's SAME from its input's size (``library_layers``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _forward(self, pad_tf_same(self, x), self.weight, self._conv_forward, 1)
+        x = pad_tf_same(self, x)
+        return _forward(self, x, self.weight, self._conv_forward, 1, on_tflite_depthwise_kernel(self, x, padded_before=True))
 
 
 class _QATLinear(nn.Linear):

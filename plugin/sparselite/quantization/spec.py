@@ -52,6 +52,38 @@ def average_as_depthwise(window: int) -> bool:
     return 1 <= window <= AVERAGE_AS_DEPTHWISE_MAX_WINDOW and (window % 2 == 1 or window & (window - 1) == 0)
 
 
+# XNNPACK's largest one-pass depthwise kernel (5x5). ai-edge-litert 2.3 runs a depthwise conv of more taps
+# 2-13x slower than TFLite's own kernel, so export leaves such convs to that kernel
+# (``export/xnnpack_forms.large_depthwise_kernels_on_tflite``, docs/upstream/xnnpack_large_depthwise.md),
+# whose requantization rounds otherwise (``int8_layer``).
+XNNPACK_MAX_FAST_DEPTHWISE_TAPS = 25
+
+
+def kernel_taps_used(kernel: int, size: int) -> int:
+    """How many taps of a stride-1 odd ``kernel`` with SAME padding reach an input of ``size`` rows (or
+    columns): the middle 2 x size - 1; the others read padding at every output position, and export
+    crops them (``export/xnnpack_pool_forms.crop_kernels_to_their_input``)."""
+    return min(kernel, 2 * size - 1)
+
+
+def depthwise_on_tflite_kernel(kernel: tuple[int, int], input_size: tuple[int, int], cropped: bool) -> bool:
+    """Whether the int8 file runs a depthwise conv (one output channel per input channel) of this kernel on
+    TFLite's kernel rather than XNNPACK's: more than 25 taps once export has cropped it (``cropped``: a
+    stride-1 odd kernel with SAME padding)."""
+    if cropped:
+        kernel = (kernel_taps_used(kernel[0], input_size[0]), kernel_taps_used(kernel[1], input_size[1]))
+    return kernel[0] * kernel[1] > XNNPACK_MAX_FAST_DEPTHWISE_TAPS
+
+
+def non_overlapping_patches(kernel: tuple[int, int], stride: tuple[int, int], input_size: tuple[int, int]) -> bool:
+    """Whether a conv (no padding, no dilation) reads square windows that neither overlap nor leave a gap, over
+    an input they tile: a ViT's patch embedding, ConvNeXt's stem. Export writes it as SPACE_TO_DEPTH and a
+    1x1 conv (``export/xnnpack_forms.patch_convs_as_space_to_depth``), which XNNPACK runs as a fully
+    connected layer over the patches."""
+    return (kernel[0] == kernel[1] == stride[0] == stride[1] > 1
+            and input_size[0] % kernel[0] == 0 and input_size[1] % kernel[1] == 0)
+
+
 def weight_scales(weight: torch.Tensor, fold_factor: torch.Tensor | None = None) -> torch.Tensor:
     """Per-output-channel symmetric scale (a fully pruned channel gets the eps scale, and stays 0).
 
