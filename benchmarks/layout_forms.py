@@ -140,6 +140,18 @@ class MixedKernels(nn.Module):
         return x
 
 
+class PatchStem(nn.Module):
+    """A ViT's patch embedding (8x8 patches of 3 channels, to 96) and a token-wise MLP (1x1 convs)."""
+
+    def __init__(self, width: int = 96) -> None:
+        super().__init__()
+        self.patches = nn.Conv2d(3, width, 8, 8)
+        self.mlp = nn.Sequential(nn.Conv2d(width, 2 * width, 1), nn.ReLU(), nn.Conv2d(2 * width, width, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.patches(x))
+
+
 # rewrite (a function that export/xnnpack_forms.py applies) -> the model with its pattern
 CASES = {
     "nearest_upsampling_as_depth_to_space": TopDown,
@@ -148,6 +160,7 @@ CASES = {
     "crop_kernels_to_their_input": WideKernelTail,
     "pads_as_rows": PooledStem,
     "large_depthwise_kernels_on_tflite": MixedKernels,
+    "patch_convs_as_space_to_depth": PatchStem,
 }
 
 
