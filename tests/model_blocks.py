@@ -335,6 +335,22 @@ class LargeKernelDepthwise(nn.Module):
         return self.project(torch.relu(self.wide(self.large(x))))
 
 
+class LargeKernelConv1dNet(nn.Module):
+    """A Conformer-style depthwise Conv1d of 27 taps over [N, features, time] (28 rows of an image), which the
+    file runs on TFLite's kernel, then a linear classifier over every time step."""
+
+    def __init__(self, features: int = 28, channels: int = 32, num_classes: int = 10) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv1d(features, channels, 3, padding=1), nn.ReLU(),
+            nn.Conv1d(channels, channels, 27, padding=13, groups=channels, bias=False), nn.BatchNorm1d(channels), nn.ReLU(),
+        )
+        self.classifier = nn.Linear(channels * features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.body(x.flatten(1, 2)).flatten(1))
+
+
 class TFSameConv2d(nn.Conv2d):
     """A conv that pads as TensorFlow's SAME, from the input's size (timm's Conv2dSame, in EfficientNet's
     and MixNet's TF ports): the odd pixel after, so a strided conv's windows differ from torch's padding."""
@@ -398,6 +414,7 @@ def family_models() -> dict[str, Callable[[], nn.Module]]:
         "tf_same_padding": lambda: BlockNet(TFSameBlock(16), 16),
         "scalar_affine_channel_pad": lambda: BlockNet(AffineChannelPad(16), 16),
         "large_kernel_depthwise": lambda: BlockNet(LargeKernelDepthwise(16), 16),
+        "large_kernel_conv1d": LargeKernelConv1dNet,
     }
 
 

@@ -49,6 +49,7 @@ FAMILY_OPS = {
     "tf_same_padding": {"PAD", "DEPTHWISE_CONV_2D"},
     # 49 and 27 taps: TFLite's kernel, its weights read through a RESHAPE, rounds as TFLite does.
     "large_kernel_depthwise": {"DEPTHWISE_CONV_2D", "RESHAPE"},
+    "large_kernel_conv1d": {"DEPTHWISE_CONV_2D", "RESHAPE"},
     "scalar_affine_channel_pad": {"MUL", "ADD", "CONCATENATION"},  # the zero channels a constant on the grid  # the padding from the input size, zeros on the input's grid
 }
 
@@ -109,10 +110,10 @@ def test_family_block_exports_fully_int8(family, fmnist_train, fmnist_heldout, t
     export_float_tflite(model, images[:1], tmp_path / "float.tflite")
     assert op_count(path, "TRANSPOSE") <= op_count(tmp_path / "float.tflite", "TRANSPOSE")
     # XNNPACK runs the whole graph (no op falls back to TFLite's kernels), but for the depthwise convs of more
-    # than 25 taps that export leaves to TFLite's kernel on purpose: two in a row split it in two.
-    large_kernels = family == "large_kernel_depthwise"
-    assert any("2 depthwise conv(s) of more than 25 taps run on TFLite's own kernel" in n for n in report.notes) == large_kernels
-    assert xnnpack_partitions(path) == (2 if large_kernels else 1)
+    # than 25 taps that export leaves to TFLite's kernel on purpose (two in a row): they split it in two.
+    on_tflite = {"large_kernel_depthwise": 2, "large_kernel_conv1d": 1}.get(family, 0)
+    assert any(f"{on_tflite} depthwise conv(s) of more than 25 taps run on TFLite's own kernel" in n for n in report.notes) == bool(on_tflite)
+    assert xnnpack_partitions(path) == (2 if on_tflite else 1)
     assert report.ranges_calibrated == 0, report.calibrated_ranges  # every range learned in QAT (or derived)
     parity = report.parity
     assert parity.trustworthy, parity.degenerate_reference

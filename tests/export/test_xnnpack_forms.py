@@ -453,13 +453,16 @@ def test_upstream_xnnpack_runs_depthwise_convs_of_more_than_25_taps_slower_than_
     (7, 3, 2, (12, 12)),  # strided: nothing cropped
     ((3, 9), (1, 4), 1, (12, 12)),  # 27
     (5, 2, 1, (12, 12)),  # 25
+    (31, 15, 1, (64,)),  # a Conformer's depthwise Conv1d: a conv of one row in the file
+    (31, 15, 1, (8,)),  # cropped to 15
+    (27, 0, 1, (64,)),
 ])
 def test_training_and_export_agree_on_which_depthwise_convs_run_on_tflites_kernel(kernel, padding, stride, size):
     """QAT computes these convs with TFLite's requantization (``int8_layer``): it must pick the very convs
     export leaves to TFLite's kernel, after cropping the taps that read only padding."""
     from sparselite.quantization.qat import on_tflite_depthwise_kernel
 
-    conv = nn.Conv2d(8, 8, kernel, stride, padding, groups=8).eval()
+    conv = (nn.Conv1d if len(size) == 1 else nn.Conv2d)(8, 8, kernel, stride, padding, groups=8).eval()
     x = torch.randn(1, 8, *size)
     model_t = _converted_file(conv, x, "fp32")
     use_xnnpack_forms(model_t)

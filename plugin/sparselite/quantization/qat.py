@@ -68,17 +68,22 @@ def _forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, compute: C
     return getattr(layer, BIAS_QUANT)(out, x, weight, layer.bias, channel_dim)
 
 
-def on_tflite_depthwise_kernel(conv: nn.Conv2d, x: torch.Tensor, padded_before: bool) -> bool:
+def on_tflite_depthwise_kernel(conv: nn.Conv1d | nn.Conv2d, x: torch.Tensor, padded_before: bool) -> bool:
     """Whether the file runs ``conv`` on TFLite's depthwise kernel (``spec.depthwise_on_tflite_kernel``):
     one output channel per input channel, and more taps than XNNPACK runs fast once export has cropped
-    what only reads padding. ``padded_before``: the input was padded by the module itself (no SAME padding)."""
-    if not (conv.groups == conv.in_channels == conv.out_channels > 1) or x.dim() != 4:
+    what only reads padding. A Conv1d is a conv of one row in the file. ``padded_before``: the input was
+    padded by the module itself (no SAME padding)."""
+    dims = len(conv.kernel_size)
+    if not (conv.groups == conv.in_channels == conv.out_channels > 1) or x.dim() != dims + 2:
         return False
     kernel = tuple(conv.kernel_size)
-    same_padding = (not padded_before and conv.padding_mode == "zeros" and conv.stride == (1, 1)
-                    and conv.dilation == (1, 1) and all(k % 2 == 1 for k in kernel)
+    same_padding = (not padded_before and conv.padding_mode == "zeros" and all(s == 1 for s in conv.stride)
+                    and all(d == 1 for d in conv.dilation) and all(k % 2 == 1 for k in kernel)
                     and conv.padding in ("same", tuple(k // 2 for k in kernel)))
-    return depthwise_on_tflite_kernel(kernel, tuple(x.shape[-2:]), cropped=same_padding)
+    size = tuple(x.shape[2:])
+    if dims == 1:
+        kernel, size = (1, *kernel), (1, *size)
+    return depthwise_on_tflite_kernel(kernel, size, cropped=same_padding)
 
 
 class _QATConv2d(nn.Conv2d):
@@ -88,7 +93,7 @@ class _QATConv2d(nn.Conv2d):
 
 class _QATConv1d(nn.Conv1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _forward(self, x, self.weight, self._conv_forward, 1)
+        return _forward(self, x, self.weight, self._conv_forward, 1, on_tflite_depthwise_kernel(self, x, padded_before=False))
 
 
 class _QATConv2dSame(nn.Conv2d):
