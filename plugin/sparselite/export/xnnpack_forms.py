@@ -323,8 +323,8 @@ def patch_convs_as_space_to_depth(model: schema.ModelT) -> int:
     """Write each CONV_2D whose square kernel is its stride (a ViT's patch embedding, ConvNeXt's stem: windows
     that neither overlap nor leave a gap) over an input its stride divides, without padding, as
     SPACE_TO_DEPTH then a 1x1 conv, in place. XNNPACK runs the strided conv as an indirect GEMM that reads
-    the few input channels of one tap at a time: a 3-channel 8x8 patch embedding took 5x the time per
-    multiply-add of the model's other GEMMs in a dynamic-range ViT. SPACE_TO_DEPTH lays each window's
+    the few input channels of one tap at a time: a 3-channel 8x8 patch embedding took over 4x the time per
+    multiply-add of the model's linears in a dynamic-range ViT. SPACE_TO_DEPTH lays each window's
     values out as one pixel's channels, in the order (row, column, channel) in which the conv's OHWI
     weight already stores them: the weight keeps its bytes, with the shape [O, 1, 1, k x k x C]. The same
     sums in the same order per tap. Returns how many."""
