@@ -29,6 +29,7 @@ from sparselite.quantization.dynamic_range import dynamically_quantized, fake_qu
 from sparselite.quantization.fake_quant import WeightFakeQuant
 from sparselite.quantization.fusion import find_fused_chains
 from sparselite.quantization.layer_precision import PrecisionSpec, check_precision, is_int8_file, layer_precisions
+from sparselite.quantization.library_layers import SAME_AS_BASE, TF_SAME_PADDING, library_form, pad_tf_same
 from sparselite.quantization.recurrent_steps import stepwise, steps_forward
 
 SIMULATED_PRECISION = "sparselite_simulated_precision"  # attribute on the prepared model
@@ -79,8 +80,11 @@ class FloatActivationSimulator:
                 continue  # the file keeps it fp32 (a one-channel conv is a DEPTHWISE_CONV_2D); so does training
             if chosen == "fp32" or not isinstance(module, (nn.Linear, nn.Conv2d)):
                 continue
+            form = _form(module)
+            if form is None:  # a library's subclass that computes something else: as in int8 QAT, left as it is
+                continue
             weight_quant = WeightFakeQuant(batchnorms.get(name)) if chosen == "dynamic_int8" else None
-            module.forward = types.MethodType(_simulated_forward(chosen, weight_quant, self), module)
+            module.forward = types.MethodType(_simulated_forward(chosen, weight_quant, self, form == TF_SAME_PADDING), module)
             self.simulated.append(name)
         setattr(model, SIMULATED_PRECISION, self.precision)
         return self.simulated
@@ -93,8 +97,19 @@ class FloatActivationSimulator:
             strip(self.model)
 
 
-def _simulated_forward(precision: str, weight_quant: WeightFakeQuant | None, simulator: FloatActivationSimulator):
+def _form(module: nn.Linear | nn.Conv2d) -> str | None:
+    """How the layer computes against its torch base (``library_layers.library_form``): a library's conv that
+    pads as TensorFlow's SAME is simulated on its padded input, as the file computes it after its PAD."""
+    if type(module) in (nn.Linear, nn.Conv2d):
+        return SAME_AS_BASE
+    return library_form(module, nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d)
+
+
+def _simulated_forward(precision: str, weight_quant: WeightFakeQuant | None, simulator: FloatActivationSimulator,
+                       pads_tf_same: bool = False):
     def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if pads_tf_same:
+            x = pad_tf_same(module, x)
         weight = module.weight
         if simulator.enabled:
             if precision == "dynamic_int8":
