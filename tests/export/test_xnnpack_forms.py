@@ -456,17 +456,26 @@ def test_upstream_xnnpack_runs_depthwise_convs_of_more_than_25_taps_slower_than_
     (31, 15, 1, (64,)),  # a Conformer's depthwise Conv1d: a conv of one row in the file
     (31, 15, 1, (8,)),  # cropped to 15
     (27, 0, 1, (64,)),
+    (7, "tf_same", 1, (12, 12)),  # timm's Conv2dSame: a PAD, then a conv that reads all 49 taps
+    (7, "tf_same", 1, (2, 2)),
 ])
 def test_training_and_export_agree_on_which_depthwise_convs_run_on_tflites_kernel(kernel, padding, stride, size):
     """QAT computes these convs with TFLite's requantization (``int8_layer``): it must pick the very convs
     export leaves to TFLite's kernel, after cropping the taps that read only padding."""
+    from model_blocks import TFSameConv2d
+    from sparselite.quantization.library_layers import pad_tf_same
     from sparselite.quantization.qat import on_tflite_depthwise_kernel
 
-    conv = (nn.Conv1d if len(size) == 1 else nn.Conv2d)(8, 8, kernel, stride, padding, groups=8).eval()
     x = torch.randn(1, 8, *size)
+    if padding == "tf_same":
+        conv = TFSameConv2d(8, 8, kernel, stride, groups=8).eval()
+        on_tflite = on_tflite_depthwise_kernel(conv, pad_tf_same(conv, x), padded_before=True)
+    else:
+        conv = (nn.Conv1d if len(size) == 1 else nn.Conv2d)(8, 8, kernel, stride, padding, groups=8).eval()
+        on_tflite = on_tflite_depthwise_kernel(conv, x, padded_before=False)
     model_t = _converted_file(conv, x, "fp32")
     use_xnnpack_forms(model_t)
-    assert on_tflite_depthwise_kernel(conv, x, padded_before=False) == bool(left_to_tflite_on_purpose(model_t))
+    assert on_tflite == bool(left_to_tflite_on_purpose(model_t))
 
 
 class _PatchEmbeddings(nn.Module):
