@@ -3,7 +3,8 @@
 A block per family (ResNet's shared-ReLU residual, MobileNetV2's inverted residual, chained adds,
 MobileNetV3's hardsigmoid squeeze-excite, EfficientNet's SiLU MBConv, SqueezeNet's concat,
 ShuffleNet's channel shuffle, DenseNet's block, VGG's adaptive pooling over a smaller map, average pools over
-small windows (DenseNet's transition, Inception's padded pool), a Conv1d keyword spotter) in a small model: QAT on real Fashion-MNIST,
+small windows (DenseNet's transition, Inception's padded pool), a Conv1d keyword spotter, depthwise convs of more than
+25 taps, which the file runs on TFLite's kernel) in a small model: QAT on real Fashion-MNIST,
 then the real converter and runtime. Each test reads the op types from the file and checks that
 every tensor they touch is int8, that every activation range came from training, and parity.
 """
