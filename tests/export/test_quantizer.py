@@ -102,6 +102,28 @@ def test_float_modules_stay_float_and_so_do_the_shape_ops_after_them():
     assert any(kinds["linear"])  # the rest is int8 as before
 
 
+def test_a_shape_op_that_shared_a_float_layers_range_stays_float_with_it():
+    """litert's annotator gives a permute after a linear the linear's range; with the linear kept float, the
+    permute followed it (pt2e's prepare failed: ``KeyError: linear_1``, ConvNeXt's blocks with
+    ``float_fallback="xnnpack"``), and the conv after it reads the float value through a range of its own."""
+
+    class ChannelsLastMlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.conv = nn.Linear(8, 8), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            return self.conv(self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+    quantizer = FullInt8Quantizer(float_modules=frozenset({"fc"}))
+    graph_module = quantizer.annotate(quantizer.transform_for_annotation(exported(ChannelsLastMlp())))
+    kinds = annotated(graph_module)
+    assert kinds["linear"] == [False] and kinds["permute"][-1] is False
+    assert any(kinds["conv2d"])
+    prepare_pt2e(torch.export.export(ChannelsLastMlp().eval(), (torch.randn(1, 8, 6, 6),)).module(),
+                 FullInt8Quantizer(float_modules=frozenset({"fc"})))  # raised KeyError
+
+
 def test_upstream_litert_gru_annotator_raises_without_h0():
     """litert-torch 0.10's ``gru_io_only`` annotator reads ``input_nodes[1]`` as the hidden state, so a GRU
     called without h0 raises IndexError (docs/upstream/litert_gru_annotator.md). sparselite's quantizer

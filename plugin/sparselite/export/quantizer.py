@@ -286,12 +286,43 @@ class FullInt8Quantizer(PT2EQuantizer):
 
     def annotate(self, model: GraphModule) -> GraphModule:
         super().annotate(model)
+        float_nodes = set()
         for node in model.graph.nodes:  # before the op table runs, so nothing outside shares their ranges
             if innermost_module(node) in self.float_modules:
                 node.meta.pop("quantization_annotation", None)
+                float_nodes.add(node)
+        _unshare_from(model, float_nodes, self.global_config.input_activation, self.global_config.output_activation)
         annotate_by_op_kind(model, self.global_config.input_activation, self.global_config.output_activation,
                             self.float_modules)
         return model
+
+
+def _shares_with(qspec, nodes: set[Node]) -> bool:
+    if not isinstance(qspec, SharedQuantizationSpec):
+        return False
+    shared = qspec.edge_or_node
+    return any(n in nodes for n in shared) if isinstance(shared, tuple) else shared in nodes
+
+
+def _unshare_from(model: GraphModule, float_nodes: set[Node], input_spec, output_spec) -> None:
+    """litert's annotator shares a producer's range with the shape ops after it (a permute after a linear):
+    where the producer stays float, a shape op that shared its range loses its annotation too, so that the op
+    table keeps it float with its input; any other op observes the edge with a range of its own. (Left
+    as they were, pt2e's prepare fails on the missing producer: ``KeyError: linear_1``.) In graph order, so a
+    chain of shape ops follows its first."""
+    unshared = set(float_nodes)
+    for node in model.graph.nodes:
+        annotation = _annotation(node)
+        if annotation is None or node in unshared:
+            continue
+        if op_kind(node) in SHARES_INPUT_RANGE and _shares_with(annotation.output_qspec, unshared):
+            del node.meta["quantization_annotation"]
+            unshared.add(node)
+            continue
+        annotation.input_qspec_map = {source: input_spec if _shares_with(qspec, unshared) else qspec
+                                      for source, qspec in annotation.input_qspec_map.items()}
+        if _shares_with(annotation.output_qspec, unshared):
+            annotation.output_qspec = output_spec
 
 
 def annotate_by_op_kind(model: GraphModule, input_spec, output_spec, float_modules: frozenset[str] = frozenset()) -> None:
