@@ -302,9 +302,9 @@ class NormActResidual(nn.Module):
 
 
 class MixedConvNorm(nn.Module):
-    """MixNet's mixed depthwise conv: a pre-activation norm (ReLU inside), the channels split between a
-    3x3 and a 5x5 depthwise conv, concatenated, then one norm+activation module (Hardswish inside) for
-    the concatenation: norms that follow no conv, each with its activation; then a projection."""
+    """MixNet's mixed depthwise conv: a pre-activation norm (ReLU inside) that follows no conv, the channels
+    split between a 3x3 and a 5x5 depthwise conv, concatenated, then one norm+activation module (Hardswish
+    inside) for the concatenation, whose norm folds into each conv's slice of channels; then a projection."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -321,9 +321,28 @@ class MixedConvNorm(nn.Module):
         return self.project_norm(self.project(y))
 
 
+class ConcatenatedConvsNorm(nn.Module):
+    """Two full convs (3x3 and 1x1, of different widths) over halves of the input, concatenated, then one
+    plain BatchNorm2d and a ReLU module for the concatenation: the BN folds into each conv's slice of
+    channels and the ReLU clamps on the shared grid."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        half = channels // 2
+        self.wide = nn.Conv2d(half, 10, 3, padding=1, bias=False)
+        self.narrow = nn.Conv2d(channels - half, channels - 4, 1)
+        self.norm, self.act = nn.BatchNorm2d(channels + 6), nn.ReLU()
+        self.project = nn.Conv2d(channels + 6, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        return self.project(self.act(self.norm(torch.cat([self.wide(a), self.narrow(b)], 1))))
+
+
 class LargeKernelDepthwise(nn.Module):
-    """ConvNeXt's and MixNet's large depthwise kernels: a 7x7 conv -> BN -> ReLU and a 3x9 conv (49 and 27
-    taps), which the file runs on TFLite's kernel rather than XNNPACK's, then a projection."""
+    """ConvNeXt's and MixNet's large depthwise kernels: a 7x7 conv -> BN -> ReLU and a 3x9 conv with no
+    activation, whose negative ties show how TFLite rounds them (49 and 27 taps, which the file runs on
+    TFLite's kernel rather than XNNPACK's), then a projection."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -332,7 +351,7 @@ class LargeKernelDepthwise(nn.Module):
         self.project = conv_bn(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(torch.relu(self.wide(self.large(x))))
+        return self.project(self.wide(self.large(x)))
 
 
 class LargeKernelConv1dNet(nn.Module):
@@ -411,6 +430,7 @@ def family_models() -> dict[str, Callable[[], nn.Module]]:
         "encoder_decoder": EncoderDecoder,
         "norm_activation_modules": lambda: BlockNet(NormActResidual(16), 16),
         "norm_after_concatenation": lambda: BlockNet(MixedConvNorm(16), 16),
+        "norm_after_concatenated_convs": lambda: BlockNet(ConcatenatedConvsNorm(16), 16),
         "tf_same_padding": lambda: BlockNet(TFSameBlock(16), 16),
         "scalar_affine_channel_pad": lambda: BlockNet(AffineChannelPad(16), 16),
         "large_kernel_depthwise": lambda: BlockNet(LargeKernelDepthwise(16), 16),

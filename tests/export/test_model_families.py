@@ -45,13 +45,23 @@ FAMILY_OPS = {
     "encoder_decoder": {"TRANSPOSE_CONV", "DEPTH_TO_SPACE", "CONCATENATION"},  # nearest upsampling: copies, DEPTH_TO_SPACE
     # Norms folded (the skip path's into a depthwise 1x1 conv), hardswish rewritten, ReLU fused.
     "norm_activation_modules": {"ADD", "MUL", "DEPTHWISE_CONV_2D"},
-    # Each norm a depthwise 1x1 conv, its activation after it (ReLU fused, hardswish rewritten).
+    # The pre-activation norm a depthwise 1x1 conv (ReLU fused); the norm after the concatenation folded
+    # into each conv's slice of channels, its hardswish rewritten after the concatenation.
     "norm_after_concatenation": {"CONCATENATION", "DEPTHWISE_CONV_2D", "MUL"},
+    "norm_after_concatenated_convs": {"CONCATENATION"},  # the norm folded into both convs, ReLU on the grid
     "tf_same_padding": {"PAD", "DEPTHWISE_CONV_2D"},
     # 49 and 27 taps: TFLite's kernel, its weights read through a RESHAPE, rounds as TFLite does.
     "large_kernel_depthwise": {"DEPTHWISE_CONV_2D", "RESHAPE"},
     "large_kernel_conv1d": {"DEPTHWISE_CONV_2D", "RESHAPE"},
-    "scalar_affine_channel_pad": {"MUL", "ADD", "CONCATENATION"},  # the zero channels a constant on the grid  # the padding from the input size, zeros on the input's grid
+    "scalar_affine_channel_pad": {"MUL", "ADD", "CONCATENATION"},  # the zero channels a constant on the grid
+}
+
+# How many of an op a family's file has, where it tells what export made of the block. A norm after a
+# concatenation of convs folds into them and leaves no op of its own (no depthwise 1x1 conv, no RELU):
+# the stem's conv of one input channel is a DEPTHWISE_CONV_2D, the mixed convs are two more.
+FAMILY_OP_COUNTS = {
+    "norm_after_concatenated_convs": {"DEPTHWISE_CONV_2D": 1, "CONCATENATION": 1, "RELU": 0},
+    "norm_after_concatenation": {"DEPTHWISE_CONV_2D": 4, "CONCATENATION": 1},  # stem, pre-activation norm, 3x3, 5x5
 }
 
 
@@ -103,6 +113,8 @@ def test_family_block_exports_fully_int8(family, fmnist_train, fmnist_heldout, t
 
     types = op_tensor_types(path)
     assert FAMILY_OPS[family] <= set(types), f"missing ops: {FAMILY_OPS[family] - set(types)}"
+    for op, count in FAMILY_OP_COUNTS.get(family, {}).items():
+        assert op_count(path, op) == count, (op, op_count(path, op))
     for op, tensor_types in types.items():
         if op not in ("QUANTIZE", "DEQUANTIZE"):  # the float I/O conversions at the edges
             assert tensor_types <= {TensorType.INT8, TensorType.INT32}, f"{op} has float activations"

@@ -691,3 +691,48 @@ def test_a_grouped_transposed_conv_keeps_its_batchnorm_apart(tmp_path):
     grouped(x)
     report = export_tflite(grouped.eval(), x[:1], tmp_path / "m.tflite", calibration_data=[x], verify_data=[x], min_agreement=0.0)
     assert report.float_islands == []
+
+
+class ConcatenatedConvs(nn.Module):
+    """Two convs over halves of the stem's output, concatenated into one BN and a ReLU (MixNet's mixed
+    convs); ``with_input``: the input joins the concatenation, so the BN reads more than convs."""
+
+    def __init__(self, with_input: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, 2), nn.ReLU())
+        self.wide, self.narrow = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 10, 1, bias=False)
+        self.with_input = with_input
+        self.bn, self.relu = nn.BatchNorm2d(16 + 8 * with_input), nn.ReLU()
+        self.head = nn.Linear(16 + 8 * with_input, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        a, b = x.chunk(2, 1)
+        parts = [self.wide(a), self.narrow(b)] + ([x] if self.with_input else [])
+        return self.head(self.relu(self.bn(torch.cat(parts, 1))).mean((2, 3)))
+
+
+def test_a_norm_after_a_concatenation_of_convs_folds_into_each_convs_slice(fmnist_train):
+    """Each conv takes the BN's channels it wrote; its fold is exact, the convs share the BN's range (after
+    the ReLU), and the concatenation is no rounding point. A BN that also reads the input stays whole."""
+    torch.manual_seed(0)
+    assert [c for c in find_fused_chains(ConcatenatedConvs()) if c.batchnorm] == [
+        FusedChain("wide", "bn", "relu", None, (0, 6)), FusedChain("narrow", "bn", "relu", None, (6, 16))]
+    assert all(c.channels is None for c in find_fused_chains(ConcatenatedConvs(with_input=True)))
+
+    model = ConcatenatedConvs()
+    train(model, None, fmnist_train, steps=8)
+    images = fmnist_train[0][:64]
+    folded = fold_batchnorm(copy.deepcopy(model).eval(), find_fused_chains(model))
+    assert isinstance(folded.bn, nn.Identity) and isinstance(folded.relu, nn.Identity)  # each conv clamps its slice
+    torch.testing.assert_close(folded(images), model.eval()(images), rtol=1e-4, atol=1e-5)
+    assert float(folded.wide(folded.stem(images)[:, :4]).min()) == 0.0
+
+    simulator = QuantizationSimulator(averaging_constant=0.1)
+    simulator.prepare(model, (images[:1],))
+    train(model, simulator, fmnist_train, steps=4)
+    assert model.wide.sparselite_output_quant is model.narrow.sparselite_output_quant
+    ranges = learned_ranges(model)
+    assert ranges["wide"] == ranges["narrow"] and ranges["wide"][0] >= 0.0  # observed after the ReLU
+    assert simulator.op_sites == []  # the concatenation is numbered, not rounded
+    assert "sparselite_op_quant" not in dict(model.named_children())

@@ -110,11 +110,23 @@ class PointResolver:
             return module_path(node)
         if node in self.sites and self.sites[node] in self.ranges:
             return self.sites[node]
+        if op_kind(node) in CONCATENATION and (joined := self._one_grid_concatenation(node)) is not None:
+            return joined
         owner = module_path(node)
         leaves_module = all(_module_call(user) != _module_call(node) for user in self._consumers(node))
         if owner and owner in self.ranges and leaves_module:
             return owner
         return None
+
+    def _one_grid_concatenation(self, node: torch.fx.Node) -> str | None:
+        """A concatenation training did not round, whose parts all carry one learned range: the slices
+        of channels that a BN folded into their convs reads (``fusion.FusedChain.channels``). It joins
+        values already on that grid, so it keeps it."""
+        parts = node.args[0] if node.args and isinstance(node.args[0], (list, tuple)) else []
+        points = [self.point(part) for part in parts if isinstance(part, torch.fx.Node)]
+        if len(points) < 2 or len(points) != len(parts) or any(p is None or p not in self.ranges for p in points):
+            return None
+        return points[0] if len({self.ranges[p] for p in points}) == 1 else None
 
     def _consumers(self, node: torch.fx.Node) -> list[torch.fx.Node]:
         """The ops that read ``node``'s value, looking through the observers pt2e put between them."""

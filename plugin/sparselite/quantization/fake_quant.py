@@ -19,6 +19,9 @@ LEARNED_RANGE_ATTR = "_sparselite_learned_range"
 # The attribute that names, on each value an ActivationFakeQuant returns, that fake-quant (how
 # ``functional_ops`` finds which values feed a concatenation alone).
 PRODUCER_ATTR = "_sparselite_fake_quant"
+# On a producer's output that is one slice of the channels a BN reads after their concatenation: the BN
+# folds into the producers, so the concatenation is no rounding point (``fusion.FusedChain.channels``).
+NORM_SLICE_ATTR = "_sparselite_norm_slice"
 
 
 class _PerTensorFakeQuant(torch.autograd.Function):

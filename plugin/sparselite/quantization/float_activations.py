@@ -27,7 +27,7 @@ from sparselite.deploy_form import to_deploy_form
 from sparselite.errors import SparseliteError
 from sparselite.quantization.dynamic_range import dynamically_quantized, fake_quantize_rows, row_dims_of
 from sparselite.quantization.fake_quant import WeightFakeQuant
-from sparselite.quantization.fusion import find_fused_chains
+from sparselite.quantization.fusion import chain_batchnorm, find_fused_chains
 from sparselite.quantization.layer_precision import PrecisionSpec, check_precision, is_int8_file, layer_precisions
 from sparselite.quantization.library_layers import SAME_AS_BASE, TF_SAME_PADDING, library_form, pad_tf_same
 from sparselite.quantization.recurrent_steps import stepwise, steps_forward
@@ -68,8 +68,7 @@ class FloatActivationSimulator:
         self.model = model
         to_deploy_form(model)  # the convs the file holds, not a reparameterizable block's branches
         self.layers = layer_precisions(model, self.precision)
-        batchnorms = {chain.producer: model.get_submodule(chain.batchnorm)
-                      for chain in find_fused_chains(model) if chain.batchnorm}
+        batchnorms = {chain.producer: chain_batchnorm(model, chain) for chain in find_fused_chains(model) if chain.batchnorm}
         for name, chosen in self.layers.items():
             module = model.get_submodule(name)
             if chosen != "fp32" and stepwise(module):

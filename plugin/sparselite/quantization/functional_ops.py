@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from sparselite.hook_ids import hook_ids_apart
 from sparselite.quantization.fake_quant import (
-    LEARNED_RANGE_ATTR, PRODUCER_ATTR, ActivationFakeQuant, BiasFakeQuant, GridFakeQuant, WeightFakeQuant,
+    LEARNED_RANGE_ATTR, NORM_SLICE_ATTR, PRODUCER_ATTR, ActivationFakeQuant, BiasFakeQuant, GridFakeQuant, WeightFakeQuant,
 )
 from sparselite.quantization.int8_rounding import (
     GRID_KIND_OF, keeps_input_grid, mean_on_input_grid, nearest_interpolation, on_the_files_grid, pass_grid_on,
@@ -156,6 +156,12 @@ class OpSites:
             self.means[key] = _MeanSite()
         return self.means.get(key)
 
+    def skip_site(self, kind: str) -> None:
+        """Number the ``kind`` call now running without rounding it (export numbers every call)."""
+        if not self.in_fake_quant():
+            owner = self.stack[-1]
+            self.counts[(owner, kind)] = self.counts.get((owner, kind), 0) + 1
+
     def on_op(self, kind: str, output: torch.Tensor) -> torch.Tensor:
         if self.in_fake_quant():
             return output
@@ -188,6 +194,12 @@ class _OpMode(TorchFunctionMode):
             output = func(*args, **(kwargs or {}))
             pass_grid_on(args[0][0], output)
             return output
+        if kind == "cat" and args and isinstance(args[0], (tuple, list)) and all(
+                getattr(part, NORM_SLICE_ATTR, False) for part in args[0]):
+            # The slices of the channels a BN reads, which folds into their convs: the file's
+            # concatenation joins the BN's output, already on its grid. A call site, numbered, not rounded.
+            self.sites.skip_site(kind)
+            return func(*args, **(kwargs or {}))
         if self.sites.discovering:
             self.sites.count_uses(kind or getattr(func, "__name__", ""), args)
         grid_kind = GRID_KIND_OF.get(func)

@@ -42,6 +42,10 @@ class FusedChain:
     # The chain's output is this module's *input*: the activation inside a norm+activation module,
     # which TFLite does not fuse (Hardswish, SiLU): the norm's output is requantized before it.
     output_before: str | None = None
+    # The BN's channels [start, end) that fold into this producer: the BN follows a concatenation of
+    # several producers' outputs (MixNet's mixed-kernel convs), and each takes its slice of it. The
+    # producers of one concatenation share one output range, the BN's (after its activation).
+    channels: tuple[int, int] | None = None
 
     @property
     def output_module(self) -> str:
@@ -181,8 +185,12 @@ def find_fused_chains(model: nn.Module) -> list[FusedChain]:
             calls[node.target] = calls.get(node.target, 0) + 1
 
     chains = []
+    sliced = _concatenations_into_a_norm(nodes, modules, calls, sole_module_user)
     for node in nodes:
         if node.op != "call_module" or node.target not in producers:
+            continue
+        if node.target in sliced:
+            chains.append(sliced[node.target])
             continue
         if calls[node.target] > 1:  # a shared conv/linear: one chain of its own, whatever follows each call
             if all(c.producer != node.target for c in chains):
@@ -235,21 +243,56 @@ def _traced_graphs(module: nn.Module, tracer: torch.fx.Tracer, prefix: str = "")
 
 def _chain_from(node: torch.fx.Node, modules: dict[str, nn.Module], calls: dict[str, int], sole_module_user) -> FusedChain:
     """The chain a conv/linear node heads: its BN (plain, or a norm+activation module) and activation."""
-    batchnorm = activation = None
-    tail = node
     bn_type = next((bn for conv, bn in _BATCHNORM_OF.items() if isinstance(modules[node.target], conv)), None)
-    if bn_type and (bn := sole_module_user(tail, (bn_type,))) and calls[bn.target] == 1:
+    if bn_type and (bn := sole_module_user(node, (bn_type,))) and calls[bn.target] == 1:
         norm = norm_activation(modules[bn.target]) if bn_type is nn.BatchNorm2d else NormActivation(None)
-        if norm is not None and norm.activation is not None:  # the activation is inside the norm's module
-            inner = f"{bn.target}.{norm.activation}"
-            if isinstance(modules[inner], ACTIVATION_TYPES):
-                return FusedChain(node.target, bn.target, inner)
-            return FusedChain(node.target, bn.target, None, output_before=inner)
         if norm is not None:
-            batchnorm, tail = bn.target, bn
-    if (act := sole_module_user(tail, ACTIVATION_TYPES)) and calls[act.target] == 1:
-        activation = act.target
-    return FusedChain(node.target, batchnorm, activation)
+            return FusedChain(node.target, bn.target, *_after_norm(bn, norm, modules, calls, sole_module_user))
+    act = sole_module_user(node, ACTIVATION_TYPES)
+    return FusedChain(node.target, None, act.target if act is not None and calls[act.target] == 1 else None)
+
+
+def _after_norm(bn: torch.fx.Node, norm: NormActivation, modules: dict[str, nn.Module], calls: dict[str, int],
+                sole_module_user) -> tuple[str | None, str | None]:
+    """(activation, output_before) of a chain through the norm ``bn``: the activation inside a
+    norm+activation module, or the one module after the norm."""
+    if norm.activation is not None:  # the activation is inside the norm's module
+        inner = f"{bn.target}.{norm.activation}"
+        return (inner, None) if isinstance(modules[inner], ACTIVATION_TYPES) else (None, inner)
+    act = sole_module_user(bn, ACTIVATION_TYPES)
+    return (act.target if act is not None and calls[act.target] == 1 else None), None
+
+
+def _concatenations_into_a_norm(nodes: list[torch.fx.Node], modules: dict[str, nn.Module], calls: dict[str, int],
+                                sole_module_user) -> dict[str, FusedChain]:
+    """Producer -> its chain, for the producers concatenated along channels into a BatchNorm2d that
+    reads nothing else: ``bn(cat([conv_a(x_a), conv_b(x_b)], 1))``. The BN folds into each conv's slice
+    of channels, and the concatenation of the folded outputs is the BN's output, as a float sum is,
+    exactly. Each producer must be a Conv2d called once whose one reader is the concatenation."""
+    found: dict[str, FusedChain] = {}
+    for node in nodes:
+        if node.op != "call_function" or node.target is not torch.cat or not node.args:
+            continue
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        parts = node.args[0]
+        norm_node = sole_module_user(node, (nn.BatchNorm2d,))
+        if dim not in (1, -3) or not isinstance(parts, (list, tuple)) or len(parts) < 2 or norm_node is None:
+            continue
+        norm = norm_activation(modules[norm_node.target])
+        if norm is None or calls[norm_node.target] != 1:
+            continue
+        if not all(isinstance(p, torch.fx.Node) and p.op == "call_module" and isinstance(modules.get(p.target), nn.Conv2d)
+                   and _is_producer(modules[p.target]) and calls[p.target] == 1 and list(p.users) == [node] for p in parts):
+            continue
+        widths = [modules[p.target].out_channels for p in parts]
+        if sum(widths) != modules[norm_node.target].num_features:
+            continue
+        activation, output_before = _after_norm(norm_node, norm, modules, calls, sole_module_user)
+        start = 0
+        for part, width in zip(parts, widths):
+            found[part.target] = FusedChain(part.target, norm_node.target, activation, output_before, (start, start + width))
+            start += width
+    return found
 
 
 def _is_producer(module: nn.Module) -> bool:
@@ -303,17 +346,72 @@ def batchnorm_as_depthwise(model: nn.Module) -> nn.Module:
     return model
 
 
+class BatchNormSlice:
+    """Channels [start, end) of a BatchNorm, read live (training moves its statistics): what folds into
+    one producer of a concatenation the BN follows. It offers what folding reads of a BN."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, channels: tuple[int, int]) -> None:
+        self.bn, self.channels = bn, channels
+
+    def _slice(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor[self.channels[0]:self.channels[1]]
+
+    running_mean = property(lambda self: self._slice(self.bn.running_mean))
+    running_var = property(lambda self: self._slice(self.bn.running_var))
+    weight = property(lambda self: self._slice(self.bn.weight))
+    bias = property(lambda self: self._slice(self.bn.bias))
+    eps = property(lambda self: self.bn.eps)
+    affine = property(lambda self: self.bn.affine)
+    training = property(lambda self: self.bn.training)
+
+
+def chain_batchnorm(model: nn.Module, chain: FusedChain) -> nn.modules.batchnorm._BatchNorm | BatchNormSlice | None:
+    """What of its BN folds into the chain's producer: the BN, its slice of channels, or None."""
+    if chain.batchnorm is None:
+        return None
+    bn = model.get_submodule(chain.batchnorm)
+    return bn if chain.channels is None else BatchNormSlice(bn, chain.channels)
+
+
 def fold_batchnorm(model: nn.Module, chains: list[FusedChain]) -> nn.Module:
-    """Fold each chain's BN into its conv, in place, and replace the BN with Identity. Model must be in eval()."""
-    for chain in chains:
-        if chain.batchnorm is None:
-            continue
+    """Fold each chain's BN (or its slice of it) into its conv, in place, and replace the BN with Identity
+    (or the activation inside it). Model must be in eval()."""
+    folding = [(chain, chain_batchnorm(model, chain)) for chain in chains if chain.batchnorm is not None]
+    for chain, bn in folding:
         conv = model.get_submodule(chain.producer)
-        bn = model.get_submodule(chain.batchnorm)
         fused = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.modules.conv._ConvTransposeNd))
         conv.weight, conv.bias = fused.weight, fused.bias
+    moved = set()
+    for chain, _ in folding:  # each slice's conv clamps its own output (a fused activation), the concatenation after
+        if chain.channels is not None and chain.activation is not None:
+            _activation_after(model.get_submodule(chain.producer), model.get_submodule(chain.activation))
+            moved.add(chain.activation)
+    for chain in {chain.batchnorm: chain for chain, _ in folding}.values():
         inside = next((p for p in (chain.activation, chain.output_before) if p and p.startswith(f"{chain.batchnorm}.")), None)
-        left = nn.Identity() if inside is None else ActivationAfterFold(inside.rpartition(".")[2], model.get_submodule(inside))
-        parent_name, _, child = chain.batchnorm.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, left)
+        left = nn.Identity() if inside is None or inside in moved else ActivationAfterFold(inside.rpartition(".")[2], model.get_submodule(inside))
+        _replace(model, chain.batchnorm, left)
+    for name in moved:
+        if not name.startswith(tuple(f"{chain.batchnorm}." for chain, _ in folding)):
+            _replace(model, name, nn.Identity())
     return model
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+ACTIVATION_AFTER_FOLD = "sparselite_activation"
+
+
+def _activation_after(conv: nn.Module, activation: nn.Module) -> None:
+    """Make ``conv`` apply ``activation`` to its output (an elementwise clamp TFLite fuses into it): the
+    concatenation of the slices is then the activation's output, as the BN's activation computed it, and
+    no int8 RELU of its own follows the concatenation (XNNPACK delegates none: it split mixnet_s's graph).
+    A forward hook, which torch.export traces, keeps the conv's class and path."""
+    conv.add_module(ACTIVATION_AFTER_FOLD, activation)
+    conv.register_forward_hook(_apply_activation_after_fold)
+
+
+def _apply_activation_after_fold(conv: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return conv._modules[ACTIVATION_AFTER_FOLD](output)

@@ -34,9 +34,9 @@ from sparselite.deploy_form import to_deploy_form
 from sparselite.errors import SparseliteError
 from sparselite.hook_ids import hook_ids_apart
 from sparselite.quantization.fake_quant import (
-    ActivationFakeQuant, BatchNormShiftFakeQuant, BiasFakeQuant, GridFakeQuant, WeightFakeQuant,
+    NORM_SLICE_ATTR, ActivationFakeQuant, BatchNormShiftFakeQuant, BiasFakeQuant, GridFakeQuant, WeightFakeQuant,
 )
-from sparselite.quantization.fusion import FusedChain, find_fused_chains
+from sparselite.quantization.fusion import FusedChain, chain_batchnorm, find_fused_chains
 from sparselite.quantization.library_layers import TF_SAME_PADDING, library_form, pad_tf_same
 from sparselite.quantization.spec import depthwise_on_tflite_kernel
 from sparselite.quantization.int8_layer import Compute, int8_output, normalization_int8_output, with_float_gradient
@@ -198,6 +198,12 @@ def _shift_before_activation(quant: BatchNormShiftFakeQuant, module: nn.Module, 
     return (_shift_on_int32_grid(quant, quant.normalization, (norm_input,), args[0]), *args[1:])
 
 
+def _mark_norm_slice(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+    """A producer whose output is a slice of what its BN reads: the concatenation of the slices is no
+    point of the file (its convs write the BN's output, folded), so ``functional_ops`` leaves it unrounded."""
+    setattr(output, NORM_SLICE_ATTR, True)
+
+
 def _quantize_input(quant: ActivationFakeQuant, module: nn.Module, args: tuple) -> tuple | None:
     if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
         return (quant(args[0]), *args[1:])
@@ -270,13 +276,21 @@ class QuantizationSimulator:
         tails = {c.output_module for c in chains + normalizations}
         for chain in normalizations:
             self._attach_normalization(model, chain)
+        shared: dict[str, ActivationFakeQuant] = {}  # the BN a concatenation of producers folds into -> its range
         for chain in chains:
             producer = model.get_submodule(chain.producer)
-            batchnorm = model.get_submodule(chain.batchnorm) if chain.batchnorm else None
+            batchnorm = chain_batchnorm(model, chain)
             producer.add_module(WEIGHT_QUANT, WeightFakeQuant(batchnorm))
             producer.add_module(BIAS_QUANT, BiasFakeQuant(batchnorm))
-            producer.add_module(OUTPUT_QUANT, ActivationFakeQuant(self.averaging_constant))
             producer.__class__ = _qat_class(producer)
+            if chain.channels is not None:  # its output is a slice of the concatenation the BN reads (fusion.py)
+                producer.register_forward_hook(functools.partial(_mark_norm_slice))
+                if chain.batchnorm in shared:  # one range for the concatenation's producers, hooked once
+                    producer.add_module(OUTPUT_QUANT, shared[chain.batchnorm])
+                    continue
+            producer.add_module(OUTPUT_QUANT, ActivationFakeQuant(self.averaging_constant))
+            if chain.channels is not None:
+                shared[chain.batchnorm] = getattr(producer, OUTPUT_QUANT)
             if chain.output_before:  # the activation inside a norm+activation module reads the chain's output
                 before = model.get_submodule(chain.output_before)
                 before.register_forward_pre_hook(functools.partial(_quantize_input, getattr(producer, OUTPUT_QUANT)))
@@ -353,7 +367,7 @@ class QuantizationSimulator:
         self.model, self.chains, self.op_sites, self.op_sites_found = None, [], [], False
 
 
-_HOOKS = (_quantize_output, _quantize_input, _shift_on_int32_grid, _remember_input, _shift_before_activation, *HOOK_FUNCTIONS)
+_HOOKS = (_quantize_output, _quantize_input, _mark_norm_slice, _shift_on_int32_grid, _remember_input, _shift_before_activation, *HOOK_FUNCTIONS)
 
 
 def strip_fake_quant(model: nn.Module) -> None:
