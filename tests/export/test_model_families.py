@@ -217,9 +217,10 @@ def test_gru_exports_with_float_fallback_and_lists_its_islands(fmnist_train, fmn
 
 def timm_blocks_net() -> torch.nn.Module:
     """timm's own mobile blocks, as its models build them: ConvNormAct and the EfficientNet/MobileNet
-    blocks (norm+activation modules: BatchNormAct2d with Hardswish, ReLU or nothing), timm's Linear."""
+    blocks (norm+activation modules: BatchNormAct2d with Hardswish, ReLU or nothing), MixNet's MixedConv2d
+    (3x3 and 5x5 depthwise convs concatenated) with its BatchNormAct2d, timm's Linear."""
     pytest.importorskip("timm")
-    from timm.layers import ConvNormAct, Linear
+    from timm.layers import BatchNormAct2d, ConvNormAct, Linear, MixedConv2d
     from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 
     class TimmBlocksNet(torch.nn.Module):
@@ -227,12 +228,15 @@ def timm_blocks_net() -> torch.nn.Module:
             super().__init__()
             self.stem = ConvNormAct(1, 16, 3, stride=2, act_layer=torch.nn.Hardswish)
             self.block1 = DepthwiseSeparableConv(16, 16, act_layer=torch.nn.ReLU)
+            self.mixed = MixedConv2d(16, 16, kernel_size=[3, 5], depthwise=True)
+            self.mixed_norm = BatchNormAct2d(16, act_layer=torch.nn.ReLU)
             self.block2 = InvertedResidual(16, 16, exp_ratio=2.0, act_layer=torch.nn.Hardswish)
             self.pool = torch.nn.AdaptiveAvgPool2d(1)
             self.head = Linear(16, 10)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.pool(self.block2(self.block1(self.stem(x)))).flatten(1))
+            x = self.mixed_norm(self.mixed(self.block1(self.stem(x))))
+            return self.head(self.pool(self.block2(x)).flatten(1))
 
     return TimmBlocksNet()
 
@@ -245,7 +249,10 @@ def test_timm_blocks_export_fully_int8_with_every_range_learned(fmnist_train, fm
     report = export_tflite(model, images[:1], path, verify_data=[images], min_agreement=0.0)
     types = op_tensor_types(path)
     assert {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "MUL", "FULLY_CONNECTED"} <= set(types)
-    assert not {"BATCH_NORM", "SUB", "RSQRT"} & set(types)  # every norm folded into its conv
+    assert not {"BATCH_NORM", "SUB", "RSQRT", "RELU"} & set(types)  # every norm folded into its conv
+    # The stem's (one input channel), block1's, the mixed conv's two and block2's: the norm after the mixed
+    # conv folded into its two slices, leaving no depthwise 1x1 conv.
+    assert op_count(path, "DEPTHWISE_CONV_2D") == 5
     for op, tensor_types in types.items():
         if op not in ("QUANTIZE", "DEQUANTIZE"):
             assert tensor_types <= {TensorType.INT8, TensorType.INT32}, f"{op} has float activations"
