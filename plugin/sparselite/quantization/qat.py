@@ -8,7 +8,8 @@ checkpoints and DDP behave as usual. State lives in submodules named ``sparselit
     where the layer's whole int8 arithmetic is not computed as the file's (``int8_layer.py``: an input
     on no learned grid);
   - ``<conv|linear>.sparselite_output_quant``: the range of the fused op's output, observed after BN
-    and activation (a forward hook on the chain's last module applies it);
+    and activation (a forward hook on the chain's last module applies it); one module, shared, for the
+    convs whose outputs a BN reads concatenated (``fusion.FusedChain.channels``);
   - ``<activation>.sparselite_output_quant``: the output of an activation TFLite requantizes
     (Hardswish, SiLU, ...) that no chain fuses;
   - ``<batchnorm>.sparselite_output_quant`` and ``.sparselite_bias_quant``, for a BatchNorm2d that
