@@ -282,7 +282,7 @@ def _concatenations_into_a_norm(nodes: list[torch.fx.Node], modules: dict[str, n
         if norm is None or calls[norm_node.target] != 1:
             continue
         if not all(isinstance(p, torch.fx.Node) and p.op == "call_module" and isinstance(modules.get(p.target), nn.Conv2d)
-                   and _is_producer(modules[p.target]) and calls[p.target] == 1 and list(p.users) == [node] for p in parts):
+                   and calls[p.target] == 1 and list(p.users) == [node] for p in parts):
             continue
         widths = [modules[p.target].out_channels for p in parts]
         if sum(widths) != modules[norm_node.target].num_features:
@@ -381,18 +381,18 @@ def fold_batchnorm(model: nn.Module, chains: list[FusedChain]) -> nn.Module:
         conv = model.get_submodule(chain.producer)
         fused = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.modules.conv._ConvTransposeNd))
         conv.weight, conv.bias = fused.weight, fused.bias
-    moved = set()
+    moved: dict[str, str] = {}  # activation -> its norm, for the activations that move onto each slice's conv
     for chain, _ in folding:  # each slice's conv clamps its own output (a fused activation), the concatenation after
         if chain.channels is not None and chain.activation is not None:
             _activation_after(model.get_submodule(chain.producer), model.get_submodule(chain.activation))
-            moved.add(chain.activation)
+            moved[chain.activation] = chain.batchnorm
     for chain in {chain.batchnorm: chain for chain, _ in folding}.values():
         inside = next((p for p in (chain.activation, chain.output_before) if p and p.startswith(f"{chain.batchnorm}.")), None)
         left = nn.Identity() if inside is None or inside in moved else ActivationAfterFold(inside.rpartition(".")[2], model.get_submodule(inside))
         _replace(model, chain.batchnorm, left)
-    for name in moved:
-        if not name.startswith(tuple(f"{chain.batchnorm}." for chain, _ in folding)):
-            _replace(model, name, nn.Identity())
+    for activation, norm in moved.items():
+        if not activation.startswith(f"{norm}."):  # a module of its own after the norm (one inside went with it)
+            _replace(model, activation, nn.Identity())
     return model
 
 
