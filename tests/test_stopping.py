@@ -68,3 +68,35 @@ def test_a_signal_during_the_demo_is_one_line(tmp_path, signum):
     last = stderr.strip().splitlines()[-1]
     assert last.startswith(f"sparselite: interrupted by {signal.Signals(signum).name} at step "), last
     assert sum(line.startswith("sparselite: ") for line in stderr.splitlines()) == 1
+
+
+_CAUGHT_INSIDE_EXEC = """
+import sys
+try:
+    exec("raise KeyboardInterrupt", {})
+except KeyboardInterrupt:
+    if sys.argv[1:] == ["forget"]:
+        from sparselite.stopping import forget_caught_keyboard_interrupt
+        forget_caught_keyboard_interrupt()
+    sys.exit(130)
+"""
+
+
+def _run_as_module(tmp_path: Path, *args: str) -> int:
+    import sparselite
+
+    (tmp_path / "caught_inside_exec.py").write_text(_CAUGHT_INSIDE_EXEC)
+    plugin = str(Path(sparselite.__file__).resolve().parents[1])
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(tmp_path), plugin])}
+    return subprocess.run([sys.executable, "-m", "caught_inside_exec", *args], env=env, cwd=tmp_path,
+                          timeout=120).returncode
+
+
+def test_cpython_still_exits_by_sigint_after_a_keyboard_interrupt_caught_outside_an_exec(tmp_path):
+    """docs/upstream/cpython_caught_keyboard_interrupt.md. Fails once CPython keeps sys.exit's code here;
+    forget_caught_keyboard_interrupt can then go."""
+    assert _run_as_module(tmp_path) == -signal.SIGINT
+
+
+def test_a_caught_keyboard_interrupt_forgotten_leaves_sys_exits_code(tmp_path):
+    assert _run_as_module(tmp_path, "forget") == 130

@@ -90,7 +90,7 @@ def _show_progress() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sparselite.stopping import Stopped, raise_on_sigterm
+    from sparselite.stopping import Stopped, forget_caught_keyboard_interrupt, raise_on_sigterm
 
     raise_on_sigterm()  # SIGTERM anywhere below: one line and exit 143, like Ctrl-C's 130
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(stop.exit_code)
     except KeyboardInterrupt:  # Ctrl+C outside training (imports, export): the shell's code, no traceback
         print("sparselite: interrupted by SIGINT", file=sys.stderr)
+        forget_caught_keyboard_interrupt()
         sys.exit(130)
     finally:
         if native_filter is not None:
