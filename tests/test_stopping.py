@@ -1,5 +1,6 @@
-"""SIGTERM outside training raises ``Terminated`` (the CLI: one line, exit 143); training's handler hands the
-signal back to it after training; and a signal during `sparselite demo` ends in one line, exit 143/130."""
+"""SIGTERM outside training raises ``Terminated`` (the CLI: one line, exit 143); a signal whose exception was
+swallowed is raised again until the CLI reports it; training's handler hands the signal back after training;
+and a signal during `sparselite demo` ends in one line, exit 143/130."""
 
 from __future__ import annotations
 
@@ -12,31 +13,49 @@ from pathlib import Path
 
 import pytest
 
-from sparselite.stopping import Stopped, Terminated, raise_on_sigterm
+from sparselite.stopping import RAISE_AGAIN_AFTER_S, Stopped, Terminated, raise_on_signals, restore_handlers
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def sigterm_restored():
-    previous = signal.getsignal(signal.SIGTERM)
+def signals_raised():
+    """``raise_on_signals`` in this process, and pytest's own handlers back afterwards."""
+    previous = raise_on_signals()
     yield
-    signal.signal(signal.SIGTERM, previous)
+    restore_handlers(previous)
 
 
-def test_sigterm_raises_terminated_with_the_shells_exit_code(sigterm_restored):
-    raise_on_sigterm()
+def test_sigterm_raises_terminated_with_the_shells_exit_code(signals_raised):
     with pytest.raises(Terminated) as stopped:
         signal.raise_signal(signal.SIGTERM)
     assert isinstance(stopped.value, Stopped) and stopped.value.exit_code == 143 and str(stopped.value) == "SIGTERM"
 
 
-def test_after_training_the_handler_from_before_training_answers(sigterm_restored):
+@pytest.mark.parametrize("signum, exception", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_a_swallowed_signal_is_raised_again_until_reported(signals_raised, signum, exception):
+    """A library that catches every exception (or C code that clears one) swallowed the first; the command
+    must still stop. Once the CLI reports the signal, nothing more is raised."""
+    from sparselite.stopping import signal_reported
+
+    try:
+        signal.raise_signal(signum)
+    except BaseException:  # noqa: BLE001 - what the swallowing library does
+        pass
+    start = time.monotonic()
+    with pytest.raises(exception):
+        time.sleep(10 * RAISE_AGAIN_AFTER_S)
+    assert time.monotonic() - start < 5 * RAISE_AGAIN_AFTER_S
+    signal_reported()
+    time.sleep(2.5 * RAISE_AGAIN_AFTER_S)  # no exception now
+
+
+def test_after_training_the_handler_from_before_training_answers(signals_raised):
     """Lightning puts GracefulInterrupt's handler back when it tears its own down; a SIGTERM then (the
     demo's export after training) reaches the CLI's handler, not the default kill."""
     from sparselite.interrupts import GracefulInterrupt
 
-    raise_on_sigterm()
     callback = GracefulInterrupt()
     callback.setup(None, None, "fit")
     callback.teardown(None, None, "fit")

@@ -30,10 +30,12 @@ def _lightning(args: list[str]) -> None:
 
     from sparselite.interrupts import Interrupted
     from sparselite.lightning_cli import build_lightning_cli
+    from sparselite.stopping import signal_reported
 
     try:
         build_lightning_cli(args)
     except Interrupted as stop:
+        signal_reported()
         print(f"sparselite: interrupted by {stop}; resume with --ckpt_path {stop.checkpoint}", file=sys.stderr)
         sys.exit(stop.exit_code)
     except ArgumentError as err:
@@ -90,9 +92,11 @@ def _show_progress() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sparselite.stopping import Stopped, forget_caught_keyboard_interrupt, raise_on_sigterm
+    from sparselite.stopping import (
+        Stopped, forget_caught_keyboard_interrupt, raise_on_signals, restore_handlers, signal_reported,
+    )
 
-    raise_on_sigterm()  # SIGTERM anywhere below: one line and exit 143, like Ctrl-C's 130
+    previous_handlers = raise_on_signals()  # SIGINT/SIGTERM anywhere below: one line and exit 130/143
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = any(arg in VERBOSE_FLAGS for arg in argv)
     argv = [arg for arg in argv if arg not in VERBOSE_FLAGS]
@@ -115,13 +119,16 @@ def main(argv: list[str] | None = None) -> None:
     except argparse.ArgumentError as err:  # a run's configs, read again by export, shrink, eval -c, sensitivity
         _fail(_explain(err))
     except Stopped as stop:  # a signal: in training (Interrupted, with its checkpoint) or outside (Terminated)
+        signal_reported()
         print(f"sparselite: interrupted by {stop}", file=sys.stderr)
         sys.exit(stop.exit_code)
     except KeyboardInterrupt:  # Ctrl+C outside training (imports, export): the shell's code, no traceback
+        signal_reported()
         print("sparselite: interrupted by SIGINT", file=sys.stderr)
         forget_caught_keyboard_interrupt()
         sys.exit(130)
     finally:
+        restore_handlers(previous_handlers)
         if native_filter is not None:
             native_filter.stop()
 
