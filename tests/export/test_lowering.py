@@ -49,3 +49,47 @@ def test_indices_that_are_read_are_left_to_litert():
 
     graph = torch.export.export(WithIndices(), (torch.randn(1, 2, 4, 4),)).module()
     assert lower_for_litert(graph) == 0
+
+
+class ExpandedContext(nn.Module):
+    """MobileViTv2's linear attention in small: a context vector expanded to the values' shape, multiplied
+    in, then a conv (docs/upstream/litert_expand_before_broadcast.md)."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.channels = channels
+        self.qkv, self.out = nn.Conv2d(channels, 1 + 2 * channels, 1), nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        query, key, value = self.qkv(x).split([1, self.channels, self.channels], dim=1)
+        context = (key * query.softmax(-1)).sum(-1, keepdim=True)
+        return self.out(torch.relu(value) * context.expand_as(value))
+
+
+def test_upstream_litert_cannot_convert_an_expand_before_a_broadcasting_mul():
+    """docs/upstream/litert_expand_before_broadcast.md. When this test fails, upstream converts it."""
+    import litert_torch
+
+    with pytest.raises(Exception, match="broadcast-compatible"):
+        litert_torch.convert(ExpandedContext().eval(), (torch.randn(1, 8, 4, 16),))
+
+
+def test_an_expand_read_only_by_broadcasting_ops_is_dropped_and_the_model_exports(tmp_path):
+    model = ExpandedContext().eval()
+    x = torch.randn(3, 8, 4, 16)
+    graph = torch.export.export(model, (x[:1],)).module()
+    assert lower_for_litert(graph) == 1
+    assert torch.equal(graph(x[:1]), model(x[:1]))
+    export_float_tflite(model, x[:1], tmp_path / "m.tflite")
+    with torch.no_grad():
+        expected = model(x[:1]).numpy()
+    assert abs(LiteRTModel(tmp_path / "m.tflite", accelerator="xnnpack", threads=1)(x[:1].numpy()) - expected).max() < 1e-4
+
+
+def test_an_expand_that_sets_the_output_shape_stays():
+    class Tiled(nn.Module):
+        def forward(self, x):
+            return x.sum(-1, keepdim=True).expand(-1, -1, 4) * 2.0  # the product's shape comes from the expand
+
+    graph = torch.export.export(Tiled(), (torch.randn(1, 2, 4),)).module()
+    assert lower_for_litert(graph) == 0

@@ -31,6 +31,19 @@ def test_parity_leaves_out_exact_ties_and_flags_dead_or_saturated_models():
     assert "clips" in compare_logits(clipped, clipped, scale, "fake-quant").degenerate_reference
 
 
+def test_when_every_example_ties_the_same_top_classes_agree():
+    """A zero-initialized head (torchvision's ViT) gives every example equal logits: no top-1 to compare, but a
+    file that computes the same ties agrees, and one that does not, fails."""
+    scale = 0.1
+    zero_head = np.zeros((16, 10))
+    parity = compare_logits(zero_head, zero_head, scale, "simulated-precision")
+    assert parity.top1_agreement == 1.0 and parity.ties_excluded == 16
+    assert "same logits" in parity.degenerate_reference
+    wrong = zero_head.copy()
+    wrong[:, 0] = 0.05  # no tie any more in the file
+    assert compare_logits(zero_head, wrong, scale, "simulated-precision").top1_agreement == 0.0
+
+
 def parity(agreement: float, kernel_agreement: float | None) -> Parity:
     return Parity(500, agreement, 6.0, 0.1, "fake-quant", kernel_agreement=kernel_agreement, kernel_max_lsb=7.0)
 
@@ -38,6 +51,8 @@ def parity(agreement: float, kernel_agreement: float | None) -> Parity:
 def test_the_gate_passes_at_min_agreement():
     assert gate_failure(parity(0.99, None), 0.98) is None
     assert "only 97.00%" in gate_failure(parity(0.97, None), 0.98)
+    float_file = Parity(500, 0.97, 6.0, 1.0, "simulated-precision")  # a dynamic-range or fp16 file
+    assert "precision='fp32'" in gate_failure(float_file, 0.98)
 
 
 def test_a_file_as_faithful_as_the_runtimes_are_to_each_other_passes():

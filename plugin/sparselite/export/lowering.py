@@ -130,10 +130,41 @@ def _adaptive_max(graph: Graph, node: Node) -> list[Node] | None:
 LOWERINGS: dict[str, Rewrite] = {"adaptive_max_pool2d": _adaptive_max, "adaptive_max_pool1d": _adaptive_max}
 
 
+# Elementwise ops that broadcast their operands, as TFLite's do.
+BROADCASTING_OPS = frozenset({"add", "sub", "mul", "div", "maximum", "minimum"})
+
+
+def drop_broadcast_expands(model: GraphModule) -> int:
+    """``x * c.expand_as(x)`` is ``x * c``: drop each ``expand`` read only by broadcasting elementwise ops whose
+    other operand already has the expanded shape. litert-torch's layout pass mishandles that expand when
+    the product feeds a conv (``'tfl.mul' op operands don't have broadcast-compatible shapes``: MobileViTv2's
+    linear attention; docs/upstream/litert_expand_before_broadcast.md). The same values. Returns how many."""
+    dropped = 0
+    for node in list(model.graph.nodes):
+        if op_kind(node) not in ("expand", "expand_as") or not node.users or "val" not in node.meta:
+            continue
+        shape = tuple(node.meta["val"].shape)
+
+        def broadcasts_anyway(user: Node) -> bool:
+            others = [a for a in user.args[:2] if a is not node]
+            return (op_kind(user) in BROADCASTING_OPS and len(user.args) >= 2 and len(others) == 1
+                    and isinstance(others[0], Node) and "val" in others[0].meta
+                    and tuple(others[0].meta["val"].shape) == shape)
+
+        if all(broadcasts_anyway(user) for user in node.users):
+            node.replace_all_uses_with(node.args[0])
+            model.graph.erase_node(node)
+            dropped += 1
+    if dropped:
+        model.graph.lint()
+        model.recompile()
+    return dropped
+
+
 def needs_lowering(model: GraphModule) -> bool:
     return any(op_kind(node) in LOWERINGS for node in model.graph.nodes)
 
 
 def lower_for_litert(model: GraphModule) -> int:
-    """Rewrite, in place, the ops litert-torch cannot lower; returns how many."""
-    return rewrite_ops(model, LOWERINGS)
+    """Rewrite, in place, the ops litert-torch cannot lower or mishandles; returns how many."""
+    return rewrite_ops(model, LOWERINGS) + drop_broadcast_expands(model)

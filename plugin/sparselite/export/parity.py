@@ -106,9 +106,11 @@ def gate_failure(parity: Parity, min_agreement: float) -> str | None:
         f"; XNNPACK and TFLite's builtin kernels agree on only {floor:.2%} of them on the same file, so the model "
         "amplifies int8 rounding too much for any agreement to prove the file right"
     )
-    return (f"the int8 file agrees with the torch model on only {parity.top1_agreement:.2%} of top-1 predictions "
-            f"without ties (< {min_agreement:.0%}){within}; nothing was written. Train with QAT longer, or calibrate "
-            "on more batches")
+    remedy = ("Train with QAT longer, or calibrate on more batches" if parity.reference in ("fake-quant", "float") else
+              "The file does not compute what its precision's simulation computes: please report it with the model; "
+              "precision='fp32' exports it meanwhile")
+    return (f"the file agrees with the torch model on only {parity.top1_agreement:.2%} of top-1 predictions "
+            f"without ties (< {min_agreement:.0%}){within}; nothing was written. {remedy}")
 
 
 def _has_tied_top(logits: np.ndarray) -> np.ndarray:
@@ -125,13 +127,19 @@ def _as_rows(outputs: np.ndarray) -> np.ndarray:
 
 def compare_logits(expected: np.ndarray, got: np.ndarray, output_scale: float, reference: str) -> Parity:
     """The parity gate's numbers. An example whose top logit is exactly tied (int8 logits tie often in
-    an undertrained model) has no well-defined top-1, so it is left out of the agreement. A dense
-    output is compared at every position (``_as_rows``)."""
+    an undertrained model) has no well-defined top-1, so it is left out of the agreement; when every
+    example ties (a zero-initialized head, as torchvision's ViT has), an example agrees where the file's
+    top logits are the same classes as the model's. A dense output is compared at every position
+    (``_as_rows``)."""
     examples = len(expected)
     expected, got = _as_rows(expected), _as_rows(got)
     agree = expected.argmax(1) == got.argmax(1)
     untied = ~(_has_tied_top(expected) | _has_tied_top(got))
-    agreement = float(agree[untied].mean()) if untied.any() else 0.0
+    if untied.any():
+        agreement = float(agree[untied].mean())
+    else:
+        tops = lambda logits: logits == logits.max(axis=1, keepdims=True)  # noqa: E731
+        agreement = float(np.all(tops(expected) == tops(got), axis=1).mean())
     max_diff = float(np.abs(expected - got).max()) / output_scale
     return Parity(examples, agreement, max_diff, output_scale, reference, ties_excluded=int((~untied).sum()),
                   top1_agreement_all=float(agree.mean()),
