@@ -114,8 +114,9 @@ class RowReader(nn.Module):
 
 
 @pytest.mark.parametrize("recurrent", [lambda: nn.GRU(28, 16, batch_first=True),
-                                       lambda: nn.LSTM(28, 12, batch_first=True, bidirectional=True)],
-                         ids=["gru", "bidirectional_lstm"])
+                                       lambda: nn.LSTM(28, 12, batch_first=True, bidirectional=True),
+                                       lambda: nn.RNN(28, 16, batch_first=True)],
+                         ids=["gru", "bidirectional_lstm", "rnn"])
 def test_a_recurrent_layer_trains_step_by_step_as_the_file_computes_it(recurrent, fmnist_train, fmnist_heldout, tmp_path):
     """XNNPACK rounds each step's input and hidden state per row; training does the same, step by step."""
     pl.seed_everything(0, verbose=False)

@@ -1,4 +1,4 @@
-"""GRU and LSTM step by step: torch's own results when nothing is rounded, whatever the layer's options."""
+"""GRU, LSTM and RNN step by step: torch's own results when nothing is rounded, whatever the layer's options."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from torch import nn
 from sparselite.quantization.recurrent_steps import steps_forward, stepwise
 
 
-@pytest.mark.parametrize("kind", [nn.GRU, nn.LSTM])
+@pytest.mark.parametrize("kind", [nn.GRU, nn.LSTM, nn.RNN, lambda *a, **k: nn.RNN(*a, nonlinearity="relu", **k)],
+                         ids=["GRU", "LSTM", "RNN", "RNN_relu"])
 @pytest.mark.parametrize("options", [
     dict(batch_first=True),
     dict(num_layers=2, bidirectional=True),
@@ -41,5 +42,5 @@ def test_unbatched_input_and_what_is_rounded():
 
 
 def test_a_projected_lstm_keeps_torchs_kernel():
-    assert stepwise(nn.GRU(4, 3)) and stepwise(nn.LSTM(4, 3))
-    assert not stepwise(nn.LSTM(4, 3, proj_size=2)) and not stepwise(nn.RNN(4, 3))
+    assert stepwise(nn.GRU(4, 3)) and stepwise(nn.LSTM(4, 3)) and stepwise(nn.RNN(4, 3))
+    assert not stepwise(nn.LSTM(4, 3, proj_size=2))

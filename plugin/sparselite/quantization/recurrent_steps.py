@@ -1,4 +1,4 @@
-"""``nn.GRU`` and ``nn.LSTM`` computed one time step at a time, as the converted file computes them, so
+"""``nn.GRU``, ``nn.LSTM`` and ``nn.RNN`` computed one time step at a time, as the converted file computes them, so
 that the inputs of their matrix products can be rounded as the file rounds them.
 
 litert-torch writes a recurrent layer as one FULLY_CONNECTED over every time step's input (the input
@@ -26,10 +26,10 @@ WeightOf = Callable[[str, torch.Tensor], torch.Tensor]
 
 def stepwise(module: nn.Module) -> bool:
     """Whether ``steps_forward`` computes this module."""
-    return isinstance(module, (nn.GRU, nn.LSTM)) and not getattr(module, "proj_size", 0)
+    return isinstance(module, (nn.GRU, nn.LSTM, nn.RNN)) and not getattr(module, "proj_size", 0)
 
 
-def steps_forward(module: nn.GRU | nn.LSTM, x: torch.Tensor, hx=None, round_rows: RoundRows = lambda v: v,
+def steps_forward(module: nn.GRU | nn.LSTM | nn.RNN, x: torch.Tensor, hx=None, round_rows: RoundRows = lambda v: v,
                   weight_of: WeightOf = lambda name, w: w):
     """What ``module(x, hx)`` returns, computed step by step. ``round_rows``: applied to the input of each
     matrix product (every row of a layer's input sequence, the hidden state at each step);
@@ -85,7 +85,9 @@ def _one_direction(module, sequence: torch.Tensor, suffix: str, h: torch.Tensor,
     outputs = [None] * sequence.shape[1]
     for t in steps:
         recurrent = F.linear(round_rows(h), w_hh, b_hh)
-        if c is None:  # GRU: gates r, z, n
+        if isinstance(module, nn.RNN):  # Elman: one tanh or relu of both products
+            h = (torch.tanh if module.nonlinearity == "tanh" else torch.relu)(projected[:, t] + recurrent)
+        elif c is None:  # GRU: gates r, z, n
             i_r, i_z, i_n = projected[:, t].chunk(3, -1)
             h_r, h_z, h_n = recurrent.chunk(3, -1)
             r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
