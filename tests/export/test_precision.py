@@ -268,3 +268,18 @@ def test_a_patch_embedding_is_quantized_per_patch_as_the_file_runs_it(fmnist_tra
     with torch.no_grad():
         largest = float(model(images).abs().max())
     assert report.parity.max_logit_diff_lsb < 2e-4 * largest, (report.parity.max_logit_diff_lsb, largest)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "dynamic_int8"])
+def test_a_fresh_torchvision_vit_exports_verified_despite_its_zero_head(precision, tmp_path):
+    """torchvision initializes a ViT's head to zeros: every logit of every example ties. The gate compares the
+    tied classes rather than refusing the file at 0% agreement."""
+    import torchvision.models as tvm
+
+    torch.manual_seed(0)
+    vit = tvm.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64,
+                                num_classes=10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    report = export_tflite(vit, x[:1], tmp_path / "vit.tflite", precision=precision, verify_data=[x])
+    assert report.parity.ties_excluded == 4 and report.parity.top1_agreement == 1.0
+    assert "same logits" in report.parity.degenerate_reference
