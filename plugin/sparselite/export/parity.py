@@ -138,8 +138,8 @@ def compare_logits(expected: np.ndarray, got: np.ndarray, output_scale: float, r
     if untied.any():
         agreement = float(agree[untied].mean())
     else:
-        tops = lambda logits: logits == logits.max(axis=1, keepdims=True)  # noqa: E731
-        agreement = float(np.all(tops(expected) == tops(got), axis=1).mean())
+        same_tops = (expected == expected.max(axis=1, keepdims=True)) == (got == got.max(axis=1, keepdims=True))
+        agreement = float(np.all(same_tops, axis=1).mean())
     max_diff = float(np.abs(expected - got).max()) / output_scale
     return Parity(examples, agreement, max_diff, output_scale, reference, ties_excluded=int((~untied).sum()),
                   top1_agreement_all=float(agree.mean()),

@@ -1,5 +1,5 @@
-"""``nn.GRU``, ``nn.LSTM`` and ``nn.RNN`` computed one time step at a time, as the converted file computes them, so
-that the inputs of their matrix products can be rounded as the file rounds them.
+"""``nn.GRU``, ``nn.LSTM`` and ``nn.RNN`` computed one time step at a time, as the converted file computes
+them, so that the inputs of their matrix products can be rounded as the file rounds them.
 
 litert-torch writes a recurrent layer as one FULLY_CONNECTED over every time step's input (the input
 projection), then, at each step, a FULLY_CONNECTED of the previous hidden state and the gates'
@@ -29,7 +29,7 @@ def stepwise(module: nn.Module) -> bool:
     return isinstance(module, (nn.GRU, nn.LSTM, nn.RNN)) and not getattr(module, "proj_size", 0)
 
 
-def steps_forward(module: nn.GRU | nn.LSTM | nn.RNN, x: torch.Tensor, hx=None, round_rows: RoundRows = lambda v: v,
+def steps_forward(module: nn.RNNBase, x: torch.Tensor, hx=None, round_rows: RoundRows = lambda v: v,
                   weight_of: WeightOf = lambda name, w: w):
     """What ``module(x, hx)`` returns, computed step by step. ``round_rows``: applied to the input of each
     matrix product (every row of a layer's input sequence, the hidden state at each step);
